@@ -1,0 +1,7 @@
+//! The NBD wire format, with no I/O in it.
+//!
+//! Everything here parses from and builds into byte slices, so it can be
+//! unit-, property- and fuzz-tested alone, and the proxy, the null server and
+//! the rule engine all share one definition of every message.
+
+pub mod consts;

@@ -4,3 +4,5 @@
 //! embed the proxy and the null server directly.
 
 pub mod protocol;
+pub mod addr;
+pub mod net;

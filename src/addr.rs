@@ -1,0 +1,1 @@
+//! Addresses (placeholder, being written).

@@ -4,4 +4,10 @@
 //! unit-, property- and fuzz-tested alone, and the proxy, the null server and
 //! the rule engine all share one definition of every message.
 
+pub mod bytes;
 pub mod consts;
+pub mod error;
+pub mod handshake;
+pub mod transmission;
+
+pub use error::ProtocolError;

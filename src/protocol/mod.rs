@@ -7,7 +7,11 @@
 pub mod bytes;
 pub mod consts;
 pub mod error;
+pub mod event;
 pub mod handshake;
+pub mod session;
 pub mod transmission;
 
 pub use error::ProtocolError;
+pub use event::{Direction, EventKind, EventSet};
+pub use session::{Frame, MessageMeta, Segment, Session, Step};

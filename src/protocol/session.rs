@@ -1,0 +1,939 @@
+//! The framing state machine of one NBD connection, both directions at once.
+//!
+//! The proxy must know where every message starts and ends, in both flows,
+//! or a fault at "byte N of a reply" lands in the wrong place and a session
+//! silently desynchronises. The two directions depend on each other: what
+//! the server acknowledged (structured replies, extended headers, GO,
+//! STARTTLS) decides how the client's next bytes and the server's replies
+//! are framed, and a simple reply's data length comes from the client's read
+//! request. So one `Session` holds the state of both, and each flow asks it
+//! "what is the next message in these bytes?".
+//!
+//! No I/O: the caller passes whatever bytes it has buffered and gets a
+//! [`Frame`] (the message's segments, their event names and metadata), or
+//! `NeedMore` (buffer more and ask again), or `Wait` (this flow may not be
+//! parsed until the other flow has moved on — the client must not send its
+//! next option before the server's final reply, and a client that does so
+//! anyway is framed correctly rather than guessed at).
+
+use std::collections::HashMap;
+
+use super::bytes::{be16, be32};
+use super::consts::*;
+use super::error::ProtocolError;
+use super::event::{Direction, EventKind, EventSet};
+use super::handshake::{
+    ExportInfo, GreetingKind, NewstyleGreeting, OldstyleGreeting, OptionHeader, OptionReplyHeader,
+    greeting_kind,
+};
+use super::transmission::{Reply, ReplyMode, Request};
+
+/// Slack above the maximum payload allowed in a reply chunk for its fixed
+/// fields (the offset in front of OFFSET_DATA's data, block status headers).
+const CHUNK_OVERHEAD: u64 = 64;
+
+/// A stretch of a message that is offered to the interception point as one
+/// event: `len` bytes answering to `events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub events: EventSet,
+    pub len: u64,
+}
+
+/// What rules filter on, and what logs and traces show, for one message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageMeta {
+    /// The option (handshake messages).
+    pub option: Option<u32>,
+    /// Option reply type.
+    pub reply_type: Option<u32>,
+    /// Structured/extended chunk type.
+    pub chunk_type: Option<u16>,
+    /// The request's command (requests, and the replies answering them).
+    pub command: Option<u16>,
+    /// Command flags of the request.
+    pub flags: Option<u16>,
+    pub cookie: Option<u64>,
+    /// The request's offset and length.
+    pub offset: Option<u64>,
+    pub length: Option<u64>,
+    /// Error of a simple reply.
+    pub error: Option<u32>,
+    /// Export size, where the message announces it.
+    pub export_size: Option<u64>,
+}
+
+/// One message: one or two segments (header, then payload) and its metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    segs: [Segment; 2],
+    count: u8,
+    pub meta: MessageMeta,
+    /// The other flow may have been waiting on this message: wake it.
+    pub wake_peer: bool,
+    /// Everything from here on is relayed unparsed (after STARTTLS).
+    pub opaque: bool,
+}
+
+impl Frame {
+    fn one(events: EventSet, len: u64, meta: MessageMeta) -> Self {
+        Self {
+            segs: [Segment { events, len }, Segment { events, len: 0 }],
+            count: 1,
+            meta,
+            wake_peer: false,
+            opaque: false,
+        }
+    }
+
+    fn two(head: Segment, tail: Segment, meta: MessageMeta) -> Self {
+        Self {
+            segs: [head, tail],
+            count: 2,
+            meta,
+            wake_peer: false,
+            opaque: false,
+        }
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segs[..self.count as usize]
+    }
+
+    /// Total bytes of the message.
+    pub fn len(&self) -> u64 {
+        self.segments()
+            .iter()
+            .fold(0u64, |a, s| a.saturating_add(s.len))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The answer to "what comes next in these bytes?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Frame(Frame),
+    /// Not enough bytes buffered to know; read more and ask again.
+    NeedMore,
+    /// This flow cannot be framed until the other one moves on.
+    Wait,
+}
+
+/// A request still waiting for (the end of) its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inflight {
+    pub command: u16,
+    pub flags: u16,
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientState {
+    /// Nothing to parse until the server's greeting says which handshake.
+    AwaitGreeting,
+    /// Newstyle: 4 bytes of client flags, then the first option.
+    ClientFlags,
+    Option,
+    /// An option was sent; its final reply has not been seen.
+    AwaitReply,
+    Transmission,
+    Opaque,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerState {
+    Greeting,
+    OptionReply,
+    ExportNameReply,
+    Transmission,
+    Opaque,
+}
+
+/// Framing state of one connection. See the module documentation.
+#[derive(Debug)]
+pub struct Session {
+    max_payload: u64,
+    client: ClientState,
+    server: ServerState,
+    handshake_flags: u16,
+    client_flags: u32,
+    mode: ReplyMode,
+    inflight: HashMap<u64, Inflight>,
+}
+
+impl Session {
+    /// `max_payload` bounds every length field that announces bytes to
+    /// stream (write payloads, option data, reply chunks); a message claiming
+    /// more is a protocol error, not a 4 GiB relay.
+    pub fn new(max_payload: u64) -> Self {
+        Self {
+            max_payload,
+            client: ClientState::AwaitGreeting,
+            server: ServerState::Greeting,
+            handshake_flags: 0,
+            client_flags: 0,
+            mode: ReplyMode::Simple,
+            inflight: HashMap::new(),
+        }
+    }
+
+    /// Reply headers the server agreed to.
+    pub fn reply_mode(&self) -> ReplyMode {
+        self.mode
+    }
+
+    /// Whether both sides are in the transmission phase.
+    pub fn in_transmission(&self) -> bool {
+        self.client == ClientState::Transmission && self.server == ServerState::Transmission
+    }
+
+    /// The request in flight under `cookie`, if any.
+    pub fn inflight(&self, cookie: u64) -> Option<Inflight> {
+        self.inflight.get(&cookie).copied()
+    }
+
+    /// Frames the next message of `dir` from the front of `buf`.
+    pub fn next(&mut self, dir: Direction, buf: &[u8]) -> Result<Step, ProtocolError> {
+        match dir {
+            Direction::ToServer => self.next_to_server(buf),
+            Direction::ToClient => self.next_to_client(buf),
+        }
+    }
+
+    fn check_len(&self, what: &'static str, len: u64, max: u64) -> Result<(), ProtocolError> {
+        if len > max {
+            return Err(ProtocolError::TooLarge { what, len, max });
+        }
+        Ok(())
+    }
+
+    fn next_to_server(&mut self, buf: &[u8]) -> Result<Step, ProtocolError> {
+        match self.client {
+            ClientState::AwaitGreeting | ClientState::AwaitReply => Ok(Step::Wait),
+            ClientState::ClientFlags => {
+                if buf.len() < CLIENT_FLAGS_LEN + OPTION_HEADER_LEN {
+                    return Ok(Step::NeedMore);
+                }
+                let flags = be32(buf, 0);
+                let frame = self.option(&buf[CLIENT_FLAGS_LEN..], CLIENT_FLAGS_LEN)?;
+                self.client_flags = flags;
+                Ok(Step::Frame(frame))
+            }
+            ClientState::Option => {
+                if buf.len() < OPTION_HEADER_LEN {
+                    return Ok(Step::NeedMore);
+                }
+                Ok(Step::Frame(self.option(buf, 0)?))
+            }
+            ClientState::Transmission => {
+                let Some(req) = Request::parse(buf)? else {
+                    return Ok(Step::NeedMore);
+                };
+                let payload = req.payload_len();
+                self.check_len("write payload", payload, self.max_payload)?;
+                if req.command != CMD_DISC {
+                    self.inflight.insert(
+                        req.cookie,
+                        Inflight {
+                            command: req.command,
+                            flags: req.flags,
+                            offset: req.offset,
+                            length: req.length,
+                        },
+                    );
+                }
+                let meta = MessageMeta {
+                    command: Some(req.command),
+                    flags: Some(req.flags),
+                    cookie: Some(req.cookie),
+                    offset: Some(req.offset),
+                    length: Some(req.length),
+                    ..MessageMeta::default()
+                };
+                let head = Segment {
+                    events: EventSet::of(EventKind::Request),
+                    len: req.header_len() as u64,
+                };
+                // A write always has a data segment (even an empty one), as
+                // in QEMU's injector; other commands only when they carry one.
+                Ok(Step::Frame(if payload > 0 || req.command == CMD_WRITE {
+                    Frame::two(
+                        head,
+                        Segment {
+                            events: EventSet::of(EventKind::Data),
+                            len: payload,
+                        },
+                        meta,
+                    )
+                } else {
+                    Frame::one(head.events, head.len, meta)
+                }))
+            }
+            ClientState::Opaque => Ok(Step::Frame(opaque_frame())),
+        }
+    }
+
+    /// An option header at the front of `b`, preceded on the wire by
+    /// `prefix` bytes (the client flags on the first option).
+    fn option(&mut self, b: &[u8], prefix: usize) -> Result<Frame, ProtocolError> {
+        let h = OptionHeader::parse(b)?;
+        self.check_len("option data", h.length.into(), self.max_payload)?;
+        if h.option == OPT_EXPORT_NAME {
+            // No option reply: the export's details follow, then transmission.
+            self.client = ClientState::Transmission;
+            self.server = ServerState::ExportNameReply;
+        } else {
+            self.client = ClientState::AwaitReply;
+        }
+        let meta = MessageMeta {
+            option: Some(h.option),
+            ..MessageMeta::default()
+        };
+        Ok(Frame::two(
+            Segment {
+                events: EventSet::of(EventKind::Export),
+                len: (prefix + OPTION_HEADER_LEN) as u64,
+            },
+            Segment {
+                events: EventSet::of(EventKind::ExportName),
+                len: h.length.into(),
+            },
+            meta,
+        ))
+    }
+
+    fn next_to_client(&mut self, buf: &[u8]) -> Result<Step, ProtocolError> {
+        match self.server {
+            ServerState::Greeting => {
+                if buf.len() < 16 {
+                    return Ok(Step::NeedMore);
+                }
+                let mut frame = match greeting_kind(buf)? {
+                    GreetingKind::Newstyle => {
+                        if buf.len() < NewstyleGreeting::LEN {
+                            return Ok(Step::NeedMore);
+                        }
+                        self.handshake_flags = NewstyleGreeting::parse(buf).handshake_flags;
+                        self.server = ServerState::OptionReply;
+                        self.client = ClientState::ClientFlags;
+                        Frame::one(
+                            EventSet::of(EventKind::Neg1),
+                            NewstyleGreeting::LEN as u64,
+                            MessageMeta::default(),
+                        )
+                    }
+                    GreetingKind::Oldstyle => {
+                        if buf.len() < OldstyleGreeting::LEN {
+                            return Ok(Step::NeedMore);
+                        }
+                        let g = OldstyleGreeting::parse(buf);
+                        self.server = ServerState::Transmission;
+                        self.client = ClientState::Transmission;
+                        Frame::one(
+                            EventSet::of(EventKind::NegClassic),
+                            OldstyleGreeting::LEN as u64,
+                            MessageMeta {
+                                export_size: Some(g.size),
+                                ..MessageMeta::default()
+                            },
+                        )
+                    }
+                };
+                frame.wake_peer = true;
+                Ok(Step::Frame(frame))
+            }
+            ServerState::ExportNameReply => {
+                let no_zeroes = self.handshake_flags & FLAG_NO_ZEROES != 0
+                    && self.client_flags & FLAG_C_NO_ZEROES != 0;
+                let len = ExportInfo::export_name_reply_len(no_zeroes);
+                if buf.len() < len {
+                    return Ok(Step::NeedMore);
+                }
+                let info = ExportInfo::parse_export_name_reply(buf);
+                self.server = ServerState::Transmission;
+                let mut frame = Frame::one(
+                    EventSet::of(EventKind::Neg2),
+                    len as u64,
+                    MessageMeta {
+                        option: Some(OPT_EXPORT_NAME),
+                        export_size: Some(info.size),
+                        ..MessageMeta::default()
+                    },
+                );
+                frame.wake_peer = true;
+                Ok(Step::Frame(frame))
+            }
+            ServerState::OptionReply => {
+                if buf.len() < OptionReplyHeader::LEN {
+                    return Ok(Step::NeedMore);
+                }
+                let h = OptionReplyHeader::parse(buf)?;
+                self.check_len("option reply", h.length.into(), self.max_payload)?;
+                let mut events = EventSet::of(EventKind::OptionReply);
+                let mut meta = MessageMeta {
+                    option: Some(h.option),
+                    reply_type: Some(h.reply_type),
+                    ..MessageMeta::default()
+                };
+                if h.reply_type == REP_INFO && h.length >= 2 {
+                    let end = OptionReplyHeader::LEN + 2;
+                    if buf.len() < end {
+                        return Ok(Step::NeedMore);
+                    }
+                    if be16(buf, OptionReplyHeader::LEN) == INFO_EXPORT {
+                        events = events.with(EventKind::Neg2);
+                        if h.length == 12 {
+                            let end = OptionReplyHeader::LEN + 12;
+                            if buf.len() < end {
+                                return Ok(Step::NeedMore);
+                            }
+                            meta.export_size =
+                                ExportInfo::parse_info(&buf[OptionReplyHeader::LEN..end])
+                                    .map(|i| i.size);
+                        }
+                    }
+                }
+                let mut frame = Frame::one(
+                    events,
+                    (OptionReplyHeader::LEN as u64) + u64::from(h.length),
+                    meta,
+                );
+                if h.is_final() {
+                    self.finish_option(&h);
+                    frame.wake_peer = true;
+                }
+                Ok(Step::Frame(frame))
+            }
+            ServerState::Transmission => self.reply(buf),
+            ServerState::Opaque => Ok(Step::Frame(opaque_frame())),
+        }
+    }
+
+    /// The server's final answer to an option: apply what it agreed to.
+    fn finish_option(&mut self, h: &OptionReplyHeader) {
+        let ack = h.reply_type == REP_ACK;
+        if self.client == ClientState::AwaitReply {
+            self.client = ClientState::Option;
+        }
+        if !ack {
+            return;
+        }
+        match h.option {
+            OPT_GO => {
+                self.client = ClientState::Transmission;
+                self.server = ServerState::Transmission;
+            }
+            OPT_STARTTLS => {
+                self.client = ClientState::Opaque;
+                self.server = ServerState::Opaque;
+            }
+            OPT_STRUCTURED_REPLY if self.mode != ReplyMode::Extended => {
+                self.mode = ReplyMode::Structured;
+            }
+            OPT_EXTENDED_HEADERS => self.mode = ReplyMode::Extended,
+            _ => {}
+        }
+    }
+
+    fn reply(&mut self, buf: &[u8]) -> Result<Step, ProtocolError> {
+        let Some(reply) = Reply::parse(buf)? else {
+            return Ok(Step::NeedMore);
+        };
+        let cookie = reply.cookie();
+        let req = if reply.is_done() {
+            self.inflight.remove(&cookie)
+        } else {
+            self.inflight.get(&cookie).copied()
+        };
+        let mut meta = MessageMeta {
+            cookie: Some(cookie),
+            chunk_type: reply.chunk_type(),
+            ..MessageMeta::default()
+        };
+        if let Some(r) = req {
+            meta.command = Some(r.command);
+            meta.flags = Some(r.flags);
+            meta.offset = Some(r.offset);
+            meta.length = Some(r.length);
+        }
+        let payload = match reply {
+            Reply::Simple { error, .. } => {
+                meta.error = Some(error);
+                // Only without structured replies does a simple reply carry
+                // data, and then its length is the read request's.
+                if error == 0 && self.mode == ReplyMode::Simple {
+                    match req {
+                        None => return Err(ProtocolError::UnknownCookie { cookie }),
+                        Some(r) if r.command == CMD_READ => Some(r.length),
+                        Some(_) => None,
+                    }
+                } else {
+                    None
+                }
+            }
+            _ => {
+                let len = reply.chunk_len();
+                self.check_len("reply chunk", len, self.max_payload + CHUNK_OVERHEAD)?;
+                (len > 0).then_some(len)
+            }
+        };
+        let head = Segment {
+            events: EventSet::of(EventKind::Reply),
+            len: reply.header_len() as u64,
+        };
+        Ok(Step::Frame(match payload {
+            Some(len) => Frame::two(
+                head,
+                Segment {
+                    events: EventSet::of(EventKind::Data),
+                    len,
+                },
+                meta,
+            ),
+            None => Frame::one(head.events, head.len, meta),
+        }))
+    }
+}
+
+fn opaque_frame() -> Frame {
+    let mut f = Frame::one(EventSet::EMPTY, u64::MAX, MessageMeta::default());
+    f.opaque = true;
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::transmission::build_error_reply;
+    use proptest::prelude::*;
+
+    const MAX: u64 = 32 << 20;
+
+    /// Frames everything in `bytes` for `dir`, assuming all of it is
+    /// present; returns (events, len) per segment and what stopped it.
+    fn frame_all(s: &mut Session, dir: Direction, bytes: &[u8]) -> (Vec<(String, u64)>, Step) {
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        loop {
+            match s.next(dir, &bytes[at..]).expect("valid stream") {
+                Step::Frame(f) => {
+                    for seg in f.segments() {
+                        out.push((seg.events.to_string(), seg.len));
+                    }
+                    at += f.len() as usize;
+                    if at >= bytes.len() {
+                        return (out, Step::NeedMore);
+                    }
+                }
+                other => return (out, other),
+            }
+        }
+    }
+
+    fn opt(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = OptionHeader {
+            option,
+            length: data.len() as u32,
+        }
+        .build()
+        .to_vec();
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn rep(option: u32, reply_type: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = OptionReplyHeader {
+            option,
+            reply_type,
+            length: data.len() as u32,
+        }
+        .build()
+        .to_vec();
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn req(extended: bool, command: u16, flags: u16, cookie: u64, length: u64) -> Vec<u8> {
+        let mut b = [0u8; 32];
+        let n = Request {
+            extended,
+            flags,
+            command,
+            cookie,
+            offset: 0,
+            length,
+        }
+        .build(&mut b);
+        b[..n].to_vec()
+    }
+
+    fn ev(v: &[(&str, u64)]) -> Vec<(String, u64)> {
+        v.iter().map(|(e, l)| (e.to_string(), *l)).collect()
+    }
+
+    #[test]
+    fn qemu_injector_byte_counts_newstyle() {
+        // Non-fixed newstyle as QEMU's injector speaks it: flags 0, no
+        // NO_ZEROES, EXPORT_NAME, 134-byte reply, simple replies.
+        let mut s = Session::new(MAX);
+        assert_eq!(s.next(Direction::ToServer, b"x").unwrap(), Step::Wait);
+        let greet = NewstyleGreeting { handshake_flags: 0 }.build();
+        let (e, _) = frame_all(&mut s, Direction::ToClient, &greet);
+        assert_eq!(e, ev(&[("neg1", 18)]));
+        let mut c = 0u32.to_be_bytes().to_vec();
+        c.extend(opt(OPT_EXPORT_NAME, b"foo"));
+        let (e, _) = frame_all(&mut s, Direction::ToServer, &c);
+        assert_eq!(e, ev(&[("export", 20), ("export-name", 3)]));
+        let mut reply = [0u8; 134];
+        ExportInfo {
+            size: 8 << 30,
+            flags: 0,
+        }
+        .build_export_name_reply(false, &mut reply);
+        let (e, _) = frame_all(&mut s, Direction::ToClient, &reply);
+        assert_eq!(e, ev(&[("neg2", 134)]));
+        assert!(s.in_transmission());
+        let mut c = req(false, CMD_READ, 0, 1, 512);
+        c.extend(req(false, CMD_WRITE, 0, 2, 4));
+        c.extend([1, 2, 3, 4]);
+        let (e, _) = frame_all(&mut s, Direction::ToServer, &c);
+        assert_eq!(e, ev(&[("request", 28), ("request", 28), ("data", 4)]));
+        let mut r = vec![0u8; 16];
+        Reply::Simple {
+            error: 0,
+            cookie: 2,
+        }
+        .build(&mut r);
+        let mut r2 = vec![0u8; 16];
+        Reply::Simple {
+            error: 0,
+            cookie: 1,
+        }
+        .build(&mut r2);
+        r.extend(r2);
+        r.extend(vec![0u8; 512]);
+        let (e, _) = frame_all(&mut s, Direction::ToClient, &r);
+        assert_eq!(e, ev(&[("reply", 16), ("reply", 16), ("data", 512)]));
+    }
+
+    #[test]
+    fn oldstyle() {
+        let mut s = Session::new(MAX);
+        let g = OldstyleGreeting {
+            size: 1 << 20,
+            flags: 1,
+        }
+        .build();
+        let (e, _) = frame_all(&mut s, Direction::ToClient, &g);
+        assert_eq!(e, ev(&[("neg-classic", 152)]));
+        let (e, _) = frame_all(&mut s, Direction::ToServer, &req(false, CMD_DISC, 0, 9, 0));
+        assert_eq!(e, ev(&[("request", 28)]));
+    }
+
+    #[test]
+    fn fixed_newstyle_go_structured_and_no_zeroes() {
+        let mut s = Session::new(MAX);
+        let greet = NewstyleGreeting {
+            handshake_flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+        }
+        .build();
+        frame_all(&mut s, Direction::ToClient, &greet);
+        let mut c = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        c.extend(opt(OPT_STRUCTURED_REPLY, b""));
+        // A pipelining client's next option must wait for the reply.
+        c.extend(opt(OPT_GO, &[0, 0, 0, 0, 0, 0]));
+        let (e, stop) = frame_all(&mut s, Direction::ToServer, &c);
+        assert_eq!(e, ev(&[("export", 20), ("export-name", 0)]));
+        assert_eq!(stop, Step::Wait);
+        let (e, _) = frame_all(
+            &mut s,
+            Direction::ToClient,
+            &rep(OPT_STRUCTURED_REPLY, REP_ACK, b""),
+        );
+        assert_eq!(e, ev(&[("option-reply", 20)]));
+        assert_eq!(s.reply_mode(), ReplyMode::Structured);
+        let (e, stop) = frame_all(&mut s, Direction::ToServer, &c[20..]);
+        assert_eq!(e, ev(&[("export", 16), ("export-name", 6)]));
+        assert_eq!(stop, Step::NeedMore);
+        let info = ExportInfo {
+            size: 4096,
+            flags: 1,
+        }
+        .build_info();
+        let mut r = rep(OPT_GO, REP_INFO, &info);
+        r.extend(rep(
+            OPT_GO,
+            REP_INFO,
+            &[0, 3, 0, 0, 0, 1, 0, 0, 16, 0, 2, 0, 0, 0],
+        ));
+        r.extend(rep(OPT_GO, REP_ACK, b""));
+        let (e, _) = frame_all(&mut s, Direction::ToClient, &r);
+        assert_eq!(
+            e,
+            ev(&[
+                ("option-reply+neg2", 32),
+                ("option-reply", 34),
+                ("option-reply", 20)
+            ])
+        );
+        assert!(s.in_transmission());
+        // Structured read: chunk headers and their payloads; a simple reply
+        // (error, no data) for a flush.
+        let mut c = req(false, CMD_READ, 0, 1, 4096);
+        c.extend(req(false, CMD_FLUSH, 0, 2, 0));
+        frame_all(&mut s, Direction::ToServer, &c);
+        let mut r = vec![0u8; 20];
+        Reply::Structured {
+            flags: 0,
+            chunk_type: REPLY_TYPE_OFFSET_DATA,
+            cookie: 1,
+            length: 8 + 4096,
+        }
+        .build(&mut r);
+        r.extend(vec![0u8; 8 + 4096]);
+        let mut simple = [0u8; 16];
+        Reply::Simple {
+            error: EIO,
+            cookie: 2,
+        }
+        .build(&mut simple);
+        r.extend(simple);
+        let mut done = [0u8; 20];
+        Reply::Structured {
+            flags: REPLY_FLAG_DONE,
+            chunk_type: REPLY_TYPE_NONE,
+            cookie: 1,
+            length: 0,
+        }
+        .build(&mut done);
+        r.extend(done);
+        let (e, _) = frame_all(&mut s, Direction::ToClient, &r);
+        assert_eq!(
+            e,
+            ev(&[("reply", 20), ("data", 4104), ("reply", 16), ("reply", 20)])
+        );
+        assert_eq!(s.inflight(1), None);
+        assert_eq!(s.inflight(2), None);
+    }
+
+    #[test]
+    fn export_name_with_no_zeroes_is_short() {
+        let mut s = Session::new(MAX);
+        frame_all(
+            &mut s,
+            Direction::ToClient,
+            &NewstyleGreeting {
+                handshake_flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+            }
+            .build(),
+        );
+        let mut c = FLAG_C_NO_ZEROES.to_be_bytes().to_vec();
+        c.extend(opt(OPT_EXPORT_NAME, b""));
+        frame_all(&mut s, Direction::ToServer, &c);
+        let (e, _) = frame_all(&mut s, Direction::ToClient, &[0u8; 10]);
+        assert_eq!(e, ev(&[("neg2", 10)]));
+    }
+
+    #[test]
+    fn extended_headers_and_payload_len() {
+        let mut s = Session::new(MAX);
+        frame_all(
+            &mut s,
+            Direction::ToClient,
+            &NewstyleGreeting {
+                handshake_flags: FLAG_FIXED_NEWSTYLE,
+            }
+            .build(),
+        );
+        let mut c = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        c.extend(opt(OPT_EXTENDED_HEADERS, b""));
+        frame_all(&mut s, Direction::ToServer, &c);
+        frame_all(
+            &mut s,
+            Direction::ToClient,
+            &rep(OPT_EXTENDED_HEADERS, REP_ACK, b""),
+        );
+        assert_eq!(s.reply_mode(), ReplyMode::Extended);
+        frame_all(&mut s, Direction::ToServer, &opt(OPT_GO, &[0; 6]));
+        let (_, _) = frame_all(&mut s, Direction::ToClient, &rep(OPT_GO, REP_ACK, b""));
+        let mut c = req(true, CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 1, 3);
+        c.extend([7, 7, 7]);
+        c.extend(req(true, CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 2, 12));
+        c.extend([0u8; 12]);
+        c.extend(req(true, CMD_TRIM, 0, 3, 1 << 40));
+        let (e, _) = frame_all(&mut s, Direction::ToServer, &c);
+        assert_eq!(
+            e,
+            ev(&[
+                ("request", 32),
+                ("data", 3),
+                ("request", 32),
+                ("data", 12),
+                ("request", 32)
+            ])
+        );
+        let mut out = [0u8; 64];
+        let n = build_error_reply(ReplyMode::Extended, 3, 0, EINVAL, "no", &mut out);
+        let (e, _) = frame_all(&mut s, Direction::ToClient, &out[..n]);
+        assert_eq!(e, ev(&[("reply", 32), ("data", 8)]));
+    }
+
+    #[test]
+    fn starttls_makes_the_rest_opaque() {
+        let mut s = Session::new(MAX);
+        frame_all(
+            &mut s,
+            Direction::ToClient,
+            &NewstyleGreeting {
+                handshake_flags: FLAG_FIXED_NEWSTYLE,
+            }
+            .build(),
+        );
+        let mut c = 1u32.to_be_bytes().to_vec();
+        c.extend(opt(OPT_STARTTLS, b""));
+        frame_all(&mut s, Direction::ToServer, &c);
+        frame_all(
+            &mut s,
+            Direction::ToClient,
+            &rep(OPT_STARTTLS, REP_ACK, b""),
+        );
+        for dir in [Direction::ToServer, Direction::ToClient] {
+            match s.next(dir, b"\x16\x03\x01").unwrap() {
+                Step::Frame(f) => assert!(f.opaque && f.len() == u64::MAX),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lengths_are_checked_before_anything_is_streamed() {
+        let mut s = Session::new(MAX);
+        frame_all(
+            &mut s,
+            Direction::ToClient,
+            &NewstyleGreeting { handshake_flags: 1 }.build(),
+        );
+        let mut c = 1u32.to_be_bytes().to_vec();
+        c.extend(
+            OptionHeader {
+                option: OPT_GO,
+                length: u32::MAX,
+            }
+            .build(),
+        );
+        assert!(matches!(
+            s.next(Direction::ToServer, &c),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_cookie_on_simple_reply_is_an_error() {
+        let mut s = Session::new(MAX);
+        frame_all(
+            &mut s,
+            Direction::ToClient,
+            &OldstyleGreeting { size: 0, flags: 1 }.build(),
+        );
+        let mut r = [0u8; 16];
+        Reply::Simple {
+            error: 0,
+            cookie: 42,
+        }
+        .build(&mut r);
+        assert_eq!(
+            s.next(Direction::ToClient, &r),
+            Err(ProtocolError::UnknownCookie { cookie: 42 })
+        );
+    }
+
+    proptest! {
+        /// Hostile bytes in either direction, in any state, never panic.
+        #[test]
+        fn random_bytes_never_panic(
+            prefix in 0usize..4,
+            chunks in proptest::collection::vec(
+                (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..200)), 0..20)
+        ) {
+            let mut s = Session::new(MAX);
+            // Start from a few reachable states, then feed noise.
+            if prefix >= 1 {
+                let _ = s.next(Direction::ToClient, &NewstyleGreeting { handshake_flags: 3 }.build());
+            }
+            if prefix >= 2 {
+                let mut c = 3u32.to_be_bytes().to_vec();
+                c.extend(opt(OPT_GO, &[0; 6]));
+                let _ = s.next(Direction::ToServer, &c);
+            }
+            if prefix >= 3 {
+                let _ = s.next(Direction::ToClient, &rep(OPT_GO, REP_ACK, b""));
+            }
+            for (to_server, bytes) in chunks {
+                let dir = if to_server { Direction::ToServer } else { Direction::ToClient };
+                let _ = s.next(dir, &bytes);
+            }
+        }
+
+        /// Where the reads split the stream does not change the framing.
+        #[test]
+        fn framing_is_independent_of_read_boundaries(cuts in proptest::collection::vec(1usize..40, 1..30)) {
+            let mut stream = Vec::new();
+            for i in 0..8u64 {
+                stream.extend(req(false, CMD_WRITE, 0, i, i * 3));
+                stream.extend(vec![0xaa; (i * 3) as usize]);
+                stream.extend(req(false, CMD_READ, 0, 100 + i, 4096));
+            }
+            let whole = {
+                let mut s = in_transmission();
+                frame_all(&mut s, Direction::ToServer, &stream).0
+            };
+            // Feed the same bytes in pieces, keeping unparsed bytes buffered.
+            let mut s = in_transmission();
+            let mut got = Vec::new();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut skip = 0u64;
+            let mut pos = 0usize;
+            let mut cut = cuts.iter().cycle();
+            while pos < stream.len() {
+                let n = (*cut.next().unwrap()).min(stream.len() - pos);
+                buf.extend_from_slice(&stream[pos..pos + n]);
+                pos += n;
+                loop {
+                    if skip > 0 {
+                        let k = skip.min(buf.len() as u64) as usize;
+                        buf.drain(..k);
+                        skip -= k as u64;
+                        if skip > 0 { break; }
+                    }
+                    match s.next(Direction::ToServer, &buf).unwrap() {
+                        Step::Frame(f) => {
+                            for seg in f.segments() { got.push((seg.events.to_string(), seg.len)); }
+                            skip = f.len();
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            prop_assert_eq!(got, whole);
+        }
+    }
+
+    fn in_transmission() -> Session {
+        let mut s = Session::new(MAX);
+        let _ = s.next(
+            Direction::ToClient,
+            &OldstyleGreeting {
+                size: 1 << 30,
+                flags: 1,
+            }
+            .build(),
+        );
+        s
+    }
+}

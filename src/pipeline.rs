@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::intercept::{ConnId, Event, Interceptor, Verdict};
 use crate::protocol::{Direction, MessageMeta, ProtocolError, Segment, Session, Step};
@@ -201,6 +201,7 @@ where
                     }
                     meta = f.meta;
                     let segs = f.segments();
+                    trace!(conn = conn.id, "{dir}: {segs:?} {meta:?}");
                     next_seg = segs.get(1).copied();
                     match conn.offer(dir, segs[0], &meta) {
                         Verdict::Pass => {}

@@ -71,14 +71,14 @@ impl Request {
     }
 
     /// Bytes of payload that follow this header on the wire.
+    ///
+    /// A write always carries its length in payload, with or without
+    /// PAYLOAD_LEN: the spec says extended writes MUST set the flag, but
+    /// QEMU 10's client sends extended writes without it and QEMU's server
+    /// reads the payload anyway, so framing must too. Other commands carry a
+    /// payload only with PAYLOAD_LEN in extended form.
     pub fn payload_len(&self) -> u64 {
-        if self.extended {
-            if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-                self.length
-            } else {
-                0
-            }
-        } else if self.command == CMD_WRITE {
+        if self.command == CMD_WRITE || (self.extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0) {
             self.length
         } else {
             0
@@ -370,11 +370,13 @@ mod tests {
         r.command = CMD_WRITE;
         assert_eq!(r.payload_len(), 512);
         r.extended = true;
-        assert_eq!(r.payload_len(), 0, "extended WRITE needs PAYLOAD_LEN");
+        assert_eq!(r.payload_len(), 512, "QEMU omits PAYLOAD_LEN on writes");
+        r.command = CMD_BLOCK_STATUS;
+        assert_eq!(r.payload_len(), 0);
         r.flags = CMD_FLAG_PAYLOAD_LEN;
         assert_eq!(r.payload_len(), 512);
-        r.command = CMD_BLOCK_STATUS;
-        assert_eq!(r.payload_len(), 512);
+        r.extended = false;
+        assert_eq!(r.payload_len(), 0, "compact requests have no PAYLOAD_LEN");
     }
 
     #[test]

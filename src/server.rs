@@ -1,0 +1,133 @@
+//! The accept loop and the backends behind it.
+//!
+//! Every accepted client gets one upstream connection — a socket to the real
+//! server, or a fresh null server on an in-memory stream — and one pipeline
+//! between the two. The null server sits behind the very same pipeline as a
+//! real server, so every event and fault behaves identically in front of it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use crate::addr::{ListenAddr, Target};
+use crate::intercept::{ConnId, Event, Interceptor, Verdict};
+use crate::net::{Listener, Stream};
+use crate::null::{self, NullConfig};
+use crate::pipeline::{self, Connection, FLOW_BUFFER};
+use crate::protocol::{EventKind, EventSet, MessageMeta};
+
+/// What sits behind the proxy.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A real NBD server.
+    Upstream(Target),
+    /// The built-in zero disk.
+    Null(NullConfig),
+}
+
+/// Everything a server needs to run.
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub listen: ListenAddr,
+    pub backend: Backend,
+    pub max_payload: u64,
+    pub interceptor: Arc<dyn Interceptor>,
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: Listener,
+    backend: Arc<Backend>,
+    max_payload: u64,
+    interceptor: Arc<dyn Interceptor>,
+    next_id: AtomicU64,
+}
+
+impl Server {
+    /// Binds the listening socket; errors here are startup errors.
+    pub async fn bind(cfg: ServerConfig) -> std::io::Result<Self> {
+        let listener = Listener::bind(&cfg.listen).await?;
+        Ok(Self {
+            listener,
+            backend: Arc::new(cfg.backend),
+            max_payload: cfg.max_payload,
+            interceptor: cfg.interceptor,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// NBD URI clients connect to.
+    pub fn uri(&self) -> String {
+        self.listener.uri()
+    }
+
+    /// Accepts and serves clients until the future is dropped. Dropping it
+    /// (and so the listener) removes a unix socket file.
+    pub async fn run(self) {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: keep serving the
+                    // clients we have and try again shortly.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(serve_client(
+                id,
+                stream,
+                peer,
+                self.backend.clone(),
+                self.max_payload,
+                self.interceptor.clone(),
+            ));
+        }
+    }
+}
+
+async fn serve_client(
+    id: ConnId,
+    client: Stream,
+    peer: String,
+    backend: Arc<Backend>,
+    max_payload: u64,
+    interceptor: Arc<dyn Interceptor>,
+) {
+    debug!(conn = id, %peer, "accepted");
+    match interceptor.on_event(&Event {
+        conn: id,
+        direction: None,
+        kinds: EventSet::of(EventKind::Connect),
+        meta: MessageMeta::default(),
+        size: 0,
+    }) {
+        Verdict::Pass => {}
+    }
+    let upstream = match &*backend {
+        Backend::Upstream(target) => match target.connect().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(conn = id, %peer, "cannot reach upstream {target}: {e}; closing the client connection");
+                return;
+            }
+        },
+        Backend::Null(cfg) => {
+            let (near, far) = tokio::io::duplex(FLOW_BUFFER);
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                if let Err(e) = null::serve(far, &cfg).await {
+                    debug!(conn = id, "null server: {e}");
+                }
+            });
+            Stream::Mem(near)
+        }
+    };
+    let conn = Connection::new(id, peer, max_payload, interceptor);
+    let result = pipeline::run(conn.clone(), client.into_split(), upstream.into_split()).await;
+    pipeline::log_outcome(&conn, &result);
+}

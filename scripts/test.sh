@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The test command of nbdfault.
+#
+#   sudo scripts/test.sh            # on a fresh Debian machine (or as root)
+#   scripts/test.sh [CARGO TEST ARGS...]
+#
+# As root it installs the NBD tools the integration tests drive (qemu-utils,
+# nbdkit, libnbd-bin, python3-libnbd, fio); otherwise they must already be
+# installed. Then it checks formatting, runs clippy with warnings denied and
+# runs every test in release mode (the tests move hundreds of MiB through the
+# proxy). Extra arguments are passed to `cargo test`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() {
+    printf '\n==> %s\n' "$*"
+}
+
+packages=(qemu-utils nbdkit libnbd-bin python3-libnbd fio)
+
+if [ "$(id -u)" -eq 0 ]; then
+    step "Installing test tools: ${packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y "${packages[@]}"
+else
+    step "Checking test tools (not root: nothing is installed)"
+    missing=()
+    for tool in qemu-nbd qemu-img qemu-io nbdkit nbdinfo nbdcopy fio; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
+        missing+=("python3 module nbd (/usr/bin/python3)")
+    fi
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "error: missing: ${missing[*]}" >&2
+        echo "error: install them with: sudo apt-get install -y ${packages[*]}" >&2
+        echo "error: (or run this script as root: sudo scripts/test.sh)" >&2
+        exit 1
+    fi
+fi
+
+step "Checking Rust tools (cargo, rustfmt, clippy)"
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo not found; install Rust from https://rustup.rs" >&2
+    exit 1
+fi
+need_components=()
+cargo fmt --version >/dev/null 2>&1 || need_components+=(rustfmt)
+cargo clippy --version >/dev/null 2>&1 || need_components+=(clippy)
+if [ "${#need_components[@]}" -gt 0 ]; then
+    if command -v rustup >/dev/null 2>&1; then
+        step "Installing Rust components: ${need_components[*]}"
+        rustup component add "${need_components[@]}"
+    else
+        echo "error: missing Rust components: ${need_components[*]} (and no rustup to add them)" >&2
+        exit 1
+    fi
+fi
+cargo --version
+cargo fmt --version
+cargo clippy --version
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test --release --all-targets $*"
+cargo test --release --all-targets "$@"
+
+step "All checks passed"

@@ -3,6 +3,10 @@
 //! The binary is a thin command line over this library, so Rust tests can
 //! embed the proxy and the null server directly.
 
-pub mod protocol;
 pub mod addr;
+pub mod intercept;
 pub mod net;
+pub mod null;
+pub mod pipeline;
+pub mod protocol;
+pub mod server;

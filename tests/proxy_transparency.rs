@@ -755,6 +755,52 @@ print("reads", len(reqs), "bad", bad)
 }
 
 // ---------------------------------------------------------------------------
+// fio
+// ---------------------------------------------------------------------------
+
+fn fio(uri: &str, extra: &[&str]) -> Output {
+    let uri_arg = format!("--uri={uri}");
+    let mut args = vec![
+        "--name=verify",
+        "--ioengine=nbd",
+        &uri_arg,
+        "--rw=randwrite",
+        "--bs=16k",
+        "--size=32M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+    ];
+    args.extend_from_slice(extra);
+    run("fio", &args)
+}
+
+fn fio_verify(kind: Kind) {
+    let b = Backend::start(kind);
+    let mut proxy = proxy_for(&b);
+    // Random writes at queue depth 16 through the proxy, verified through it.
+    let w = fio(proxy.uri(), &["--do_verify=1"]);
+    assert!(
+        w.success(),
+        "fio through the proxy failed\n{}\n--- proxy stderr ---\n{}",
+        w.describe(),
+        proxy.stderr()
+    );
+    assert!(!w.stdout.contains("verify failed"), "{}", w.describe());
+    // The data really is on the backend, and reads back through the proxy.
+    for uri in [b.uri(), proxy.uri().to_string()] {
+        let v = fio(&uri, &["--verify_only"]);
+        assert!(
+            v.success(),
+            "fio --verify_only on {uri} failed\n{}",
+            v.describe()
+        );
+        assert!(!v.stdout.contains("verify failed"), "{}", v.describe());
+    }
+    assert!(proxy.is_running(), "proxy died\n{}", proxy.stderr());
+}
+
+// ---------------------------------------------------------------------------
 // One module per backend.
 // ---------------------------------------------------------------------------
 
@@ -806,6 +852,10 @@ macro_rules! backend_tests {
             #[test]
             fn libnbd_pipelined_aio() {
                 nbdsh_aio($kind);
+            }
+            #[test]
+            fn fio_random_writes_verified() {
+                fio_verify($kind);
             }
         }
     };

@@ -571,10 +571,10 @@ impl Nbdkit {
                     read_to_string_lossy(&log)
                 );
             }
-            if let Some(port) = listening_tcp_port(child.id()) {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    break port;
-                }
+            if let Some(port) = listening_tcp_port(child.id())
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                break port;
             }
             if Instant::now() >= deadline {
                 kill_child(&mut child);

@@ -5,7 +5,17 @@
 //! [`PassThrough`] (no rules) is another. Keeping it one trait means a fault
 //! behaves the same whatever produced the bytes — qemu-nbd, nbdkit or the
 //! built-in null server.
+//!
+//! An interceptor answers with a [`Plan`] made of a few primitives the
+//! pipeline knows how to carry out at exact byte positions (cut, hold,
+//! discard and answer, flip bits); what each rule action means is decided on
+//! the rule engine's side, one file per action.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{Direction, EventSet, MessageMeta};
 
 /// Identifies one client connection (and its upstream) for logs and rules.
@@ -23,20 +33,77 @@ pub struct Event {
     pub meta: MessageMeta,
     /// Bytes in this event.
     pub size: u64,
+    /// Reply headers in force, so a fault can answer in the right form.
+    pub mode: ReplyMode,
 }
 
 /// What to do with an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Forward it unchanged.
     Pass,
+    /// A rule fired.
+    Fault(Fault),
+}
+
+/// A fired rule and what the pipeline must do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// The rule's name, for logs and counters.
+    pub rule: Arc<str>,
+    /// The rule's action, for logs.
+    pub action: &'static str,
+    pub plan: Plan,
+}
+
+/// The primitives a fault is carried out with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Pass `at` bytes of the event on, then close both connections
+    /// (with a TCP reset if `reset`).
+    Cut { at: u64, reset: bool },
+    /// Pass `at` bytes on, then hold this flow for `duration`, or until the
+    /// connection ends when `None`. Other flows and connections go on.
+    Hold { at: u64, duration: Option<Duration> },
+    /// Swallow the whole message this event starts (header and payload),
+    /// except its first `keep` bytes.
+    /// With `answer`, send these bytes to the client in its place: the
+    /// proxy answers a request or an option itself.
+    Discard { keep: u64, answer: Option<Vec<u8>> },
+    /// Swallow this reply and every further chunk for its cookie; when the
+    /// server's final chunk has been swallowed, send `answer` in its place
+    /// (the server did the work, the client is told it failed).
+    ReplaceReply { answer: Vec<u8> },
+    /// XOR bytes of the event: (offset within the event, mask).
+    Flip { flips: Vec<(u64, u8)> },
+}
+
+/// What an interceptor remembers about one connection (counters of
+/// per-connection rules). Owned by the connection, so nothing global is
+/// locked for it.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    pub counters: HashMap<Arc<str>, RuleCounter>,
+}
+
+/// How often a rule matched and fired, and its random stream.
+#[derive(Debug, Clone, Default)]
+pub struct RuleCounter {
+    pub matched: u64,
+    pub fired: u64,
+    pub rng: u64,
 }
 
 /// Decides, for each event, whether and how to interfere. Called on the data
 /// path for every message, so implementations must be cheap and must not
 /// block.
 pub trait Interceptor: Send + Sync + 'static {
-    fn on_event(&self, event: &Event) -> Verdict;
+    fn on_event(&self, event: &Event, state: &mut ConnState) -> Verdict;
+
+    /// Called after a `Cut` was carried out (the bytes before it are sent
+    /// and both connections are being closed). QEMU's injector ends the
+    /// process here; the default does nothing.
+    fn after_cut(&self, _fault: &Fault) {}
 }
 
 /// Lets everything through: the transparent proxy.
@@ -44,7 +111,7 @@ pub trait Interceptor: Send + Sync + 'static {
 pub struct PassThrough;
 
 impl Interceptor for PassThrough {
-    fn on_event(&self, _event: &Event) -> Verdict {
+    fn on_event(&self, _event: &Event, _state: &mut ConnState) -> Verdict {
         Verdict::Pass
     }
 }

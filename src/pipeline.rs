@@ -5,16 +5,24 @@
 //! socket has, asks the shared [`Session`] where messages start and end,
 //! offers each event to the [`Interceptor`], and writes everything framed so
 //! far in one call — a 32 MiB read is streamed, never held whole, and with
-//! no rules a read of the source becomes exactly one write to the sink.
+//! no faults a read of the source becomes exactly one write to the sink.
+//!
+//! A fault is carried out at an exact byte of an event: the flow keeps a
+//! *mark* (bytes left before it acts) and stops advancing there, so a cut
+//! after byte 4 of a reply sends exactly 4 bytes of it.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, trace, warn};
 
-use crate::intercept::{ConnId, Event, Interceptor, Verdict};
+use crate::intercept::{ConnId, ConnState, Event, Fault, Interceptor, Plan, Verdict};
+use crate::net::{ReadHalf, WriteHalf};
+use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{Direction, MessageMeta, ProtocolError, Segment, Session, Step};
 
 /// Per-flow buffer: big enough that a bulk transfer is a few large writes,
@@ -30,6 +38,9 @@ const MIN_READ_SPACE: usize = 64 * 1024;
 /// NBD's usual 32 MiB maximum payload plus headroom.
 pub const DEFAULT_MAX_PAYLOAD: u64 = (32 << 20) + (64 << 10);
 
+/// Target of fault log lines, so they can be filtered on their own.
+pub const FAULT_LOG: &str = "nbdfault::fault";
+
 /// Why a flow ended other than by a clean end of stream.
 #[derive(Debug, Error)]
 pub enum FlowError {
@@ -41,6 +52,8 @@ pub enum FlowError {
     },
     #[error("{dir}: peer closed in the middle of a message")]
     Truncated { dir: Direction },
+    #[error("{dir}: disconnected by rule {rule}")]
+    Cut { dir: Direction, rule: Arc<str> },
     #[error("a flow task failed: {0}")]
     Task(String),
     #[error("{dir}: {source}")]
@@ -56,9 +69,18 @@ pub struct Connection {
     pub id: ConnId,
     pub peer: String,
     session: Mutex<Session>,
+    /// Per-connection memory of the interceptor (rule counters).
+    rules: Mutex<ConnState>,
     /// Wakes the to-server flow when the server's side moved on (greeting,
     /// final option reply) and it may frame the client's next bytes.
     wake_to_server: Notify,
+    /// Answers the proxy makes in the server's place (an error for a
+    /// request or an option), written by the to-client flow between
+    /// messages.
+    answers: mpsc::UnboundedSender<Vec<u8>>,
+    answers_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>,
+    /// Set when either flow has ended: ends stalls.
+    ended: watch::Sender<bool>,
     interceptor: Arc<dyn Interceptor>,
 }
 
@@ -69,64 +91,61 @@ impl Connection {
         max_payload: u64,
         interceptor: Arc<dyn Interceptor>,
     ) -> Arc<Self> {
+        let (answers, answers_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
             id,
             peer,
             session: Mutex::new(Session::new(max_payload)),
+            rules: Mutex::new(ConnState::default()),
             wake_to_server: Notify::new(),
+            answers,
+            answers_rx: Mutex::new(Some(answers_rx)),
+            ended: watch::Sender::new(false),
             interceptor,
         })
     }
 
-    fn offer(&self, dir: Direction, seg: Segment, meta: &MessageMeta) -> Verdict {
-        if seg.events.is_empty() {
-            return Verdict::Pass;
-        }
-        self.interceptor.on_event(&Event {
-            conn: self.id,
-            direction: Some(dir),
-            kinds: seg.events,
-            meta: *meta,
-            size: seg.len,
-        })
+    /// Offers an event to the interceptor. Locks are poisoned only if a
+    /// flow panicked while holding them; the state inside is plain data, so
+    /// carry on with it.
+    pub fn offer(&self, ev: &Event) -> Verdict {
+        let mut state = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        self.interceptor.on_event(ev, &mut state)
     }
 
-    fn frame(&self, dir: Direction, buf: &[u8]) -> Result<Step, FlowError> {
-        // A poisoned lock means the other flow panicked mid-parse; the
-        // session state is still a plain value, so carry on with it.
-        let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        s.next(dir, buf)
-            .map_err(|source| FlowError::Protocol { dir, source })
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn frame(&self, dir: Direction, buf: &[u8]) -> Result<(Step, ReplyMode), FlowError> {
+        let mut s = self.session();
+        let step = s
+            .next(dir, buf)
+            .map_err(|source| FlowError::Protocol { dir, source })?;
+        Ok((step, s.reply_mode()))
     }
 }
 
 /// Runs both flows of a connection until both ends are closed, or one flow
 /// fails (then both sides are closed at once). Returns the first failure.
-pub async fn run<CR, CW, UR, UW>(
+pub async fn run(
     conn: Arc<Connection>,
-    client: (CR, CW),
-    upstream: (UR, UW),
-) -> Result<(), FlowError>
-where
-    CR: AsyncRead + Unpin + Send + 'static,
-    CW: AsyncWrite + Unpin + Send + 'static,
-    UR: AsyncRead + Unpin + Send + 'static,
-    UW: AsyncWrite + Unpin + Send + 'static,
-{
+    client: (ReadHalf, WriteHalf),
+    upstream: (ReadHalf, WriteHalf),
+) -> Result<(), FlowError> {
     let (client_r, client_w) = client;
     let (upstream_r, upstream_w) = upstream;
-    let mut to_server = tokio::spawn(flow(
-        conn.clone(),
-        Direction::ToServer,
-        client_r,
-        upstream_w,
-    ));
-    let mut to_client = tokio::spawn(flow(
-        conn.clone(),
-        Direction::ToClient,
-        upstream_r,
-        client_w,
-    ));
+    let answers = conn
+        .answers_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let mut to_server = tokio::spawn(
+        Flow::new(conn.clone(), Direction::ToServer, client_r, upstream_w, None).run(),
+    );
+    let mut to_client = tokio::spawn(
+        Flow::new(conn.clone(), Direction::ToClient, upstream_r, client_w, answers).run(),
+    );
     // Whichever flow finishes first decides: a failure tears the other
     // down (dropping its halves closes both sockets); a clean end of stream
     // was already passed on as a half-close, so the other flow runs on.
@@ -144,116 +163,476 @@ where
         .unwrap_or_else(|e| Err(FlowError::Task(e.to_string())))
 }
 
-/// Moves one direction's bytes, message by message. See the module docs.
-async fn flow<R, W>(
+/// What a mark does when the flow reaches it.
+enum MarkAction {
+    Cut { reset: bool, fault: Fault },
+    Hold { duration: Option<Duration> },
+    /// Swallow the rest of the message, then send `answer` to the client.
+    Discard { answer: Option<Vec<u8>> },
+}
+
+/// One direction of a connection. See the module docs.
+struct Flow<R, W> {
     conn: Arc<Connection>,
     dir: Direction,
-    mut src: R,
-    mut dst: W,
-) -> Result<(), FlowError>
+    src: R,
+    dst: W,
+    buf: Vec<u8>,
+    /// `[start, cursor)`: framed, not yet written; `[cursor, end)`: not yet
+    /// framed.
+    start: usize,
+    cursor: usize,
+    end: usize,
+    /// Stream position of `buf[start]`: bytes of this direction consumed
+    /// (forwarded or swallowed) so far.
+    pos: u64,
+    /// Bytes of the current segment not yet passed, and the one after it.
+    seg_left: u64,
+    next_seg: Option<Segment>,
+    meta: MessageMeta,
+    mode: ReplyMode,
+    opaque: bool,
+    /// Bytes left before `MarkAction` acts.
+    mark: Option<(u64, MarkAction)>,
+    /// The rest of the current message is swallowed.
+    discarding: bool,
+    /// Sent to the client once the swallowed message has ended.
+    answer_after: Option<Vec<u8>>,
+    /// A replaced reply: further chunks for this cookie are swallowed, and
+    /// the answer goes out in place of the final one.
+    replacing: Option<(u64, Vec<u8>)>,
+    /// Pending bit flips: (stream position, mask).
+    flips: Vec<(u64, u8)>,
+    /// Bytes to write to the client between messages (to-client flow).
+    queued: VecDeque<Vec<u8>>,
+    answers: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    /// The source reached end of stream while a hold was in progress.
+    src_eof: bool,
+}
+
+impl<R, W> Flow<R, W>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin + Send + 'static + Linger,
+    W: AsyncWrite + Unpin + Send + 'static + Linger,
 {
-    let io = |source| FlowError::Io { dir, source };
-    let mut buf = vec![0u8; FLOW_BUFFER];
-    // [start, cursor): framed, not yet written. [cursor, end): not framed.
-    let (mut start, mut cursor, mut end) = (0usize, 0usize, 0usize);
-    // Bytes of the current segment still to pass, and the segment after it.
-    let mut seg_left = 0u64;
-    let mut next_seg: Option<Segment> = None;
-    let mut meta = MessageMeta::default();
-    let mut opaque = false;
-    loop {
-        let mut waiting = false;
+    fn new(
+        conn: Arc<Connection>,
+        dir: Direction,
+        src: R,
+        dst: W,
+        answers: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    ) -> Self {
+        Self {
+            conn,
+            dir,
+            src,
+            dst,
+            buf: vec![0u8; FLOW_BUFFER],
+            start: 0,
+            cursor: 0,
+            end: 0,
+            pos: 0,
+            seg_left: 0,
+            next_seg: None,
+            meta: MessageMeta::default(),
+            mode: ReplyMode::Simple,
+            opaque: false,
+            mark: None,
+            discarding: false,
+            answer_after: None,
+            replacing: None,
+            flips: Vec::new(),
+            queued: VecDeque::new(),
+            answers,
+            src_eof: false,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), FlowError> {
+        let result = self.pump().await;
+        // Either flow ending ends any stall in the other.
+        self.conn.ended.send_replace(true);
+        result
+    }
+
+    fn io(&self, source: std::io::Error) -> FlowError {
+        FlowError::Io {
+            dir: self.dir,
+            source,
+        }
+    }
+
+    async fn pump(&mut self) -> Result<(), FlowError> {
         loop {
-            if seg_left > 0 {
-                let avail = (end - cursor) as u64;
+            let waiting = self.advance().await?;
+            self.flush().await?;
+            if self.at_boundary() {
+                self.write_queued().await?;
+            }
+            self.make_room();
+            if !self.fill(waiting).await? {
+                return self.finish().await;
+            }
+        }
+    }
+
+    /// Frames, offers and passes as much of the buffer as possible; true if
+    /// stopped because the session says this flow must wait.
+    async fn advance(&mut self) -> Result<bool, FlowError> {
+        loop {
+            if matches!(self.mark, Some((0, _))) {
+                if let Some((_, action)) = self.mark.take() {
+                    self.act(action).await?;
+                }
+                continue;
+            }
+            if self.seg_left > 0 {
+                let avail = (self.end - self.cursor) as u64;
                 if avail == 0 {
-                    break;
+                    return Ok(false);
                 }
-                let take = seg_left.min(avail);
-                cursor += take as usize;
-                seg_left -= take;
+                let mut take = self.seg_left.min(avail);
+                if let Some((left, _)) = &mut self.mark {
+                    take = take.min(*left);
+                    *left -= take;
+                }
+                if self.discarding {
+                    self.flush().await?;
+                    self.cursor += take as usize;
+                    self.start = self.cursor;
+                    self.pos += take;
+                } else {
+                    self.cursor += take as usize;
+                }
+                self.seg_left -= take;
                 continue;
             }
-            if let Some(seg) = next_seg.take() {
-                match conn.offer(dir, seg, &meta) {
-                    Verdict::Pass => {}
-                }
-                seg_left = seg.len;
+            if let Some(seg) = self.next_seg.take() {
+                self.begin_segment(seg);
                 continue;
             }
-            if cursor == end {
-                break;
+            // A message boundary.
+            if self.discarding {
+                self.discarding = false;
+                if let Some(a) = self.answer_after.take() {
+                    self.send_answer(a);
+                }
             }
-            match conn.frame(dir, &buf[cursor..end])? {
+            if self.cursor == self.end {
+                return Ok(false);
+            }
+            let (step, mode) = self.conn.frame(self.dir, &self.buf[self.cursor..self.end])?;
+            match step {
                 Step::Frame(f) => {
                     if f.wake_peer {
-                        conn.wake_to_server.notify_one();
+                        self.conn.wake_to_server.notify_one();
                     }
-                    if f.opaque && !opaque {
-                        opaque = true;
+                    if f.opaque && !self.opaque {
+                        self.opaque = true;
                         info!(
-                            conn = conn.id,
-                            "{dir}: STARTTLS accepted; relaying the rest unparsed (no faults inside TLS yet)"
+                            conn = self.conn.id,
+                            "{}: STARTTLS accepted; relaying the rest unparsed (no faults inside TLS yet)",
+                            self.dir
                         );
                     }
-                    meta = f.meta;
+                    self.meta = f.meta;
+                    self.mode = mode;
                     let segs = f.segments();
-                    trace!(conn = conn.id, "{dir}: {segs:?} {meta:?}");
-                    next_seg = segs.get(1).copied();
-                    match conn.offer(dir, segs[0], &meta) {
-                        Verdict::Pass => {}
+                    trace!(conn = self.conn.id, "{}: {segs:?} {:?}", self.dir, self.meta);
+                    self.next_seg = segs.get(1).copied();
+                    if let Some((cookie, _)) = &self.replacing {
+                        if self.meta.cookie == Some(*cookie) && self.dir == Direction::ToClient {
+                            // A further chunk of a replaced reply.
+                            self.discarding = true;
+                            if self.meta.done {
+                                self.answer_after = self.replacing.take().map(|(_, a)| a);
+                            }
+                        }
                     }
-                    seg_left = segs[0].len;
+                    self.begin_segment(segs[0]);
                 }
-                Step::NeedMore => break,
-                Step::Wait => {
-                    waiting = true;
-                    break;
-                }
+                Step::NeedMore => return Ok(false),
+                Step::Wait => return Ok(true),
             }
         }
+    }
 
-        if cursor > start {
-            dst.write_all(&buf[start..cursor]).await.map_err(io)?;
-            start = cursor;
+    /// Offers a segment to the interceptor and arms whatever fault fires.
+    fn begin_segment(&mut self, seg: Segment) {
+        self.seg_left = seg.len;
+        if self.discarding || seg.events.is_empty() {
+            return;
         }
-        if start == end {
-            (start, cursor, end) = (0, 0, 0);
-        } else if start > 0 && buf.len() - end < MIN_READ_SPACE {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            cursor -= start;
-            start = 0;
-        }
-
-        let n = if end == buf.len() {
-            // Only bytes held back while waiting can fill the buffer.
-            conn.wake_to_server.notified().await;
-            continue;
-        } else if waiting {
-            tokio::select! {
-                _ = conn.wake_to_server.notified() => continue,
-                r = src.read(&mut buf[end..]) => r.map_err(io)?,
-            }
-        } else {
-            src.read(&mut buf[end..]).await.map_err(io)?
+        let ev = Event {
+            conn: self.conn.id,
+            direction: Some(self.dir),
+            kinds: seg.events,
+            meta: self.meta,
+            size: seg.len,
+            mode: self.mode,
         };
-        if n == 0 {
-            if !opaque && (seg_left > 0 || next_seg.is_some() || end > start) {
-                return Err(FlowError::Truncated { dir });
+        let fault = match self.conn.offer(&ev) {
+            Verdict::Pass => return,
+            Verdict::Fault(f) => f,
+        };
+        let here = self.pos + (self.cursor - self.start) as u64;
+        info!(
+            target: FAULT_LOG,
+            conn = self.conn.id,
+            rule = %fault.rule,
+            action = fault.action,
+            event = %seg.events,
+            direction = %self.dir,
+            stream_offset = here,
+            "fault: rule {} fires {} on {} ({} bytes)",
+            fault.rule,
+            fault.action,
+            seg.events,
+            seg.len
+        );
+        match fault.plan.clone() {
+            Plan::Cut { at, reset } => {
+                self.mark = Some((at.min(seg.len), MarkAction::Cut { reset, fault }));
             }
-            debug!(conn = conn.id, "{dir}: end of stream");
-            // Pass the end of stream on as a half-close; the other flow may
-            // still be carrying replies.
-            if let Err(e) = dst.shutdown().await {
-                debug!(conn = conn.id, "{dir}: shutdown: {e}");
+            Plan::Hold { at, duration } => {
+                self.mark = Some((at.min(seg.len), MarkAction::Hold { duration }));
             }
+            Plan::Discard { keep, answer } => {
+                if self.dir == Direction::ToServer {
+                    let mut s = self.conn.session();
+                    if let Some(cookie) = self.meta.cookie {
+                        s.forget(cookie);
+                    } else if answer.is_some() {
+                        s.option_answered();
+                    }
+                }
+                self.mark = Some((keep.min(seg.len), MarkAction::Discard { answer }));
+            }
+            Plan::ReplaceReply { answer } => {
+                self.discarding = true;
+                match self.meta.cookie {
+                    Some(_) if self.meta.done => self.answer_after = Some(answer),
+                    Some(cookie) => self.replacing = Some((cookie, answer)),
+                    None => {}
+                }
+            }
+            Plan::Flip { flips } => {
+                self.flips
+                    .extend(flips.into_iter().map(|(off, mask)| (here + off, mask)));
+            }
+        }
+    }
+
+    async fn act(&mut self, action: MarkAction) -> Result<(), FlowError> {
+        match action {
+            MarkAction::Cut { reset, fault } => {
+                self.flush().await?;
+                if reset {
+                    self.src.set_linger_zero();
+                    self.dst.set_linger_zero();
+                }
+                self.conn.interceptor.after_cut(&fault);
+                Err(FlowError::Cut {
+                    dir: self.dir,
+                    rule: fault.rule,
+                })
+            }
+            MarkAction::Hold { duration } => {
+                self.flush().await?;
+                self.hold(duration).await
+            }
+            MarkAction::Discard { answer } => {
+                self.discarding = true;
+                self.answer_after = answer;
+                Ok(())
+            }
+        }
+    }
+
+    /// Holds this flow for `duration` (forever if `None`), ending early when
+    /// the connection ends or the source closes. Keeps reading the source
+    /// meanwhile, so a client that gives up is noticed.
+    async fn hold(&mut self, duration: Option<Duration>) -> Result<(), FlowError> {
+        let sleep = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(sleep);
+        let mut ended = self.conn.ended.subscribe();
+        loop {
+            let room = !self.src_eof && self.end < self.buf.len();
+            tokio::select! {
+                () = &mut sleep => return Ok(()),
+                _ = ended.wait_for(|e| *e) => return Ok(()),
+                r = self.src.read(&mut self.buf[self.end..]), if room => {
+                    match r {
+                        Ok(0) => {
+                            self.src_eof = true;
+                            return Ok(());
+                        }
+                        Ok(n) => self.end += n,
+                        Err(e) => return Err(self.io(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Routes a proxy-made answer to the client.
+    fn send_answer(&mut self, answer: Vec<u8>) {
+        match self.dir {
+            Direction::ToClient => self.queued.push_back(answer),
+            Direction::ToServer => {
+                // The to-client flow is gone only if the connection is
+                // closing anyway.
+                let _ = self.conn.answers.send(answer);
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.seg_left == 0 && self.next_seg.is_none() && self.mark.is_none()
+    }
+
+    /// Writes `[start, cursor)`, with any bit flips that fall in it applied.
+    async fn flush(&mut self) -> Result<(), FlowError> {
+        if self.cursor == self.start {
             return Ok(());
         }
-        end += n;
+        let len = (self.cursor - self.start) as u64;
+        if !self.flips.is_empty() {
+            let (from, to) = (self.pos, self.pos + len);
+            let start = self.start;
+            let buf = &mut self.buf;
+            self.flips.retain(|&(p, mask)| {
+                if p >= from && p < to {
+                    buf[start + (p - from) as usize] ^= mask;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        let (start, cursor) = (self.start, self.cursor);
+        if let Err(e) = self.dst.write_all(&self.buf[start..cursor]).await {
+            return Err(self.io(e));
+        }
+        self.start = cursor;
+        self.pos += len;
+        Ok(())
+    }
+
+    /// Writes proxy-made answers (to-client flow, between messages).
+    async fn write_queued(&mut self) -> Result<(), FlowError> {
+        if let Some(rx) = &mut self.answers {
+            while let Ok(a) = rx.try_recv() {
+                self.queued.push_back(a);
+            }
+        }
+        while let Some(a) = self.queued.pop_front() {
+            if let Err(e) = self.dst.write_all(&a).await {
+                return Err(self.io(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn make_room(&mut self) {
+        if self.start == self.end {
+            (self.start, self.cursor, self.end) = (0, 0, 0);
+        } else if self.start > 0 && self.buf.len() - self.end < MIN_READ_SPACE {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.cursor -= self.start;
+            self.start = 0;
+        }
+    }
+
+    /// Reads more of the source; false at end of stream. While `waiting`
+    /// for the other flow, also wakes up when it moves on; between
+    /// messages, also wakes up for answers to send.
+    async fn fill(&mut self, waiting: bool) -> Result<bool, FlowError> {
+        if self.src_eof {
+            return Ok(false);
+        }
+        let conn = self.conn.clone();
+        if self.end == self.buf.len() {
+            // Only bytes held back while waiting can fill the buffer.
+            conn.wake_to_server.notified().await;
+            return Ok(true);
+        }
+        let idle = self.at_boundary();
+        let answers = self.answers.as_mut().filter(|_| idle);
+        let r = if waiting {
+            tokio::select! {
+                _ = conn.wake_to_server.notified() => return Ok(true),
+                r = self.src.read(&mut self.buf[self.end..]) => r,
+            }
+        } else if let Some(rx) = answers {
+            tokio::select! {
+                a = rx.recv() => {
+                    if let Some(a) = a {
+                        self.queued.push_back(a);
+                    }
+                    return Ok(true);
+                }
+                r = self.src.read(&mut self.buf[self.end..]) => r,
+            }
+        } else {
+            self.src.read(&mut self.buf[self.end..]).await
+        };
+        match r {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                self.end += n;
+                Ok(true)
+            }
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// The source closed: fine between messages (pass the end of stream on
+    /// as a half-close; the other flow may still be carrying replies), a
+    /// protocol violation in the middle of one.
+    async fn finish(&mut self) -> Result<(), FlowError> {
+        if !self.opaque && (self.seg_left > 0 || self.next_seg.is_some() || self.end > self.start)
+        {
+            return Err(FlowError::Truncated { dir: self.dir });
+        }
+        self.write_queued().await?;
+        debug!(conn = self.conn.id, "{}: end of stream", self.dir);
+        if let Err(e) = self.dst.shutdown().await {
+            debug!(conn = self.conn.id, "{}: shutdown: {e}", self.dir);
+        }
+        Ok(())
+    }
+}
+
+/// Closing with a TCP reset instead of a FIN: SO_LINGER with a zero timeout
+/// on a socket half, where the half is a TCP socket. (tokio deprecates
+/// set_linger because a non-zero linger blocks the thread in close(); a zero
+/// linger never blocks, it resets at once.)
+pub trait Linger {
+    fn set_linger_zero(&self);
+}
+
+impl Linger for ReadHalf {
+    fn set_linger_zero(&self) {
+        if let ReadHalf::Tcp(h) = self {
+            #[allow(deprecated)]
+            let _ = h.as_ref().set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+impl Linger for WriteHalf {
+    fn set_linger_zero(&self) {
+        if let WriteHalf::Tcp(h) = self {
+            #[allow(deprecated)]
+            let _ = h.as_ref().set_linger(Some(Duration::ZERO));
+        }
     }
 }
 

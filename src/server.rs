@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::addr::{ListenAddr, Target};
-use crate::intercept::{ConnId, Event, Interceptor, Verdict};
+use crate::intercept::{ConnId, Event, Interceptor, Plan, Verdict};
 use crate::net::{Listener, Stream};
 use crate::null::{self, NullConfig};
-use crate::pipeline::{self, Connection, FLOW_BUFFER};
+use crate::pipeline::{self, Connection, FAULT_LOG, FLOW_BUFFER};
+use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{EventKind, EventSet, MessageMeta};
 
 /// What sits behind the proxy.
@@ -99,20 +100,39 @@ async fn serve_client(
     interceptor: Arc<dyn Interceptor>,
 ) {
     debug!(conn = id, %peer, "accepted");
-    match interceptor.on_event(&Event {
+    let conn = Connection::new(id, peer, max_payload, interceptor);
+    let connect = Event {
         conn: id,
         direction: None,
         kinds: EventSet::of(EventKind::Connect),
         meta: MessageMeta::default(),
         size: 0,
-    }) {
-        Verdict::Pass => {}
+        mode: ReplyMode::Simple,
+    };
+    if let Verdict::Fault(f) = conn.offer(&connect) {
+        info!(
+            target: FAULT_LOG,
+            conn = id,
+            rule = %f.rule,
+            action = f.action,
+            event = "connect",
+            "fault: rule {} fires {} on connect",
+            f.rule,
+            f.action
+        );
+        match f.plan {
+            Plan::Hold {
+                duration: Some(d), ..
+            } => tokio::time::sleep(d).await,
+            // Refused: dropping the stream closes it before a byte is sent.
+            _ => return,
+        }
     }
     let upstream = match &*backend {
         Backend::Upstream(target) => match target.connect().await {
             Ok(s) => s,
             Err(e) => {
-                warn!(conn = id, %peer, "cannot reach upstream {target}: {e}; closing the client connection");
+                warn!(conn = id, peer = %conn.peer, "cannot reach upstream {target}: {e}; closing the client connection");
                 return;
             }
         },
@@ -127,7 +147,6 @@ async fn serve_client(
             Stream::Mem(near)
         }
     };
-    let conn = Connection::new(id, peer, max_payload, interceptor);
     let result = pipeline::run(conn.clone(), client.into_split(), upstream.into_split()).await;
     pipeline::log_outcome(&conn, &result);
 }

@@ -61,6 +61,9 @@ pub struct MessageMeta {
     pub error: Option<u32>,
     /// Export size, where the message announces it.
     pub export_size: Option<u64>,
+    /// A reply message that ends its request's reply (a simple reply, or a
+    /// chunk with NBD_REPLY_FLAG_DONE).
+    pub done: bool,
 }
 
 /// One message: one or two segments (header, then payload) and its metadata.
@@ -194,6 +197,20 @@ impl Session {
     /// The request in flight under `cookie`, if any.
     pub fn inflight(&self, cookie: u64) -> Option<Inflight> {
         self.inflight.get(&cookie).copied()
+    }
+
+    /// The proxy answered a request itself: it never reaches the server, so
+    /// no reply will come for it.
+    pub fn forget(&mut self, cookie: u64) {
+        self.inflight.remove(&cookie);
+    }
+
+    /// The proxy answered the client's pending option itself (with an
+    /// error): the client may send its next option.
+    pub fn option_answered(&mut self) {
+        if self.client == ClientState::AwaitReply {
+            self.client = ClientState::Option;
+        }
     }
 
     /// Frames the next message of `dir` from the front of `buf`.
@@ -452,6 +469,7 @@ impl Session {
         let mut meta = MessageMeta {
             cookie: Some(cookie),
             chunk_type: reply.chunk_type(),
+            done: reply.is_done(),
             ..MessageMeta::default()
         };
         if let Some(r) = req {

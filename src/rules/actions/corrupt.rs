@@ -1,0 +1,77 @@
+//! `corrupt`: flip bits on the wire — bit rot on reads, a damaged write, a
+//! mangled magic or cookie.
+//!
+//! `at` XORs one byte at that offset of the event with `xor`; otherwise
+//! `bits` random bits (from the rule's seeded stream) flip in the event's
+//! payload. For an NBD_REPLY_TYPE_OFFSET_DATA chunk the payload starts after
+//! the chunk's 8-byte offset field, so "bit rot" lands in the data.
+
+use crate::intercept::{Event, Plan};
+use crate::protocol::EventKind;
+use crate::protocol::consts::REPLY_TYPE_OFFSET_DATA;
+use crate::rules::engine::below;
+use crate::rules::model::Corruption;
+
+pub fn plan(c: Corruption, ev: &Event, rng: &mut u64) -> Plan {
+    let flips = match c {
+        Corruption::Byte { at, xor } if at < ev.size => vec![(at, xor)],
+        Corruption::Byte { .. } => Vec::new(),
+        Corruption::RandomBits { bits } => {
+            let start = if ev.kinds.contains(EventKind::Data)
+                && ev.meta.chunk_type == Some(REPLY_TYPE_OFFSET_DATA)
+            {
+                8.min(ev.size)
+            } else {
+                0
+            };
+            let span = ev.size - start;
+            if span == 0 {
+                Vec::new()
+            } else {
+                (0..bits)
+                    .map(|_| {
+                        let pos = start + below(rng, span);
+                        (pos, 1u8 << below(rng, 8))
+                    })
+                    .collect()
+            }
+        }
+    };
+    Plan::Flip { flips }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::event;
+    use super::*;
+    use crate::protocol::{Direction, MessageMeta};
+
+    #[test]
+    fn byte_and_random_bits() {
+        let ev = event(EventKind::Reply, Direction::ToClient, 16, MessageMeta::default());
+        assert_eq!(
+            plan(Corruption::Byte { at: 0, xor: 0xff }, &ev, &mut 1),
+            Plan::Flip {
+                flips: vec![(0, 0xff)]
+            }
+        );
+        assert_eq!(
+            plan(Corruption::Byte { at: 16, xor: 1 }, &ev, &mut 1),
+            Plan::Flip { flips: vec![] }
+        );
+        let meta = MessageMeta {
+            chunk_type: Some(REPLY_TYPE_OFFSET_DATA),
+            ..MessageMeta::default()
+        };
+        let ev = event(EventKind::Data, Direction::ToClient, 8 + 4096, meta);
+        let mut rng = 99;
+        let Plan::Flip { flips } = plan(Corruption::RandomBits { bits: 50 }, &ev, &mut rng) else {
+            panic!()
+        };
+        assert_eq!(flips.len(), 50);
+        for (pos, mask) in flips {
+            assert!((8..8 + 4096).contains(&pos), "{pos} in the offset field");
+            assert_eq!(mask.count_ones(), 1);
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The decision function: for each event, which rule (if any) fires, and
+//! what the pipeline must do about it.
+//!
+//! Rules are tried in order; the first whose filters match and whose
+//! counters say "fire" fires, as in QEMU's injector. Rules are indexed by
+//! event name so that rules which cannot match an event cost nothing on it.
+//! Counters are per process (one small lock per rule, taken only when the
+//! rule's filters match) or per connection (in the connection's own state).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::intercept::{ConnState, Event, Fault, Interceptor, RuleCounter, Verdict};
+use crate::protocol::EventKind;
+
+use super::actions;
+use super::model::{Filter, Rule, RuleSet};
+
+/// A rule as the engine runs it.
+#[derive(Debug)]
+struct Loaded {
+    rule: Rule,
+    name: Arc<str>,
+    /// Per-process counters and random stream.
+    global: Mutex<RuleCounter>,
+    /// Totals over all connections, for reporting.
+    matched: AtomicU64,
+    fired: AtomicU64,
+}
+
+/// Counts of one rule, for `GET /rules` and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleStats {
+    pub name: String,
+    pub matched: u64,
+    pub fired: u64,
+}
+
+/// The rule engine, an [`Interceptor`].
+#[derive(Debug)]
+pub struct Engine {
+    seed: u64,
+    rules: Vec<Loaded>,
+    /// Rule indices per event kind, in rule order.
+    by_kind: [Vec<usize>; EventKind::ALL.len()],
+}
+
+impl Engine {
+    pub fn new(set: RuleSet) -> Self {
+        let mut by_kind: [Vec<usize>; EventKind::ALL.len()] = Default::default();
+        let rules: Vec<Loaded> = set
+            .rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                for k in rule.filter.events.iter() {
+                    by_kind[k as usize].push(i);
+                }
+                Loaded {
+                    name: Arc::from(rule.name.as_str()),
+                    global: Mutex::new(RuleCounter {
+                        rng: stream_seed(set.seed, i as u64, None),
+                        ..RuleCounter::default()
+                    }),
+                    rule,
+                    matched: AtomicU64::new(0),
+                    fired: AtomicU64::new(0),
+                }
+            })
+            .collect();
+        Self {
+            seed: set.seed,
+            rules,
+            by_kind,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn stats(&self) -> Vec<RuleStats> {
+        self.rules
+            .iter()
+            .map(|l| RuleStats {
+                name: l.rule.name.clone(),
+                matched: l.matched.load(Ordering::Relaxed),
+                fired: l.fired.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    fn try_rule(&self, i: usize, ev: &Event, state: &mut ConnState) -> Option<Fault> {
+        let l = &self.rules[i];
+        if !filter_matches(&l.rule.filter, ev) {
+            return None;
+        }
+        l.matched.fetch_add(1, Ordering::Relaxed);
+        let c = &l.rule.counters;
+        let mut fire = |counter: &mut RuleCounter| -> Option<Fault> {
+            counter.matched += 1;
+            if counter.matched <= c.after || (counter.matched - c.after - 1) % c.every != 0 {
+                return None;
+            }
+            if c.times.is_some_and(|t| counter.fired >= t) {
+                return None;
+            }
+            if c.probability < 1.0 && unit(&mut counter.rng) >= c.probability {
+                return None;
+            }
+            counter.fired += 1;
+            l.fired.fetch_add(1, Ordering::Relaxed);
+            Some(Fault {
+                rule: l.name.clone(),
+                action: l.rule.action.name(),
+                plan: actions::plan(&l.rule, ev, &mut counter.rng),
+            })
+        };
+        if c.per_connection {
+            let seed = self.seed;
+            let counter = state
+                .counters
+                .entry(l.name.clone())
+                .or_insert_with(|| RuleCounter {
+                    rng: stream_seed(seed, i as u64, Some(ev.conn)),
+                    ..RuleCounter::default()
+                });
+            fire(counter)
+        } else {
+            let mut g = l.global.lock().unwrap_or_else(|p| p.into_inner());
+            fire(&mut g)
+        }
+    }
+}
+
+impl Interceptor for Engine {
+    fn on_event(&self, ev: &Event, state: &mut ConnState) -> Verdict {
+        let mut kinds = ev.kinds.iter();
+        let Some(first) = kinds.next() else {
+            return Verdict::Pass;
+        };
+        if kinds.next().is_none() {
+            for &i in &self.by_kind[first as usize] {
+                if let Some(f) = self.try_rule(i, ev, state) {
+                    return Verdict::Fault(f);
+                }
+            }
+        } else {
+            // A message answering to several names (option-reply + neg2):
+            // try every rule naming any of them, still in rule order.
+            for i in 0..self.rules.len() {
+                if self.rules[i].rule.filter.events.iter().any(|k| ev.kinds.contains(k)) {
+                    if let Some(f) = self.try_rule(i, ev, state) {
+                        return Verdict::Fault(f);
+                    }
+                }
+            }
+        }
+        Verdict::Pass
+    }
+}
+
+/// Whether an event passes a rule's filters (the event name was checked by
+/// the index).
+fn filter_matches(f: &Filter, ev: &Event) -> bool {
+    if f.direction.is_some() && f.direction != ev.direction {
+        return false;
+    }
+    if let Some(cmds) = &f.commands {
+        match ev.meta.command {
+            Some(c) if cmds.contains(&c) => {}
+            _ => return false,
+        }
+    }
+    if let Some(range) = &f.offset {
+        match (ev.meta.offset, ev.meta.length) {
+            (Some(o), Some(l)) if range.touches(o, l) => {}
+            _ => return false,
+        }
+    }
+    if let Some(opts) = &f.options {
+        match ev.meta.option {
+            Some(o) if opts.contains(&o) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Seed of a rule's random stream: the rule set's seed, the rule's position
+/// and, for per-connection rules, the connection, mixed so that nearby
+/// inputs give unrelated streams.
+fn stream_seed(seed: u64, rule: u64, conn: Option<u64>) -> u64 {
+    let mut s = seed ^ mix(rule.wrapping_add(0x9e37_79b9_7f4a_7c15));
+    if let Some(c) = conn {
+        s ^= mix(c.wrapping_mul(0xd6e8_feb8_6659_fd93));
+    }
+    s
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// SplitMix64: small, fast, and ours; reproducible from the seed.
+pub fn next_u64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    mix(*state)
+}
+
+/// A uniform draw in [0, 1).
+pub fn unit(state: &mut u64) -> f64 {
+    (next_u64(state) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A uniform draw in [0, n) (n > 0).
+pub fn below(state: &mut u64, n: u64) -> u64 {
+    // Multiply-shift: unbiased enough for fault placement, no division.
+    ((u128::from(next_u64(state)) * u128::from(n)) >> 64) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intercept::Plan;
+    use crate::protocol::consts::*;
+    use crate::protocol::transmission::ReplyMode;
+    use crate::protocol::{Direction, EventSet, MessageMeta};
+    use crate::rules::model::*;
+
+    fn rule(name: &str, events: EventSet, action: Action) -> Rule {
+        Rule {
+            name: name.into(),
+            origin: Origin {
+                file: "t".into(),
+                line: 1,
+            },
+            filter: Filter {
+                events,
+                direction: None,
+                commands: None,
+                offset: None,
+                options: None,
+            },
+            when: When::Before,
+            counters: Counters::default(),
+            action,
+        }
+    }
+
+    fn request(conn: u64, command: u16, offset: u64) -> Event {
+        Event {
+            conn,
+            direction: Some(Direction::ToServer),
+            kinds: EventSet::of(EventKind::Request),
+            meta: MessageMeta {
+                command: Some(command),
+                cookie: Some(1),
+                offset: Some(offset),
+                length: Some(4096),
+                ..MessageMeta::default()
+            },
+            size: 28,
+            mode: ReplyMode::Simple,
+        }
+    }
+
+    fn fired(e: &Engine, ev: &Event, st: &mut ConnState) -> Option<String> {
+        match e.on_event(ev, st) {
+            Verdict::Pass => None,
+            Verdict::Fault(f) => Some(f.rule.to_string()),
+        }
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_filters_apply() {
+        let mut reads = rule(
+            "reads",
+            EventSet::of(EventKind::Request),
+            Action::Disconnect { reset: false },
+        );
+        reads.filter.commands = Some(vec![CMD_READ]);
+        reads.filter.offset = Some(OffsetRange {
+            start: Some(1 << 20),
+            end: Some(2 << 20),
+        });
+        let any = rule(
+            "any",
+            EventSet::of(EventKind::Request),
+            Action::Drop,
+        );
+        let e = Engine::new(RuleSet {
+            seed: 0,
+            rules: vec![reads, any],
+        });
+        let mut st = ConnState::default();
+        assert_eq!(fired(&e, &request(1, CMD_READ, 1 << 20), &mut st).as_deref(), Some("reads"));
+        assert_eq!(fired(&e, &request(1, CMD_READ, 0), &mut st).as_deref(), Some("any"));
+        assert_eq!(fired(&e, &request(1, CMD_WRITE, 1 << 20), &mut st).as_deref(), Some("any"));
+        let stats = e.stats();
+        assert_eq!((stats[0].matched, stats[0].fired), (1, 1));
+        assert_eq!((stats[1].matched, stats[1].fired), (2, 2));
+    }
+
+    #[test]
+    fn after_every_times() {
+        let mut r = rule(
+            "r",
+            EventSet::of(EventKind::Request),
+            Action::Drop,
+        );
+        r.counters = Counters {
+            after: 2,
+            every: 3,
+            times: Some(2),
+            ..Counters::default()
+        };
+        let e = Engine::new(RuleSet {
+            seed: 0,
+            rules: vec![r],
+        });
+        let mut st = ConnState::default();
+        let pattern: Vec<bool> = (0..15)
+            .map(|_| fired(&e, &request(1, CMD_READ, 0), &mut st).is_some())
+            .collect();
+        // matches 3 and 6 fire (after 2, every 3rd), then times is used up.
+        let expect: Vec<bool> = (1..=15).map(|m| m == 3 || m == 6).collect();
+        assert_eq!(pattern, expect);
+    }
+
+    #[test]
+    fn per_connection_counters() {
+        let mut r = rule(
+            "once-each",
+            EventSet::of(EventKind::Request),
+            Action::Drop,
+        );
+        r.counters.times = Some(1);
+        r.counters.per_connection = true;
+        let e = Engine::new(RuleSet {
+            seed: 0,
+            rules: vec![r],
+        });
+        let (mut a, mut b) = (ConnState::default(), ConnState::default());
+        assert!(fired(&e, &request(1, CMD_READ, 0), &mut a).is_some());
+        assert!(fired(&e, &request(1, CMD_READ, 0), &mut a).is_none());
+        assert!(fired(&e, &request(2, CMD_READ, 0), &mut b).is_some());
+    }
+
+    #[test]
+    fn probability_is_reproducible_from_the_seed() {
+        let run = |seed| {
+            let mut r = rule("p", EventSet::of(EventKind::Request), Action::Drop);
+            r.counters.probability = 0.1;
+            let e = Engine::new(RuleSet {
+                seed,
+                rules: vec![r],
+            });
+            let mut st = ConnState::default();
+            (0..2000)
+                .map(|_| fired(&e, &request(1, CMD_READ, 0), &mut st).is_some())
+                .collect::<Vec<_>>()
+        };
+        let a = run(1234);
+        assert_eq!(a, run(1234));
+        assert_ne!(a, run(1235));
+        let n = a.iter().filter(|&&x| x).count();
+        assert!((120..=280).contains(&n), "{n} of 2000 at p=0.1");
+    }
+
+    #[test]
+    fn multi_name_events_and_direction() {
+        let mut neg2 = rule("neg2", EventSet::of(EventKind::Neg2), Action::Drop);
+        neg2.filter.direction = Some(Direction::ToClient);
+        let e = Engine::new(RuleSet {
+            seed: 0,
+            rules: vec![neg2],
+        });
+        let mut ev = request(1, CMD_READ, 0);
+        ev.kinds = EventSet::of(EventKind::OptionReply).with(EventKind::Neg2);
+        ev.direction = Some(Direction::ToClient);
+        let mut st = ConnState::default();
+        assert!(matches!(
+            e.on_event(&ev, &mut st),
+            Verdict::Fault(Fault {
+                plan: Plan::Discard { answer: None },
+                ..
+            })
+        ));
+        ev.kinds = EventSet::of(EventKind::OptionReply);
+        assert_eq!(e.on_event(&ev, &mut st), Verdict::Pass);
+    }
+}

@@ -1,0 +1,213 @@
+//! What a rules file means, once parsed and validated.
+//!
+//! Both file formats (YAML, and the INI of QEMU's nbd-fault-injector.py)
+//! become this one model; the engine only ever sees it. Everything here has
+//! already been checked: a `RuleSet` that exists is one the engine can run.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::protocol::{Direction, EventKind, EventSet};
+
+/// A whole rules document: the rules in order, and the seed that makes
+/// probabilities and random corruption reproducible.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleSet {
+    pub seed: u64,
+    pub rules: Vec<Rule>,
+}
+
+/// Where a rule came from, for messages and `GET /rules`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: String,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Unique within a rule set; `rule-N` (1-based position) when not given;
+    /// the section name for INI rules.
+    pub name: String,
+    pub origin: Origin,
+    pub filter: Filter,
+    pub when: When,
+    pub counters: Counters,
+    pub action: Action,
+}
+
+/// Which events a rule looks at. Every filter given can apply to every
+/// event named (checked at load time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    pub events: EventSet,
+    /// `None`: both directions.
+    pub direction: Option<Direction>,
+    /// Commands (NBD_CMD_*); `None`: any.
+    pub commands: Option<Vec<u16>>,
+    /// Requests touching this byte range of the export; either end open.
+    pub offset: Option<OffsetRange>,
+    /// Options (NBD_OPT_*); `None`: any.
+    pub options: Option<Vec<u32>>,
+}
+
+/// `[start, end)`; `None` ends are open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetRange {
+    pub start: Option<u64>,
+    pub end: Option<u64>,
+}
+
+impl OffsetRange {
+    /// Whether a request covering `[offset, offset + length)` touches this
+    /// range. A zero-length request touches the range containing its offset.
+    pub fn touches(&self, offset: u64, length: u64) -> bool {
+        let req: Range<u64> = offset..offset.saturating_add(length.max(1));
+        let start = self.start.unwrap_or(0);
+        let end = self.end.unwrap_or(u64::MAX);
+        req.start < end && start < req.end
+    }
+}
+
+/// How many bytes of the message pass before the fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Before,
+    After,
+    Bytes(u64),
+}
+
+impl When {
+    /// Bytes of an event of `size` bytes passed on before the fault.
+    pub fn bytes(self, size: u64) -> u64 {
+        match self {
+            When::Before => 0,
+            When::After => size,
+            When::Bytes(n) => n.min(size),
+        }
+    }
+}
+
+/// When a matching event makes the rule fire.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Counters {
+    /// Let the first N matches pass.
+    pub after: u64,
+    /// Fire at most N times; `None`: no limit.
+    pub times: Option<u64>,
+    /// Fire on every Nth match (1: every match).
+    pub every: u64,
+    pub probability: f64,
+    /// Count per connection instead of per process.
+    pub per_connection: bool,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            after: 0,
+            times: None,
+            every: 1,
+            probability: 1.0,
+            per_connection: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Close both connections after `when` bytes; `reset` closes with RST.
+    Disconnect { reset: bool },
+    /// Answer with an error instead of the server (request, option) or
+    /// replace the server's answer (reply).
+    Error { errno: Errno },
+    /// Hold the message for `duration` ± `jitter`.
+    Delay {
+        duration: Duration,
+        jitter: Duration,
+    },
+    /// Stop the flow for `duration`, or until the connection ends.
+    Stall { duration: Option<Duration> },
+    /// Swallow the message whole.
+    Drop,
+    /// Flip bits.
+    Corrupt(Corruption),
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Disconnect { .. } => "disconnect",
+            Action::Error { .. } => "error",
+            Action::Delay { .. } => "delay",
+            Action::Stall { .. } => "stall",
+            Action::Drop => "drop",
+            Action::Corrupt(_) => "corrupt",
+        }
+    }
+}
+
+/// Which error to answer with: a transmission errno (NBD_E*) for requests
+/// and replies, an option reply error (NBD_REP_ERR_*) for options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Errno {
+    /// NBD_EPERM, NBD_EIO, ... (the wire value).
+    Transmission(u32),
+    /// NBD_REP_ERR_UNSUP, ... (the wire value).
+    Option(u32),
+}
+
+/// Where and how to flip bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Corruption {
+    /// XOR the byte at offset `at` of the message with `xor`.
+    Byte { at: u64, xor: u8 },
+    /// Flip `bits` random bits (drawn from the seed) in the event's payload.
+    RandomBits { bits: u32 },
+}
+
+/// The event names a filter field can apply to, for load-time checks.
+pub fn transmission_events() -> EventSet {
+    EventSet::of(EventKind::Request)
+        .with(EventKind::Reply)
+        .with(EventKind::Data)
+}
+
+pub fn handshake_option_events() -> EventSet {
+    EventSet::of(EventKind::Export)
+        .with(EventKind::ExportName)
+        .with(EventKind::OptionReply)
+        .with(EventKind::Neg2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offset_ranges() {
+        let r = OffsetRange {
+            start: Some(1 << 20),
+            end: Some(2 << 20),
+        };
+        assert!(r.touches((1 << 20) - 512, 1024));
+        assert!(r.touches((2 << 20) - 1, 1));
+        assert!(!r.touches(2 << 20, 4096));
+        assert!(!r.touches(0, 1 << 20));
+        assert!(r.touches(1 << 20, 0));
+        let open = OffsetRange {
+            start: None,
+            end: Some(4096),
+        };
+        assert!(open.touches(0, 1));
+        assert!(!open.touches(4096, 1));
+    }
+
+    #[test]
+    fn when_bytes() {
+        assert_eq!(When::Before.bytes(28), 0);
+        assert_eq!(When::After.bytes(28), 28);
+        assert_eq!(When::Bytes(4).bytes(28), 4);
+        assert_eq!(When::Bytes(400).bytes(28), 28);
+    }
+}

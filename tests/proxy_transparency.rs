@@ -1091,3 +1091,81 @@ fn qemu_negotiates_extended_headers_through_proxy() {
         proxy.stderr()
     );
 }
+
+/// nbdkit's error filter makes every read, write and trim fail with a chosen
+/// errno; clients must see the same errors through the proxy.
+fn server_errors(sr: bool) {
+    let mut args = vec![];
+    if !sr {
+        args.push("--no-sr");
+    }
+    args.extend_from_slice(&[
+        "--filter=error",
+        "memory",
+        "64M",
+        "error-pread=EINVAL",
+        "error-pread-rate=100%",
+        "error-pwrite=ENOSPC",
+        "error-pwrite-rate=100%",
+        "error-trim=EPERM",
+        "error-trim-rate=100%",
+    ]);
+    let kit = Nbdkit::start(&args);
+    let proxy = Nbdfault::proxy(&kit.uri());
+    let cmds = ["read 0 4k", "write 0 4k", "discard 0 4k", "write -z 0 4k"];
+    let d = qemu_io(&kit.uri(), &cmds);
+    let p = qemu_io(proxy.uri(), &cmds);
+    let expected = "\
+read failed: Invalid argument
+write failed: No space left on device
+discard failed: Operation not permitted
+wrote 4096/4096 bytes at offset 0
+4 KiB, 1 ops; <timing>";
+    assert_same_lines(
+        "qemu-io direct (pinned)",
+        expected,
+        &mask_qemu_io_timing(&d.stdout),
+    );
+    assert_same_lines(
+        "qemu-io with server errors",
+        &mask_qemu_io_timing(&d.stdout),
+        &mask_qemu_io_timing(&p.stdout),
+    );
+    assert_eq!(d.status.code(), p.status.code());
+
+    let script = r#"
+print("pread", safe(h.pread, 4096, 0))
+print("pread big", safe(h.pread, 1048576, 65536))
+print("pwrite", safe(h.pwrite, b"x" * 512, 0))
+print("trim", safe(h.trim, 512, 0))
+print("zero", safe(h.zero, 512, 0))
+print("flush", safe(h.flush))
+cookies = [h.aio_pread(nbd.Buffer(4096), i * 4096) for i in range(8)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+res = []
+for c in cookies:
+    try:
+        res.append(h.aio_command_completed(c))
+    except nbd.Error as e:
+        res.append(e.errno)
+print("aio", res)
+"#;
+    let dd = nbdsh_pre(&kit.uri(), "", script);
+    let pp = nbdsh_pre(proxy.uri(), "", script);
+    assert!(dd.contains("pread ERR EINVAL"), "{dd}");
+    assert!(dd.contains("pwrite ERR ENOSPC"), "{dd}");
+    assert!(dd.contains("trim ERR EPERM"), "{dd}");
+    assert!(dd.contains("aio ['EINVAL', "), "{dd}");
+    assert_same_lines("libnbd with server errors", &dd, &pp);
+}
+
+#[test]
+fn server_errors_identical_structured() {
+    server_errors(true);
+}
+
+#[test]
+fn server_errors_identical_simple_replies() {
+    server_errors(false);
+}

@@ -754,6 +754,56 @@ print("reads", len(reqs), "bad", bad)
     assert!(d.contains("reads 48 bad []"), "{d}");
 }
 
+fn nbdsh_options(kind: Kind) {
+    let b = Backend::start(kind);
+    let proxy = proxy_for(&b);
+    let script = r#"
+print("protocol", h.get_protocol())
+print("negotiating", h.aio_is_negotiating())
+exports = []
+def on_export(name, desc):
+    exports.append((name, desc))
+    return 0
+print("list", safe(h.opt_list, on_export), exports)
+ctxs = []
+def on_ctx(name):
+    ctxs.append(name)
+    return 0
+print("list_meta_context", safe(h.opt_list_meta_context, on_ctx), ctxs)
+print("set name", safe(h.set_export_name, "nonexistent"))
+print("info other name", safe(h.opt_info))
+print("set name", safe(h.set_export_name, ""))
+print("info", safe(h.opt_info), safe(h.get_size), safe(h.can_fua))
+print("go", safe(h.opt_go))
+print("size", safe(h.get_size), "ready", h.aio_is_ready())
+print("read", safe(h.pread, 8, 0))
+h.shutdown()
+
+# A second connection that gives up during negotiation.
+h2 = nbd.NBD()
+h2.set_opt_mode(True)
+h2.connect_uri(sys.argv[1])
+if h2.aio_is_negotiating():
+    print("abort", safe(h2.opt_abort), "closed", h2.aio_is_closed())
+else:
+    print("no negotiation phase")
+"#;
+    let d = both(
+        &b,
+        &proxy,
+        "libnbd option negotiation",
+        "h.set_opt_mode(True)",
+        script,
+    );
+    if kind.fixed_newstyle() {
+        assert!(d.contains("negotiating True"), "{d}");
+        assert!(d.contains("list 1 [('', '')]"), "{d}");
+        assert!(d.contains("go None"), "{d}");
+        assert!(d.contains("abort None closed True"), "{d}");
+    }
+    assert!(d.contains(&format!("size {DISK} ready True")), "{d}");
+}
+
 // ---------------------------------------------------------------------------
 // fio
 // ---------------------------------------------------------------------------
@@ -854,6 +904,10 @@ macro_rules! backend_tests {
             #[test]
             fn libnbd_pipelined_aio() {
                 nbdsh_aio($kind);
+            }
+            #[test]
+            fn libnbd_option_negotiation_identical() {
+                nbdsh_options($kind);
             }
             #[test]
             fn fio_random_writes_verified() {

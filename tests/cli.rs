@@ -179,6 +179,30 @@ fn upstream_address_forms() {
     }
 }
 
+#[test]
+fn ipv6_upstream_and_listen() {
+    // nbdfault's own null server as an IPv6 upstream.
+    let up = Nbdfault::start(&["null", "--listen", "[::1]:0", "--size", "3M"]);
+    let hostport = up
+        .uri()
+        .strip_prefix("nbd://")
+        .unwrap_or_else(|| panic!("unexpected URI {:?}", up.uri()))
+        .to_string();
+    assert!(hostport.starts_with("[::1]:"), "{hostport}");
+    for upstream in [hostport.clone(), format!("nbd://{hostport}/")] {
+        let p = Nbdfault::proxy_on("[::1]:0", &upstream);
+        assert!(p.uri().starts_with("nbd://[::1]:"), "{}", p.uri());
+        let o = run("nbdinfo", &["--size", p.uri()]);
+        assert!(
+            o.success(),
+            "upstream {upstream}\n{}\n--- proxy stderr ---\n{}",
+            o.describe(),
+            p.stderr()
+        );
+        assert_eq!(o.stdout.trim(), "3145728", "upstream {upstream}");
+    }
+}
+
 /// Starts a proxy to an unreachable upstream; a client fails, the proxy
 /// keeps running and names the target in its log.
 fn unreachable(upstream: &str) -> Nbdfault {

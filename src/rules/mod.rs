@@ -1,0 +1,393 @@
+//! Rules files: reading, checking and combining them into one [`RuleSet`].
+//!
+//! Two formats are accepted wherever a rules file is: YAML (ours, see
+//! [`yaml`]) and the INI of QEMU's nbd-fault-injector.py (see [`ini`]), so
+//! existing QEMU test configurations run unchanged. The format is told from
+//! the text itself ([`detect_format`]).
+//!
+//! Every check happens here, at load time, with the file, line and column of
+//! what is wrong and what would be allowed instead: a [`RuleSet`] that comes
+//! out of this module is one the engine can run as is.
+
+pub mod ini;
+pub mod model;
+mod suggest;
+pub mod yaml;
+
+pub use model::*;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Why a rules file was rejected. Displays as `file:line:column: message`;
+/// line and column are 1-based, and 0 when the file could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct RuleError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl RuleError {
+    pub(crate) fn new(file: &str, line: usize, column: usize, message: impl Into<String>) -> Self {
+        RuleError {
+            file: file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+/// The two rules file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Yaml,
+    /// QEMU's nbd-fault-injector.py configuration.
+    Ini,
+}
+
+/// INI if the first line that is neither blank nor a comment (`#` or `;`)
+/// starts with `[` (a section header); YAML otherwise.
+pub fn detect_format(text: &str) -> Format {
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'));
+    match first {
+        Some(line) if line.starts_with('[') => Format::Ini,
+        _ => Format::Yaml,
+    }
+}
+
+/// Parses one rules document of either format. `file` only names it in
+/// messages and in each rule's [`Origin`]. Unnamed rules are called `rule-N`
+/// by their position in this document; the seed defaults to 0.
+pub fn parse_str(file: &str, text: &str) -> Result<RuleSet, RuleError> {
+    combine(vec![parse_draft(file, text)?], None)
+}
+
+/// Reads, parses and concatenates rules files in order.
+///
+/// Rule names must be unique across all files. Unnamed rules are called
+/// `rule-N` by their 1-based position in the combined list. The seed is
+/// `seed_override`, else the first file's that sets one, else 0.
+pub fn load_files(paths: &[PathBuf], seed_override: Option<u64>) -> Result<RuleSet, RuleError> {
+    let mut drafts = Vec::with_capacity(paths.len());
+    for path in paths {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RuleError::new(&file, 0, 0, format!("cannot read rules file: {e}")))?;
+        drafts.push(parse_draft(&file, &text)?);
+    }
+    combine(drafts, seed_override)
+}
+
+fn parse_draft(file: &str, text: &str) -> Result<Draft, RuleError> {
+    match detect_format(text) {
+        Format::Yaml => yaml::parse_draft(file, text),
+        Format::Ini => ini::parse_draft(file, text).map_err(|e| e.into_rule_error(file)),
+    }
+}
+
+/// One parsed document, before names are settled across documents.
+#[derive(Debug, Clone)]
+pub(crate) struct Draft {
+    pub seed: Option<u64>,
+    pub rules: Vec<DraftRule>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct DraftRule {
+    /// Complete but for `rule.name`, which is empty when not `named`.
+    pub rule: Rule,
+    pub named: bool,
+    /// Where the name is (or the rule, when it has none), for messages.
+    pub name_line: usize,
+    pub name_column: usize,
+}
+
+/// Settles default names and the seed, and checks names are unique.
+fn combine(drafts: Vec<Draft>, seed_override: Option<u64>) -> Result<RuleSet, RuleError> {
+    let seed = seed_override
+        .or_else(|| drafts.iter().find_map(|d| d.seed))
+        .unwrap_or(0);
+    let mut rules = Vec::new();
+    let mut seen: HashMap<String, Origin> = HashMap::new();
+    for draft in drafts {
+        for d in draft.rules {
+            let mut rule = d.rule;
+            if !d.named {
+                rule.name = format!("rule-{}", rules.len() + 1);
+            }
+            if let Some(first) = seen.get(&rule.name) {
+                let which = if d.named {
+                    String::new()
+                } else {
+                    " (the default name of this unnamed rule)".to_string()
+                };
+                return Err(RuleError::new(
+                    &rule.origin.file,
+                    d.name_line,
+                    d.name_column,
+                    format!(
+                        "duplicate rule name {:?}{which}: already used by the rule at {}:{}; \
+                         rule names must be unique",
+                        rule.name, first.file, first.line
+                    ),
+                ));
+            }
+            seen.insert(rule.name.clone(), rule.origin.clone());
+            rules.push(rule);
+        }
+    }
+    Ok(RuleSet { seed, rules })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::EventKind;
+
+    #[test]
+    fn detects_format() {
+        assert_eq!(detect_format(""), Format::Yaml);
+        assert_eq!(detect_format("rules: []\n"), Format::Yaml);
+        assert_eq!(detect_format("[inject-error]\nevent=neg1\n"), Format::Ini);
+        assert_eq!(
+            detect_format("# comment\n\n; another\n  [inject-error \"x\"]\n"),
+            Format::Ini
+        );
+        assert_eq!(detect_format("# [not a header]\nseed: 1\n"), Format::Yaml);
+        assert_eq!(detect_format("seed: 1\n[x]\n"), Format::Yaml);
+    }
+
+    #[test]
+    fn parse_str_dispatches() {
+        let y = parse_str("a.yaml", "rules:\n  - event: request\n").unwrap();
+        assert_eq!(y.rules[0].name, "rule-1");
+        let i = parse_str("a.ini", "[inject-error \"x\"]\nevent=neg1\n").unwrap();
+        assert_eq!(i.rules[0].name, "inject-error \"x\"");
+        assert_eq!(
+            i.rules[0].filter.events,
+            crate::protocol::EventSet::of(EventKind::Neg1)
+        );
+        let e = parse_str("a.ini", "[inject-error]\nevent=neg3\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a.ini:2:1: invalid \"event\" option value \"neg3\" in inject-error"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_in_one_file() {
+        let text = "rules:\n  - name: a\n    event: request\n  - name: a\n    event: reply\n";
+        let e = parse_str("f.yaml", text).unwrap_err();
+        assert_eq!((e.line, e.column), (4, 11));
+        assert!(e.message.contains("duplicate rule name \"a\""), "{e}");
+        assert!(e.message.contains("f.yaml:2"), "{e}");
+        // A default name can collide with an explicit one.
+        let text = "rules:\n  - name: rule-2\n    event: request\n  - event: reply\n";
+        let e = parse_str("f.yaml", text).unwrap_err();
+        assert_eq!(e.line, 4);
+        assert!(e.message.contains("\"rule-2\" (the default name"), "{e}");
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn load_files_combines() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(
+            &dir,
+            "a.yaml",
+            "rules:\n  - event: request\n  - name: named\n    event: reply\n",
+        );
+        let b = write(
+            &dir,
+            "b.yaml",
+            "seed: 77\nrules:\n  - event: data\n    action: drop\n",
+        );
+        let c = write(&dir, "c.ini", "[inject-error \"q\"]\nevent=neg2\n");
+        let set = load_files(&[a.clone(), b.clone(), c.clone()], None).unwrap();
+        let names: Vec<&str> = set.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["rule-1", "named", "rule-3", "inject-error \"q\""]);
+        assert_eq!(set.seed, 77);
+        assert_eq!(set.rules[2].origin.file, b.display().to_string());
+        assert_eq!(set.rules[2].origin.line, 3);
+        assert_eq!(set.rules[3].origin.line, 1);
+
+        let set = load_files(&[a.clone(), b.clone()], Some(5)).unwrap();
+        assert_eq!(set.seed, 5);
+        let set = load_files(std::slice::from_ref(&a), None).unwrap();
+        assert_eq!(set.seed, 0);
+        let set = load_files(&[], None).unwrap();
+        assert_eq!(
+            set,
+            RuleSet {
+                seed: 0,
+                rules: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn load_files_first_seed_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(&dir, "a.yaml", "seed: 1\n");
+        let b = write(&dir, "b.yaml", "seed: 2\n");
+        assert_eq!(load_files(&[a.clone(), b.clone()], None).unwrap().seed, 1);
+        assert_eq!(load_files(&[b, a], None).unwrap().seed, 2);
+    }
+
+    #[test]
+    fn load_files_duplicate_names_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(
+            &dir,
+            "a.yaml",
+            "rules:\n  - event: request\n  - name: x\n    event: reply\n",
+        );
+        let b = write(
+            &dir,
+            "b.yaml",
+            "# b\nrules:\n  - name: x\n    event: data\n",
+        );
+        let e = load_files(&[a.clone(), b.clone()], None).unwrap_err();
+        assert_eq!(e.file, b.display().to_string());
+        assert_eq!((e.line, e.column), (3, 11));
+        assert!(e.message.contains("\"x\""), "{e}");
+        assert!(e.message.contains(&format!("{}:3", a.display())), "{e}");
+        // Default names count across files: d's rule is the fourth.
+        let c = write(
+            &dir,
+            "c.yaml",
+            "rules:\n  - name: rule-4\n    event: data\n",
+        );
+        let d = write(&dir, "d.yaml", "rules:\n  - event: data\n");
+        let e = load_files(&[a.clone(), c.clone(), d.clone()], None).unwrap_err();
+        assert_eq!(e.file, d.display().to_string());
+        assert!(e.message.contains(&format!("{}:2", c.display())), "{e}");
+    }
+
+    #[test]
+    fn load_files_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.yaml");
+        let e = load_files(std::slice::from_ref(&missing), None).unwrap_err();
+        assert_eq!(e.file, missing.display().to_string());
+        assert_eq!((e.line, e.column), (0, 0));
+        assert!(e.message.contains("cannot read rules file"), "{e}");
+        // Errors in a later file name that file.
+        let a = write(&dir, "a.yaml", "rules: []\n");
+        let bad = write(&dir, "bad.yaml", "rules:\n  - event: requset\n");
+        let e = load_files(&[a, bad.clone()], None).unwrap_err();
+        assert_eq!(e.file, bad.display().to_string());
+        assert_eq!(e.line, 2);
+    }
+
+    /// The scenarios shipped in rules/ (YAML, and QEMU 083's INI cases)
+    /// all load, each file alone and all together.
+    #[test]
+    fn shipped_rule_files_load() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+        let mut paths = Vec::new();
+        for dir in [root.clone(), root.join("qemu-083")] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let ext = path.extension().and_then(|e| e.to_str());
+                if matches!(ext, Some("yaml" | "yml" | "ini")) {
+                    paths.push(path);
+                }
+            }
+        }
+        paths.sort();
+        for path in &paths {
+            let set =
+                load_files(std::slice::from_ref(path), None).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!set.rules.is_empty(), "{}", path.display());
+        }
+        // The INI cases all share the name "inject-error", so only the
+        // YAML ones can be combined.
+        let yaml: Vec<PathBuf> = paths
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        let set = load_files(&yaml, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.rules.len(), yaml.len());
+    }
+
+    mod never_panics {
+        use super::super::parse_str;
+        use proptest::prelude::*;
+
+        /// Lines made of the pieces rules files are made of, so the checks
+        /// past the YAML and INI syntax get exercised too.
+        fn piece() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("rules:".to_string()),
+                Just("seed: 1".to_string()),
+                Just("- ".to_string()),
+                Just("  - ".to_string()),
+                Just("[inject-error]".to_string()),
+                Just("[DEFAULT]".to_string()),
+                Just("event=neg1".to_string()),
+                Just("when=-1".to_string()),
+                Just("io=read".to_string()),
+                Just("<<: *a".to_string()),
+                Just("&a ".to_string()),
+                Just("{}".to_string()),
+                Just("[]".to_string()),
+                "[a-z-]{1,14}: [a-zA-Z0-9.,:\\[\\]{} x-]{0,16}",
+                "[ \t]{0,6}",
+                "[a-zA-Z0-9.!&*#;=:\\[\\]{}\"' -]{0,10}",
+            ]
+        }
+
+        fn document() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop::collection::vec(piece(), 1..4).prop_map(|p| p.concat()),
+                0..12,
+            )
+            .prop_map(|lines| lines.join("\n"))
+        }
+
+        proptest! {
+            #[test]
+            fn on_arbitrary_text(text in any::<String>()) {
+                let _ = parse_str("p", &text);
+            }
+
+            #[test]
+            fn on_rule_shaped_text(text in document()) {
+                let _ = parse_str("p", &text);
+            }
+
+            #[test]
+            fn on_rules_with_any_values(
+                field in prop::sample::select(vec![
+                    "name", "event", "direction", "command", "offset", "option", "when",
+                    "after", "times", "every", "probability", "per-connection", "action",
+                    "errno", "duration", "jitter", "reset", "at", "xor", "bits",
+                ]),
+                event in "(request|reply|data|connect|export|neg1|option-reply)",
+                action in "(disconnect|error|delay|stall|drop|corrupt)",
+                value in "[a-zA-Z0-9.+-]{0,12}|\\[[a-z0-9, -]{0,20}\\]|\\{\\}|~",
+            ) {
+                let text = format!(
+                    "rules:\n  - event: {event}\n    action: {action}\n    {field}: {value}\n"
+                );
+                let _ = parse_str("p", &text);
+            }
+        }
+    }
+}

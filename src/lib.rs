@@ -5,8 +5,10 @@
 
 pub mod addr;
 pub mod intercept;
+pub mod legacy;
 pub mod net;
 pub mod null;
 pub mod pipeline;
 pub mod protocol;
+pub mod rules;
 pub mod server;

@@ -2,6 +2,7 @@
 //! startup errors as one line. Everything else lives in the library.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -9,9 +10,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use nbdfault::addr::{ListenAddr, Target, parse_size};
-use nbdfault::intercept::PassThrough;
+use nbdfault::intercept::{Interceptor, PassThrough};
+use nbdfault::legacy;
 use nbdfault::null::NullConfig;
 use nbdfault::pipeline::DEFAULT_MAX_PAYLOAD;
+use nbdfault::rules::{self, engine::Engine};
 use nbdfault::server::{Backend, Server, ServerConfig};
 
 #[derive(Parser)]
@@ -38,6 +41,8 @@ enum Command {
         /// HOST:PORT, a unix socket path, nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH.
         #[arg(long, value_name = "TARGET")]
         upstream: String,
+        #[command(flatten)]
+        rules: RuleArgs,
     },
     /// Serve a disk that reads zeroes and discards writes.
     Null {
@@ -50,12 +55,65 @@ enum Command {
         /// Oldstyle negotiation instead of fixed newstyle.
         #[arg(long)]
         oldstyle: bool,
+        #[command(flatten)]
+        rules: RuleArgs,
+    },
+    /// Validate rule files without serving; exit 0 when all are good.
+    Check {
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Behave exactly like QEMU's nbd-fault-injector.py:
+    /// legacy [--classic-negotiation] HOST:PORT|UNIX-PATH CONFIG
+    Legacy {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
+#[derive(clap::Args)]
+struct RuleArgs {
+    /// A rules file (YAML, or the INI of QEMU's injector); repeatable.
+    #[arg(long = "rules", value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// Seed for probabilities and random corruption; overrides the files'.
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+}
+
+impl RuleArgs {
+    /// The interceptor these arguments ask for: no rules, no engine.
+    fn interceptor(&self) -> Result<Arc<dyn Interceptor>> {
+        if self.files.is_empty() {
+            return Ok(Arc::new(PassThrough));
+        }
+        let set = rules::load_files(&self.files, self.seed)?;
+        Ok(Arc::new(Engine::new(set)))
+    }
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    // QEMU's harnesses run the injector by its own name and arguments,
+    // which clap must not see.
+    if let Some(argv0) = args.first()
+        && legacy::invoked_as_injector(argv0)
+    {
+        init_logging(0, "error");
+        return legacy::main(argv0, &args[1..]);
+    }
+    if args.get(1).map(String::as_str) == Some("legacy") {
+        init_logging(0, "error");
+        return legacy::main("nbdfault legacy", &args[2..]);
+    }
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    if let Command::Legacy { args } = &cli.command {
+        init_logging(cli.verbose, "error");
+        return legacy::main("nbdfault legacy", args);
+    }
+    init_logging(cli.verbose, "warn,nbdfault::fault=info");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -65,9 +123,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, quiet: &str) {
     let default = match verbose {
-        0 => "warn",
+        0 => quiet,
         1 => "info",
         2 => "debug",
         _ => "trace",
@@ -82,29 +140,41 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let (listen, backend) = match cli.command {
-        Command::Proxy { listen, upstream } => (
+    let (listen, backend, rules) = match cli.command {
+        Command::Proxy {
+            listen,
+            upstream,
+            rules,
+        } => (
             listen,
             Backend::Upstream(upstream.parse::<Target>().context("--upstream")?),
+            rules,
         ),
         Command::Null {
             listen,
             size,
             oldstyle,
+            rules,
         } => (
             listen,
             Backend::Null(NullConfig {
                 size: parse_size(&size).context("--size")?,
                 oldstyle,
             }),
+            rules,
         ),
+        Command::Check { files } => return check(&files),
+        // Dispatched in main, before the runtime and logging are set up.
+        Command::Legacy { .. } => anyhow::bail!("legacy mode is handled in main"),
     };
+    // A bad rules file never starts a server.
+    let interceptor = rules.interceptor()?;
     let listen: ListenAddr = listen.parse().context("--listen")?;
     let cfg = ServerConfig {
         listen: listen.clone(),
         backend,
         max_payload: DEFAULT_MAX_PAYLOAD,
-        interceptor: Arc::new(PassThrough),
+        interceptor,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -133,6 +203,24 @@ async fn shutdown_signal() -> Result<()> {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// `nbdfault check`: every file on its own, every error reported.
+fn check(files: &[PathBuf]) -> Result<()> {
+    let mut bad = 0;
+    for f in files {
+        match rules::load_files(std::slice::from_ref(f), None) {
+            Ok(set) => println!("{}: ok, {} rule(s)", f.display(), set.rules.len()),
+            Err(e) => {
+                eprintln!("{e}");
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        anyhow::bail!("{bad} of {} rule file(s) invalid", files.len());
     }
     Ok(())
 }

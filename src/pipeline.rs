@@ -141,10 +141,24 @@ pub async fn run(
         .unwrap_or_else(|p| p.into_inner())
         .take();
     let mut to_server = tokio::spawn(
-        Flow::new(conn.clone(), Direction::ToServer, client_r, upstream_w, None).run(),
+        Flow::new(
+            conn.clone(),
+            Direction::ToServer,
+            client_r,
+            upstream_w,
+            None,
+        )
+        .run(),
     );
     let mut to_client = tokio::spawn(
-        Flow::new(conn.clone(), Direction::ToClient, upstream_r, client_w, answers).run(),
+        Flow::new(
+            conn.clone(),
+            Direction::ToClient,
+            upstream_r,
+            client_w,
+            answers,
+        )
+        .run(),
     );
     // Whichever flow finishes first decides: a failure tears the other
     // down (dropping its halves closes both sockets); a clean end of stream
@@ -165,10 +179,17 @@ pub async fn run(
 
 /// What a mark does when the flow reaches it.
 enum MarkAction {
-    Cut { reset: bool, fault: Fault },
-    Hold { duration: Option<Duration> },
+    Cut {
+        reset: bool,
+        fault: Fault,
+    },
+    Hold {
+        duration: Option<Duration>,
+    },
     /// Swallow the rest of the message, then send `answer` to the client.
-    Discard { answer: Option<Vec<u8>> },
+    Discard {
+        answer: Option<Vec<u8>>,
+    },
 }
 
 /// One direction of a connection. See the module docs.
@@ -321,7 +342,9 @@ where
             if self.cursor == self.end {
                 return Ok(false);
             }
-            let (step, mode) = self.conn.frame(self.dir, &self.buf[self.cursor..self.end])?;
+            let (step, mode) = self
+                .conn
+                .frame(self.dir, &self.buf[self.cursor..self.end])?;
             match step {
                 Step::Frame(f) => {
                     if f.wake_peer {
@@ -338,15 +361,18 @@ where
                     self.meta = f.meta;
                     self.mode = mode;
                     let segs = f.segments();
-                    trace!(conn = self.conn.id, "{}: {segs:?} {:?}", self.dir, self.meta);
+                    trace!(
+                        conn = self.conn.id,
+                        "{}: {segs:?} {:?}", self.dir, self.meta
+                    );
                     self.next_seg = segs.get(1).copied();
-                    if let Some((cookie, _)) = &self.replacing {
-                        if self.meta.cookie == Some(*cookie) && self.dir == Direction::ToClient {
-                            // A further chunk of a replaced reply.
-                            self.discarding = true;
-                            if self.meta.done {
-                                self.answer_after = self.replacing.take().map(|(_, a)| a);
-                            }
+                    // A further chunk of a replaced reply is swallowed too.
+                    if let Some((cookie, _)) = &self.replacing
+                        && self.meta.cookie == Some(*cookie)
+                    {
+                        self.discarding = true;
+                        if self.meta.done {
+                            self.answer_after = self.replacing.take().map(|(_, a)| a);
                         }
                     }
                     self.begin_segment(segs[0]);
@@ -597,8 +623,7 @@ where
     /// as a half-close; the other flow may still be carrying replies), a
     /// protocol violation in the middle of one.
     async fn finish(&mut self) -> Result<(), FlowError> {
-        if !self.opaque && (self.seg_left > 0 || self.next_seg.is_some() || self.end > self.start)
-        {
+        if !self.opaque && (self.seg_left > 0 || self.next_seg.is_some() || self.end > self.start) {
             return Err(FlowError::Truncated { dir: self.dir });
         }
         self.write_queued().await?;

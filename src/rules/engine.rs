@@ -97,9 +97,11 @@ impl Engine {
         }
         l.matched.fetch_add(1, Ordering::Relaxed);
         let c = &l.rule.counters;
-        let mut fire = |counter: &mut RuleCounter| -> Option<Fault> {
+        let fire = |counter: &mut RuleCounter| -> Option<Fault> {
             counter.matched += 1;
-            if counter.matched <= c.after || (counter.matched - c.after - 1) % c.every != 0 {
+            if counter.matched <= c.after
+                || !(counter.matched - c.after - 1).is_multiple_of(c.every)
+            {
                 return None;
             }
             if c.times.is_some_and(|t| counter.fired >= t) {
@@ -148,11 +150,11 @@ impl Interceptor for Engine {
         } else {
             // A message answering to several names (option-reply + neg2):
             // try every rule naming any of them, still in rule order.
-            for i in 0..self.rules.len() {
-                if self.rules[i].rule.filter.events.iter().any(|k| ev.kinds.contains(k)) {
-                    if let Some(f) = self.try_rule(i, ev, state) {
-                        return Verdict::Fault(f);
-                    }
+            for (i, l) in self.rules.iter().enumerate() {
+                if l.rule.filter.events.iter().any(|k| ev.kinds.contains(k))
+                    && let Some(f) = self.try_rule(i, ev, state)
+                {
+                    return Verdict::Fault(f);
                 }
             }
         }
@@ -286,19 +288,24 @@ mod tests {
             start: Some(1 << 20),
             end: Some(2 << 20),
         });
-        let any = rule(
-            "any",
-            EventSet::of(EventKind::Request),
-            Action::Drop,
-        );
+        let any = rule("any", EventSet::of(EventKind::Request), Action::Drop);
         let e = Engine::new(RuleSet {
             seed: 0,
             rules: vec![reads, any],
         });
         let mut st = ConnState::default();
-        assert_eq!(fired(&e, &request(1, CMD_READ, 1 << 20), &mut st).as_deref(), Some("reads"));
-        assert_eq!(fired(&e, &request(1, CMD_READ, 0), &mut st).as_deref(), Some("any"));
-        assert_eq!(fired(&e, &request(1, CMD_WRITE, 1 << 20), &mut st).as_deref(), Some("any"));
+        assert_eq!(
+            fired(&e, &request(1, CMD_READ, 1 << 20), &mut st).as_deref(),
+            Some("reads")
+        );
+        assert_eq!(
+            fired(&e, &request(1, CMD_READ, 0), &mut st).as_deref(),
+            Some("any")
+        );
+        assert_eq!(
+            fired(&e, &request(1, CMD_WRITE, 1 << 20), &mut st).as_deref(),
+            Some("any")
+        );
         let stats = e.stats();
         assert_eq!((stats[0].matched, stats[0].fired), (1, 1));
         assert_eq!((stats[1].matched, stats[1].fired), (2, 2));
@@ -306,11 +313,7 @@ mod tests {
 
     #[test]
     fn after_every_times() {
-        let mut r = rule(
-            "r",
-            EventSet::of(EventKind::Request),
-            Action::Drop,
-        );
+        let mut r = rule("r", EventSet::of(EventKind::Request), Action::Drop);
         r.counters = Counters {
             after: 2,
             every: 3,
@@ -332,11 +335,7 @@ mod tests {
 
     #[test]
     fn per_connection_counters() {
-        let mut r = rule(
-            "once-each",
-            EventSet::of(EventKind::Request),
-            Action::Drop,
-        );
+        let mut r = rule("once-each", EventSet::of(EventKind::Request), Action::Drop);
         r.counters.times = Some(1);
         r.counters.per_connection = true;
         let e = Engine::new(RuleSet {
@@ -385,7 +384,7 @@ mod tests {
         assert!(matches!(
             e.on_event(&ev, &mut st),
             Verdict::Fault(Fault {
-                plan: Plan::Discard { answer: None },
+                plan: Plan::Discard { answer: None, .. },
                 ..
             })
         ));

@@ -9,6 +9,8 @@
 //! what is wrong and what would be allowed instead: a [`RuleSet`] that comes
 //! out of this module is one the engine can run as is.
 
+pub mod actions;
+pub mod engine;
 pub mod ini;
 pub mod model;
 mod suggest;

@@ -48,7 +48,12 @@ mod tests {
 
     #[test]
     fn byte_and_random_bits() {
-        let ev = event(EventKind::Reply, Direction::ToClient, 16, MessageMeta::default());
+        let ev = event(
+            EventKind::Reply,
+            Direction::ToClient,
+            16,
+            MessageMeta::default(),
+        );
         assert_eq!(
             plan(Corruption::Byte { at: 0, xor: 0xff }, &ev, &mut 1),
             Plan::Flip {

@@ -30,8 +30,18 @@ mod tests {
         let mut a = 7u64;
         let mut b = 7u64;
         for _ in 0..100 {
-            let pa = plan(0, Duration::from_millis(100), Duration::from_millis(30), &mut a);
-            let pb = plan(0, Duration::from_millis(100), Duration::from_millis(30), &mut b);
+            let pa = plan(
+                0,
+                Duration::from_millis(100),
+                Duration::from_millis(30),
+                &mut a,
+            );
+            let pb = plan(
+                0,
+                Duration::from_millis(100),
+                Duration::from_millis(30),
+                &mut b,
+            );
             assert_eq!(pa, pb);
             let Plan::Hold {
                 duration: Some(d), ..

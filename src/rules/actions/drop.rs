@@ -18,9 +18,31 @@ mod tests {
 
     #[test]
     fn first_option_keeps_the_client_flags() {
-        let ev = event(EventKind::Export, Direction::ToServer, 20, MessageMeta::default());
-        assert_eq!(plan(&ev), Plan::Discard { keep: 4, answer: None });
-        let ev = event(EventKind::Request, Direction::ToServer, 28, MessageMeta::default());
-        assert_eq!(plan(&ev), Plan::Discard { keep: 0, answer: None });
+        let ev = event(
+            EventKind::Export,
+            Direction::ToServer,
+            20,
+            MessageMeta::default(),
+        );
+        assert_eq!(
+            plan(&ev),
+            Plan::Discard {
+                keep: 4,
+                answer: None
+            }
+        );
+        let ev = event(
+            EventKind::Request,
+            Direction::ToServer,
+            28,
+            MessageMeta::default(),
+        );
+        assert_eq!(
+            plan(&ev),
+            Plan::Discard {
+                keep: 0,
+                answer: None
+            }
+        );
     }
 }

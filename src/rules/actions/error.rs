@@ -22,7 +22,10 @@ pub fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
     if ev.kinds.contains(EventKind::Export) {
         let option = ev.meta.option.unwrap_or(0);
         if option == OPT_EXPORT_NAME {
-            return Plan::Cut { at: 0, reset: false };
+            return Plan::Cut {
+                at: 0,
+                reset: false,
+            };
         }
         let reply_type = match errno {
             Errno::Option(e) => e,
@@ -86,7 +89,12 @@ mod tests {
 
     #[test]
     fn request_is_answered_in_the_negotiated_form() {
-        let mut ev = event(EventKind::Request, Direction::ToServer, 28, req_meta(CMD_READ));
+        let mut ev = event(
+            EventKind::Request,
+            Direction::ToServer,
+            28,
+            req_meta(CMD_READ),
+        );
         let Plan::Discard {
             keep: 0,
             answer: Some(a),
@@ -118,12 +126,22 @@ mod tests {
 
     #[test]
     fn reply_is_replaced_and_disc_is_swallowed() {
-        let ev = event(EventKind::Reply, Direction::ToClient, 16, req_meta(CMD_WRITE));
+        let ev = event(
+            EventKind::Reply,
+            Direction::ToClient,
+            16,
+            req_meta(CMD_WRITE),
+        );
         assert!(matches!(
             plan("r", Errno::Transmission(EIO), &ev),
             Plan::ReplaceReply { .. }
         ));
-        let ev = event(EventKind::Request, Direction::ToServer, 28, req_meta(CMD_DISC));
+        let ev = event(
+            EventKind::Request,
+            Direction::ToServer,
+            28,
+            req_meta(CMD_DISC),
+        );
         assert_eq!(
             plan("r", Errno::Transmission(EIO), &ev),
             Plan::Discard {

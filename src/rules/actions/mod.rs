@@ -31,7 +31,8 @@ pub fn plan(rule: &Rule, ev: &Event, rng: &mut u64) -> Plan {
 /// needs whatever happens to the option.
 fn kept_prefix(ev: &Event) -> u64 {
     if ev.kinds.contains(EventKind::Export) {
-        ev.size.saturating_sub(crate::protocol::consts::OPTION_HEADER_LEN as u64)
+        ev.size
+            .saturating_sub(crate::protocol::consts::OPTION_HEADER_LEN as u64)
     } else {
         0
     }

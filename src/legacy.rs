@@ -1,0 +1,254 @@
+//! Drop-in replacement for QEMU's tests/qemu-iotests/nbd-fault-injector.py.
+//!
+//! `nbdfault legacy [--classic-negotiation] HOST:PORT|UNIX-PATH CONFIG`, or
+//! the binary started under a name beginning with `nbd-fault-injector`,
+//! behaves like the Python tool so that QEMU's tests run unchanged: the same
+//! arguments and usage message, the same INI and its error messages, the
+//! same lines on stdout, the same bytes on the wire (non-fixed newstyle with
+//! handshake flags 0, an 8 GiB export, transmission flags 0, the 124 zero
+//! bytes, simple replies; oldstyle with `--classic-negotiation`), one client
+//! at a time, and a rule match ends the process with status 0.
+//!
+//! The fake disk is served behind the ordinary pipeline and rule engine, so
+//! `when` counts exactly the bytes the Python tool counts. Unlike the Python
+//! tool, a client that drops without NBD_CMD_DISC does not end the process.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::debug;
+
+use crate::addr::ListenAddr;
+use crate::intercept::{Fault, Interceptor};
+use crate::net::{Listener, Stream};
+use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER};
+use crate::protocol::bytes::be32;
+use crate::protocol::consts::*;
+use crate::protocol::handshake::{ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionHeader};
+use crate::protocol::transmission::Reply;
+use crate::rules::engine::Engine;
+use crate::rules::ini;
+
+/// The Python tool's fake disk size.
+pub const FAKE_DISK_SIZE: u64 = 8 << 30;
+
+/// Whether the binary was started under the injector's name.
+pub fn invoked_as_injector(argv0: &str) -> bool {
+    Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("nbd-fault-injector"))
+}
+
+fn usage(prog: &str) -> ExitCode {
+    eprintln!("usage: {prog} [--classic-negotiation] <tcp-port>|<unix-path> <config-file>");
+    eprintln!("Run an fault injector NBD server with rules defined in a config file.");
+    ExitCode::from(1)
+}
+
+/// Runs the injector. `prog` is what the usage message calls it; `args`
+/// are the arguments after it.
+pub fn main(prog: &str, args: &[String]) -> ExitCode {
+    let (classic, addr, config) = match args {
+        [flag, addr, config] if flag == "--classic-negotiation" => (true, addr, config),
+        [addr, config] => (false, addr, config),
+        _ => return usage(prog),
+    };
+    let listen = if let Some((host, port)) = addr.split_once(':') {
+        let Ok(port) = port.parse::<u16>() else {
+            eprintln!("invalid port in {addr:?}");
+            return ExitCode::from(1);
+        };
+        let host = if host.is_empty() { "0.0.0.0" } else { host };
+        ListenAddr::Tcp {
+            host: host.to_string(),
+            port,
+        }
+    } else {
+        ListenAddr::Unix(addr.into())
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(run(listen, addr, config, classic))
+}
+
+async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> ExitCode {
+    let listener = match Listener::bind(&listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {shown}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Like the Python tool: TCP shows the bound address with the real port,
+    // a unix socket its path as given.
+    let shown = match &listener {
+        Listener::Tcp(l) => match l.local_addr() {
+            Ok(a) => format!("{}:{}", a.ip(), a.port()),
+            Err(_) => shown.to_string(),
+        },
+        Listener::Unix { .. } => shown.to_string(),
+    };
+    println!("Listening on {shown}");
+    let _ = std::io::stdout().flush();
+    // The Python tool reads its config after it starts listening.
+    let text = match std::fs::read_to_string(config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("cannot read {config}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rules = match ini::parse_ini(config, &text) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}", e.message);
+            return ExitCode::from(1);
+        }
+    };
+    let interceptor: Arc<dyn Interceptor> = Arc::new(ExitOnCut(Engine::new(rules)));
+    let mut id = 0;
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!("accept failed: {e}");
+                continue;
+            }
+        };
+        id += 1;
+        // One client at a time, as the Python tool serves them.
+        let (near, far) = tokio::io::duplex(FLOW_BUFFER);
+        let server = tokio::spawn(serve(far, classic));
+        let conn = Connection::new(id, peer, DEFAULT_MAX_PAYLOAD, interceptor.clone());
+        let result = pipeline::run(
+            conn.clone(),
+            client.into_split(),
+            Stream::Mem(near).into_split(),
+        )
+        .await;
+        pipeline::log_outcome(&conn, &result);
+        let _ = server.await;
+    }
+}
+
+/// The rule engine, plus the Python tool's reaction to a rule match.
+struct ExitOnCut(Engine);
+
+impl Interceptor for ExitOnCut {
+    fn on_event(
+        &self,
+        event: &crate::intercept::Event,
+        state: &mut crate::intercept::ConnState,
+    ) -> crate::intercept::Verdict {
+        self.0.on_event(event, state)
+    }
+
+    fn after_cut(&self, fault: &Fault) {
+        println!("Closing connection on rule match {}", fault.rule);
+        let _ = std::io::stdout().flush();
+        std::process::exit(0);
+    }
+}
+
+/// The Python tool's server: the fake disk, one connection.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, classic: bool) -> std::io::Result<()> {
+    let info = ExportInfo {
+        size: FAKE_DISK_SIZE,
+        flags: 0,
+    };
+    if classic {
+        let g = OldstyleGreeting {
+            size: FAKE_DISK_SIZE,
+            flags: 0,
+        };
+        s.write_all(&g.build()).await?;
+    } else {
+        s.write_all(&NewstyleGreeting { handshake_flags: 0 }.build())
+            .await?;
+        let mut b = [0u8; CLIENT_FLAGS_LEN + OPTION_HEADER_LEN];
+        s.read_exact(&mut b).await?;
+        let Ok(opt) = OptionHeader::parse(&b[CLIENT_FLAGS_LEN..]) else {
+            return Ok(());
+        };
+        if opt.option != OPT_EXPORT_NAME {
+            return Ok(());
+        }
+        discard(&mut s, opt.length.into()).await?;
+        let mut reply = [0u8; EXPORT_NAME_REPLY_SHORT_LEN + EXPORT_NAME_REPLY_ZEROES];
+        let n = info.build_export_name_reply(false, &mut reply);
+        s.write_all(&reply[..n]).await?;
+    }
+    loop {
+        let mut req = [0u8; REQUEST_LEN];
+        s.read_exact(&mut req).await?;
+        if be32(&req, 0) != REQUEST_MAGIC {
+            return Ok(());
+        }
+        // The Python tool reads flags and type as one 32-bit field.
+        let kind = be32(&req, 4);
+        let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap_or_default());
+        let len = u64::from(be32(&req, 24));
+        let mut hdr = [0u8; SIMPLE_REPLY_LEN];
+        Reply::Simple { error: 0, cookie }.build(&mut hdr);
+        match kind {
+            0 => {
+                s.write_all(&hdr).await?;
+                zeroes(&mut s, len).await?;
+            }
+            1 => {
+                discard(&mut s, len).await?;
+                s.write_all(&hdr).await?;
+            }
+            2 => return Ok(()),
+            other => {
+                println!("unrecognized command type {other:#x}");
+                let _ = std::io::stdout().flush();
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn discard<S: AsyncRead + Unpin>(s: &mut S, mut n: u64) -> std::io::Result<()> {
+    let mut buf = [0u8; 64 * 1024];
+    while n > 0 {
+        let k = n.min(buf.len() as u64) as usize;
+        s.read_exact(&mut buf[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+async fn zeroes<S: AsyncWrite + Unpin>(s: &mut S, mut n: u64) -> std::io::Result<()> {
+    static ZERO: [u8; 64 * 1024] = [0u8; 64 * 1024];
+    while n > 0 {
+        let k = n.min(ZERO.len() as u64) as usize;
+        s.write_all(&ZERO[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn injector_names() {
+        assert!(invoked_as_injector("/usr/bin/nbd-fault-injector.py"));
+        assert!(invoked_as_injector("nbd-fault-injector"));
+        assert!(!invoked_as_injector("/usr/bin/nbdfault"));
+    }
+}

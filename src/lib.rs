@@ -10,5 +10,6 @@ pub mod net;
 pub mod null;
 pub mod pipeline;
 pub mod protocol;
+pub mod registry;
 pub mod rules;
 pub mod server;

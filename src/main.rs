@@ -10,11 +10,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use nbdfault::addr::{ListenAddr, Target, parse_size};
-use nbdfault::intercept::{Interceptor, PassThrough};
+use nbdfault::intercept::Interceptor;
 use nbdfault::legacy;
 use nbdfault::null::NullConfig;
 use nbdfault::pipeline::DEFAULT_MAX_PAYLOAD;
-use nbdfault::rules::{self, engine::Engine};
+use nbdfault::rules::{self, RuleSet, live::LiveRules};
 use nbdfault::server::{Backend, Server, ServerConfig};
 
 #[derive(Parser)]
@@ -82,13 +82,18 @@ struct RuleArgs {
 }
 
 impl RuleArgs {
-    /// The interceptor these arguments ask for: no rules, no engine.
-    fn interceptor(&self) -> Result<Arc<dyn Interceptor>> {
-        if self.files.is_empty() {
-            return Ok(Arc::new(PassThrough));
-        }
-        let set = rules::load_files(&self.files, self.seed)?;
-        Ok(Arc::new(Engine::new(set)))
+    /// The rules in force at startup (none: an empty set, which costs one
+    /// pointer load per event and can be filled at run time).
+    fn live(&self) -> Result<LiveRules> {
+        let set = if self.files.is_empty() {
+            RuleSet {
+                seed: self.seed.unwrap_or(0),
+                rules: Vec::new(),
+            }
+        } else {
+            rules::load_files(&self.files, self.seed)?
+        };
+        Ok(LiveRules::new(set, self.files.clone(), self.seed))
     }
 }
 
@@ -113,7 +118,10 @@ fn main() -> ExitCode {
         init_logging(cli.verbose, "error");
         return legacy::main("nbdfault legacy", args);
     }
-    init_logging(cli.verbose, "warn,nbdfault::fault=info");
+    init_logging(
+        cli.verbose,
+        "warn,nbdfault::fault=info,nbdfault::control=info",
+    );
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -168,7 +176,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Legacy { .. } => anyhow::bail!("legacy mode is handled in main"),
     };
     // A bad rules file never starts a server.
-    let interceptor = rules.interceptor()?;
+    let live = Arc::new(rules.live()?);
+    let interceptor: Arc<dyn Interceptor> = live.clone();
     let listen: ListenAddr = listen.parse().context("--listen")?;
     let cfg = ServerConfig {
         listen: listen.clone(),
@@ -188,23 +197,30 @@ fn run(cli: Cli) -> Result<()> {
         std::io::stdout().flush().context("stdout")?;
         tokio::select! {
             () = server.run() => {}
-            r = shutdown_signal() => r?,
+            r = signals(&live) => r?,
         }
         Ok(())
     })
 }
 
-/// SIGINT or SIGTERM: return, which drops the server and removes a unix
+/// SIGHUP re-reads the rules files (a bad file keeps the rules in force);
+/// SIGINT or SIGTERM return, which drops the server and removes a unix
 /// socket file.
-async fn shutdown_signal() -> Result<()> {
+async fn signals(live: &LiveRules) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match live.reload() {
+                Ok(n) => tracing::info!(target: "nbdfault::control", "SIGHUP: rules reloaded, {n} rule(s) in force"),
+                Err(e) => tracing::warn!(target: "nbdfault::control", "SIGHUP: keeping the rules in force: {e}"),
+            },
+        }
     }
-    Ok(())
 }
 
 /// `nbdfault check`: every file on its own, every error reported.

@@ -12,6 +12,7 @@
 //! after byte 4 of a reply sends exactly 4 bytes of it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +55,8 @@ pub enum FlowError {
     Truncated { dir: Direction },
     #[error("{dir}: disconnected by rule {rule}")]
     Cut { dir: Direction, rule: Arc<str> },
+    #[error("closed through the control API")]
+    Killed,
     #[error("a flow task failed: {0}")]
     Task(String),
     #[error("{dir}: {source}")]
@@ -64,10 +67,19 @@ pub enum FlowError {
     },
 }
 
-/// State shared by a connection's two flows.
+/// State shared by a connection's two flows, and what the control API sees
+/// and steers of it.
 pub struct Connection {
     pub id: ConnId,
     pub peer: String,
+    pub started: std::time::SystemTime,
+    /// Bytes passed on (or swallowed) in each direction.
+    bytes_to_server: AtomicU64,
+    bytes_to_client: AtomicU64,
+    /// Held between messages while true (control API pause/resume).
+    paused: watch::Sender<bool>,
+    /// Set to tear the connection down (control API).
+    killed: watch::Sender<bool>,
     session: Mutex<Session>,
     /// Per-connection memory of the interceptor (rule counters).
     rules: Mutex<ConnState>,
@@ -95,6 +107,11 @@ impl Connection {
         Arc::new(Self {
             id,
             peer,
+            started: std::time::SystemTime::now(),
+            bytes_to_server: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            paused: watch::Sender::new(false),
+            killed: watch::Sender::new(false),
             session: Mutex::new(Session::new(max_payload)),
             rules: Mutex::new(ConnState::default()),
             wake_to_server: Notify::new(),
@@ -111,6 +128,41 @@ impl Connection {
     pub fn offer(&self, ev: &Event) -> Verdict {
         let mut state = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         self.interceptor.on_event(ev, &mut state)
+    }
+
+    /// Bytes passed on (or swallowed) so far in `dir`.
+    pub fn bytes(&self, dir: Direction) -> u64 {
+        self.counter(dir).load(Ordering::Relaxed)
+    }
+
+    fn counter(&self, dir: Direction) -> &AtomicU64 {
+        match dir {
+            Direction::ToServer => &self.bytes_to_server,
+            Direction::ToClient => &self.bytes_to_client,
+        }
+    }
+
+    /// Requests sent to the server and not yet fully answered.
+    pub fn requests_in_flight(&self) -> usize {
+        self.session().inflight_count()
+    }
+
+    /// Holds every message from the next one on, until [`Connection::resume`].
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Closes both sides of the connection at once.
+    pub fn kill(&self) {
+        self.killed.send_replace(true);
     }
 
     fn session(&self) -> std::sync::MutexGuard<'_, Session> {
@@ -163,9 +215,15 @@ pub async fn run(
     // Whichever flow finishes first decides: a failure tears the other
     // down (dropping its halves closes both sockets); a clean end of stream
     // was already passed on as a half-close, so the other flow runs on.
+    let mut killed = conn.killed.subscribe();
     let (first, other) = tokio::select! {
         r = &mut to_server => (r, to_client),
         r = &mut to_client => (r, to_server),
+        _ = killed.wait_for(|k| *k) => {
+            to_server.abort();
+            to_client.abort();
+            return Err(FlowError::Killed);
+        }
     };
     let first = first.unwrap_or_else(|e| Err(FlowError::Task(e.to_string())));
     if first.is_err() {
@@ -322,6 +380,9 @@ where
                     self.cursor += take as usize;
                     self.start = self.cursor;
                     self.pos += take;
+                    self.conn
+                        .counter(self.dir)
+                        .fetch_add(take, Ordering::Relaxed);
                 } else {
                     self.cursor += take as usize;
                 }
@@ -341,6 +402,10 @@ where
             }
             if self.cursor == self.end {
                 return Ok(false);
+            }
+            if self.conn.is_paused() {
+                self.flush().await?;
+                self.wait_resumed().await?;
             }
             let (step, mode) = self
                 .conn
@@ -475,22 +540,39 @@ where
         }
     }
 
-    /// Holds this flow for `duration` (forever if `None`), ending early when
-    /// the connection ends or the source closes. Keeps reading the source
-    /// meanwhile, so a client that gives up is noticed.
+    /// Holds this flow for `duration` (forever if `None`).
     async fn hold(&mut self, duration: Option<Duration>) -> Result<(), FlowError> {
-        let sleep = async {
+        self.hold_until(async {
             match duration {
                 Some(d) => tokio::time::sleep(d).await,
                 None => std::future::pending().await,
             }
-        };
-        tokio::pin!(sleep);
+        })
+        .await
+    }
+
+    /// Waits out a pause (control API) between messages.
+    async fn wait_resumed(&mut self) -> Result<(), FlowError> {
+        let mut paused = self.conn.paused.subscribe();
+        self.hold_until(async move {
+            let _ = paused.wait_for(|p| !*p).await;
+        })
+        .await
+    }
+
+    /// Passes nothing on until `done`, ending early when the connection
+    /// ends or the source closes. Keeps reading the source meanwhile (while
+    /// there is room), so a client that gives up is noticed.
+    async fn hold_until(
+        &mut self,
+        done: impl std::future::Future<Output = ()>,
+    ) -> Result<(), FlowError> {
+        tokio::pin!(done);
         let mut ended = self.conn.ended.subscribe();
         loop {
             let room = !self.src_eof && self.end < self.buf.len();
             tokio::select! {
-                () = &mut sleep => return Ok(()),
+                () = &mut done => return Ok(()),
                 _ = ended.wait_for(|e| *e) => return Ok(()),
                 r = self.src.read(&mut self.buf[self.end..]), if room => {
                     match r {
@@ -547,6 +629,9 @@ where
         }
         self.start = cursor;
         self.pos += len;
+        self.conn
+            .counter(self.dir)
+            .fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 

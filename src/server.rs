@@ -18,6 +18,7 @@ use crate::null::{self, NullConfig};
 use crate::pipeline::{self, Connection, FAULT_LOG, FLOW_BUFFER};
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{EventKind, EventSet, MessageMeta};
+use crate::registry::Registry;
 
 /// What sits behind the proxy.
 #[derive(Debug, Clone)]
@@ -40,6 +41,7 @@ pub struct ServerConfig {
 /// A bound, not yet running server.
 pub struct Server {
     listener: Listener,
+    registry: Arc<Registry>,
     backend: Arc<Backend>,
     max_payload: u64,
     interceptor: Arc<dyn Interceptor>,
@@ -52,11 +54,17 @@ impl Server {
         let listener = Listener::bind(&cfg.listen).await?;
         Ok(Self {
             listener,
+            registry: Arc::new(Registry::default()),
             backend: Arc::new(cfg.backend),
             max_payload: cfg.max_payload,
             interceptor: cfg.interceptor,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// The live connections.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
     }
 
     /// NBD URI clients connect to.
@@ -86,6 +94,7 @@ impl Server {
                 self.backend.clone(),
                 self.max_payload,
                 self.interceptor.clone(),
+                self.registry.clone(),
             ));
         }
     }
@@ -98,6 +107,7 @@ async fn serve_client(
     backend: Arc<Backend>,
     max_payload: u64,
     interceptor: Arc<dyn Interceptor>,
+    registry: Arc<Registry>,
 ) {
     debug!(conn = id, %peer, "accepted");
     let conn = Connection::new(id, peer, max_payload, interceptor);
@@ -147,6 +157,8 @@ async fn serve_client(
             Stream::Mem(near)
         }
     };
+    registry.insert(conn.clone());
     let result = pipeline::run(conn.clone(), client.into_split(), upstream.into_split()).await;
+    registry.remove(id);
     pipeline::log_outcome(&conn, &result);
 }

@@ -194,6 +194,11 @@ impl Session {
         self.client == ClientState::Transmission && self.server == ServerState::Transmission
     }
 
+    /// How many requests are waiting for (the end of) their reply.
+    pub fn inflight_count(&self) -> usize {
+        self.inflight.len()
+    }
+
     /// The request in flight under `cookie`, if any.
     pub fn inflight(&self, cookie: u64) -> Option<Inflight> {
         self.inflight.get(&cookie).copied()

@@ -16,16 +16,34 @@ use crate::protocol::EventKind;
 use super::actions;
 use super::model::{Filter, Rule, RuleSet};
 
-/// A rule as the engine runs it.
+/// A rule as the engine runs it. Shared between engines, so a rule kept
+/// across a live change of the rule set keeps its counters.
 #[derive(Debug)]
-struct Loaded {
+pub struct Loaded {
     rule: Rule,
     name: Arc<str>,
+    /// Mixed into its random streams: fixed when the rule is loaded, so a
+    /// rule's draws do not change when other rules come and go.
+    ordinal: u64,
     /// Per-process counters and random stream.
     global: Mutex<RuleCounter>,
     /// Totals over all connections, for reporting.
     matched: AtomicU64,
     fired: AtomicU64,
+}
+
+impl Loaded {
+    pub fn rule(&self) -> &Rule {
+        &self.rule
+    }
+
+    pub fn stats(&self) -> RuleStats {
+        RuleStats {
+            name: self.rule.name.clone(),
+            matched: self.matched.load(Ordering::Relaxed),
+            fired: self.fired.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Counts of one rule, for `GET /rules` and tests.
@@ -36,43 +54,64 @@ pub struct RuleStats {
     pub fired: u64,
 }
 
-/// The rule engine, an [`Interceptor`].
+/// The rule engine, an [`Interceptor`]. Immutable once built; a live
+/// change builds a new one (see `rules::live`).
 #[derive(Debug)]
 pub struct Engine {
     seed: u64,
-    rules: Vec<Loaded>,
+    rules: Vec<Arc<Loaded>>,
     /// Rule indices per event kind, in rule order.
     by_kind: [Vec<usize>; EventKind::ALL.len()],
 }
 
 impl Engine {
     pub fn new(set: RuleSet) -> Self {
-        let mut by_kind: [Vec<usize>; EventKind::ALL.len()] = Default::default();
-        let rules: Vec<Loaded> = set
+        let seed = set.seed;
+        let loaded = set
             .rules
             .into_iter()
             .enumerate()
-            .map(|(i, rule)| {
-                for k in rule.filter.events.iter() {
-                    by_kind[k as usize].push(i);
-                }
-                Loaded {
-                    name: Arc::from(rule.name.as_str()),
-                    global: Mutex::new(RuleCounter {
-                        rng: stream_seed(set.seed, i as u64, None),
-                        ..RuleCounter::default()
-                    }),
-                    rule,
-                    matched: AtomicU64::new(0),
-                    fired: AtomicU64::new(0),
-                }
-            })
+            .map(|(i, rule)| Self::load(seed, i as u64, rule))
             .collect();
+        Self::from_loaded(seed, loaded)
+    }
+
+    /// Prepares one rule; `ordinal` seeds its random streams.
+    pub fn load(seed: u64, ordinal: u64, rule: Rule) -> Arc<Loaded> {
+        Arc::new(Loaded {
+            name: Arc::from(rule.name.as_str()),
+            ordinal,
+            global: Mutex::new(RuleCounter {
+                rng: stream_seed(seed, ordinal, None),
+                ..RuleCounter::default()
+            }),
+            rule,
+            matched: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
+        })
+    }
+
+    /// An engine over already prepared rules, in this order.
+    pub fn from_loaded(seed: u64, rules: Vec<Arc<Loaded>>) -> Self {
+        let mut by_kind: [Vec<usize>; EventKind::ALL.len()] = Default::default();
+        for (i, l) in rules.iter().enumerate() {
+            for k in l.rule.filter.events.iter() {
+                by_kind[k as usize].push(i);
+            }
+        }
         Self {
-            seed: set.seed,
+            seed,
             rules,
             by_kind,
         }
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub fn rules(&self) -> &[Arc<Loaded>] {
+        &self.rules
     }
 
     pub fn is_empty(&self) -> bool {
@@ -80,14 +119,7 @@ impl Engine {
     }
 
     pub fn stats(&self) -> Vec<RuleStats> {
-        self.rules
-            .iter()
-            .map(|l| RuleStats {
-                name: l.rule.name.clone(),
-                matched: l.matched.load(Ordering::Relaxed),
-                fired: l.fired.load(Ordering::Relaxed),
-            })
-            .collect()
+        self.rules.iter().map(|l| l.stats()).collect()
     }
 
     fn try_rule(&self, i: usize, ev: &Event, state: &mut ConnState) -> Option<Fault> {
@@ -124,7 +156,7 @@ impl Engine {
                 .counters
                 .entry(l.name.clone())
                 .or_insert_with(|| RuleCounter {
-                    rng: stream_seed(seed, i as u64, Some(ev.conn)),
+                    rng: stream_seed(seed, l.ordinal, Some(ev.conn)),
                     ..RuleCounter::default()
                 });
             fire(counter)

@@ -12,6 +12,7 @@
 pub mod actions;
 pub mod engine;
 pub mod ini;
+pub mod live;
 pub mod model;
 mod suggest;
 pub mod yaml;

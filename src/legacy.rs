@@ -31,6 +31,7 @@ use crate::protocol::handshake::{ExportInfo, NewstyleGreeting, OldstyleGreeting,
 use crate::protocol::transmission::Reply;
 use crate::rules::engine::Engine;
 use crate::rules::ini;
+use crate::telemetry::Telemetry;
 
 /// The Python tool's fake disk size.
 pub const FAKE_DISK_SIZE: u64 = 8 << 30;
@@ -118,6 +119,7 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
         }
     };
     let interceptor: Arc<dyn Interceptor> = Arc::new(ExitOnCut(Engine::new(rules)));
+    let telemetry = Arc::new(Telemetry::off());
     let mut id = 0;
     loop {
         let (client, peer) = match listener.accept().await {
@@ -131,7 +133,13 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
         // One client at a time, as the Python tool serves them.
         let (near, far) = tokio::io::duplex(FLOW_BUFFER);
         let server = tokio::spawn(serve(far, classic));
-        let conn = Connection::new(id, peer, DEFAULT_MAX_PAYLOAD, interceptor.clone());
+        let conn = Connection::new(
+            id,
+            peer,
+            DEFAULT_MAX_PAYLOAD,
+            interceptor.clone(),
+            telemetry.clone(),
+        );
         let result = pipeline::run(
             conn.clone(),
             client.into_split(),

@@ -13,3 +13,4 @@ pub mod protocol;
 pub mod registry;
 pub mod rules;
 pub mod server;
+pub mod telemetry;

@@ -16,6 +16,7 @@ use nbdfault::null::NullConfig;
 use nbdfault::pipeline::DEFAULT_MAX_PAYLOAD;
 use nbdfault::rules::{self, RuleSet, live::LiveRules};
 use nbdfault::server::{Backend, Server, ServerConfig};
+use nbdfault::telemetry::Telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -184,6 +185,7 @@ fn run(cli: Cli) -> Result<()> {
         backend,
         max_payload: DEFAULT_MAX_PAYLOAD,
         interceptor,
+        telemetry: Arc::new(Telemetry::off()),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -25,6 +25,7 @@ use crate::intercept::{ConnId, ConnState, Event, Fault, Interceptor, Plan, Verdi
 use crate::net::{ReadHalf, WriteHalf};
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{Direction, MessageMeta, ProtocolError, Segment, Session, Step};
+use crate::telemetry::{ConnTelemetry, Telemetry};
 
 /// Per-flow buffer: big enough that a bulk transfer is a few large writes,
 /// small enough that memory stays flat as connections grow.
@@ -94,6 +95,8 @@ pub struct Connection {
     /// Set when either flow has ended: ends stalls.
     ended: watch::Sender<bool>,
     interceptor: Arc<dyn Interceptor>,
+    telemetry: Arc<Telemetry>,
+    conn_telemetry: ConnTelemetry,
 }
 
 impl Connection {
@@ -102,9 +105,13 @@ impl Connection {
         peer: String,
         max_payload: u64,
         interceptor: Arc<dyn Interceptor>,
+        telemetry: Arc<Telemetry>,
     ) -> Arc<Self> {
         let (answers, answers_rx) = mpsc::unbounded_channel();
+        let conn_telemetry = telemetry.connection(id);
         Arc::new(Self {
+            telemetry,
+            conn_telemetry,
             id,
             peer,
             started: std::time::SystemTime::now(),
@@ -126,8 +133,22 @@ impl Connection {
     /// flow panicked while holding them; the state inside is plain data, so
     /// carry on with it.
     pub fn offer(&self, ev: &Event) -> Verdict {
-        let mut state = self.rules.lock().unwrap_or_else(|p| p.into_inner());
-        self.interceptor.on_event(ev, &mut state)
+        let verdict = {
+            let mut state = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+            self.interceptor.on_event(ev, &mut state)
+        };
+        let fault = match &verdict {
+            Verdict::Pass => None,
+            Verdict::Fault(f) => Some(f),
+        };
+        self.telemetry.event(ev, fault);
+        verdict
+    }
+
+    /// Counts bytes passed on (or swallowed) in `dir`.
+    fn count(&self, dir: Direction, n: u64) {
+        self.counter(dir).fetch_add(n, Ordering::Relaxed);
+        self.telemetry.bytes(dir, n);
     }
 
     /// Bytes passed on (or swallowed) so far in `dir`.
@@ -380,9 +401,7 @@ where
                     self.cursor += take as usize;
                     self.start = self.cursor;
                     self.pos += take;
-                    self.conn
-                        .counter(self.dir)
-                        .fetch_add(take, Ordering::Relaxed);
+                    self.conn.count(self.dir, take);
                 } else {
                     self.cursor += take as usize;
                 }
@@ -425,6 +444,7 @@ where
                     }
                     self.meta = f.meta;
                     self.mode = mode;
+                    self.observe_timing();
                     let segs = f.segments();
                     trace!(
                         conn = self.conn.id,
@@ -445,6 +465,22 @@ where
                 Step::NeedMore => return Ok(false),
                 Step::Wait => return Ok(true),
             }
+        }
+    }
+
+    /// Request timing for the duration histogram: from the request being
+    /// framed for forwarding to the last message of its reply.
+    fn observe_timing(&self) {
+        let (Some(cookie), Some(command)) = (self.meta.cookie, self.meta.command) else {
+            return;
+        };
+        let (t, ct) = (&*self.conn.telemetry, &self.conn.conn_telemetry);
+        match self.dir {
+            Direction::ToServer if command != crate::protocol::consts::CMD_DISC => {
+                ct.request_sent(t, cookie, command)
+            }
+            Direction::ToClient if self.meta.done => ct.reply_done(t, cookie),
+            _ => {}
         }
     }
 
@@ -629,9 +665,7 @@ where
         }
         self.start = cursor;
         self.pos += len;
-        self.conn
-            .counter(self.dir)
-            .fetch_add(len, Ordering::Relaxed);
+        self.conn.count(self.dir, len);
         Ok(())
     }
 

@@ -19,6 +19,7 @@ use crate::pipeline::{self, Connection, FAULT_LOG, FLOW_BUFFER};
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{EventKind, EventSet, MessageMeta};
 use crate::registry::Registry;
+use crate::telemetry::Telemetry;
 
 /// What sits behind the proxy.
 #[derive(Debug, Clone)]
@@ -36,16 +37,23 @@ pub struct ServerConfig {
     pub backend: Backend,
     pub max_payload: u64,
     pub interceptor: Arc<dyn Interceptor>,
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// A bound, not yet running server.
 pub struct Server {
     listener: Listener,
-    registry: Arc<Registry>,
-    backend: Arc<Backend>,
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+}
+
+/// What every connection of a server uses.
+struct Shared {
+    backend: Backend,
     max_payload: u64,
     interceptor: Arc<dyn Interceptor>,
-    next_id: AtomicU64,
+    telemetry: Arc<Telemetry>,
+    registry: Arc<Registry>,
 }
 
 impl Server {
@@ -54,17 +62,20 @@ impl Server {
         let listener = Listener::bind(&cfg.listen).await?;
         Ok(Self {
             listener,
-            registry: Arc::new(Registry::default()),
-            backend: Arc::new(cfg.backend),
-            max_payload: cfg.max_payload,
-            interceptor: cfg.interceptor,
+            shared: Arc::new(Shared {
+                backend: cfg.backend,
+                max_payload: cfg.max_payload,
+                interceptor: cfg.interceptor,
+                telemetry: cfg.telemetry,
+                registry: Arc::new(Registry::default()),
+            }),
             next_id: AtomicU64::new(1),
         })
     }
 
     /// The live connections.
     pub fn registry(&self) -> Arc<Registry> {
-        self.registry.clone()
+        self.shared.registry.clone()
     }
 
     /// NBD URI clients connect to.
@@ -87,30 +98,25 @@ impl Server {
                 }
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(serve_client(
-                id,
-                stream,
-                peer,
-                self.backend.clone(),
-                self.max_payload,
-                self.interceptor.clone(),
-                self.registry.clone(),
-            ));
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                debug!(conn = id, %peer, "accepted");
+                shared.telemetry.connection_opened();
+                serve_client(id, stream, peer, &shared).await;
+                shared.telemetry.connection_closed();
+            });
         }
     }
 }
 
-async fn serve_client(
-    id: ConnId,
-    client: Stream,
-    peer: String,
-    backend: Arc<Backend>,
-    max_payload: u64,
-    interceptor: Arc<dyn Interceptor>,
-    registry: Arc<Registry>,
-) {
-    debug!(conn = id, %peer, "accepted");
-    let conn = Connection::new(id, peer, max_payload, interceptor);
+async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared) {
+    let conn = Connection::new(
+        id,
+        peer,
+        shared.max_payload,
+        shared.interceptor.clone(),
+        shared.telemetry.clone(),
+    );
     let connect = Event {
         conn: id,
         direction: None,
@@ -138,10 +144,11 @@ async fn serve_client(
             _ => return,
         }
     }
-    let upstream = match &*backend {
+    let upstream = match &shared.backend {
         Backend::Upstream(target) => match target.connect().await {
             Ok(s) => s,
             Err(e) => {
+                shared.telemetry.upstream_error();
                 warn!(conn = id, peer = %conn.peer, "cannot reach upstream {target}: {e}; closing the client connection");
                 return;
             }
@@ -157,8 +164,8 @@ async fn serve_client(
             Stream::Mem(near)
         }
     };
-    registry.insert(conn.clone());
+    shared.registry.insert(conn.clone());
     let result = pipeline::run(conn.clone(), client.into_split(), upstream.into_split()).await;
-    registry.remove(id);
+    shared.registry.remove(id);
     pipeline::log_outcome(&conn, &result);
 }

@@ -23,8 +23,10 @@ use tracing::{debug, info, trace, warn};
 
 use crate::intercept::{ConnId, ConnState, Event, Fault, Interceptor, Plan, Verdict};
 use crate::net::{ReadHalf, WriteHalf};
+use crate::protocol::consts;
+use crate::protocol::handshake::OptionData;
 use crate::protocol::transmission::ReplyMode;
-use crate::protocol::{Direction, MessageMeta, ProtocolError, Segment, Session, Step};
+use crate::protocol::{Direction, EventKind, MessageMeta, ProtocolError, Segment, Session, Step};
 use crate::telemetry::{ConnTelemetry, Telemetry};
 
 /// Per-flow buffer: big enough that a bulk transfer is a few large writes,
@@ -77,6 +79,8 @@ pub struct Connection {
     /// Bytes passed on (or swallowed) in each direction.
     bytes_to_server: AtomicU64,
     bytes_to_client: AtomicU64,
+    /// The export the client asked for (NBD_OPT_GO or EXPORT_NAME).
+    export: Mutex<Option<String>>,
     /// Held between messages while true (control API pause/resume).
     paused: watch::Sender<bool>,
     /// Set to tear the connection down (control API).
@@ -117,6 +121,7 @@ impl Connection {
             started: std::time::SystemTime::now(),
             bytes_to_server: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
+            export: Mutex::new(None),
             paused: watch::Sender::new(false),
             killed: watch::Sender::new(false),
             session: Mutex::new(Session::new(max_payload)),
@@ -161,6 +166,14 @@ impl Connection {
             Direction::ToServer => &self.bytes_to_server,
             Direction::ToClient => &self.bytes_to_client,
         }
+    }
+
+    /// The export name the client asked for, once it has.
+    pub fn export(&self) -> Option<String> {
+        self.export
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Requests sent to the server and not yet fully answered.
@@ -476,7 +489,7 @@ where
         };
         let (t, ct) = (&*self.conn.telemetry, &self.conn.conn_telemetry);
         match self.dir {
-            Direction::ToServer if command != crate::protocol::consts::CMD_DISC => {
+            Direction::ToServer if command != consts::CMD_DISC => {
                 ct.request_sent(t, cookie, command)
             }
             Direction::ToClient if self.meta.done => ct.reply_done(t, cookie),
@@ -484,9 +497,33 @@ where
         }
     }
 
+    /// Remembers the export name from an option's data, when the whole
+    /// data is already buffered (names are at most 4096 bytes; a longer one
+    /// is simply not shown).
+    fn note_export(&self, seg: Segment) {
+        if self.dir != Direction::ToServer || !seg.events.contains(EventKind::ExportName) {
+            return;
+        }
+        let avail = self.end - self.cursor;
+        if seg.len > avail as u64 || seg.len > 4096 + 6 {
+            return;
+        }
+        let data = &self.buf[self.cursor..self.cursor + seg.len as usize];
+        let name = match self.meta.option {
+            Some(consts::OPT_EXPORT_NAME) => Some(data),
+            Some(consts::OPT_GO) | Some(consts::OPT_INFO) => OptionData::new(data).string(),
+            _ => None,
+        };
+        if let Some(name) = name {
+            *self.conn.export.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(String::from_utf8_lossy(name).into_owned());
+        }
+    }
+
     /// Offers a segment to the interceptor and arms whatever fault fires.
     fn begin_segment(&mut self, seg: Segment) {
         self.seg_left = seg.len;
+        self.note_export(seg);
         if self.discarding || seg.events.is_empty() {
             return;
         }

@@ -12,5 +12,6 @@ pub mod pipeline;
 pub mod protocol;
 pub mod registry;
 pub mod rules;
+pub mod serve;
 pub mod server;
 pub mod telemetry;

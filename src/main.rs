@@ -1,7 +1,6 @@
 //! The `nbdfault` command line: parse arguments, start the library, report
 //! startup errors as one line. Everything else lives in the library.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,12 +9,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use nbdfault::addr::{ListenAddr, Target, parse_size};
-use nbdfault::intercept::Interceptor;
 use nbdfault::legacy;
 use nbdfault::null::NullConfig;
-use nbdfault::pipeline::DEFAULT_MAX_PAYLOAD;
 use nbdfault::rules::{self, RuleSet, live::LiveRules};
-use nbdfault::server::{Backend, Server, ServerConfig};
+use nbdfault::serve::{ServeOptions, serve};
+use nbdfault::server::Backend;
 use nbdfault::telemetry::Telemetry;
 
 #[derive(Parser)]
@@ -36,20 +34,14 @@ struct Cli {
 enum Command {
     /// Forward every client to a real NBD server.
     Proxy {
-        /// HOST:PORT, [IPV6]:PORT, a unix socket path or unix:PATH.
-        #[arg(long, value_name = "ADDR", default_value = nbdfault::addr::DEFAULT_LISTEN)]
-        listen: String,
         /// HOST:PORT, a unix socket path, nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH.
         #[arg(long, value_name = "TARGET")]
         upstream: String,
         #[command(flatten)]
-        rules: RuleArgs,
+        serve: ServeArgs,
     },
     /// Serve a disk that reads zeroes and discards writes.
     Null {
-        /// HOST:PORT, [IPV6]:PORT, a unix socket path or unix:PATH.
-        #[arg(long, value_name = "ADDR", default_value = nbdfault::addr::DEFAULT_LISTEN)]
-        listen: String,
         /// Export size: bytes, or with a binary unit (512M, 8G, 1TiB).
         #[arg(long, value_name = "SIZE", default_value = "8G")]
         size: String,
@@ -57,7 +49,7 @@ enum Command {
         #[arg(long)]
         oldstyle: bool,
         #[command(flatten)]
-        rules: RuleArgs,
+        serve: ServeArgs,
     },
     /// Validate rule files without serving; exit 0 when all are good.
     Check {
@@ -70,6 +62,21 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// What `proxy` and `null` share.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// HOST:PORT, [IPV6]:PORT, a unix socket path or unix:PATH
+    /// [default: 127.0.0.1:10809; with --run, a private unix socket].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Captive mode: run CMD through `sh -c` with $uri, $nbd, $port and
+    /// $unixsocket set; when it exits, stop and exit with its status.
+    #[arg(long, value_name = "CMD")]
+    run: Option<String>,
+    #[command(flatten)]
+    rules: RuleArgs,
 }
 
 #[derive(clap::Args)]
@@ -124,7 +131,7 @@ fn main() -> ExitCode {
         "warn,nbdfault::fault=info,nbdfault::control=info",
     );
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("nbdfault: {e:#}");
             ExitCode::FAILURE
@@ -148,81 +155,41 @@ fn init_logging(verbose: u8, quiet: &str) {
         .init();
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let (listen, backend, rules) = match cli.command {
-        Command::Proxy {
-            listen,
-            upstream,
-            rules,
-        } => (
-            listen,
+fn run(cli: Cli) -> Result<ExitCode> {
+    let (backend, args) = match cli.command {
+        Command::Proxy { upstream, serve } => (
             Backend::Upstream(upstream.parse::<Target>().context("--upstream")?),
-            rules,
+            serve,
         ),
         Command::Null {
-            listen,
             size,
             oldstyle,
-            rules,
+            serve,
         } => (
-            listen,
             Backend::Null(NullConfig {
                 size: parse_size(&size).context("--size")?,
                 oldstyle,
             }),
-            rules,
+            serve,
         ),
-        Command::Check { files } => return check(&files),
+        Command::Check { files } => return check(&files).map(|()| ExitCode::SUCCESS),
         // Dispatched in main, before the runtime and logging are set up.
         Command::Legacy { .. } => anyhow::bail!("legacy mode is handled in main"),
     };
-    // A bad rules file never starts a server.
-    let live = Arc::new(rules.live()?);
-    let interceptor: Arc<dyn Interceptor> = live.clone();
-    let listen: ListenAddr = listen.parse().context("--listen")?;
-    let cfg = ServerConfig {
-        listen: listen.clone(),
-        backend,
-        max_payload: DEFAULT_MAX_PAYLOAD,
-        interceptor,
-        telemetry: Arc::new(Telemetry::off()),
+    let listen = match &args.listen {
+        Some(l) => Some(l.parse::<ListenAddr>().context("--listen")?),
+        None => None,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
-        let server = Server::bind(cfg)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        println!("Listening on {}", server.uri());
-        std::io::stdout().flush().context("stdout")?;
-        tokio::select! {
-            () = server.run() => {}
-            r = signals(&live) => r?,
-        }
-        Ok(())
-    })
-}
-
-/// SIGHUP re-reads the rules files (a bad file keeps the rules in force);
-/// SIGINT or SIGTERM return, which drops the server and removes a unix
-/// socket file.
-async fn signals(live: &LiveRules) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match live.reload() {
-                Ok(n) => tracing::info!(target: "nbdfault::control", "SIGHUP: rules reloaded, {n} rule(s) in force"),
-                Err(e) => tracing::warn!(target: "nbdfault::control", "SIGHUP: keeping the rules in force: {e}"),
-            },
-        }
-    }
+    // A bad rules file never starts a server.
+    let rules = Arc::new(args.rules.live()?);
+    let status = serve(ServeOptions {
+        listen,
+        backend,
+        rules,
+        telemetry: Arc::new(Telemetry::off()),
+        run: args.run,
+    })?;
+    Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }
 
 /// `nbdfault check`: every file on its own, every error reported.

@@ -1,0 +1,202 @@
+//! The process around a server: the runtime, signals, the captive command
+//! (`--run`), and the lifetime of everything started with it.
+//!
+//! `main.rs` only turns arguments into [`ServeOptions`]; this is where a
+//! server runs, so tests can drive the same code.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::addr::ListenAddr;
+use crate::intercept::Interceptor;
+use crate::pipeline::DEFAULT_MAX_PAYLOAD;
+use crate::rules::live::LiveRules;
+use crate::server::{Backend, Server, ServerConfig};
+use crate::telemetry::Telemetry;
+
+/// Log target of lifecycle and control messages.
+pub const CONTROL_LOG: &str = "nbdfault::control";
+
+/// Everything `proxy` and `null` need.
+pub struct ServeOptions {
+    /// `None`: the default address, or a private unix socket with `run`.
+    pub listen: Option<ListenAddr>,
+    pub backend: Backend,
+    pub rules: Arc<LiveRules>,
+    pub telemetry: Arc<Telemetry>,
+    /// Captive mode: run this through `sh -c`, exit with its status.
+    pub run: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("starting the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create a private socket directory: {0}")]
+    PrivateDir(#[source] std::io::Error),
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot run {cmd:?}: {source}")]
+    Run {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Serves until SIGINT/SIGTERM (exit status 0) or, in captive mode, until
+/// the command exits (its status). Prints `Listening on URI` once clients
+/// can connect.
+pub fn serve(opts: ServeOptions) -> Result<i32, ServeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    rt.block_on(serve_async(opts))
+}
+
+async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
+    // A private directory for the socket of a captive server, removed on
+    // the way out (after the listener, which removes the socket itself).
+    let private = match (&opts.listen, &opts.run) {
+        (None, Some(_)) => Some(PrivateDir::new().map_err(ServeError::PrivateDir)?),
+        _ => None,
+    };
+    let listen = match (&opts.listen, &private) {
+        (Some(l), _) => l.clone(),
+        (None, Some(dir)) => ListenAddr::Unix(dir.0.join("nbd.sock")),
+        (None, None) => crate::addr::DEFAULT_LISTEN
+            .parse()
+            .expect("the default address parses"),
+    };
+    let interceptor: Arc<dyn Interceptor> = opts.rules.clone();
+    let server = Server::bind(ServerConfig {
+        listen: listen.clone(),
+        backend: opts.backend,
+        max_payload: DEFAULT_MAX_PAYLOAD,
+        interceptor,
+        telemetry: opts.telemetry.clone(),
+    })
+    .await
+    .map_err(|source| ServeError::Listen {
+        addr: listen.to_string(),
+        source,
+    })?;
+    let uri = server.uri();
+    println!("Listening on {uri}");
+    let _ = std::io::stdout().flush();
+
+    let status = {
+        let signals = signals(&opts.rules);
+        tokio::pin!(signals);
+        match &opts.run {
+            None => tokio::select! {
+                () = server.run() => 0,
+                r = &mut signals => r.map(|()| 0)?,
+            },
+            Some(cmd) => {
+                let mut child = captive(cmd, &uri, &listen)?;
+                tokio::select! {
+                    () = server.run() => 0,
+                    r = &mut signals => {
+                        r?;
+                        let _ = child.start_kill();
+                        0
+                    }
+                    s = child.wait() => exit_status(s.map_err(|source| ServeError::Run {
+                        cmd: cmd.clone(),
+                        source,
+                    })?),
+                }
+            }
+        }
+    };
+    drop(private);
+    Ok(status)
+}
+
+/// Starts the captive command with the server's address in its
+/// environment, as nbdkit's `--run` does: `uri` and `nbd` (the NBD URI),
+/// `port` and `unixsocket` (each empty when it does not apply).
+fn captive(cmd: &str, uri: &str, listen: &ListenAddr) -> Result<tokio::process::Child, ServeError> {
+    let (port, socket) = match listen {
+        ListenAddr::Tcp { .. } => (
+            uri.rsplit(':').next().unwrap_or_default().to_string(),
+            String::new(),
+        ),
+        ListenAddr::Unix(p) => (String::new(), p.display().to_string()),
+    };
+    tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("uri", uri)
+        .env("nbd", uri)
+        .env("port", port)
+        .env("unixsocket", socket)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| ServeError::Run {
+            cmd: cmd.to_string(),
+            source,
+        })
+}
+
+/// A command's exit status as a shell reports it: its code, or 128 plus
+/// the signal that killed it.
+fn exit_status(s: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+}
+
+/// SIGHUP re-reads the rules files (a bad file keeps the rules in force);
+/// SIGINT or SIGTERM return.
+async fn signals(rules: &LiveRules) -> Result<(), ServeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let install = |k| signal(k).map_err(ServeError::Signals);
+    let mut term = install(SignalKind::terminate())?;
+    let mut int = install(SignalKind::interrupt())?;
+    let mut hup = install(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match rules.reload() {
+                Ok(n) => info!(target: CONTROL_LOG, "SIGHUP: rules reloaded, {n} rule(s) in force"),
+                Err(e) => warn!(target: CONTROL_LOG, "SIGHUP: keeping the rules in force: {e}"),
+            },
+        }
+    }
+}
+
+/// An owner-only temporary directory, removed when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::temp_dir();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = base.join(format!("nbdfault-{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

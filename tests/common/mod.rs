@@ -897,3 +897,19 @@ pub fn assert_file_zero(path: &Path, len: u64) {
         off += n as u64;
     }
 }
+
+impl Nbdfault {
+    /// Waits (at most `timeout`) for the process to exit; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -14,7 +14,7 @@ use nbdfault::null::NullConfig;
 use nbdfault::rules::{self, RuleSet, live::LiveRules};
 use nbdfault::serve::{ServeOptions, serve};
 use nbdfault::server::Backend;
-use nbdfault::telemetry::Telemetry;
+use nbdfault::telemetry::{Telemetry, TraceTarget};
 
 #[derive(Parser)]
 #[command(
@@ -75,6 +75,9 @@ struct ServeArgs {
     /// $unixsocket set; when it exits, stop and exit with its status.
     #[arg(long, value_name = "CMD")]
     run: Option<String>,
+    /// Write one JSON line per event to FILE (`-` for stderr).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<String>,
     #[command(flatten)]
     rules: RuleArgs,
 }
@@ -186,7 +189,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         listen,
         backend,
         rules,
-        telemetry: Arc::new(Telemetry::off()),
+        telemetry: Arc::new(
+            Telemetry::new(false, args.trace.as_deref().map(TraceTarget::from_arg))
+                .context("--trace")?,
+        ),
         run: args.run,
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))

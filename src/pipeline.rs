@@ -566,6 +566,7 @@ where
                     let mut s = self.conn.session();
                     if let Some(cookie) = self.meta.cookie {
                         s.forget(cookie);
+                        self.conn.conn_telemetry.forget(cookie);
                     } else if answer.is_some() {
                         s.option_answered();
                     }

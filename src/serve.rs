@@ -121,6 +121,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
             }
         }
     };
+    opts.telemetry.flush_trace();
     drop(private);
     Ok(status)
 }

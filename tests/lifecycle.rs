@@ -137,3 +137,73 @@ fn run_exits_with_the_commands_status_and_passes_the_address() {
     assert_eq!(out.status.code(), Some(0), "{}", out.describe());
     assert_eq!(out.stdout.lines().nth(1), Some("8589934592"));
 }
+
+#[test]
+fn trace_records_every_event_of_a_qemu_io_session() {
+    require_tool("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.jsonl");
+    let rules = dir.path().join("r.yaml");
+    std::fs::write(
+        &rules,
+        "rules:\n  - name: eio\n    event: request\n    command: read\n    offset: 1MiB..\n    action: error\n    errno: EIO\n",
+    )
+    .unwrap();
+    let out = run(
+        nbdfault_bin(),
+        &[
+            "null",
+            "--trace",
+            trace.to_str().unwrap(),
+            "--rules",
+            rules.to_str().unwrap(),
+            "--run",
+            "qemu-io -f raw -c 'write -P 1 0 4k' -c 'read 1M 512' \"$uri\"",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout.contains("read failed: Input/output error"),
+        "{}",
+        out.describe()
+    );
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let events: Vec<serde_json::Value> = text.lines().map(parse_json).collect();
+    for e in &events {
+        let ts = e["ts"].as_str().unwrap();
+        assert_eq!(ts.len(), "2026-11-25T12:00:00.123456Z".len(), "{ts}");
+        assert!(ts.ends_with('Z'));
+        assert!(e["conn"].as_u64().is_some());
+    }
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(&names[..3], ["connect", "neg1", "export"], "{names:?}");
+    let write = events
+        .iter()
+        .find(|e| e["event"] == "request" && e["command"] == "write")
+        .expect("write request traced");
+    assert_eq!(write["direction"], "to-server");
+    assert_eq!(write["offset"], 0);
+    assert_eq!(write["length"], 4096);
+    assert_eq!(write["bytes"], 32, "QEMU 10 negotiates extended headers");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "data" && e["command"] == "write" && e["bytes"] == 4096)
+    );
+    let at = events
+        .iter()
+        .position(|e| e["event"] == "request" && e["command"] == "read" && e["offset"] == 1048576)
+        .expect("read request traced");
+    let read = &events[at];
+    assert_eq!(read["rule"], "eio");
+    assert_eq!(read["action"], "error");
+    // The proxy answered it: the server never replied to it. QEMU reuses
+    // cookies, so the next event with this cookie must be a new request.
+    let cookie = &read["cookie"];
+    if let Some(next) = events[at + 1..].iter().find(|e| &e["cookie"] == cookie) {
+        assert_eq!(next["event"], "request", "{next}");
+    }
+}

@@ -1,0 +1,817 @@
+//! The control API (`--control ADDR`): a small HTTP/1.1 server to look at
+//! and change a running proxy — its rules, its connections, its metrics.
+//!
+//! JSON in and out; rule bodies are rules documents (YAML or JSON, which is
+//! YAML) checked exactly like a rules file, so a bad one is refused with the
+//! message `nbdfault check` prints and nothing changes. Rule changes go
+//! through [`LiveRules`], so live connections see them from their next
+//! event.
+//!
+//! Anyone who can reach the API can cut connections and inject faults, so it
+//! serves only loopback and unix sockets unless a bearer token is set.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::addr::ListenAddr;
+use crate::net::Listener;
+use crate::pipeline::Connection;
+use crate::protocol::{Direction, consts};
+use crate::registry::Registry;
+use crate::rules::engine::Loaded;
+use crate::rules::live::{ChangeError, LiveRules};
+use crate::rules::{self, Action, Corruption, Errno, When};
+use crate::telemetry::Telemetry;
+
+/// Largest request body accepted (413 beyond).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// How long a client may take to send its request headers, then its body.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The file name rules sent to the API are reported under (in error
+/// messages and in each rule's `file`).
+pub const BODY_FILE: &str = "request body";
+
+const JSON: &str = "application/json";
+const METRICS_TYPE: &str = "text/plain; version=0.0.4";
+
+/// What the control API looks at and changes.
+pub struct ControlState {
+    pub rules: Arc<LiveRules>,
+    pub registry: Arc<Registry>,
+    pub telemetry: Arc<Telemetry>,
+    /// Required as `Authorization: Bearer TOKEN` on every request when set.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error(
+        "control address {addr} is not a loopback address: --control-token is required to \
+         serve the control API beyond this machine (or use 127.0.0.1:PORT, [::1]:PORT or a \
+         unix socket)"
+    )]
+    TokenRequired { addr: String },
+    #[error("--control-token must not be empty")]
+    EmptyToken,
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A bound, not yet running control server.
+pub struct Control {
+    listener: Listener,
+    state: Arc<ControlState>,
+}
+
+impl Control {
+    /// Binds `addr`. A TCP address that is not loopback needs a token;
+    /// unix sockets are local (and created owner-only).
+    pub async fn bind(addr: &ListenAddr, state: ControlState) -> Result<Control, ControlError> {
+        if state.token.as_deref() == Some("") {
+            return Err(ControlError::EmptyToken);
+        }
+        let listen_err = |source| ControlError::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        let token_required = || ControlError::TokenRequired {
+            addr: addr.to_string(),
+        };
+        // Refuse before binding, so the message is about the token rather
+        // than, say, a privileged port.
+        if state.token.is_none()
+            && let ListenAddr::Tcp { host, port } = addr
+        {
+            let first = tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .map_err(listen_err)?
+                .next();
+            if first.is_some_and(|a| !is_loopback(a)) {
+                return Err(token_required());
+            }
+        }
+        let listener = Listener::bind(addr).await.map_err(listen_err)?;
+        // And check what was really bound (a name may resolve differently
+        // the second time).
+        if state.token.is_none()
+            && let Listener::Tcp(l) = &listener
+            && !l.local_addr().is_ok_and(is_loopback)
+        {
+            return Err(token_required());
+        }
+        Ok(Control {
+            listener,
+            state: Arc::new(state),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, `http://[::1]:PORT` or `unix:PATH`.
+    pub fn url(&self) -> String {
+        match &self.listener {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(SocketAddr::V4(a)) => format!("http://{}:{}", a.ip(), a.port()),
+                Ok(SocketAddr::V6(a)) => format!("http://[{}]:{}", a.ip(), a.port()),
+                Err(e) => format!("http://(unknown address: {e})"),
+            },
+            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// Serves until the future is dropped (which removes a unix socket);
+    /// each connection on its own task.
+    pub async fn run(self) {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("control: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                });
+                let mut builder = http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                if let Err(e) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!(%peer, "control connection: {e}");
+                }
+            });
+        }
+    }
+}
+
+fn is_loopback(a: SocketAddr) -> bool {
+    match a.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------
+
+type Reply = Response<Full<Bytes>>;
+
+async fn handle(state: &ControlState, req: Request<Incoming>) -> Reply {
+    if let Some(token) = &state.token
+        && !authorized(&req, token)
+    {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (send Authorization: Bearer TOKEN)",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let path = req.uri().path().to_string();
+    let Some(route) = Route::of(&path) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no such endpoint {path:?} (endpoints: /metrics, /rules, /rules/NAME, \
+                 /connections, /connections/ID, /connections/ID/pause, /connections/ID/resume)"
+            ),
+        );
+    };
+    let allowed = route.methods();
+    if !allowed.contains(req.method()) {
+        let list = allowed
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!(
+                "method {} is not allowed on {path} (allowed: {list})",
+                req.method()
+            ),
+        );
+        if let Ok(v) = HeaderValue::from_str(&list) {
+            r.headers_mut().insert(header::ALLOW, v);
+        }
+        return r;
+    }
+    match route {
+        Route::Metrics => text(StatusCode::OK, state.telemetry.render_metrics()),
+        Route::Rules => match *req.method() {
+            Method::GET => json(StatusCode::OK, &rules_body(&state.rules)),
+            ref m => {
+                let replace = m == Method::PUT;
+                let text = match body_text(req).await {
+                    Ok(t) => t,
+                    Err(r) => return r,
+                };
+                change_rules(state, &text, replace)
+            }
+        },
+        Route::Rule(name) => {
+            let name = match percent_decode(name) {
+                Ok(n) => n,
+                Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
+            };
+            if state.rules.remove(&name) {
+                info!("control: removed rule {name:?}");
+                empty(StatusCode::NO_CONTENT)
+            } else {
+                error(
+                    StatusCode::NOT_FOUND,
+                    &format!("no rule named {name:?} (GET /rules lists them)"),
+                )
+            }
+        }
+        Route::Connections => {
+            let list: Vec<ConnJson> = state.registry.list().iter().map(|c| conn_json(c)).collect();
+            json(StatusCode::OK, &serde_json::json!({ "connections": list }))
+        }
+        Route::Connection(id, op) => {
+            let Some(conn) = id.parse().ok().and_then(|id| state.registry.get(id)) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!("no connection {id:?} (GET /connections lists them)"),
+                );
+            };
+            match (op, req.method()) {
+                (ConnOp::Pause, _) => {
+                    conn.pause();
+                    info!("control: paused connection {}", conn.id);
+                    json(StatusCode::OK, &conn_json(&conn))
+                }
+                (ConnOp::Resume, _) => {
+                    conn.resume();
+                    info!("control: resumed connection {}", conn.id);
+                    json(StatusCode::OK, &conn_json(&conn))
+                }
+                (ConnOp::Itself, &Method::DELETE) => {
+                    conn.kill();
+                    info!("control: closed connection {}", conn.id);
+                    empty(StatusCode::NO_CONTENT)
+                }
+                (ConnOp::Itself, _) => json(StatusCode::OK, &conn_json(&conn)),
+            }
+        }
+    }
+}
+
+enum Route<'a> {
+    Metrics,
+    Rules,
+    /// The still percent-encoded name.
+    Rule(&'a str),
+    Connections,
+    /// The id as given (404 unless it is a live connection's).
+    Connection(&'a str, ConnOp),
+}
+
+#[derive(Clone, Copy)]
+enum ConnOp {
+    Itself,
+    Pause,
+    Resume,
+}
+
+impl<'a> Route<'a> {
+    fn of(path: &'a str) -> Option<Route<'a>> {
+        match path {
+            "/metrics" => return Some(Route::Metrics),
+            "/rules" => return Some(Route::Rules),
+            "/connections" => return Some(Route::Connections),
+            _ => {}
+        }
+        if let Some(name) = path.strip_prefix("/rules/") {
+            return Some(Route::Rule(name));
+        }
+        let rest = path.strip_prefix("/connections/")?;
+        let (id, op) = match rest.split_once('/') {
+            None => (rest, ConnOp::Itself),
+            Some((id, "pause")) => (id, ConnOp::Pause),
+            Some((id, "resume")) => (id, ConnOp::Resume),
+            Some(_) => return None,
+        };
+        Some(Route::Connection(id, op))
+    }
+
+    fn methods(&self) -> &'static [Method] {
+        match self {
+            Route::Metrics | Route::Connections => &[Method::GET],
+            Route::Rules => &[Method::GET, Method::POST, Method::PUT],
+            Route::Rule(_) => &[Method::DELETE],
+            Route::Connection(_, ConnOp::Itself) => &[Method::GET, Method::DELETE],
+            Route::Connection(_, _) => &[Method::POST],
+        }
+    }
+}
+
+/// Whether the request carries `Authorization: Bearer TOKEN` (the scheme
+/// in any case), compared in constant time.
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let Some((scheme, given)) = value.split_at_checked(7) else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case(b"bearer ") && constant_time_eq(given, token.as_bytes())
+}
+
+/// Equality whose time depends only on the lengths, not on where the
+/// first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= std::hint::black_box(x ^ y);
+    }
+    diff == 0
+}
+
+/// The body as text, at most [`MAX_BODY`] bytes.
+async fn body_text(req: Request<Incoming>) -> Result<String, Reply> {
+    let too_big = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body is larger than {} bytes (1 MiB)", MAX_BODY),
+        )
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_big());
+    }
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Err(_) => {
+            return Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            ));
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_big()),
+        Ok(Err(e)) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request body: {e}"),
+            ));
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    String::from_utf8(bytes.to_vec()).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "the request body is not UTF-8 text",
+        )
+    })
+}
+
+/// POST (add) or PUT (replace) a rules document.
+fn change_rules(state: &ControlState, text: &str, replace: bool) -> Reply {
+    let set = match rules::parse_str(BODY_FILE, text) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let names = set
+        .rules
+        .iter()
+        .map(|r| format!("{:?}", r.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if replace {
+        state.rules.replace(set);
+        info!("control: replaced all rules with [{names}]");
+        json(StatusCode::OK, &rules_body(&state.rules))
+    } else {
+        match state.rules.add(set) {
+            Ok(()) => {
+                info!("control: added rules [{names}]");
+                json(StatusCode::CREATED, &rules_body(&state.rules))
+            }
+            Err(e @ ChangeError::Duplicate(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+        }
+    }
+}
+
+/// `/rules/NAME` with `%XX` escapes decoded.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            let Some(byte) = hex else {
+                return Err(format!("invalid percent-encoding in rule name {s:?}"));
+            };
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("rule name {s:?} is not UTF-8 once decoded"))
+}
+
+// ---------------------------------------------------------------------------
+// Responses
+// ---------------------------------------------------------------------------
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Reply {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
+    let mut text = serde_json::to_string_pretty(value).expect("JSON of plain data");
+    text.push('\n');
+    respond(status, JSON, Bytes::from(text))
+}
+
+fn error(status: StatusCode, message: &str) -> Reply {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn text(status: StatusCode, body: String) -> Reply {
+    respond(status, METRICS_TYPE, Bytes::from(body))
+}
+
+fn empty(status: StatusCode) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+// ---------------------------------------------------------------------------
+// JSON of rules and connections
+// ---------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct RulesJson {
+    rules: Vec<RuleJson>,
+    seed: u64,
+}
+
+/// One rule, spelled as in a YAML rules file, with its counts.
+#[derive(Serialize)]
+struct RuleJson {
+    name: String,
+    file: String,
+    line: usize,
+    event: Vec<&'static str>,
+    direction: &'static str,
+    command: Option<Vec<String>>,
+    offset: Option<OffsetJson>,
+    option: Option<Vec<String>>,
+    when: Value,
+    after: u64,
+    times: Option<u64>,
+    every: u64,
+    probability: f64,
+    #[serde(rename = "per-connection")]
+    per_connection: bool,
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errno: Option<String>,
+    /// `Some(Value::Null)`: a stall without a duration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jitter: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xor: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bits: Option<u32>,
+    matched: u64,
+    fired: u64,
+}
+
+#[derive(Serialize)]
+struct OffsetJson {
+    start: Option<u64>,
+    end: Option<u64>,
+}
+
+fn rules_body(live: &LiveRules) -> RulesJson {
+    let engine = live.current();
+    RulesJson {
+        rules: engine.rules().iter().map(|l| rule_json(l)).collect(),
+        seed: engine.seed(),
+    }
+}
+
+fn rule_json(loaded: &Loaded) -> RuleJson {
+    let r = loaded.rule();
+    let stats = loaded.stats();
+    let f = &r.filter;
+    let c = &r.counters;
+    let mut j = RuleJson {
+        name: r.name.clone(),
+        file: r.origin.file.clone(),
+        line: r.origin.line,
+        event: f.events.iter().map(|k| k.name()).collect(),
+        direction: f.direction.map_or("both", Direction::name),
+        command: f.commands.as_ref().map(|cmds| {
+            cmds.iter()
+                .map(|&c| consts::command_name(c).map_or_else(|| c.to_string(), str::to_string))
+                .collect()
+        }),
+        offset: f.offset.map(|o| OffsetJson {
+            start: o.start,
+            end: o.end,
+        }),
+        option: f.options.as_ref().map(|opts| {
+            opts.iter()
+                .map(|&o| consts::option_name(o).map_or_else(|| o.to_string(), str::to_string))
+                .collect()
+        }),
+        when: match r.when {
+            When::Before => Value::from("before"),
+            When::After => Value::from("after"),
+            When::Bytes(n) => Value::from(n),
+        },
+        after: c.after,
+        times: c.times,
+        every: c.every,
+        probability: c.probability,
+        per_connection: c.per_connection,
+        action: r.action.name(),
+        errno: None,
+        duration: None,
+        jitter: None,
+        reset: None,
+        at: None,
+        xor: None,
+        bits: None,
+        matched: stats.matched,
+        fired: stats.fired,
+    };
+    match &r.action {
+        Action::Disconnect { reset } => j.reset = Some(*reset),
+        Action::Error { errno } => j.errno = Some(errno_name(*errno)),
+        Action::Delay { duration, jitter } => {
+            j.duration = Some(Value::from(human(*duration)));
+            j.jitter = Some(human(*jitter));
+        }
+        Action::Stall { duration } => {
+            j.duration = Some(duration.map_or(Value::Null, |d| Value::from(human(d))));
+        }
+        Action::Drop => {}
+        Action::Corrupt(Corruption::Byte { at, xor }) => {
+            j.at = Some(*at);
+            j.xor = Some(*xor);
+        }
+        Action::Corrupt(Corruption::RandomBits { bits }) => j.bits = Some(*bits),
+    }
+    j
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// The name a rules file gives an errno (the number if it has none).
+fn errno_name(errno: Errno) -> String {
+    let name = match errno {
+        Errno::Transmission(n) => match n {
+            consts::EPERM => Some("EPERM"),
+            consts::EIO => Some("EIO"),
+            consts::ENOMEM => Some("ENOMEM"),
+            consts::EINVAL => Some("EINVAL"),
+            consts::ENOSPC => Some("ENOSPC"),
+            consts::EOVERFLOW => Some("EOVERFLOW"),
+            consts::ENOTSUP => Some("ENOTSUP"),
+            consts::ESHUTDOWN => Some("ESHUTDOWN"),
+            _ => None,
+        },
+        Errno::Option(n) => match n {
+            consts::REP_ERR_UNSUP => Some("unsup"),
+            consts::REP_ERR_POLICY => Some("policy"),
+            consts::REP_ERR_INVALID => Some("invalid"),
+            consts::REP_ERR_PLATFORM => Some("platform"),
+            consts::REP_ERR_TLS_REQD => Some("tls-reqd"),
+            consts::REP_ERR_UNKNOWN => Some("unknown"),
+            consts::REP_ERR_SHUTDOWN => Some("shutdown"),
+            consts::REP_ERR_BLOCK_SIZE_REQD => Some("block-size-reqd"),
+            consts::REP_ERR_TOO_BIG => Some("too-big"),
+            consts::REP_ERR_EXT_HEADER_REQD => Some("ext-header-reqd"),
+            _ => None,
+        },
+    };
+    match (name, errno) {
+        (Some(n), _) => n.to_string(),
+        (None, Errno::Transmission(n) | Errno::Option(n)) => n.to_string(),
+    }
+}
+
+#[derive(Serialize)]
+struct ConnJson {
+    id: u64,
+    client: String,
+    export: Option<String>,
+    started: String,
+    bytes_to_server: u64,
+    bytes_to_client: u64,
+    requests_in_flight: usize,
+    paused: bool,
+}
+
+fn conn_json(c: &Connection) -> ConnJson {
+    ConnJson {
+        id: c.id,
+        client: c.peer.clone(),
+        export: c.export(),
+        started: rfc3339_micros(c.started),
+        bytes_to_server: c.bytes(Direction::ToServer),
+        bytes_to_client: c.bytes(Direction::ToClient),
+        requests_in_flight: c.requests_in_flight(),
+        paused: c.is_paused(),
+    }
+}
+
+/// `2024-05-06T07:08:09.123456Z`.
+pub fn rfc3339_micros(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    let mut s = String::with_capacity(27);
+    let _ = write!(
+        s,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_micros()
+    );
+    s
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01, computed in
+/// 400-year eras (146,097 days each) starting on March 1st, so the leap
+/// day falls at the end of a year.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    // Shift the epoch to 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339_micros(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        let t = UNIX_EPOCH + Duration::new(951_782_400 + 3661, 123_456_789);
+        assert_eq!(rfc3339_micros(t), "2000-02-29T01:01:01.123456Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_251_199);
+        assert_eq!(rfc3339_micros(t), "2024-02-29T23:59:59.000000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(4_102_444_800);
+        assert_eq!(rfc3339_micros(t), "2100-01-01T00:00:00.000000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(4_107_542_400);
+        assert_eq!(rfc3339_micros(t), "2100-03-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn constant_time_equality() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b").unwrap(), "a b");
+        assert_eq!(
+            percent_decode("inject-error%20%22x%22").unwrap(),
+            "inject-error \"x\""
+        );
+        assert_eq!(percent_decode("caf%C3%A9").unwrap(), "café");
+        assert!(percent_decode("a%2").is_err());
+        assert!(percent_decode("a%zz").is_err());
+        assert!(percent_decode("%FF").is_err());
+    }
+
+    #[test]
+    fn routes() {
+        assert!(matches!(
+            Route::of("/rules/a%20b"),
+            Some(Route::Rule("a%20b"))
+        ));
+        assert!(matches!(
+            Route::of("/connections/7/pause"),
+            Some(Route::Connection("7", ConnOp::Pause))
+        ));
+        assert!(matches!(
+            Route::of("/connections/x"),
+            Some(Route::Connection("x", ConnOp::Itself))
+        ));
+        assert!(Route::of("/connections/7/stop").is_none());
+        assert!(Route::of("/").is_none());
+        assert!(Route::of("/rules/").is_some());
+    }
+
+    #[test]
+    fn rules_json_spelling() {
+        let text = "seed: 3\nrules:\n  - name: r\n    event: [request, reply]\n    \
+                    command: [read, write]\n    offset: 1MiB..\n    action: error\n    \
+                    errno: EIO\n    times: 2\n  - event: data\n    action: corrupt\n    \
+                    bits: 3\n    per-connection: true\n  - event: reply\n    action: stall\n  \
+                    - event: request\n    action: delay\n    duration: 200ms\n    when: 4\n";
+        let live = LiveRules::new(rules::parse_str("t.yaml", text).unwrap(), vec![], None);
+        let v = serde_json::to_value(rules_body(&live)).unwrap();
+        assert_eq!(v["seed"], 3);
+        let r = &v["rules"][0];
+        assert_eq!(r["name"], "r");
+        assert_eq!(r["file"], "t.yaml");
+        assert_eq!(r["line"], 3);
+        assert_eq!(r["event"], serde_json::json!(["request", "reply"]));
+        assert_eq!(r["direction"], "both");
+        assert_eq!(r["command"], serde_json::json!(["read", "write"]));
+        assert_eq!(
+            r["offset"],
+            serde_json::json!({"start": 1 << 20, "end": null})
+        );
+        assert_eq!(r["option"], Value::Null);
+        assert_eq!(r["when"], "before");
+        assert_eq!(r["times"], 2);
+        assert_eq!(r["errno"], "EIO");
+        assert_eq!(r["action"], "error");
+        assert!(r.get("duration").is_none());
+        let r = &v["rules"][1];
+        assert_eq!(r["name"], "rule-2");
+        assert_eq!(r["bits"], 3);
+        assert_eq!(r["per-connection"], true);
+        assert_eq!(r["times"], Value::Null);
+        let r = &v["rules"][2];
+        assert_eq!(r["duration"], Value::Null);
+        assert!(r.as_object().unwrap().contains_key("duration"));
+        let r = &v["rules"][3];
+        assert_eq!(r["duration"], "200ms");
+        assert_eq!(r["jitter"], "0s");
+        assert_eq!(r["when"], 4);
+        assert_eq!(r["direction"], "both");
+    }
+}

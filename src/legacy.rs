@@ -22,15 +22,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use crate::addr::ListenAddr;
-use crate::intercept::{Fault, Interceptor};
+use crate::intercept::{ConnState, Event, Fault, Interceptor, Plan, Verdict};
 use crate::net::{Listener, Stream};
-use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER};
+use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER, RESET_CLIENT};
 use crate::protocol::bytes::be32;
 use crate::protocol::consts::*;
 use crate::protocol::handshake::{ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionHeader};
 use crate::protocol::transmission::Reply;
-use crate::rules::engine::Engine;
-use crate::rules::ini;
+use crate::rules::{Rule, When, ini};
 use crate::telemetry::Telemetry;
 
 /// The Python tool's fake disk size.
@@ -55,6 +54,8 @@ fn usage(prog: &str) -> ExitCode {
 pub fn main(prog: &str, args: &[String]) -> ExitCode {
     let (classic, addr, config) = match args {
         [flag, addr, config] if flag == "--classic-negotiation" => (true, addr, config),
+        // The Python tool takes the flag, then finds no address: it fails.
+        [flag, _] if flag == "--classic-negotiation" => return usage(prog),
         [addr, config] => (false, addr, config),
         _ => return usage(prog),
     };
@@ -118,7 +119,7 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             return ExitCode::from(1);
         }
     };
-    let interceptor: Arc<dyn Interceptor> = Arc::new(ExitOnCut(Engine::new(rules)));
+    let interceptor: Arc<dyn Interceptor> = Arc::new(InjectorRules(rules.rules));
     let telemetry = Arc::new(Telemetry::off());
     let mut id = 0;
     loop {
@@ -130,9 +131,6 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             }
         };
         id += 1;
-        // One client at a time, as the Python tool serves them.
-        let (near, far) = tokio::io::duplex(FLOW_BUFFER);
-        let server = tokio::spawn(serve(far, classic));
         let conn = Connection::new(
             id,
             peer,
@@ -140,27 +138,77 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             interceptor.clone(),
             telemetry.clone(),
         );
-        let result = pipeline::run(
+        // One client at a time, as the Python tool serves them.
+        let (near, far) = tokio::io::duplex(FLOW_BUFFER);
+        let server = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let mut far = far;
+                if matches!(serve(&mut far, classic).await, Ok(true)) {
+                    // The Python tool closes with client bytes unread: its
+                    // kernel resets the connection, with no orderly end of
+                    // stream first. Close at once, with SO_LINGER 0, and
+                    // keep our end open until then so that no end of
+                    // stream reaches the client before the reset.
+                    conn.reset_on_close(RESET_CLIENT);
+                    conn.kill();
+                    return Some(far);
+                }
+                None
+            })
+        };
+        let pipe = tokio::spawn(pipeline::run(
             conn.clone(),
             client.into_split(),
             Stream::Mem(near).into_split(),
-        )
-        .await;
-        pipeline::log_outcome(&conn, &result);
-        let _ = server.await;
+        ));
+        // When the fake server is done with a client (NBD_CMD_DISC, an
+        // unknown command), the Python tool closes that socket and accepts
+        // the next client at once: once what the server sent has reached
+        // the client, close the connection whatever the client does.
+        let held = server.await.ok().flatten();
+        if held.is_none() {
+            conn.ended().await;
+            conn.kill();
+        }
+        match pipe.await {
+            Ok(result) => pipeline::log_outcome(&conn, &result),
+            Err(e) => debug!("connection task: {e}"),
+        }
+        drop(held);
     }
 }
 
-/// The rule engine, plus the Python tool's reaction to a rule match.
-struct ExitOnCut(Engine);
+/// The Python tool's rules, matched the way it matches them: every rule
+/// naming the event (in the direction given) is looked at in order; the
+/// first whose `when` is not "after" decides how many bytes pass (0 ends
+/// the connection at once, naming that rule); after the bytes have passed,
+/// the first matching rule of all ends the process, naming itself. So an
+/// "after" rule does not hide a later rule's byte count.
+struct InjectorRules(Vec<Rule>);
 
-impl Interceptor for ExitOnCut {
-    fn on_event(
-        &self,
-        event: &crate::intercept::Event,
-        state: &mut crate::intercept::ConnState,
-    ) -> crate::intercept::Verdict {
-        self.0.on_event(event, state)
+impl Interceptor for InjectorRules {
+    fn on_event(&self, ev: &Event, _state: &mut ConnState) -> Verdict {
+        let mut matching = self.0.iter().filter(|r| {
+            r.filter.events.iter().any(|k| ev.kinds.contains(k))
+                && (r.filter.direction.is_none() || r.filter.direction == ev.direction)
+        });
+        let Some(first) = matching.next() else {
+            return Verdict::Pass;
+        };
+        let decides = std::iter::once(first)
+            .chain(matching)
+            .find(|r| r.when != When::After);
+        let (name, at) = match decides {
+            Some(r) if r.when == When::Before => (&r.name, 0),
+            Some(r) => (&first.name, r.when.bytes(ev.size)),
+            None => (&first.name, ev.size),
+        };
+        Verdict::Fault(Fault {
+            rule: Arc::from(name.as_str()),
+            action: "disconnect",
+            plan: Plan::Cut { at, reset: false },
+        })
     }
 
     fn after_cut(&self, fault: &Fault) {
@@ -170,8 +218,33 @@ impl Interceptor for ExitOnCut {
     }
 }
 
-/// The Python tool's server: the fake disk, one connection.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, classic: bool) -> std::io::Result<()> {
+/// Whether the client sent bytes the server never read (they are already
+/// here if they are anywhere: the pipeline forwards what it has at once).
+fn unread<S: AsyncRead + Unpin>(s: &mut S) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        futures_lite_now(s.read(&mut b)),
+        Some(Ok(n)) if n > 0
+    )
+}
+
+/// Polls a future once.
+fn futures_lite_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let waker = std::task::Waker::noop();
+    match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// The Python tool's server: the fake disk, one connection. Returns
+/// whether it stopped with client bytes unread, which the Python tool's
+/// close turns into a TCP reset.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    classic: bool,
+) -> std::io::Result<bool> {
     let info = ExportInfo {
         size: FAKE_DISK_SIZE,
         flags: 0,
@@ -188,10 +261,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, classic: bool) -> st
         let mut b = [0u8; CLIENT_FLAGS_LEN + OPTION_HEADER_LEN];
         s.read_exact(&mut b).await?;
         let Ok(opt) = OptionHeader::parse(&b[CLIENT_FLAGS_LEN..]) else {
-            return Ok(());
+            return Ok(false);
         };
         if opt.option != OPT_EXPORT_NAME {
-            return Ok(());
+            return Ok(false);
         }
         discard(&mut s, opt.length.into()).await?;
         let mut reply = [0u8; EXPORT_NAME_REPLY_SHORT_LEN + EXPORT_NAME_REPLY_ZEROES];
@@ -202,7 +275,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, classic: bool) -> st
         let mut req = [0u8; REQUEST_LEN];
         s.read_exact(&mut req).await?;
         if be32(&req, 0) != REQUEST_MAGIC {
-            return Ok(());
+            return Ok(false);
         }
         // The Python tool reads flags and type as one 32-bit field.
         let kind = be32(&req, 4);
@@ -219,11 +292,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, classic: bool) -> st
                 discard(&mut s, len).await?;
                 s.write_all(&hdr).await?;
             }
-            2 => return Ok(()),
+            2 => return Ok(unread(&mut s)),
             other => {
                 println!("unrecognized command type {other:#x}");
                 let _ = std::io::stdout().flush();
-                return Ok(());
+                return Ok(unread(&mut s));
             }
         }
     }

@@ -42,6 +42,11 @@ const MIN_READ_SPACE: usize = 64 * 1024;
 /// NBD's usual 32 MiB maximum payload plus headroom.
 pub const DEFAULT_MAX_PAYLOAD: u64 = (32 << 20) + (64 << 10);
 
+/// The client's socket, for [`Connection::reset_on_close`].
+pub const RESET_CLIENT: u8 = 1;
+/// The upstream socket, for [`Connection::reset_on_close`].
+pub const RESET_SERVER: u8 = 2;
+
 /// Target of fault log lines, so they can be filtered on their own.
 pub const FAULT_LOG: &str = "nbdfault::fault";
 
@@ -85,6 +90,8 @@ pub struct Connection {
     paused: watch::Sender<bool>,
     /// Set to tear the connection down (control API).
     killed: watch::Sender<bool>,
+    /// Which sockets to close with a TCP reset (RESET_CLIENT, RESET_SERVER).
+    reset: std::sync::atomic::AtomicU8,
     session: Mutex<Session>,
     /// Per-connection memory of the interceptor (rule counters).
     rules: Mutex<ConnState>,
@@ -124,6 +131,7 @@ impl Connection {
             export: Mutex::new(None),
             paused: watch::Sender::new(false),
             killed: watch::Sender::new(false),
+            reset: std::sync::atomic::AtomicU8::new(0),
             session: Mutex::new(Session::new(max_payload)),
             rules: Mutex::new(ConnState::default()),
             wake_to_server: Notify::new(),
@@ -192,6 +200,18 @@ impl Connection {
 
     pub fn is_paused(&self) -> bool {
         *self.paused.borrow()
+    }
+
+    /// Resolves once either flow has ended.
+    pub async fn ended(&self) {
+        let mut rx = self.ended.subscribe();
+        let _ = rx.wait_for(|e| *e).await;
+    }
+
+    /// Makes the closing of the client's and/or the server's socket a TCP
+    /// reset instead of an orderly close (`RESET_CLIENT`, `RESET_SERVER`).
+    pub fn reset_on_close(&self, which: u8) {
+        self.reset.fetch_or(which, Ordering::Relaxed);
     }
 
     /// Closes both sides of the connection at once.
@@ -264,9 +284,14 @@ pub async fn run(
         other.abort();
         return first;
     }
-    other
-        .await
-        .unwrap_or_else(|e| Err(FlowError::Task(e.to_string())))
+    let mut other = other;
+    tokio::select! {
+        r = &mut other => r.unwrap_or_else(|e| Err(FlowError::Task(e.to_string()))),
+        _ = killed.wait_for(|k| *k) => {
+            other.abort();
+            Err(FlowError::Killed)
+        }
+    }
 }
 
 /// What a mark does when the flow reaches it.
@@ -285,7 +310,7 @@ enum MarkAction {
 }
 
 /// One direction of a connection. See the module docs.
-struct Flow<R, W> {
+struct Flow<R: Linger, W: Linger> {
     conn: Arc<Connection>,
     dir: Direction,
     src: R,
@@ -321,6 +346,8 @@ struct Flow<R, W> {
     answers: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
     /// The source reached end of stream while a hold was in progress.
     src_eof: bool,
+    /// Option data being collected for the export name.
+    export_data: Option<Vec<u8>>,
 }
 
 impl<R, W> Flow<R, W>
@@ -358,6 +385,7 @@ where
             queued: VecDeque::new(),
             answers,
             src_eof: false,
+            export_data: None,
         }
     }
 
@@ -418,7 +446,14 @@ where
                 } else {
                     self.cursor += take as usize;
                 }
+                if let Some(d) = &mut self.export_data {
+                    let from = self.cursor - take as usize;
+                    d.extend_from_slice(&self.buf[from..self.cursor]);
+                }
                 self.seg_left -= take;
+                if self.seg_left == 0 && self.export_data.is_some() {
+                    self.note_export();
+                }
                 continue;
             }
             if let Some(seg) = self.next_seg.take() {
@@ -497,22 +532,34 @@ where
         }
     }
 
-    /// Remembers the export name from an option's data, when the whole
-    /// data is already buffered (names are at most 4096 bytes; a longer one
-    /// is simply not shown).
-    fn note_export(&self, seg: Segment) {
-        if self.dir != Direction::ToServer || !seg.events.contains(EventKind::ExportName) {
-            return;
+    /// Starts collecting an option's data when it names an export
+    /// (NBD_OPT_EXPORT_NAME, GO, INFO): names are at most 4096 bytes, so
+    /// this is small and happens once or twice per connection.
+    fn watch_export(&mut self, seg: Segment) {
+        let names_export = matches!(
+            self.meta.option,
+            Some(consts::OPT_EXPORT_NAME | consts::OPT_GO | consts::OPT_INFO)
+        );
+        if self.dir == Direction::ToServer
+            && seg.events.contains(EventKind::ExportName)
+            && names_export
+            && seg.len <= 4096 + 6
+        {
+            self.export_data = Some(Vec::with_capacity(seg.len as usize));
+            if seg.len == 0 {
+                self.note_export();
+            }
         }
-        let avail = self.end - self.cursor;
-        if seg.len > avail as u64 || seg.len > 4096 + 6 {
+    }
+
+    /// The option data is complete: remember the export it names.
+    fn note_export(&mut self) {
+        let Some(data) = self.export_data.take() else {
             return;
-        }
-        let data = &self.buf[self.cursor..self.cursor + seg.len as usize];
+        };
         let name = match self.meta.option {
-            Some(consts::OPT_EXPORT_NAME) => Some(data),
-            Some(consts::OPT_GO) | Some(consts::OPT_INFO) => OptionData::new(data).string(),
-            _ => None,
+            Some(consts::OPT_EXPORT_NAME) => Some(&data[..]),
+            _ => OptionData::new(&data).string(),
         };
         if let Some(name) = name {
             *self.conn.export.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -523,7 +570,7 @@ where
     /// Offers a segment to the interceptor and arms whatever fault fires.
     fn begin_segment(&mut self, seg: Segment) {
         self.seg_left = seg.len;
-        self.note_export(seg);
+        self.watch_export(seg);
         if self.discarding || seg.events.is_empty() {
             return;
         }
@@ -592,9 +639,19 @@ where
         match action {
             MarkAction::Cut { reset, fault } => {
                 self.flush().await?;
+                // A peer that dies with bytes of ours unread resets the
+                // connection (that is what its kernel does): so does a cut
+                // toward the server with client bytes still unread.
+                let unread = self.dir == Direction::ToServer && self.end > self.cursor;
                 if reset {
-                    self.src.set_linger_zero();
+                    self.conn.reset_on_close(RESET_CLIENT | RESET_SERVER);
                     self.dst.set_linger_zero();
+                }
+                if reset || unread {
+                    self.conn.reset_on_close(RESET_CLIENT);
+                    // Now, too: `after_cut` may end the process before
+                    // the flows are dropped.
+                    self.src.set_linger_zero();
                 }
                 self.conn.interceptor.after_cut(&fault);
                 Err(FlowError::Cut {
@@ -792,12 +849,38 @@ where
     }
 }
 
+impl<R: Linger, W: Linger> Drop for Flow<R, W> {
+    /// Ending (or aborted with the connection): close the sockets the way
+    /// a fault asked, with a reset where it must be one.
+    fn drop(&mut self) {
+        let reset = self.conn.reset.load(Ordering::Relaxed);
+        if reset == 0 {
+            return;
+        }
+        let (src_side, dst_side) = match self.dir {
+            Direction::ToServer => (RESET_CLIENT, RESET_SERVER),
+            Direction::ToClient => (RESET_SERVER, RESET_CLIENT),
+        };
+        if reset & src_side != 0 {
+            self.src.set_linger_zero();
+        }
+        if reset & dst_side != 0 {
+            self.dst.set_linger_zero();
+            self.dst.abandon();
+        }
+    }
+}
+
 /// Closing with a TCP reset instead of a FIN: SO_LINGER with a zero timeout
 /// on a socket half, where the half is a TCP socket. (tokio deprecates
 /// set_linger because a non-zero linger blocks the thread in close(); a zero
 /// linger never blocks, it resets at once.)
 pub trait Linger {
     fn set_linger_zero(&self);
+    /// Lets go of a write half without the orderly end of stream (FIN)
+    /// that dropping it would send, so that closing the socket with
+    /// SO_LINGER 0 is a bare reset.
+    fn abandon(&mut self) {}
 }
 
 impl Linger for ReadHalf {
@@ -814,6 +897,17 @@ impl Linger for WriteHalf {
         if let WriteHalf::Tcp(h) = self {
             #[allow(deprecated)]
             let _ = h.as_ref().set_linger(Some(Duration::ZERO));
+        }
+    }
+
+    fn abandon(&mut self) {
+        if matches!(self, WriteHalf::Tcp(_)) {
+            // A stand-in to leave behind; this happens once per reset.
+            let (stand_in, _) = tokio::io::duplex(1);
+            let (_, w) = crate::net::Stream::Mem(stand_in).into_split();
+            if let WriteHalf::Tcp(h) = std::mem::replace(self, w) {
+                h.forget();
+            }
         }
     }
 }

@@ -18,8 +18,9 @@
 //! client that drops, one-line messages where configparser or open() give
 //! a traceback) and those reading this repository's rules/qemu-083.
 //!
-//! Known differences from the original are pinned by `#[ignore = "bug: …"]`
-//! tests at the end of the file.
+//! Differences found this way were fixed and their tests kept; the one left
+//! (`when` below -1, which the original turns into Python slicing) is
+//! pinned by an `#[ignore = "bug: …"]` test at the end of the file.
 
 mod common;
 
@@ -1379,8 +1380,7 @@ fn sequential_clients_one_at_a_time() {
 /// peer` (original, ~90% of runs) vs `Unexpected end-of-file` (nbdfault,
 /// ~85%) in the export-4/12/16/after cases, hidden by 083's filter.
 #[test]
-#[ignore = "bug: nbdfault legacy closes with FIN where the original resets the connection (client bytes left unread, e.g. export when=4, or an unrecognized command with data)"]
-fn bug_close_with_unread_bytes_resets_like_the_original() {
+fn close_with_unread_bytes_resets_like_the_original() {
     let mut failures = Vec::new();
     for when in ["4", "16", "after"] {
         let inj = Injector::start(
@@ -1421,8 +1421,7 @@ fn bug_close_with_unread_bytes_resets_like_the_original() {
 /// match inject-error a`; [a: neg1 after, b: neg1 before]: 0 bytes, then
 /// `…rule match inject-error b`. nbdfault sends all 18 bytes and names a.
 #[test]
-#[ignore = "bug: an `after` rule hides later rules on the same event: nbdfault sends the whole message where the original cuts it at the later rule's `when`"]
-fn bug_after_rule_does_not_hide_later_rules() {
+fn after_rule_does_not_hide_later_rules() {
     let mut failures = Vec::new();
     for (conf, bytes, rule) in [
         (
@@ -1481,8 +1480,7 @@ fn bug_negative_when_accepted_like_the_original() {
 /// file fails). nbdfault takes `--classic-negotiation` itself as a unix
 /// socket path, creates it in the working directory and serves.
 #[test]
-#[ignore = "bug: `legacy --classic-negotiation CONFIG` serves on a unix socket named `--classic-negotiation` instead of failing with status 1"]
-fn bug_classic_flag_without_address_fails() {
+fn classic_flag_without_address_fails() {
     let dir = TempDir::new().unwrap();
     fs::write(dir.path().join("c.ini"), "[inject-error]\nevent=neg1\n").unwrap();
     let mut child = Command::new(nbdfault_bin())
@@ -1513,8 +1511,7 @@ fn bug_classic_flag_without_address_fails() {
 /// keeps its socket open. nbdfault keeps the finished connection until the
 /// client closes its side, and serves nobody else meanwhile.
 #[test]
-#[ignore = "bug: after the fake server ends a connection (DISC, unrecognized command), nbdfault legacy serves no other client until that client closes its socket; the original accepts the next client at once"]
-fn bug_next_client_served_after_server_side_close() {
+fn next_client_served_after_server_side_close() {
     let inj = Injector::start(false, Transport::Tcp, NO_FAULT);
     for kind in [2u32, 3] {
         let mut a = negotiate(&inj);

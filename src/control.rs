@@ -73,7 +73,7 @@ pub enum ControlError {
     TokenRequired { addr: String },
     #[error("--control-token must not be empty")]
     EmptyToken,
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
         #[source]

@@ -78,6 +78,14 @@ struct ServeArgs {
     /// Write one JSON line per event to FILE (`-` for stderr).
     #[arg(long, value_name = "FILE")]
     trace: Option<String>,
+    /// Serve the HTTP control API (metrics, rules, connections) on ADDR:
+    /// HOST:PORT or a unix socket path. Off unless asked for.
+    #[arg(long, value_name = "ADDR")]
+    control: Option<String>,
+    /// Bearer token the control API requires (needed for a non-loopback
+    /// --control address).
+    #[arg(long, value_name = "TOKEN", requires = "control")]
+    control_token: Option<String>,
     #[command(flatten)]
     rules: RuleArgs,
 }
@@ -183,6 +191,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(l) => Some(l.parse::<ListenAddr>().context("--listen")?),
         None => None,
     };
+    let control = match &args.control {
+        Some(c) => Some((
+            c.parse::<ListenAddr>().context("--control")?,
+            args.control_token.clone(),
+        )),
+        None => None,
+    };
     // A bad rules file never starts a server.
     let rules = Arc::new(args.rules.live()?);
     let status = serve(ServeOptions {
@@ -190,10 +205,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         backend,
         rules,
         telemetry: Arc::new(
-            Telemetry::new(false, args.trace.as_deref().map(TraceTarget::from_arg))
-                .context("--trace")?,
+            Telemetry::new(
+                control.is_some(),
+                args.trace.as_deref().map(TraceTarget::from_arg),
+            )
+            .context("--trace")?,
         ),
         run: args.run,
+        control,
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }

@@ -63,6 +63,8 @@ pub enum FlowError {
     Truncated { dir: Direction },
     #[error("{dir}: disconnected by rule {rule}")]
     Cut { dir: Direction, rule: Arc<str> },
+    #[error("{dir}: stalled until the connection ended")]
+    Stalled { dir: Direction },
     #[error("closed through the control API")]
     Killed,
     #[error("a flow task failed: {0}")]
@@ -661,7 +663,13 @@ where
             }
             MarkAction::Hold { duration } => {
                 self.flush().await?;
-                self.hold(duration).await
+                self.hold(duration).await?;
+                if duration.is_none() {
+                    // A stall "until the connection ends" has seen it end:
+                    // what it held is never delivered.
+                    return Err(FlowError::Stalled { dir: self.dir });
+                }
+                Ok(())
             }
             MarkAction::Discard { answer } => {
                 self.discarding = true;

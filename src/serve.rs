@@ -12,11 +12,15 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::addr::ListenAddr;
+use crate::control::{Control, ControlError, ControlState};
 use crate::intercept::Interceptor;
 use crate::pipeline::DEFAULT_MAX_PAYLOAD;
 use crate::rules::live::LiveRules;
 use crate::server::{Backend, Server, ServerConfig};
 use crate::telemetry::Telemetry;
+
+// Error messages leave out their source: the binary prints the whole chain
+// (`{:#}`), which would repeat it.
 
 /// Log target of lifecycle and control messages.
 pub const CONTROL_LOG: &str = "nbdfault::control";
@@ -30,23 +34,27 @@ pub struct ServeOptions {
     pub telemetry: Arc<Telemetry>,
     /// Captive mode: run this through `sh -c`, exit with its status.
     pub run: Option<String>,
+    /// The HTTP control API's address, and the token it requires.
+    pub control: Option<(ListenAddr, Option<String>)>,
 }
 
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error("starting the runtime: {0}")]
+    #[error("starting the runtime")]
     Runtime(#[source] std::io::Error),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create a private socket directory: {0}")]
+    #[error("cannot create a private socket directory")]
     PrivateDir(#[source] std::io::Error),
-    #[error("installing signal handlers: {0}")]
+    #[error("--control")]
+    Control(#[from] ControlError),
+    #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
-    #[error("cannot run {cmd:?}: {source}")]
+    #[error("cannot run {cmd:?}")]
     Run {
         cmd: String,
         #[source]
@@ -93,8 +101,28 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         source,
     })?;
     let uri = server.uri();
+    let control = match opts.control {
+        Some((addr, token)) => Some(
+            Control::bind(
+                &addr,
+                ControlState {
+                    rules: opts.rules.clone(),
+                    registry: server.registry(),
+                    telemetry: opts.telemetry.clone(),
+                    token,
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
     println!("Listening on {uri}");
+    if let Some(c) = &control {
+        println!("Control on {}", c.url());
+    }
     let _ = std::io::stdout().flush();
+    // Dropped with this function: a unix control socket is removed.
+    let control = control.map(|c| tokio::spawn(c.run()));
 
     let status = {
         let signals = signals(&opts.rules);
@@ -122,6 +150,10 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         }
     };
     opts.telemetry.flush_trace();
+    if let Some(c) = control {
+        c.abort();
+        let _ = c.await;
+    }
     drop(private);
     Ok(status)
 }

@@ -207,3 +207,86 @@ fn trace_records_every_event_of_a_qemu_io_session() {
         assert_eq!(next["event"], "request", "{next}");
     }
 }
+
+fn control_url(p: &Nbdfault) -> String {
+    let mut url = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        url = p
+            .more_stdout()
+            .into_iter()
+            .find_map(|l| l.strip_prefix("Control on ").map(str::to_string));
+        url.is_some()
+    }));
+    url.unwrap()
+}
+
+fn curl(args: &[&str]) -> String {
+    require_tool("curl");
+    run_ok("curl", &[&["-s", "-w", "\n%{http_code}"], args].concat())
+}
+
+#[test]
+fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
+    require_tool("qemu-io");
+    let p = Nbdfault::start(&[
+        "null",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+        "--control-token",
+        "s3cret",
+    ]);
+    let url = control_url(&p);
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 7 0 64k", p.uri()]);
+
+    let denied = curl(&[&format!("{url}/metrics")]);
+    assert!(denied.ends_with("\n401"), "{denied}");
+    let denied = curl(&[
+        "-H",
+        "Authorization: Bearer wrong",
+        &format!("{url}/metrics"),
+    ]);
+    assert!(denied.ends_with("\n401"), "{denied}");
+
+    let metrics = curl(&[
+        "-H",
+        "Authorization: Bearer s3cret",
+        &format!("{url}/metrics"),
+    ]);
+    assert!(metrics.ends_with("\n200"), "{metrics}");
+    for line in [
+        "nbdfault_connections_total 1",
+        "nbdfault_connections_active 0",
+        "nbdfault_events_total{event=\"connect\",direction=\"none\"} 1",
+        "nbdfault_events_total{event=\"data\",direction=\"to-server\"} 1",
+        "nbdfault_request_duration_seconds_count{command=\"write\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
+    // 64 KiB of write payload plus headers went to the server.
+    let to_server: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nbdfault_bytes_total{direction=\"to-server\"} "))
+        .expect("bytes metric")
+        .parse()
+        .unwrap();
+    assert!(to_server > 65536, "{to_server}");
+}
+
+#[test]
+fn control_on_a_public_address_needs_a_token() {
+    let out = run(
+        nbdfault_bin(),
+        &["null", "--listen", "127.0.0.1:0", "--control", "0.0.0.0:0"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.stdout, "", "no server may start");
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--control-token is required"), "{err}");
+}

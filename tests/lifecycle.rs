@@ -250,11 +250,16 @@ fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
     ]);
     assert!(denied.ends_with("\n401"), "{denied}");
 
-    let metrics = curl(&[
-        "-H",
-        "Authorization: Bearer s3cret",
-        &format!("{url}/metrics"),
-    ]);
+    // The connection closes on the proxy's side just after qemu-io exits.
+    let mut metrics = String::new();
+    wait_until(Duration::from_secs(5), || {
+        metrics = curl(&[
+            "-H",
+            "Authorization: Bearer s3cret",
+            &format!("{url}/metrics"),
+        ]);
+        metrics.contains("nbdfault_connections_active 0")
+    });
     assert!(metrics.ends_with("\n200"), "{metrics}");
     for line in [
         "nbdfault_connections_total 1",

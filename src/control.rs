@@ -11,11 +11,10 @@
 //! serves only loopback and unix sockets unless a bearer token is set.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -38,7 +37,7 @@ use crate::registry::Registry;
 use crate::rules::engine::Loaded;
 use crate::rules::live::{ChangeError, LiveRules};
 use crate::rules::{self, Action, Corruption, Errno, When};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Rfc3339, Telemetry};
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY: usize = 1 << 20;
@@ -623,36 +622,11 @@ fn human(d: Duration) -> String {
 
 /// The name a rules file gives an errno (the number if it has none).
 fn errno_name(errno: Errno) -> String {
-    let name = match errno {
-        Errno::Transmission(n) => match n {
-            consts::EPERM => Some("EPERM"),
-            consts::EIO => Some("EIO"),
-            consts::ENOMEM => Some("ENOMEM"),
-            consts::EINVAL => Some("EINVAL"),
-            consts::ENOSPC => Some("ENOSPC"),
-            consts::EOVERFLOW => Some("EOVERFLOW"),
-            consts::ENOTSUP => Some("ENOTSUP"),
-            consts::ESHUTDOWN => Some("ESHUTDOWN"),
-            _ => None,
-        },
-        Errno::Option(n) => match n {
-            consts::REP_ERR_UNSUP => Some("unsup"),
-            consts::REP_ERR_POLICY => Some("policy"),
-            consts::REP_ERR_INVALID => Some("invalid"),
-            consts::REP_ERR_PLATFORM => Some("platform"),
-            consts::REP_ERR_TLS_REQD => Some("tls-reqd"),
-            consts::REP_ERR_UNKNOWN => Some("unknown"),
-            consts::REP_ERR_SHUTDOWN => Some("shutdown"),
-            consts::REP_ERR_BLOCK_SIZE_REQD => Some("block-size-reqd"),
-            consts::REP_ERR_TOO_BIG => Some("too-big"),
-            consts::REP_ERR_EXT_HEADER_REQD => Some("ext-header-reqd"),
-            _ => None,
-        },
+    let (table, n) = match errno {
+        Errno::Transmission(n) => (consts::TRANSMISSION_ERRNOS, n),
+        Errno::Option(n) => (consts::OPTION_ERRORS, n),
     };
-    match (name, errno) {
-        (Some(n), _) => n.to_string(),
-        (None, Errno::Transmission(n) | Errno::Option(n)) => n.to_string(),
-    }
+    consts::name_in(table, n).map_or_else(|| n.to_string(), str::to_string)
 }
 
 #[derive(Serialize)]
@@ -672,7 +646,7 @@ fn conn_json(c: &Connection) -> ConnJson {
         id: c.id,
         client: c.peer.clone(),
         export: c.export(),
-        started: rfc3339_micros(c.started),
+        started: Rfc3339(c.started).to_string(),
         bytes_to_server: c.bytes(Direction::ToServer),
         bytes_to_client: c.bytes(Direction::ToClient),
         requests_in_flight: c.requests_in_flight(),
@@ -680,57 +654,9 @@ fn conn_json(c: &Connection) -> ConnJson {
     }
 }
 
-/// `2024-05-06T07:08:09.123456Z`.
-pub fn rfc3339_micros(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days);
-    let mut s = String::with_capacity(27);
-    let _ = write!(
-        s,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        since.subsec_micros()
-    );
-    s
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01, computed in
-/// 400-year eras (146,097 days each) starting on March 1st, so the leap
-/// day falls at the end of a year.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    // Shift the epoch to 0000-03-01.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(rfc3339_micros(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
-        let t = UNIX_EPOCH + Duration::new(951_782_400 + 3661, 123_456_789);
-        assert_eq!(rfc3339_micros(t), "2000-02-29T01:01:01.123456Z");
-        let t = UNIX_EPOCH + Duration::from_secs(1_709_251_199);
-        assert_eq!(rfc3339_micros(t), "2024-02-29T23:59:59.000000Z");
-        let t = UNIX_EPOCH + Duration::from_secs(4_102_444_800);
-        assert_eq!(rfc3339_micros(t), "2100-01-01T00:00:00.000000Z");
-        let t = UNIX_EPOCH + Duration::from_secs(4_107_542_400);
-        assert_eq!(rfc3339_micros(t), "2100-03-01T00:00:00.000000Z");
-    }
 
     #[test]
     fn constant_time_equality() {

@@ -143,6 +143,37 @@ pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const STRUCTURED_REPLY_LEN: usize = 20;
 pub const EXTENDED_REPLY_LEN: usize = 32;
 
+/// The names rule files give transmission errors, and their wire values.
+pub const TRANSMISSION_ERRNOS: &[(&str, u32)] = &[
+    ("EPERM", EPERM),
+    ("EIO", EIO),
+    ("ENOMEM", ENOMEM),
+    ("EINVAL", EINVAL),
+    ("ENOSPC", ENOSPC),
+    ("EOVERFLOW", EOVERFLOW),
+    ("ENOTSUP", ENOTSUP),
+    ("ESHUTDOWN", ESHUTDOWN),
+];
+
+/// The names rule files give option reply errors, and their wire values.
+pub const OPTION_ERRORS: &[(&str, u32)] = &[
+    ("unsup", REP_ERR_UNSUP),
+    ("policy", REP_ERR_POLICY),
+    ("invalid", REP_ERR_INVALID),
+    ("platform", REP_ERR_PLATFORM),
+    ("tls-reqd", REP_ERR_TLS_REQD),
+    ("unknown", REP_ERR_UNKNOWN),
+    ("shutdown", REP_ERR_SHUTDOWN),
+    ("block-size-reqd", REP_ERR_BLOCK_SIZE_REQD),
+    ("too-big", REP_ERR_TOO_BIG),
+    ("ext-header-reqd", REP_ERR_EXT_HEADER_REQD),
+];
+
+/// The name of `value` in one of the tables above.
+pub fn name_in(table: &[(&'static str, u32)], value: u32) -> Option<&'static str> {
+    table.iter().find(|(_, v)| *v == value).map(|(n, _)| *n)
+}
+
 /// Human-readable name of an option, for logs and rule files.
 pub fn option_name(opt: u32) -> Option<&'static str> {
     Some(match opt {

@@ -119,29 +119,7 @@ const OPTIONS: &[u32] = &[
     consts::OPT_EXTENDED_HEADERS,
 ];
 
-const TRANSMISSION_ERRNOS: &[(&str, u32)] = &[
-    ("EPERM", consts::EPERM),
-    ("EIO", consts::EIO),
-    ("ENOMEM", consts::ENOMEM),
-    ("EINVAL", consts::EINVAL),
-    ("ENOSPC", consts::ENOSPC),
-    ("EOVERFLOW", consts::EOVERFLOW),
-    ("ENOTSUP", consts::ENOTSUP),
-    ("ESHUTDOWN", consts::ESHUTDOWN),
-];
-
-const OPTION_ERRORS: &[(&str, u32)] = &[
-    ("unsup", consts::REP_ERR_UNSUP),
-    ("policy", consts::REP_ERR_POLICY),
-    ("invalid", consts::REP_ERR_INVALID),
-    ("platform", consts::REP_ERR_PLATFORM),
-    ("tls-reqd", consts::REP_ERR_TLS_REQD),
-    ("unknown", consts::REP_ERR_UNKNOWN),
-    ("shutdown", consts::REP_ERR_SHUTDOWN),
-    ("block-size-reqd", consts::REP_ERR_BLOCK_SIZE_REQD),
-    ("too-big", consts::REP_ERR_TOO_BIG),
-    ("ext-header-reqd", consts::REP_ERR_EXT_HEADER_REQD),
-];
+use consts::{OPTION_ERRORS, TRANSMISSION_ERRNOS};
 
 fn event_names() -> Vec<&'static str> {
     EventKind::ALL.iter().map(|k| k.name()).collect()

@@ -24,6 +24,7 @@ use tracing::debug;
 use crate::addr::ListenAddr;
 use crate::intercept::{ConnState, Event, Fault, Interceptor, Plan, Verdict};
 use crate::net::{Listener, Stream};
+use crate::null::ZEROES;
 use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER, RESET_CLIENT};
 use crate::protocol::bytes::be32;
 use crate::protocol::consts::*;
@@ -313,10 +314,9 @@ async fn discard<S: AsyncRead + Unpin>(s: &mut S, mut n: u64) -> std::io::Result
 }
 
 async fn zeroes<S: AsyncWrite + Unpin>(s: &mut S, mut n: u64) -> std::io::Result<()> {
-    static ZERO: [u8; 64 * 1024] = [0u8; 64 * 1024];
     while n > 0 {
-        let k = n.min(ZERO.len() as u64) as usize;
-        s.write_all(&ZERO[..k]).await?;
+        let k = n.min(ZEROES.len() as u64) as usize;
+        s.write_all(&ZEROES[..k]).await?;
         n -= k as u64;
     }
     Ok(())

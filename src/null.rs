@@ -76,8 +76,8 @@ const DESCRIPTION: &str = "nbdfault null server";
 const READ_BUFFER: usize = 256 << 10;
 const WRITE_BUFFER: usize = 256 << 10;
 
-/// Source of every byte of read data.
-static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+/// Source of every byte of read data (the legacy server's too).
+pub(crate) static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
 /// Transmission flags the null server advertises.
 const BASE_FLAGS: u16 = FLAG_HAS_FLAGS

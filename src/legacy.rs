@@ -162,6 +162,8 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             conn.clone(),
             client.into_split(),
             Stream::Mem(near).into_split(),
+            // The Python tool waits for a slow client forever.
+            None,
         ));
         // When the fake server is done with a client (NBD_CMD_DISC, an
         // unknown command), the Python tool closes that socket and accepts

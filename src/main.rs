@@ -13,7 +13,7 @@ use nbdfault::legacy;
 use nbdfault::null::NullConfig;
 use nbdfault::rules::{self, RuleSet, live::LiveRules};
 use nbdfault::serve::{ServeOptions, serve};
-use nbdfault::server::Backend;
+use nbdfault::server::{Backend, Limits};
 use nbdfault::telemetry::{Telemetry, TraceTarget};
 
 #[derive(Parser)]
@@ -88,6 +88,39 @@ struct ServeArgs {
     control_token: Option<String>,
     #[command(flatten)]
     rules: RuleArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Limits against hostile or broken peers; each is logged when hit.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Largest payload a length field may announce (write payloads, option
+    /// data, reply chunks); more closes that connection.
+    #[arg(long, value_name = "SIZE", default_value = "32M")]
+    max_payload: String,
+    /// Close a client that has not finished the handshake after this long.
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    handshake_timeout: humantime::Duration,
+    /// Give up connecting to the upstream after this long.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    connect_timeout: humantime::Duration,
+    /// Connections served at once; further clients wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_connections: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Result<Limits> {
+        // Headroom above the payload for a chunk's own fields.
+        let max_payload = parse_size(&self.max_payload).context("--max-payload")? + (64 << 10);
+        Ok(Limits {
+            max_payload,
+            handshake_timeout: self.handshake_timeout.into(),
+            connect_timeout: self.connect_timeout.into(),
+            max_connections: self.max_connections,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -212,6 +245,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .context("--trace")?,
         ),
         run: args.run,
+        limits: args.limits.limits()?,
         control,
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))

@@ -65,6 +65,8 @@ pub enum FlowError {
     Cut { dir: Direction, rule: Arc<str> },
     #[error("{dir}: stalled until the connection ended")]
     Stalled { dir: Direction },
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
     #[error("closed through the control API")]
     Killed,
     #[error("a flow task failed: {0}")]
@@ -236,10 +238,12 @@ impl Connection {
 
 /// Runs both flows of a connection until both ends are closed, or one flow
 /// fails (then both sides are closed at once). Returns the first failure.
+/// A client still negotiating after `handshake_timeout` is closed.
 pub async fn run(
     conn: Arc<Connection>,
     client: (ReadHalf, WriteHalf),
     upstream: (ReadHalf, WriteHalf),
+    handshake_timeout: Option<Duration>,
 ) -> Result<(), FlowError> {
     let (client_r, client_w) = client;
     let (upstream_r, upstream_w) = upstream;
@@ -280,6 +284,11 @@ pub async fn run(
             to_client.abort();
             return Err(FlowError::Killed);
         }
+        () = handshake_deadline(&conn, handshake_timeout) => {
+            to_server.abort();
+            to_client.abort();
+            return Err(FlowError::HandshakeTimeout(handshake_timeout.unwrap_or_default()));
+        }
     };
     let first = first.unwrap_or_else(|e| Err(FlowError::Task(e.to_string())));
     if first.is_err() {
@@ -293,6 +302,18 @@ pub async fn run(
             other.abort();
             Err(FlowError::Killed)
         }
+    }
+}
+
+/// Resolves when `timeout` has passed and the handshake is still not done;
+/// never otherwise.
+async fn handshake_deadline(conn: &Connection, timeout: Option<Duration>) {
+    let Some(t) = timeout else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep(t).await;
+    if conn.session().handshake_done() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -925,7 +946,7 @@ impl Linger for WriteHalf {
 pub fn log_outcome(conn: &Connection, result: &Result<(), FlowError>) {
     match result {
         Ok(()) => debug!(conn = conn.id, peer = %conn.peer, "connection closed"),
-        Err(e @ FlowError::Protocol { .. }) => {
+        Err(e @ (FlowError::Protocol { .. } | FlowError::HandshakeTimeout(_))) => {
             warn!(conn = conn.id, peer = %conn.peer, "closing connection: {e}")
         }
         Err(e) => info!(conn = conn.id, peer = %conn.peer, "closing connection: {e}"),

@@ -14,9 +14,8 @@ use tracing::{info, warn};
 use crate::addr::ListenAddr;
 use crate::control::{Control, ControlError, ControlState};
 use crate::intercept::Interceptor;
-use crate::pipeline::DEFAULT_MAX_PAYLOAD;
 use crate::rules::live::LiveRules;
-use crate::server::{Backend, Server, ServerConfig};
+use crate::server::{Backend, Limits, Server, ServerConfig};
 use crate::telemetry::Telemetry;
 
 // Error messages leave out their source: the binary prints the whole chain
@@ -34,6 +33,7 @@ pub struct ServeOptions {
     pub telemetry: Arc<Telemetry>,
     /// Captive mode: run this through `sh -c`, exit with its status.
     pub run: Option<String>,
+    pub limits: Limits,
     /// The HTTP control API's address, and the token it requires.
     pub control: Option<(ListenAddr, Option<String>)>,
 }
@@ -91,7 +91,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     let server = Server::bind(ServerConfig {
         listen: listen.clone(),
         backend: opts.backend,
-        max_payload: DEFAULT_MAX_PAYLOAD,
+        limits: opts.limits,
         interceptor,
         telemetry: opts.telemetry.clone(),
     })

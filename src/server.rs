@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::addr::{ListenAddr, Target};
 use crate::intercept::{ConnId, Event, Interceptor, Plan, Verdict};
 use crate::net::{Listener, Stream};
 use crate::null::{self, NullConfig};
-use crate::pipeline::{self, Connection, FAULT_LOG, FLOW_BUFFER};
+use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FAULT_LOG, FLOW_BUFFER};
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{EventKind, EventSet, MessageMeta};
 use crate::registry::Registry;
@@ -35,9 +36,34 @@ pub enum Backend {
 pub struct ServerConfig {
     pub listen: ListenAddr,
     pub backend: Backend,
-    pub max_payload: u64,
+    pub limits: Limits,
     pub interceptor: Arc<dyn Interceptor>,
     pub telemetry: Arc<Telemetry>,
+}
+
+/// What a server allows, each a flag with a default; each logged when hit.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest payload any length field may announce (write payloads,
+    /// option data, reply chunks).
+    pub max_payload: u64,
+    /// A client still negotiating after this long is closed.
+    pub handshake_timeout: Duration,
+    /// Connecting to the upstream may take this long.
+    pub connect_timeout: Duration,
+    /// Connections served at once; further clients wait to be accepted.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            handshake_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
 }
 
 /// A bound, not yet running server.
@@ -50,7 +76,7 @@ pub struct Server {
 /// What every connection of a server uses.
 struct Shared {
     backend: Backend,
-    max_payload: u64,
+    limits: Limits,
     interceptor: Arc<dyn Interceptor>,
     telemetry: Arc<Telemetry>,
     registry: Arc<Registry>,
@@ -64,7 +90,7 @@ impl Server {
             listener,
             shared: Arc::new(Shared {
                 backend: cfg.backend,
-                max_payload: cfg.max_payload,
+                limits: cfg.limits,
                 interceptor: cfg.interceptor,
                 telemetry: cfg.telemetry,
                 registry: Arc::new(Registry::default()),
@@ -86,7 +112,16 @@ impl Server {
     /// Accepts and serves clients until the future is dropped. Dropping it
     /// (and so the listener) removes a unix socket file.
     pub async fn run(self) {
+        let max = self.shared.limits.max_connections.max(1);
+        let slots = Arc::new(Semaphore::new(max));
         loop {
+            if slots.available_permits() == 0 {
+                warn!("{max} connections open (--max-connections): further clients wait");
+            }
+            // Waiting here leaves further clients in the listen backlog.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (stream, peer) = match self.listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -104,6 +139,7 @@ impl Server {
                 shared.telemetry.connection_opened();
                 serve_client(id, stream, peer, &shared).await;
                 shared.telemetry.connection_closed();
+                drop(slot);
             });
         }
     }
@@ -113,7 +149,7 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
     let conn = Connection::new(
         id,
         peer,
-        shared.max_payload,
+        shared.limits.max_payload,
         shared.interceptor.clone(),
         shared.telemetry.clone(),
     );
@@ -145,14 +181,16 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
         }
     }
     let upstream = match &shared.backend {
-        Backend::Upstream(target) => match target.connect().await {
-            Ok(s) => s,
-            Err(e) => {
-                shared.telemetry.upstream_error();
-                warn!(conn = id, peer = %conn.peer, "cannot reach upstream {target}: {e}; closing the client connection");
-                return;
+        Backend::Upstream(target) => {
+            match connect_upstream(target, shared.limits.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    shared.telemetry.upstream_error();
+                    warn!(conn = id, peer = %conn.peer, "cannot reach upstream {target}: {e}; closing the client connection");
+                    return;
+                }
             }
-        },
+        }
         Backend::Null(cfg) => {
             let (near, far) = tokio::io::duplex(FLOW_BUFFER);
             let cfg = cfg.clone();
@@ -165,7 +203,23 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
         }
     };
     shared.registry.insert(conn.clone());
-    let result = pipeline::run(conn.clone(), client.into_split(), upstream.into_split()).await;
+    let result = pipeline::run(
+        conn.clone(),
+        client.into_split(),
+        upstream.into_split(),
+        Some(shared.limits.handshake_timeout),
+    )
+    .await;
     shared.registry.remove(id);
     pipeline::log_outcome(&conn, &result);
+}
+
+async fn connect_upstream(target: &Target, timeout: Duration) -> std::io::Result<Stream> {
+    match tokio::time::timeout(timeout, target.connect()).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {timeout:?} (--connect-timeout)"),
+        )),
+    }
 }

@@ -17,9 +17,8 @@ use tempfile::TempDir;
 use nbdfault::addr::ListenAddr;
 use nbdfault::control::{Control, ControlError, ControlState};
 use nbdfault::null::NullConfig;
-use nbdfault::pipeline::DEFAULT_MAX_PAYLOAD;
 use nbdfault::rules::{self, live::LiveRules};
-use nbdfault::server::{Backend, Server, ServerConfig};
+use nbdfault::server::{Backend, Limits, Server, ServerConfig};
 use nbdfault::telemetry::Telemetry;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -63,7 +62,7 @@ async fn start(control: &str, token: Option<&str>) -> Fixture {
             size: 64 << 20,
             oldstyle: false,
         }),
-        max_payload: DEFAULT_MAX_PAYLOAD,
+        limits: Limits::default(),
         interceptor: rules.clone(),
         telemetry: telemetry.clone(),
     })

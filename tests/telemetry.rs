@@ -13,7 +13,7 @@ use nbdfault::addr::Target;
 use nbdfault::intercept::{Interceptor, PassThrough};
 use nbdfault::null::NullConfig;
 use nbdfault::rules::{self, engine::Engine};
-use nbdfault::server::{Backend, Server, ServerConfig};
+use nbdfault::server::{Backend, Limits, Server, ServerConfig};
 use nbdfault::telemetry::{Telemetry, TraceTarget};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -36,7 +36,7 @@ impl InProcess {
         let cfg = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             backend,
-            max_payload: 32 << 20,
+            limits: Limits::default(),
             interceptor,
             telemetry: telemetry.clone(),
         };

@@ -199,6 +199,12 @@ impl Session {
         self.inflight.len()
     }
 
+    /// Whether negotiation is over: transmission, or relaying TLS unparsed.
+    pub fn handshake_done(&self) -> bool {
+        self.in_transmission()
+            || (self.client == ClientState::Opaque && self.server == ServerState::Opaque)
+    }
+
     /// The request in flight under `cookie`, if any.
     pub fn inflight(&self, cookie: u64) -> Option<Inflight> {
         self.inflight.get(&cookie).copied()

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The benchmark command of nbdfault: nbdfault side by side with a direct
+# connection and with nbdkit's proxy, on this machine, in one run.
+#
+#   sudo scripts/bench.sh            # installs its tools as root, like scripts/test.sh
+#   RUNS=7 SIZE=1G scripts/bench.sh  # more runs, another file size
+#
+# Prints, as a table, medians over RUNS alternating runs (the contenders
+# take turns, so drift on a shared machine hits them alike):
+#   - sequential read: nbdcopy of a SIZE tmpfs file from qemu-nbd, direct,
+#     through nbdfault, through nbdkit's nbd plugin;
+#   - 4 KiB random reads, fio's nbd engine, queue depth 1 and 16, same three;
+#   - null servers: nbdcopy --no-extents of 4 GiB from nbdkit's null plugin
+#     and from nbdfault null;
+#   - nbdfault with 1,000 rules that match nothing, against no rules;
+#   - peak RSS of nbdfault with 16 clients each reading with 32 MiB requests.
+# Ratios are against direct (or nbdkit null). Benchmarks are not tests:
+# nothing here fails on a number.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+RUNS=${RUNS:-5}
+SIZE=${SIZE:-1G}
+FIO_SECONDS=${FIO_SECONDS:-5}
+
+if [ "$(id -u)" -eq 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update >/dev/null && apt-get install -y qemu-utils nbdkit libnbd-bin fio >/dev/null
+fi
+for t in qemu-nbd nbdkit nbdcopy fio; do
+    command -v "$t" >/dev/null || { echo "error: $t missing (run as root to install)" >&2; exit 1; }
+done
+cargo build --release --quiet
+NBDFAULT=$PWD/target/release/nbdfault
+
+work=$(mktemp -d /dev/shm/nbdfault-bench.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_sock() {
+    for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
+    echo "error: $1 never appeared" >&2
+    exit 1
+}
+uri() { echo "nbd+unix:///?socket=$1"; }
+
+echo "preparing a $SIZE file of random data in $work ..."
+head -c "$SIZE" /dev/urandom >"$work/disk.img" 2>/dev/null || \
+    { truncate -s "$SIZE" "$work/disk.img"; dd if=/dev/urandom of="$work/disk.img" bs=1M count=$(( $(stat -c %s "$work/disk.img") / 1048576 )) conv=notrunc status=none; }
+
+qemu-nbd -f raw --persistent --shared=32 -k "$work/qemu.sock" "$work/disk.img" &
+pids+=($!)
+wait_sock "$work/qemu.sock"
+"$NBDFAULT" proxy --listen "$work/fault.sock" --upstream "$work/qemu.sock" >/dev/null 2>"$work/fault.log" &
+fault_pid=$!
+pids+=($fault_pid)
+nbdkit -f -U "$work/kit.sock" nbd socket="$work/qemu.sock" &
+pids+=($!)
+nbdkit -f -U "$work/kitnull.sock" null 4G &
+pids+=($!)
+"$NBDFAULT" null --size 4G --listen "$work/null.sock" >/dev/null 2>&1 &
+pids+=($!)
+# 1,000 rules that match nothing: reads beyond the end of the disk.
+{
+    echo "rules:"
+    for i in $(seq 1000); do
+        printf '  - name: never-%d\n    event: request\n    command: read\n    offset: 1000TiB..\n    action: error\n    errno: EIO\n' "$i"
+    done
+} >"$work/rules.yaml"
+"$NBDFAULT" proxy --listen "$work/rules.sock" --upstream "$work/qemu.sock" --rules "$work/rules.yaml" >/dev/null 2>&1 &
+pids+=($!)
+for s in fault kit kitnull null rules; do wait_sock "$work/$s.sock"; done
+
+# Seconds (wall) for a command, to 3 decimals.
+seconds() {
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$@" >/dev/null 2>&1
+    t1=$(date +%s.%N)
+    echo "$t1 - $t0" | bc -l
+}
+median() { sort -g | awk '{a[NR]=$1} END {m=(NR+1)/2; if (NR%2) print a[m]; else print (a[m-0.5]+a[m+0.5])/2}'; }
+bytes=$(stat -c %s "$work/disk.img")
+
+declare -A res
+run_alternating() { # name:sock ... ; fills res[name] with median seconds of nbdcopy
+    local pairs=("$@") name sock r
+    declare -A samples
+    for r in $(seq "$RUNS"); do
+        for p in "${pairs[@]}"; do
+            name=${p%%:*}; sock=${p#*:}
+            samples[$name]+="$(seconds nbdcopy ${COPY_ARGS:-} "$(uri "$work/$sock.sock")" null:) "
+        done
+    done
+    for p in "${pairs[@]}"; do
+        name=${p%%:*}
+        res[$name]=$(echo "${samples[$name]}" | tr ' ' '\n' | grep . | median)
+    done
+}
+
+echo "sequential reads (nbdcopy, $RUNS alternating runs) ..."
+run_alternating direct:qemu nbdfault:fault nbdkit:kit rules1000:rules
+echo "null servers (nbdcopy --no-extents of 4 GiB) ..."
+COPY_ARGS=--no-extents run_alternating nbdkit-null:kitnull nbdfault-null:null
+
+fio_iops() { # sock iodepth
+    # fio's nbd engine chats on stdout: keep the JSON in a file.
+    fio --name=r --ioengine=nbd --uri="$(uri "$work/$1.sock")" --rw=randread --bs=4k \
+        --iodepth="$2" --time_based --runtime="$FIO_SECONDS" --output-format=json \
+        --output="$work/fio.json" >/dev/null 2>&1
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"])' "$work/fio.json"
+}
+declare -A iops
+for qd in 1 16; do
+    echo "4 KiB random reads, queue depth $qd (fio, $FIO_SECONDS s each, $RUNS rounds) ..."
+    declare -A s=()
+    for r in $(seq "$RUNS"); do
+        for n in qemu fault kit; do s[$n]+="$(fio_iops "$n" "$qd") "; done
+    done
+    for n in qemu fault kit; do
+        iops[$n-$qd]=$(echo "${s[$n]}" | tr ' ' '\n' | grep . | median)
+    done
+done
+
+echo "peak RSS with 16 clients reading with 32 MiB requests ..."
+rss_before=$(awk '/VmRSS/ {print $2}' "/proc/$fault_pid/status")
+for i in $(seq 16); do
+    nbdcopy --request-size=33554432 --requests=1 --connections=1 "$(uri "$work/fault.sock")" null: &
+done
+wait_clients() { while pgrep -f "nbdcopy --request-size=33554432" >/dev/null; do sleep 0.1; done; }
+wait_clients
+rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$fault_pid/status")
+
+mib() { echo "scale=0; $bytes / $1 / 1048576" | bc -l; }
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
+echo
+echo "## nbdfault benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//')"
+echo
+echo "| measurement | direct | nbdfault | nbdkit nbd plugin | nbdfault / direct | nbdkit / direct |"
+echo "|---|---|---|---|---|---|"
+echo "| sequential read, MiB/s (nbdcopy, $SIZE) | $(mib "${res[direct]}") | $(mib "${res[nbdfault]}") | $(mib "${res[nbdkit]}") | $(ratio "${res[direct]}" "${res[nbdfault]}") | $(ratio "${res[direct]}" "${res[nbdkit]}") |"
+for qd in 1 16; do
+    echo "| 4 KiB random read IOPS, QD $qd (fio) | ${iops[qemu-$qd]%.*} | ${iops[fault-$qd]%.*} | ${iops[kit-$qd]%.*} | $(ratio "${iops[fault-$qd]}" "${iops[qemu-$qd]}") | $(ratio "${iops[kit-$qd]}" "${iops[qemu-$qd]}") |"
+done
+echo
+echo "| measurement | value |"
+echo "|---|---|"
+echo "| null server, 4 GiB --no-extents: nbdkit null / nbdfault null, seconds | ${res[nbdkit-null]} / ${res[nbdfault-null]} (nbdfault at $(ratio "${res[nbdkit-null]}" "${res[nbdfault-null]}")x nbdkit's speed) |"
+echo "| 1,000 non-matching rules: throughput vs no rules | $(ratio "${res[nbdfault]}" "${res[rules1000]}")x |"
+echo "| nbdfault RSS: idle / peak with 16 clients x 32 MiB reads | $((rss_before / 1024)) MiB / $((rss_peak / 1024)) MiB |"

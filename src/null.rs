@@ -20,12 +20,15 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tracing::{debug, trace, warn};
 
 use crate::protocol::ProtocolError;
-use crate::protocol::bytes::{put32, put64};
+use crate::protocol::bytes::put64;
 use crate::protocol::consts::*;
 use crate::protocol::handshake::{
-    ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionData, OptionHeader, OptionReplyHeader,
+    BlockSizes, ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionData, OptionHeader,
+    OptionReplyHeader,
 };
-use crate::protocol::transmission::{Reply, ReplyMode, Request, build_error_reply};
+use crate::protocol::transmission::{
+    Reply, ReplyMode, Request, build_error_reply, build_one_extent,
+};
 
 /// What the null server exports.
 #[derive(Debug, Clone)]
@@ -370,8 +373,17 @@ where
                 };
                 self.opt_reply(option, REP_INFO, &[&info.build_info()])
                     .await?;
-                self.opt_reply(option, REP_INFO, &[&build_info_block_size()])
-                    .await?;
+                self.opt_reply(
+                    option,
+                    REP_INFO,
+                    &[&BlockSizes {
+                        minimum: MIN_BLOCK,
+                        preferred: PREFERRED_BLOCK,
+                        maximum: MAX_PAYLOAD as u32,
+                    }
+                    .build_info()],
+                )
+                .await?;
                 if req.want_name {
                     self.opt_reply(option, REP_INFO, &[&INFO_NAME.to_be_bytes(), req.name])
                         .await?;
@@ -691,8 +703,12 @@ where
                 self.write_zeroes(req.length).await?;
             }
             (Success::BlockStatus(len), _) => {
-                let (chunk_type, payload, plen) =
-                    build_block_status(mode == ReplyMode::Extended, len);
+                let (chunk_type, payload, plen) = build_one_extent(
+                    mode == ReplyMode::Extended,
+                    BASE_ALLOCATION_ID,
+                    len,
+                    STATE_HOLE | STATE_ZERO,
+                );
                 let n = mode
                     .chunk(
                         REPLY_FLAG_DONE,
@@ -809,39 +825,6 @@ fn parse_meta_query(data: &[u8]) -> Result<MetaQuery, &'static str> {
         return Err("trailing bytes after the queries");
     }
     Ok(q)
-}
-
-/// Payload of NBD_REP_INFO / NBD_INFO_BLOCK_SIZE (14 bytes).
-// TODO(protocol): belongs next to ExportInfo::build_info.
-fn build_info_block_size() -> [u8; 14] {
-    let mut b = [0u8; 14];
-    b[..2].copy_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    put32(&mut b, 2, MIN_BLOCK);
-    put32(&mut b, 6, PREFERRED_BLOCK);
-    put32(&mut b, 10, MAX_PAYLOAD as u32);
-    b
-}
-
-const EXTENT_FLAGS: u32 = STATE_HOLE | STATE_ZERO;
-
-/// Payload of a status chunk with one `base:allocation` extent of `len`
-/// bytes: NBD_REPLY_TYPE_BLOCK_STATUS (12 bytes; `len` fits 32 bits in
-/// compact mode) or, with extended headers, NBD_REPLY_TYPE_BLOCK_STATUS_EXT
-/// (24 bytes). Returns the chunk type, the buffer and the payload length.
-// TODO(protocol): belongs in transmission.rs.
-fn build_block_status(extended: bool, len: u64) -> (u16, [u8; 24], usize) {
-    let mut b = [0u8; 24];
-    put32(&mut b, 0, BASE_ALLOCATION_ID);
-    if extended {
-        put32(&mut b, 4, 1);
-        put64(&mut b, 8, len);
-        put64(&mut b, 16, EXTENT_FLAGS.into());
-        (REPLY_TYPE_BLOCK_STATUS_EXT, b, 24)
-    } else {
-        put32(&mut b, 4, len as u32);
-        put32(&mut b, 8, EXTENT_FLAGS);
-        (REPLY_TYPE_BLOCK_STATUS, b, 12)
-    }
 }
 
 #[cfg(test)]

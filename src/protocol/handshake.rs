@@ -217,6 +217,26 @@ impl ExportInfo {
     }
 }
 
+/// A server's size constraints (NBD_INFO_BLOCK_SIZE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+impl BlockSizes {
+    /// Payload of NBD_REP_INFO / NBD_INFO_BLOCK_SIZE (14 bytes).
+    pub fn build_info(&self) -> [u8; 14] {
+        let mut b = [0u8; 14];
+        put16(&mut b, 0, INFO_BLOCK_SIZE);
+        put32(&mut b, 2, self.minimum);
+        put32(&mut b, 6, self.preferred);
+        put32(&mut b, 10, self.maximum);
+        b
+    }
+}
+
 /// Cursor over an option's data, for the fields NBD_OPT_GO, INFO and the
 /// META_CONTEXT options carry. Every read is checked against the data length:
 /// a short or lying option is `NBD_REP_ERR_INVALID`, never a panic.
@@ -331,6 +351,21 @@ mod tests {
         assert_eq!(e.build_export_name_reply(true, &mut out), 10);
         assert_eq!(ExportInfo::parse_info(&e.build_info()), Some(e));
         assert_eq!(ExportInfo::parse_info(&[0u8; 11]), None);
+    }
+
+    #[test]
+    fn block_sizes_info() {
+        let b = BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 32 << 20,
+        }
+        .build_info();
+        assert_eq!(be16(&b, 0), INFO_BLOCK_SIZE);
+        assert_eq!(
+            (be32(&b, 2), be32(&b, 6), be32(&b, 10)),
+            (1, 4096, 32 << 20)
+        );
     }
 
     #[test]

@@ -299,6 +299,31 @@ impl ReplyMode {
     }
 }
 
+/// Payload of a status chunk with one extent of `len` bytes with status
+/// `flags` for metadata context `context`: NBD_REPLY_TYPE_BLOCK_STATUS (12
+/// bytes; `len` must fit 32 bits) or, with extended headers,
+/// NBD_REPLY_TYPE_BLOCK_STATUS_EXT (24 bytes). Returns the chunk type, the
+/// buffer and the payload length in it.
+pub fn build_one_extent(
+    extended: bool,
+    context: u32,
+    len: u64,
+    flags: u32,
+) -> (u16, [u8; 24], usize) {
+    let mut b = [0u8; 24];
+    put32(&mut b, 0, context);
+    if extended {
+        put32(&mut b, 4, 1);
+        put64(&mut b, 8, len);
+        put64(&mut b, 16, flags.into());
+        (REPLY_TYPE_BLOCK_STATUS_EXT, b, 24)
+    } else {
+        put32(&mut b, 4, len as u32);
+        put32(&mut b, 8, flags);
+        (REPLY_TYPE_BLOCK_STATUS, b, 12)
+    }
+}
+
 /// Writes a complete error reply for `cookie` in `mode` into `out` (header
 /// plus, for chunks, an NBD_REPLY_TYPE_ERROR payload carrying `message`),
 /// and returns its length. `out` must hold 32 + 6 + message bytes.
@@ -413,6 +438,16 @@ mod tests {
     fn bad_magic_is_an_error() {
         assert!(Request::parse(&[0u8; 28]).is_err());
         assert!(Reply::parse(&[0xffu8; 16]).is_err());
+    }
+
+    #[test]
+    fn one_extent_forms() {
+        let (t, b, n) = build_one_extent(false, 1, 4096, STATE_HOLE | STATE_ZERO);
+        assert_eq!((t, n), (REPLY_TYPE_BLOCK_STATUS, 12));
+        assert_eq!((be32(&b, 0), be32(&b, 4), be32(&b, 8)), (1, 4096, 3));
+        let (t, b, n) = build_one_extent(true, 1, 1 << 40, 3);
+        assert_eq!((t, n), (REPLY_TYPE_BLOCK_STATUS_EXT, 24));
+        assert_eq!((be32(&b, 4), be64(&b, 8), be64(&b, 16)), (1, 1 << 40, 3));
     }
 
     #[test]

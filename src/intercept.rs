@@ -100,6 +100,12 @@ pub struct RuleCounter {
 pub trait Interceptor: Send + Sync + 'static {
     fn on_event(&self, event: &Event, state: &mut ConnState) -> Verdict;
 
+    /// True when no event can be interfered with right now (no rules), so
+    /// the pipeline may skip the call and the per-connection state lock.
+    fn is_idle(&self) -> bool {
+        false
+    }
+
     /// Called after a `Cut` was carried out (the bytes before it are sent
     /// and both connections are being closed). QEMU's injector ends the
     /// process here; the default does nothing.
@@ -113,5 +119,9 @@ pub struct PassThrough;
 impl Interceptor for PassThrough {
     fn on_event(&self, _event: &Event, _state: &mut ConnState) -> Verdict {
         Verdict::Pass
+    }
+
+    fn is_idle(&self) -> bool {
+        true
     }
 }

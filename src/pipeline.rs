@@ -150,7 +150,9 @@ impl Connection {
     /// flow panicked while holding them; the state inside is plain data, so
     /// carry on with it.
     pub fn offer(&self, ev: &Event) -> Verdict {
-        let verdict = {
+        let verdict = if self.interceptor.is_idle() {
+            Verdict::Pass
+        } else {
             let mut state = self.rules.lock().unwrap_or_else(|p| p.into_inner());
             self.interceptor.on_event(ev, &mut state)
         };

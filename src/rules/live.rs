@@ -127,6 +127,10 @@ impl Interceptor for LiveRules {
         }
         engine.on_event(event, state)
     }
+
+    fn is_idle(&self) -> bool {
+        self.engine.load().is_empty()
+    }
 }
 
 #[cfg(test)]

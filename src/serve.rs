@@ -101,6 +101,9 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         source,
     })?;
     let uri = server.uri();
+    // Before anyone can know we listen: a SIGTERM right after the line must
+    // find the handlers in place.
+    let sigs = Signals::install()?;
     let control = match opts.control {
         Some((addr, token)) => Some(
             Control::bind(
@@ -125,7 +128,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     let control = control.map(|c| tokio::spawn(c.run()));
 
     let status = {
-        let signals = signals(&opts.rules);
+        let signals = sigs.serve(&opts.rules);
         tokio::pin!(signals);
         match &opts.run {
             None => tokio::select! {
@@ -191,22 +194,36 @@ fn exit_status(s: std::process::ExitStatus) -> i32 {
     s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
 }
 
-/// SIGHUP re-reads the rules files (a bad file keeps the rules in force);
-/// SIGINT or SIGTERM return.
-async fn signals(rules: &LiveRules) -> Result<(), ServeError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let install = |k| signal(k).map_err(ServeError::Signals);
-    let mut term = install(SignalKind::terminate())?;
-    let mut int = install(SignalKind::interrupt())?;
-    let mut hup = install(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match rules.reload() {
-                Ok(n) => info!(target: CONTROL_LOG, "SIGHUP: rules reloaded, {n} rule(s) in force"),
-                Err(e) => warn!(target: CONTROL_LOG, "SIGHUP: keeping the rules in force: {e}"),
-            },
+/// The signals a server reacts to, installed before it announces itself.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, ServeError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |k| signal(k).map_err(ServeError::Signals);
+        Ok(Self {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+
+    /// SIGHUP re-reads the rules files (a bad file keeps the rules in
+    /// force); SIGINT or SIGTERM return.
+    async fn serve(mut self, rules: &LiveRules) -> Result<(), ServeError> {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return Ok(()),
+                _ = self.int.recv() => return Ok(()),
+                _ = self.hup.recv() => match rules.reload() {
+                    Ok(n) => info!(target: CONTROL_LOG, "SIGHUP: rules reloaded, {n} rule(s) in force"),
+                    Err(e) => warn!(target: CONTROL_LOG, "SIGHUP: keeping the rules in force: {e}"),
+                },
+            }
         }
     }
 }

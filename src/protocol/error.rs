@@ -17,6 +17,8 @@ pub enum ProtocolError {
     },
     #[error("simple reply for cookie {cookie:#x}, which has no request in flight")]
     UnknownCookie { cookie: u64 },
+    #[error("more than {max} requests waiting for replies")]
+    TooManyInflight { max: usize },
     #[error("{0}")]
     Invalid(&'static str),
 }

@@ -28,6 +28,12 @@ use super::handshake::{
 };
 use super::transmission::{Reply, ReplyMode, Request};
 
+/// Requests that may wait for replies at once on one connection: far above
+/// any real queue depth (QEMU 16, nbdcopy 64, the kernel's 128+), low
+/// enough that a client and server colluding to never answer cannot grow
+/// the table (and the process) without bound.
+pub const MAX_INFLIGHT: usize = 65536;
+
 /// Slack above the maximum payload allowed in a reply chunk for its fixed
 /// fields (the offset in front of OFFSET_DATA's data, block status headers).
 const CHUNK_OVERHEAD: u64 = 64;
@@ -264,6 +270,11 @@ impl Session {
                 let payload = req.payload_len();
                 self.check_len("write payload", payload, self.max_payload)?;
                 if req.command != CMD_DISC {
+                    if self.inflight.len() >= MAX_INFLIGHT
+                        && !self.inflight.contains_key(&req.cookie)
+                    {
+                        return Err(ProtocolError::TooManyInflight { max: MAX_INFLIGHT });
+                    }
                     self.inflight.insert(
                         req.cookie,
                         Inflight {

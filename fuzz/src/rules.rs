@@ -1,0 +1,272 @@
+//! Rule files from arbitrary text.
+//!
+//! Invariants: parsing never panics; parsing the same text twice gives the
+//! same result (rules or error, compared by their Debug form so a NaN never
+//! makes two equal results differ); errors are located (1-based line and
+//! column, as `RuleError` documents); rule names are unique; and a rule set
+//! that parsed runs in the engine ("a `RuleSet` that comes out of this
+//! module is one the engine can run as is"): every event kind, both
+//! directions, a few sizes, and every plan a fired rule makes stays inside
+//! the event it was made for.
+
+use nbdfault::intercept::{ConnState, Event, Interceptor, Plan, Verdict};
+use nbdfault::protocol::consts::*;
+use nbdfault::protocol::transmission::{Reply, ReplyMode};
+use nbdfault::protocol::{Direction, EventKind, EventSet, MessageMeta};
+use nbdfault::rules::engine::Engine;
+use nbdfault::rules::ini::parse_ini;
+use nbdfault::rules::{self, Format, RuleSet, detect_format};
+
+const YAML_FILE: &str = "fuzz.yaml";
+const INI_FILE: &str = "fuzz.ini";
+
+/// Fuzz target `rules_yaml`.
+pub fn yaml(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let a = rules::yaml::parse(YAML_FILE, &text);
+    let b = rules::yaml::parse(YAML_FILE, &text);
+    assert_eq!(format!("{a:?}"), format!("{b:?}"), "YAML parse is not deterministic");
+    let auto = rules::parse_str(YAML_FILE, &text);
+    if detect_format(&text) == Format::Yaml {
+        assert_eq!(
+            format!("{a:?}"),
+            format!("{auto:?}"),
+            "parse_str differs from yaml::parse on YAML text"
+        );
+    }
+    match a {
+        Ok(set) => check_set(set, YAML_FILE, &text),
+        Err(e) => {
+            assert_eq!(e.file, YAML_FILE);
+            check_location(e.line, e.column, &text, &e.message);
+        }
+    }
+}
+
+/// Fuzz target `rules_ini`.
+pub fn ini(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let a = parse_ini(INI_FILE, &text);
+    let b = parse_ini(INI_FILE, &text);
+    assert_eq!(format!("{a:?}"), format!("{b:?}"), "INI parse is not deterministic");
+    let auto = rules::parse_str(INI_FILE, &text);
+    let auto2 = rules::parse_str(INI_FILE, &text);
+    assert_eq!(format!("{auto:?}"), format!("{auto2:?}"), "parse_str is not deterministic");
+    match a {
+        Ok(set) => {
+            if detect_format(&text) == Format::Ini {
+                // The same document through the format-detecting entry point
+                // gives the same rules.
+                match &auto {
+                    Ok(s) => assert_eq!(
+                        format!("{:?}", s.rules),
+                        format!("{:?}", set.rules),
+                        "parse_str and parse_ini disagree"
+                    ),
+                    Err(e) => panic!("parse_ini accepted what parse_str rejects: {e}"),
+                }
+            }
+            check_set(set, INI_FILE, &text);
+        }
+        Err(e) => check_location(e.line, e.column, &text, &e.message),
+    }
+    if let Ok(set) = auto {
+        check_set(set, INI_FILE, &text);
+    }
+}
+
+fn check_location(line: usize, column: usize, text: &str, message: &str) {
+    let lines = max_lines(text);
+    assert!(
+        line >= 1 && column >= 1,
+        "error at {line}:{column} (1-based by contract): {message}"
+    );
+    assert!(line <= lines, "error at line {line} of {lines}: {message}");
+}
+
+/// An upper bound on the line numbers a parser may report: every character
+/// that some line-splitting convention breaks on (YAML breaks on CR alone,
+/// Python's `splitlines` on more) starts a line, plus one past the end.
+fn max_lines(text: &str) -> usize {
+    let breaks = text
+        .chars()
+        .filter(|c| {
+            matches!(
+                c,
+                '\n' | '\r' | '\x0b' | '\x0c' | '\x1c' | '\x1d' | '\x1e' | '\u{85}' | '\u{2028}' | '\u{2029}'
+            )
+        })
+        .count();
+    breaks + 2
+}
+
+fn check_set(set: RuleSet, file: &str, text: &str) {
+    let lines = max_lines(text);
+    let mut names = std::collections::HashSet::new();
+    for r in &set.rules {
+        assert!(!r.name.is_empty(), "unnamed rule {r:?}");
+        assert!(names.insert(r.name.clone()), "duplicate rule name {:?}", r.name);
+        assert_eq!(r.origin.file, file);
+        assert!(
+            r.origin.line >= 1 && r.origin.line <= lines,
+            "rule {:?} at line {} of {lines}",
+            r.name,
+            r.origin.line
+        );
+        assert!(!r.filter.events.is_empty(), "rule {:?} listens to nothing", r.name);
+    }
+    run_engine(set);
+}
+
+/// Offers the rule set a spread of events, like a few connections would.
+fn run_engine(set: RuleSet) {
+    // Known finding "huge-bits": a rule that flips N random bits builds N
+    // flips per event, N up to 2^32 (64 GiB).
+    if crate::known("huge-bits")
+        && set.rules.iter().any(|r| {
+            matches!(
+                r.action,
+                rules::Action::Corrupt(rules::Corruption::RandomBits { bits }) if bits > 1 << 20
+            )
+        })
+    {
+        return;
+    }
+    // Known finding "error-name": the error action cuts its message
+    // ("nbdfault: error injected by rule NAME") at byte 256, which panics
+    // when that is inside a character of the name.
+    if crate::known("error-name")
+        && set.rules.iter().any(|r| {
+            let m = format!("nbdfault: error injected by rule {}", r.name);
+            matches!(r.action, rules::Action::Error { .. })
+                && m.len() > 256
+                && !m.is_char_boundary(256)
+        })
+    {
+        return;
+    }
+    let engine = Engine::new(set);
+    let metas = [
+        MessageMeta::default(),
+        MessageMeta {
+            command: Some(CMD_READ),
+            cookie: Some(7),
+            offset: Some(1 << 20),
+            length: Some(4096),
+            ..MessageMeta::default()
+        },
+        MessageMeta {
+            command: Some(CMD_WRITE),
+            flags: Some(CMD_FLAG_FUA),
+            cookie: Some(8),
+            offset: Some(0),
+            length: Some(512),
+            ..MessageMeta::default()
+        },
+        MessageMeta {
+            command: Some(CMD_DISC),
+            cookie: Some(9),
+            offset: Some(0),
+            length: Some(0),
+            ..MessageMeta::default()
+        },
+        MessageMeta {
+            command: Some(CMD_READ),
+            cookie: Some(7),
+            chunk_type: Some(REPLY_TYPE_OFFSET_DATA),
+            offset: Some(u64::MAX - 1),
+            length: Some(u64::MAX),
+            done: true,
+            ..MessageMeta::default()
+        },
+        MessageMeta {
+            option: Some(OPT_GO),
+            ..MessageMeta::default()
+        },
+        MessageMeta {
+            option: Some(OPT_EXPORT_NAME),
+            ..MessageMeta::default()
+        },
+        MessageMeta {
+            option: Some(OPT_GO),
+            reply_type: Some(REP_INFO),
+            export_size: Some(1 << 30),
+            ..MessageMeta::default()
+        },
+    ];
+    let kinds = EventKind::ALL
+        .into_iter()
+        .map(EventSet::of)
+        .chain([EventSet::of(EventKind::OptionReply).with(EventKind::Neg2)]);
+    let mut states = [ConnState::default(), ConnState::default()];
+    for (round, state) in states.iter_mut().enumerate() {
+        for kinds in kinds.clone() {
+            let connect = kinds.contains(EventKind::Connect);
+            let dirs: &[Option<Direction>] = if connect {
+                &[None]
+            } else {
+                &[Some(Direction::ToServer), Some(Direction::ToClient)]
+            };
+            for &direction in dirs {
+                for meta in &metas {
+                    for (i, size) in [0u64, 1, 20, 4096, 1 << 32].into_iter().enumerate() {
+                        let mode = match (round + i) % 3 {
+                            0 => ReplyMode::Simple,
+                            1 => ReplyMode::Structured,
+                            _ => ReplyMode::Extended,
+                        };
+                        let ev = Event {
+                            conn: round as u64 + 1,
+                            direction,
+                            kinds,
+                            meta: *meta,
+                            size,
+                            mode,
+                        };
+                        if let Verdict::Fault(f) = engine.on_event(&ev, state) {
+                            check_plan(&f.plan, &ev);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_plan(plan: &Plan, ev: &Event) {
+    match plan {
+        Plan::Cut { at, .. } | Plan::Hold { at, .. } => {
+            assert!(*at <= ev.size, "{plan:?} beyond a {}-byte event", ev.size)
+        }
+        Plan::Flip { flips } => {
+            for (at, _) in flips {
+                assert!(*at < ev.size, "flip at {at} of a {}-byte event", ev.size);
+            }
+        }
+        Plan::Discard { answer, .. } => {
+            if let Some(a) = answer
+                && !ev.kinds.contains(EventKind::Export)
+            {
+                check_answer(a, ev);
+            }
+        }
+        Plan::ReplaceReply { answer } => check_answer(answer, ev),
+    }
+}
+
+/// An answer to a request or reply is one whole reply, in the event's
+/// reply mode, for the event's cookie.
+fn check_answer(a: &[u8], ev: &Event) {
+    let r = Reply::parse(a)
+        .unwrap_or_else(|e| panic!("answer {a:02x?} does not parse: {e}"))
+        .unwrap_or_else(|| panic!("answer {a:02x?} is short"));
+    assert_eq!(r.cookie(), ev.meta.cookie.unwrap_or(0));
+    assert_eq!(r.header_len() as u64 + r.chunk_len(), a.len() as u64);
+    let form_ok = matches!(
+        (ev.mode, r),
+        (ReplyMode::Simple, Reply::Simple { .. })
+            | (ReplyMode::Structured, Reply::Structured { .. })
+            | (ReplyMode::Extended, Reply::Extended { .. })
+    );
+    assert!(form_ok, "answer {r:?} in mode {:?}", ev.mode);
+}

@@ -508,7 +508,12 @@ impl Session {
                 if error == 0 && self.mode == ReplyMode::Simple {
                     match req {
                         None => return Err(ProtocolError::UnknownCookie { cookie }),
-                        Some(r) if r.command == CMD_READ => Some(r.length),
+                        Some(r) if r.command == CMD_READ => {
+                            // Streamed, not held, but bounded like every
+                            // other announced length.
+                            self.check_len("read data", r.length, self.max_payload)?;
+                            Some(r.length)
+                        }
                         Some(_) => None,
                     }
                 } else {
@@ -870,6 +875,29 @@ mod tests {
         assert!(matches!(
             s.next(Direction::ToServer, &c),
             Err(ProtocolError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn simple_read_data_is_bounded_like_any_payload() {
+        let mut s = in_transmission();
+        frame_all(
+            &mut s,
+            Direction::ToServer,
+            &req(false, CMD_READ, 0, 7, u32::MAX.into()),
+        );
+        let mut r = [0u8; 16];
+        Reply::Simple {
+            error: 0,
+            cookie: 7,
+        }
+        .build(&mut r);
+        assert!(matches!(
+            s.next(Direction::ToClient, &r),
+            Err(ProtocolError::TooLarge {
+                what: "read data",
+                ..
+            })
         ));
     }
 

@@ -51,7 +51,12 @@ pub fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
     let cookie = ev.meta.cookie.unwrap_or(0);
     let offset = ev.meta.offset.unwrap_or(0);
     let mut buf = [0u8; 32 + 6 + 256];
-    let msg = &message[..message.len().min(256)];
+    // At most 256 bytes, cut on a character boundary (rule names are UTF-8).
+    let mut cut = message.len().min(256);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let msg = &message[..cut];
     let n = build_error_reply(ev.mode, cookie, offset, error, msg, &mut buf);
     let answer = buf[..n].to_vec();
     if ev.kinds.contains(EventKind::Reply) {
@@ -122,6 +127,27 @@ mod tests {
         assert_eq!(r.chunk_type(), Some(REPLY_TYPE_ERROR));
         assert!(matches!(r, Reply::Extended { offset: 4096, .. }));
         assert_eq!(&a[32..36], &ENOSPC.to_be_bytes());
+    }
+
+    #[test]
+    fn long_non_ascii_rule_names_are_cut_on_a_character_boundary() {
+        let mut ev = event(
+            EventKind::Request,
+            Direction::ToServer,
+            28,
+            req_meta(CMD_READ),
+        );
+        ev.mode = ReplyMode::Structured;
+        let name = "é".repeat(200);
+        let Plan::Discard {
+            answer: Some(a), ..
+        } = plan(&name, Errno::Transmission(EIO), &ev)
+        else {
+            panic!()
+        };
+        let len = u16::from_be_bytes([a[24], a[25]]) as usize;
+        assert!(len <= 256);
+        assert!(std::str::from_utf8(&a[26..26 + len]).is_ok());
     }
 
     #[test]

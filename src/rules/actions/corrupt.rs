@@ -28,6 +28,9 @@ pub fn plan(c: Corruption, ev: &Event, rng: &mut u64) -> Plan {
             if span == 0 {
                 Vec::new()
             } else {
+                // Never more flips than there are bits to flip: `bits` comes
+                // from a rule file and must not size an allocation alone.
+                let bits = u64::from(bits).min(span.saturating_mul(8));
                 (0..bits)
                     .map(|_| {
                         let pos = start + below(rng, span);
@@ -45,6 +48,21 @@ mod tests {
     use super::super::test_support::event;
     use super::*;
     use crate::protocol::{Direction, MessageMeta};
+
+    #[test]
+    fn huge_bit_counts_are_capped_by_the_event() {
+        let ev = event(
+            EventKind::Data,
+            Direction::ToClient,
+            16,
+            MessageMeta::default(),
+        );
+        let Plan::Flip { flips } = plan(Corruption::RandomBits { bits: u32::MAX }, &ev, &mut 3)
+        else {
+            panic!()
+        };
+        assert_eq!(flips.len(), 16 * 8);
+    }
 
     #[test]
     fn byte_and_random_bits() {

@@ -12,6 +12,10 @@ use crate::protocol::consts::REPLY_TYPE_OFFSET_DATA;
 use crate::rules::engine::below;
 use crate::rules::model::Corruption;
 
+/// Most bits one firing flips, however many a rule asks for: enough to
+/// wreck any payload, small enough to never matter for memory.
+pub const MAX_FLIPS: u64 = 4096;
+
 pub fn plan(c: Corruption, ev: &Event, rng: &mut u64) -> Plan {
     let flips = match c {
         Corruption::Byte { at, xor } if at < ev.size => vec![(at, xor)],
@@ -30,7 +34,7 @@ pub fn plan(c: Corruption, ev: &Event, rng: &mut u64) -> Plan {
             } else {
                 // Never more flips than there are bits to flip: `bits` comes
                 // from a rule file and must not size an allocation alone.
-                let bits = u64::from(bits).min(span.saturating_mul(8));
+                let bits = u64::from(bits).min(span.saturating_mul(8)).min(MAX_FLIPS);
                 (0..bits)
                     .map(|_| {
                         let pos = start + below(rng, span);
@@ -62,6 +66,17 @@ mod tests {
             panic!()
         };
         assert_eq!(flips.len(), 16 * 8);
+        let big = event(
+            EventKind::Data,
+            Direction::ToClient,
+            32 << 20,
+            MessageMeta::default(),
+        );
+        let Plan::Flip { flips } = plan(Corruption::RandomBits { bits: u32::MAX }, &big, &mut 3)
+        else {
+            panic!()
+        };
+        assert_eq!(flips.len() as u64, MAX_FLIPS);
     }
 
     #[test]

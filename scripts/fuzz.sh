@@ -35,7 +35,7 @@
 #   FUZZ_ARGS     extra libFuzzer flags (e.g. "-max_len=65536")
 #   NBDFAULT_FUZZ_KNOWN  comma-separated findings to look past (already
 #                 reported, not yet fixed), so a long run is not stopped by
-#                 them: big-read, error-name, huge-bits (see fuzz/src/)
+#                 them (see fuzz/README.md; none is open now)
 #
 # The seed corpus is fuzz/corpus/<target>/ (committed); what the fuzzer adds
 # goes to fuzz/target/corpus/<target>/, which later runs start from too.

@@ -123,31 +123,6 @@ fn check_set(set: RuleSet, file: &str, text: &str) {
 
 /// Offers the rule set a spread of events, like a few connections would.
 fn run_engine(set: RuleSet) {
-    // Known finding "huge-bits": a rule that flips N random bits builds N
-    // flips per event, N up to 2^32 (64 GiB).
-    if crate::known("huge-bits")
-        && set.rules.iter().any(|r| {
-            matches!(
-                r.action,
-                rules::Action::Corrupt(rules::Corruption::RandomBits { bits }) if bits > 1 << 20
-            )
-        })
-    {
-        return;
-    }
-    // Known finding "error-name": the error action cuts its message
-    // ("nbdfault: error injected by rule NAME") at byte 256, which panics
-    // when that is inside a character of the name.
-    if crate::known("error-name")
-        && set.rules.iter().any(|r| {
-            let m = format!("nbdfault: error injected by rule {}", r.name);
-            matches!(r.action, rules::Action::Error { .. })
-                && m.len() > 256
-                && !m.is_char_boundary(256)
-        })
-    {
-        return;
-    }
     let engine = Engine::new(set);
     let metas = [
         MessageMeta::default(),

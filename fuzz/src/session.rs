@@ -305,16 +305,7 @@ fn check_frame(f: &Frame, dir: Direction, max_payload: u64) {
     // `Session::new`: max_payload "bounds every length field that announces
     // bytes to stream ... a message claiming more is a protocol error, not a
     // 4 GiB relay".
-    for (i, s) in segs.iter().enumerate() {
-        // Known finding "big-read": a simple reply's data length is the read
-        // request's length, which nothing bounds.
-        let simple_read_data = i == 1
-            && dir == Direction::ToClient
-            && f.meta.chunk_type.is_none()
-            && f.meta.command == Some(CMD_READ);
-        if simple_read_data && crate::known("big-read") {
-            continue;
-        }
+    for s in segs {
         assert!(
             s.len <= max_payload + CHUNK_OVERHEAD,
             "{dir}: segment of {} bytes exceeds max_payload {max_payload} (+{CHUNK_OVERHEAD}): {f:?}",

@@ -1257,7 +1257,7 @@ impl Checker<'_> {
         }
         Ok(Corruption::RandomBits {
             bits: match bits {
-                Some(b) => self.uint(b, "bits", 1, u32::MAX.into())? as u32,
+                Some(b) => self.uint(b, "bits", 1, crate::rules::actions::corrupt::MAX_FLIPS)? as u32,
                 None => 1,
             },
         })
@@ -2270,14 +2270,13 @@ rules:
             4,
             &["event request has none", "export-name, option-reply, data"],
         );
-        fails(
-            &["event: data", "action: corrupt", "bits: 0"],
-            4,
-            &[
-                "bits must be a whole number from 1 to 4294967295",
-                "found 0",
-            ],
-        );
+        for (bits, found) in [("0", "found 0"), ("4097", "found 4097"), ("4294967295", "found 4294967295")] {
+            fails(
+                &["event: data", "action: corrupt", &format!("bits: {bits}")],
+                4,
+                &["bits must be a whole number from 1 to 4096", found],
+            );
+        }
         for bad in ["0", "256", "\"0x100\"", "\"0xzz\"", "-1", "[1]"] {
             fails(
                 &[

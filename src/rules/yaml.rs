@@ -1257,7 +1257,9 @@ impl Checker<'_> {
         }
         Ok(Corruption::RandomBits {
             bits: match bits {
-                Some(b) => self.uint(b, "bits", 1, crate::rules::actions::corrupt::MAX_FLIPS)? as u32,
+                Some(b) => {
+                    self.uint(b, "bits", 1, crate::rules::actions::corrupt::MAX_FLIPS)? as u32
+                }
                 None => 1,
             },
         })
@@ -2270,7 +2272,11 @@ rules:
             4,
             &["event request has none", "export-name, option-reply, data"],
         );
-        for (bits, found) in [("0", "found 0"), ("4097", "found 4097"), ("4294967295", "found 4294967295")] {
+        for (bits, found) in [
+            ("0", "found 0"),
+            ("4097", "found 4097"),
+            ("4294967295", "found 4294967295"),
+        ] {
             fails(
                 &["event: data", "action: corrupt", &format!("bits: {bits}")],
                 4,

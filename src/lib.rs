@@ -15,4 +15,5 @@ pub mod registry;
 pub mod rules;
 pub mod serve;
 pub mod server;
+pub mod splice;
 pub mod telemetry;

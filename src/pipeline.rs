@@ -27,6 +27,7 @@ use crate::protocol::consts;
 use crate::protocol::handshake::OptionData;
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{Direction, EventKind, MessageMeta, ProtocolError, Segment, Session, Step};
+use crate::splice::{Pipe, RelayError, Spliceable, relay};
 use crate::telemetry::{ConnTelemetry, Telemetry};
 
 /// Per-flow buffer: big enough that a bulk transfer is a few large writes,
@@ -37,6 +38,17 @@ pub const FLOW_BUFFER: usize = 256 * 1024;
 /// stay large. Only a partial header (at most 152 bytes) or bytes held while
 /// waiting are ever moved.
 const MIN_READ_SPACE: usize = 64 * 1024;
+
+/// Payload bytes still to come from which a flow splices them (socket →
+/// pipe → socket) instead of copying them through its buffer, when no rule
+/// acts inside the payload and both ends are sockets.
+const SPLICE_MIN: u64 = 32 * 1024;
+
+/// After a payload that large, a flow reads at most this much at a message
+/// boundary, so the next payload arrives mostly in the socket (to be
+/// spliced) rather than in the buffer (to be copied). Big enough for any
+/// header and a small payload in one read.
+const HEADER_READ: usize = 4096;
 
 /// Default bound on any length field that announces bytes to stream:
 /// NBD's usual 32 MiB maximum payload plus headroom.
@@ -373,12 +385,18 @@ struct Flow<R: Linger, W: Linger> {
     src_eof: bool,
     /// Option data being collected for the export name.
     export_data: Option<Vec<u8>>,
+    /// Both ends are sockets splice(2) can use (and a pipe could be made).
+    can_splice: bool,
+    /// The pipe payloads are spliced through, made on first use.
+    pipe: Option<Pipe>,
+    /// The last payload was big enough to splice: read small at boundaries.
+    bulk: bool,
 }
 
 impl<R, W> Flow<R, W>
 where
-    R: AsyncRead + Unpin + Send + 'static + Linger,
-    W: AsyncWrite + Unpin + Send + 'static + Linger,
+    R: AsyncRead + Unpin + Send + 'static + Linger + Spliceable,
+    W: AsyncWrite + Unpin + Send + 'static + Linger + Spliceable,
 {
     fn new(
         conn: Arc<Connection>,
@@ -387,6 +405,7 @@ where
         dst: W,
         answers: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
     ) -> Self {
+        let can_splice = src.splice_socket().is_some() && dst.splice_socket().is_some();
         Self {
             conn,
             dir,
@@ -411,6 +430,9 @@ where
             answers,
             src_eof: false,
             export_data: None,
+            can_splice,
+            pipe: None,
+            bulk: false,
         }
     }
 
@@ -434,6 +456,9 @@ where
             self.flush().await?;
             if self.at_boundary() {
                 self.write_queued().await?;
+            }
+            if self.splice_payload().await? {
+                continue;
             }
             self.make_room();
             if !self.fill(waiting).await? {
@@ -482,6 +507,8 @@ where
                 continue;
             }
             if let Some(seg) = self.next_seg.take() {
+                // A message's second segment is its payload.
+                self.bulk = seg.len >= SPLICE_MIN;
                 self.begin_segment(seg);
                 continue;
             }
@@ -810,6 +837,55 @@ where
         Ok(())
     }
 
+    /// Splices the rest of the current payload when nothing in it needs
+    /// the proxy's eyes: no mark, no flips, nothing swallowed or collected,
+    /// and everything buffered already written. True if it did.
+    async fn splice_payload(&mut self) -> Result<bool, FlowError> {
+        if !self.can_splice
+            || self.seg_left < SPLICE_MIN
+            || self.cursor != self.end
+            || self.start != self.cursor
+            || self.mark.is_some()
+            || !self.flips.is_empty()
+            || self.discarding
+            || self.export_data.is_some()
+            || self.opaque
+            || self.src_eof
+        {
+            return Ok(false);
+        }
+        let (Some(src), Some(dst)) = (self.src.splice_socket(), self.dst.splice_socket()) else {
+            return Ok(false);
+        };
+        let pipe = match &mut self.pipe {
+            Some(p) => p,
+            None => match Pipe::new() {
+                Ok(p) => self.pipe.insert(p),
+                Err(e) => {
+                    // Out of file descriptors, say: copying still works.
+                    debug!(conn = self.conn.id, "{}: no pipe, copying: {e}", self.dir);
+                    self.can_splice = false;
+                    return Ok(false);
+                }
+            },
+        };
+        let (conn, dir) = (&self.conn, self.dir);
+        let mut moved = 0;
+        let r = relay(src, dst, pipe, self.seg_left, |n| {
+            moved += n;
+            conn.count(dir, n);
+            conn.telemetry.spliced(dir, n);
+        })
+        .await;
+        self.pos += moved;
+        self.seg_left -= moved;
+        match r {
+            Ok(()) => Ok(true),
+            Err(RelayError::Eof) => Err(FlowError::Truncated { dir }),
+            Err(RelayError::Read(e) | RelayError::Write(e)) => Err(self.io(e)),
+        }
+    }
+
     fn make_room(&mut self) {
         if self.start == self.end {
             (self.start, self.cursor, self.end) = (0, 0, 0);
@@ -836,10 +912,15 @@ where
         }
         let idle = self.at_boundary();
         let answers = self.answers.as_mut().filter(|_| idle);
+        let to = if self.bulk && self.can_splice && idle {
+            self.buf.len().min(self.end + HEADER_READ)
+        } else {
+            self.buf.len()
+        };
         let r = if waiting {
             tokio::select! {
                 _ = conn.wake_to_server.notified() => return Ok(true),
-                r = self.src.read(&mut self.buf[self.end..]) => r,
+                r = self.src.read(&mut self.buf[self.end..to]) => r,
             }
         } else if let Some(rx) = answers {
             tokio::select! {
@@ -849,10 +930,10 @@ where
                     }
                     return Ok(true);
                 }
-                r = self.src.read(&mut self.buf[self.end..]) => r,
+                r = self.src.read(&mut self.buf[self.end..to]) => r,
             }
         } else {
-            self.src.read(&mut self.buf[self.end..]).await
+            self.src.read(&mut self.buf[self.end..to]).await
         };
         match r {
             Ok(0) => Ok(false),

@@ -41,6 +41,7 @@ pub const CONNECTIONS_TOTAL: &str = "nbdfault_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "nbdfault_connections_active";
 pub const EVENTS_TOTAL: &str = "nbdfault_events_total";
 pub const BYTES_TOTAL: &str = "nbdfault_bytes_total";
+pub const SPLICED_BYTES_TOTAL: &str = "nbdfault_spliced_bytes_total";
 pub const FAULTS_TOTAL: &str = "nbdfault_faults_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "nbdfault_upstream_errors_total";
 pub const REQUEST_DURATION_SECONDS: &str = "nbdfault_request_duration_seconds";
@@ -216,6 +217,14 @@ impl Telemetry {
         }
     }
 
+    /// `n` of the bytes passed on in `dir` were spliced (never copied
+    /// into the proxy). Counted in [`Telemetry::bytes`] as well.
+    pub fn spliced(&self, dir: Direction, n: u64) {
+        if let Some(m) = &self.metrics {
+            m.spliced[dir_slot(Some(dir))].increment(n);
+        }
+    }
+
     /// Prometheus text exposition of every metric (empty with metrics
     /// off).
     pub fn render_metrics(&self) -> String {
@@ -358,6 +367,8 @@ struct Metrics {
     events: Vec<Counter>,
     /// Indexed by direction slot (to-server, to-client).
     bytes: [Counter; 2],
+    /// The part of `bytes` that was spliced, by direction slot.
+    spliced: [Counter; 2],
     /// Registered when a (rule, action) first fires.
     faults: Mutex<HashMap<(Arc<str>, &'static str), Counter>>,
     /// Registered when a command's first reply completes, so commands never
@@ -397,11 +408,13 @@ impl Metrics {
                 });
             }
         }
-        let bytes = [0, 1].map(|slot| {
-            counter(
-                BYTES_TOTAL,
-                vec![Label::from_static_parts("direction", dir_label(slot))],
-            )
+        let [bytes, spliced] = [BYTES_TOTAL, SPLICED_BYTES_TOTAL].map(|name| {
+            [0, 1].map(|slot| {
+                counter(
+                    name,
+                    vec![Label::from_static_parts("direction", dir_label(slot))],
+                )
+            })
         });
         Self {
             connections: counter(CONNECTIONS_TOTAL, vec![]),
@@ -409,6 +422,7 @@ impl Metrics {
             upstream_errors: counter(UPSTREAM_ERRORS_TOTAL, vec![]),
             events,
             bytes,
+            spliced,
             faults: Mutex::new(HashMap::new()),
             durations: Default::default(),
             recorder,
@@ -484,6 +498,11 @@ fn describe(r: &PrometheusRecorder) {
         KeyName::from_const_str(BYTES_TOTAL),
         None,
         text("Bytes passed on or swallowed, by direction."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(SPLICED_BYTES_TOTAL),
+        None,
+        text("Of those, bytes spliced socket to socket without a copy, by direction."),
     );
     r.describe_counter(
         KeyName::from_const_str(FAULTS_TOTAL),
@@ -841,6 +860,7 @@ mod tests {
         t.bytes(Direction::ToServer, 100);
         t.bytes(Direction::ToServer, 28);
         t.bytes(Direction::ToClient, 5);
+        t.spliced(Direction::ToClient, 3);
         let out = t.render_metrics();
         for line in [
             "# TYPE nbdfault_connections_total counter",
@@ -855,6 +875,8 @@ mod tests {
             r#"nbdfault_events_total{event="data",direction="to-client"} 0"#,
             r#"nbdfault_bytes_total{direction="to-server"} 128"#,
             r#"nbdfault_bytes_total{direction="to-client"} 5"#,
+            r#"nbdfault_spliced_bytes_total{direction="to-server"} 0"#,
+            r#"nbdfault_spliced_bytes_total{direction="to-client"} 3"#,
             r#"nbdfault_faults_total{rule="eio-on-reads",action="error"} 2"#,
             r#"nbdfault_faults_total{rule="cut \"it\"",action="disconnect"} 1"#,
             "# HELP nbdfault_faults_total Faults injected, by rule and action.",

@@ -1,0 +1,315 @@
+//! The spliced fast path is byte-exact, and faults still land on the exact
+//! byte when a rule starts matching in the middle of a spliced stream.
+//!
+//! Payloads of 1 MiB between real peers (libnbd's Python binding, qemu-nbd
+//! over a unix socket, nbdkit over TCP) are big enough that the proxy
+//! splices them socket → pipe → socket; a rule that fires on the Nth payload
+//! makes that one go through the buffer instead. Every block is compared
+//! with the disk image, so a byte lost, repeated or moved by switching
+//! between the two paths shows up as a difference.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const BLOCK: usize = 1 << 20;
+const BLOCKS: usize = 24;
+
+/// Reads blocks `from..to` of 1 MiB through `uri` and prints, per block
+/// that differs from the image, `block:offset:xor` of each differing byte.
+/// With `pause`, prints `paused` after block `pause` and waits for a line
+/// on stdin before reading on. A read that fails prints `block:error`.
+const READER: &str = r#"
+import nbd, sys
+uri, image, frm, to, pause, sr = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
+B = 1 << 20
+h = nbd.NBD()
+h.set_request_structured_replies(sr)
+h.connect_uri(uri)
+with open(image, "rb") as f:
+    disk = f.read()
+for i in range(frm, to):
+    if i == pause:
+        print("paused", flush=True)
+        sys.stdin.readline()
+    try:
+        got = h.pread(B, i * B)
+    except nbd.Error as e:
+        print(f"{i}:error", flush=True)
+        break
+    want = disk[i * B:(i + 1) * B]
+    if got != want:
+        for j in range(B):
+            if got[j] != want[j]:
+                print(f"{i}:{j}:{got[j] ^ want[j]}", flush=True)
+print("done", flush=True)
+"#;
+
+fn image(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("disk.img");
+    write_random_file(&path, (BLOCKS * BLOCK) as u64, 0x5eed);
+    path
+}
+
+fn read_blocks(uri: &str, image: &Path, structured: bool) -> Vec<String> {
+    let sr = if structured { "1" } else { "0" };
+    let out = python(
+        READER,
+        &[
+            uri,
+            &image.display().to_string(),
+            "0",
+            &BLOCKS.to_string(),
+            "-1",
+            sr,
+        ],
+    );
+    let lines: Vec<String> = out.lines().map(str::to_string).collect();
+    assert_eq!(lines.last().map(String::as_str), Some("done"), "{out}");
+    lines[..lines.len() - 1].to_vec()
+}
+
+/// A proxy to `upstream` on a TCP port with the rules in `yaml`.
+fn proxy_with_rules(dir: &Path, upstream: &str, yaml: &str) -> Nbdfault {
+    let rules = dir.join("rules.yaml");
+    std::fs::write(&rules, yaml).unwrap();
+    let rules = rules.display().to_string();
+    Nbdfault::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--rules",
+        &rules,
+    ])
+}
+
+/// The data event of a structured read starts with the chunk's 8-byte
+/// offset; a simple reply's data event is the data alone.
+fn data_start(structured: bool) -> usize {
+    if structured { 8 } else { 0 }
+}
+
+fn one_flip_in_the_21st_read(structured: bool) {
+    require_python_nbd();
+    require_tool("qemu-nbd");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let q = QemuNbd::raw(&img);
+    let at = 300_000 + data_start(structured);
+    let p = proxy_with_rules(
+        dir.path(),
+        &q.uri(),
+        &format!(
+            "rules:\n  - name: one-flip\n    event: data\n    direction: to-client\n    \
+             command: read\n    after: 20\n    times: 1\n    action: corrupt\n    at: {at}\n    xor: 0x5a\n"
+        ),
+    );
+    // Blocks 0-19 spliced, block 20 through the buffer with one byte
+    // flipped, blocks 21-23 spliced again.
+    assert_eq!(read_blocks(p.uri(), &img, structured), ["20:300000:90"]);
+    assert!(
+        p.stderr().contains("rule one-flip fires corrupt on data"),
+        "{}",
+        p.stderr()
+    );
+}
+
+#[test]
+fn a_flip_in_the_middle_of_spliced_structured_reads_lands_on_its_byte() {
+    one_flip_in_the_21st_read(true);
+}
+
+#[test]
+fn a_flip_in_the_middle_of_spliced_simple_reads_lands_on_its_byte() {
+    one_flip_in_the_21st_read(false);
+}
+
+#[test]
+fn no_rules_tcp_upstream_and_unix_client_is_byte_exact() {
+    require_python_nbd();
+    require_tool("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let kit = Nbdkit::start_tcp(&["file", &img.display().to_string()]);
+    let sock = dir.path().join("proxy.sock");
+    let p = Nbdfault::start(&[
+        "proxy",
+        "--listen",
+        &sock.display().to_string(),
+        "--upstream",
+        &kit.uri(),
+    ]);
+    assert_eq!(read_blocks(p.uri(), &img, true), Vec::<String>::new());
+    assert_eq!(read_blocks(p.uri(), &img, false), Vec::<String>::new());
+}
+
+#[test]
+fn a_rule_added_live_applies_from_the_next_payload_on() {
+    require_python_nbd();
+    require_tool("qemu-nbd");
+    require_tool("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let q = QemuNbd::raw(&img);
+    let ctl = dir.path().join("control.sock");
+    let p = Nbdfault::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &q.uri(),
+        "--control",
+        &ctl.display().to_string(),
+    ]);
+    let mut child = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            READER,
+            p.uri(),
+            &img.display().to_string(),
+            "0",
+            "20",
+            "10",
+            "1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "paused\n", "blocks 0-9 came through exact");
+
+    let body = r#"{"rules": [{"name": "flip-every-read", "event": "data", "direction": "to-client", "command": "read", "action": "corrupt", "at": 1008, "xor": 1}]}"#;
+    let r = run_ok(
+        "curl",
+        &[
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            &ctl.display().to_string(),
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            "http://localhost/rules",
+        ],
+    );
+    assert!(r.ends_with("\n201"), "{r}");
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+
+    let mut rest = String::new();
+    loop {
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap() == 0 {
+            break;
+        }
+        rest.push_str(&l);
+    }
+    assert!(child.wait().unwrap().success());
+    let want: String = (10..20).map(|b| format!("{b}:1000:1\n")).collect();
+    assert_eq!(rest, format!("{want}done\n"));
+
+    // Blocks 0-9 went the fast path: at least 9 MiB of read data was
+    // spliced (the first bytes of each payload arrive with its header).
+    let metrics = run_ok(
+        "curl",
+        &[
+            "-s",
+            "--unix-socket",
+            &ctl.display().to_string(),
+            "http://localhost/metrics",
+        ],
+    );
+    let spliced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"nbdfault_spliced_bytes_total{direction="to-client"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no spliced bytes metric in\n{metrics}"));
+    assert!(
+        spliced >= 9 * BLOCK as u64,
+        "{spliced} bytes spliced\n{metrics}"
+    );
+}
+
+/// Writes 1 MiB blocks of fresh data through the proxy with a rule that
+/// corrupts one byte of the 6th write payload; the image must hold every
+/// block as written but that one byte.
+#[test]
+fn spliced_writes_land_exact_and_a_midstream_corruption_lands_once() {
+    require_python_nbd();
+    require_tool("qemu-nbd");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len((BLOCKS * BLOCK) as u64)
+        .unwrap();
+    let q = QemuNbd::raw(&img);
+    let p = proxy_with_rules(
+        dir.path(),
+        &q.uri(),
+        "rules:\n  - name: bad-write\n    event: data\n    direction: to-server\n    \
+         command: write\n    after: 5\n    times: 1\n    action: corrupt\n    at: 777777\n    xor: 0x80\n",
+    );
+    let data = random_bytes(BLOCKS * BLOCK, 77);
+    let src = dir.path().join("data.bin");
+    std::fs::write(&src, &data).unwrap();
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = open(sys.argv[2], "rb").read()
+B = 1 << 20
+for i in range(len(data) // B):
+    h.pwrite(data[i * B:(i + 1) * B], i * B)
+h.flush()
+h.shutdown()
+"#,
+        &[p.uri(), &src.display().to_string()],
+    );
+    drop(p);
+    drop(q);
+    let got = std::fs::read(&img).unwrap();
+    let diffs: Vec<(usize, u8)> = got
+        .iter()
+        .zip(&data)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, (a, b))| (i, a ^ b))
+        .collect();
+    assert_eq!(diffs, [(5 * BLOCK + 777_777, 0x80)]);
+}
+
+#[test]
+fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
+    require_python_nbd();
+    require_tool("qemu-nbd");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let q = QemuNbd::raw(&img);
+    let p = proxy_with_rules(
+        dir.path(),
+        &q.uri(),
+        "rules:\n  - name: cut\n    event: data\n    direction: to-client\n    \
+         command: read\n    after: 3\n    action: disconnect\n    when: 500000\n",
+    );
+    assert_eq!(read_blocks(p.uri(), &img, true), ["3:error"]);
+    assert!(
+        p.wait_for_stderr("rule cut fires disconnect on data", Duration::from_secs(5)),
+        "{}",
+        p.stderr()
+    );
+}

@@ -15,5 +15,6 @@ pub mod registry;
 pub mod rules;
 pub mod serve;
 pub mod server;
+pub mod shards;
 pub mod splice;
 pub mod telemetry;

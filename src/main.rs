@@ -86,6 +86,10 @@ struct ServeArgs {
     /// --control address).
     #[arg(long, value_name = "TOKEN", requires = "control")]
     control_token: Option<String>,
+    /// Threads serving connections, each connection on one of them
+    /// [default: one per core]; 0: tokio's work-stealing runtime.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     #[command(flatten)]
     rules: RuleArgs,
     #[command(flatten)]
@@ -247,6 +251,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         run: args.run,
         limits: args.limits.limits()?,
         control,
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }

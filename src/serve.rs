@@ -16,6 +16,7 @@ use crate::control::{Control, ControlError, ControlState};
 use crate::intercept::Interceptor;
 use crate::rules::live::LiveRules;
 use crate::server::{Backend, Limits, Server, ServerConfig};
+use crate::shards::Shards;
 use crate::telemetry::Telemetry;
 
 // Error messages leave out their source: the binary prints the whole chain
@@ -36,6 +37,9 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// The HTTP control API's address, and the token it requires.
     pub control: Option<(ListenAddr, Option<String>)>,
+    /// Threads serving connections, each a single-threaded runtime (see
+    /// [`crate::shards`]); 0: tokio's work-stealing runtime instead.
+    pub threads: usize,
 }
 
 #[derive(Debug, Error)]
@@ -66,10 +70,15 @@ pub enum ServeError {
 /// the command exits (its status). Prints `Listening on URI` once clients
 /// can connect.
 pub fn serve(opts: ServeOptions) -> Result<i32, ServeError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(ServeError::Runtime)?;
+    let rt = match opts.threads {
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+    .map_err(ServeError::Runtime)?;
     rt.block_on(serve_async(opts))
 }
 
@@ -100,6 +109,10 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         addr: listen.to_string(),
         source,
     })?;
+    let server = match opts.threads {
+        0 | 1 => server,
+        n => server.with_shards(Arc::new(Shards::start(n).map_err(ServeError::Runtime)?)),
+    };
     let uri = server.uri();
     // Before anyone can know we listen: a SIGTERM right after the line must
     // find the handlers in place.

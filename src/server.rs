@@ -20,6 +20,7 @@ use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FAULT_LOG, FLOW_BUF
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{EventKind, EventSet, MessageMeta};
 use crate::registry::Registry;
+use crate::shards::Shards;
 use crate::telemetry::Telemetry;
 
 /// What sits behind the proxy.
@@ -71,6 +72,8 @@ pub struct Server {
     listener: Listener,
     shared: Arc<Shared>,
     next_id: AtomicU64,
+    /// Where connections run; `None`: tasks of the current runtime.
+    shards: Option<Arc<Shards>>,
 }
 
 /// What every connection of a server uses.
@@ -96,7 +99,15 @@ impl Server {
                 registry: Arc::new(Registry::default()),
             }),
             next_id: AtomicU64::new(1),
+            shards: None,
         })
+    }
+
+    /// Deals connections to these threads instead of spawning them on the
+    /// current runtime.
+    pub fn with_shards(mut self, shards: Arc<Shards>) -> Self {
+        self.shards = Some(shards);
+        self
     }
 
     /// The live connections.
@@ -134,13 +145,17 @@ impl Server {
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
-            tokio::spawn(async move {
+            let serve = move |stream| async move {
                 debug!(conn = id, %peer, "accepted");
                 shared.telemetry.connection_opened();
                 serve_client(id, stream, peer, &shared).await;
                 shared.telemetry.connection_closed();
                 drop(slot);
-            });
+            };
+            match &self.shards {
+                Some(shards) => shards.spawn(stream, serve),
+                None => drop(tokio::spawn(serve(stream))),
+            }
         }
     }
 }

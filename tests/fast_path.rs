@@ -313,3 +313,38 @@ fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
         p.stderr()
     );
 }
+
+/// `--threads 0` (tokio's work-stealing runtime), one thread, and more
+/// threads than cores all carry several clients byte-exact at once.
+#[test]
+fn every_runtime_flavour_serves_concurrent_clients_exactly() {
+    require_python_nbd();
+    require_tool("qemu-nbd");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let q = QemuNbd::raw(&img);
+    for threads in ["0", "1", "3"] {
+        let p = Nbdfault::start(&[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &q.uri(),
+            "--threads",
+            threads,
+        ]);
+        let clients: Vec<_> = (0..4)
+            .map(|i| {
+                let (uri, img) = (p.uri().to_string(), img.clone());
+                std::thread::spawn(move || read_blocks(&uri, &img, i % 2 == 0))
+            })
+            .collect();
+        for c in clients {
+            assert_eq!(
+                c.join().unwrap(),
+                Vec::<String>::new(),
+                "--threads {threads}"
+            );
+        }
+    }
+}

@@ -805,6 +805,15 @@ impl Checker<'_> {
 
     fn name(&self, f: Field) -> Result<String> {
         match &f.value.value {
+            // Names go into log lines, metric labels and URLs: a control
+            // character (a newline, an escape) could forge or garble them.
+            Value::Str(s) if s.chars().any(char::is_control) => Err(self.err(
+                f.pos(),
+                format!(
+                    "name must be printable text (it appears in logs and URLs), found {s:?} \
+                     with a control character"
+                ),
+            )),
             Value::Str(s) if !s.trim().is_empty() => Ok(s.clone()),
             Value::Int(n) => Ok(n.to_string()),
             _ => Err(self.err(
@@ -2272,6 +2281,17 @@ rules:
             4,
             &["event request has none", "export-name, option-reply, data"],
         );
+        for name in [
+            "\"a\\nfault: rule x fires\"",
+            "\"bell\\a\"",
+            "\"esc\\e[31m\"",
+        ] {
+            fails(
+                &[&format!("name: {name}"), "event: data", "action: corrupt"],
+                2,
+                &["name must be printable text", "control character"],
+            );
+        }
         for (bits, found) in [
             ("0", "found 0"),
             ("4097", "found 4097"),

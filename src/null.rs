@@ -81,7 +81,8 @@ const DESCRIPTION: &str = "nbdfault null server";
 const READ_BUFFER: usize = 256 << 10;
 const WRITE_BUFFER: usize = 256 << 10;
 
-/// Source of every byte of read data (the legacy server's too).
+/// Read data where it must be real bytes: the default [`WriteZeroes`] (null
+/// server on a socket) and the legacy server.
 pub(crate) static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
 /// Transmission flags the null server advertises.

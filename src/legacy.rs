@@ -140,7 +140,7 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             telemetry.clone(),
         );
         // One client at a time, as the Python tool serves them.
-        let (near, far) = tokio::io::duplex(FLOW_BUFFER);
+        let (near, far) = crate::mempipe::pair(FLOW_BUFFER);
         let server = {
             let conn = conn.clone();
             tokio::spawn(async move {

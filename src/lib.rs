@@ -7,6 +7,7 @@ pub mod addr;
 pub mod control;
 pub mod intercept;
 pub mod legacy;
+pub mod mempipe;
 pub mod net;
 pub mod null;
 pub mod pipeline;

@@ -2,7 +2,7 @@
 //!
 //! The proxy treats TCP, unix-socket and in-memory connections alike. These
 //! enums hide which one is in use, so the forwarding code is written once and
-//! tests can drive it over `tokio::io::duplex` without touching the network.
+//! tests can drive it over an in-memory pipe without touching the network.
 
 use std::io;
 use std::net::IpAddr;
@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
 
 use crate::addr::{ListenAddr, Target, nbd_uri_for_tcp, nbd_uri_for_unix};
+use crate::mempipe::{MemReadHalf, MemStream, MemWriteHalf, WriteZeroes};
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -216,7 +217,7 @@ pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     /// In-memory pipe, for tests and for embedding the proxy.
-    Mem(DuplexStream),
+    Mem(MemStream),
 }
 
 /// Reading half of a [`Stream`].
@@ -224,7 +225,7 @@ pub enum Stream {
 pub enum ReadHalf {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
-    Mem(tokio::io::ReadHalf<DuplexStream>),
+    Mem(MemReadHalf),
 }
 
 /// Writing half of a [`Stream`]. Shutting it down sends EOF to the peer
@@ -233,7 +234,7 @@ pub enum ReadHalf {
 pub enum WriteHalf {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
-    Mem(tokio::io::WriteHalf<DuplexStream>),
+    Mem(MemWriteHalf),
 }
 
 impl Stream {
@@ -250,7 +251,7 @@ impl Stream {
                 (ReadHalf::Unix(r), WriteHalf::Unix(w))
             }
             Stream::Mem(s) => {
-                let (r, w) = tokio::io::split(s);
+                let (r, w) = s.into_split();
                 (ReadHalf::Mem(r), WriteHalf::Mem(w))
             }
         }
@@ -269,8 +270,8 @@ impl From<UnixStream> for Stream {
     }
 }
 
-impl From<DuplexStream> for Stream {
-    fn from(s: DuplexStream) -> Self {
+impl From<MemStream> for Stream {
+    fn from(s: MemStream) -> Self {
         Stream::Mem(s)
     }
 }
@@ -341,6 +342,21 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Zeroes go down an in-memory pipe as a length; sockets get real bytes.
+impl WriteZeroes for Stream {
+    fn poll_write_zeroes(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        n: u64,
+    ) -> Poll<io::Result<u64>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_zeroes(cx, n),
+            Stream::Unix(s) => Pin::new(s).poll_write_zeroes(cx, n),
+            Stream::Mem(s) => Pin::new(s).poll_write_zeroes(cx, n),
+        }
+    }
+}
+
 impl AsyncRead for ReadHalf {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -405,9 +421,24 @@ impl AsyncWrite for WriteHalf {
     }
 }
 
+impl WriteZeroes for WriteHalf {
+    fn poll_write_zeroes(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        n: u64,
+    ) -> Poll<io::Result<u64>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_write_zeroes(cx, n),
+            WriteHalf::Unix(w) => Pin::new(w).poll_write_zeroes(cx, n),
+            WriteHalf::Mem(w) => Pin::new(w).poll_write_zeroes(cx, n),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mempipe;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Sends bytes both ways through split halves, then checks that shutting
@@ -597,13 +628,13 @@ mod tests {
 
     #[tokio::test]
     async fn mem_roundtrip() {
-        let (a, b) = tokio::io::duplex(64);
+        let (a, b) = mempipe::pair(64);
         exchange(Stream::from(a), Stream::Mem(b)).await;
     }
 
     #[tokio::test]
     async fn whole_stream_is_async_read_write() {
-        let (a, b) = tokio::io::duplex(64);
+        let (a, b) = mempipe::pair(64);
         let (mut a, mut b) = (Stream::Mem(a), Stream::Mem(b));
         a.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];

@@ -11,14 +11,16 @@
 //! more input, so a pipelined burst is answered in few writes. Nothing is
 //! allocated from a length the client chose: option data goes into one fixed
 //! buffer per connection, payloads are discarded through the read buffer,
-//! and read data comes from a static page of zeroes.
+//! and read data is written with [`WriteZeroes`]: a static page of zeroes on
+//! a socket, a mere length on the proxy's in-memory pipe.
 
 use std::io;
 
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, BufWriter};
 use tracing::{debug, trace, warn};
 
+use crate::mempipe::{self, WriteZeroes};
 use crate::protocol::ProtocolError;
 use crate::protocol::bytes::put64;
 use crate::protocol::consts::*;
@@ -79,7 +81,8 @@ const DESCRIPTION: &str = "nbdfault null server";
 const READ_BUFFER: usize = 256 << 10;
 const WRITE_BUFFER: usize = 256 << 10;
 
-/// Source of every byte of read data (the legacy server's too).
+/// Read data where it must be real bytes: the default [`WriteZeroes`] (null
+/// server on a socket) and the legacy server.
 pub(crate) static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
 /// Transmission flags the null server advertises.
@@ -101,12 +104,15 @@ fn transmission_flags(mode: ReplyMode) -> u16 {
 
 /// Serves one NBD connection on `stream` until the client disconnects.
 ///
+/// Any stream will do; [`WriteZeroes`] only lets one that can carry zeroes
+/// as a length (the proxy's pipe) skip copying read data.
+///
 /// Returns `Ok` when the client ends the session cleanly (NBD_OPT_ABORT,
 /// NBD_CMD_DISC, or closing the stream between messages), and the reason
 /// otherwise.
 pub async fn serve<S>(stream: S, cfg: &NullConfig) -> Result<(), NullError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + WriteZeroes + Unpin,
 {
     let mut conn = Conn {
         io: BufReader::with_capacity(READ_BUFFER, BufWriter::with_capacity(WRITE_BUFFER, stream)),
@@ -149,7 +155,7 @@ struct Conn<S> {
 
 impl<S> Conn<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + WriteZeroes + Unpin,
 {
     async fn run(&mut self, oldstyle: bool) -> Result<(), NullError> {
         if oldstyle {
@@ -739,13 +745,11 @@ where
         Ok(())
     }
 
-    async fn write_zeroes(&mut self, mut len: u64) -> io::Result<()> {
-        while len > 0 {
-            let k = len.min(ZEROES.len() as u64) as usize;
-            self.io.write_all(&ZEROES[..k]).await?;
-            len -= k as u64;
-        }
-        Ok(())
+    /// Writes `len` zero bytes of read data past the write buffer, which is
+    /// flushed first so they follow the reply header.
+    async fn write_zeroes(&mut self, len: u64) -> io::Result<()> {
+        self.io.flush().await?;
+        mempipe::write_zeroes(self.io.get_mut().get_mut(), len).await
     }
 }
 
@@ -832,10 +836,11 @@ mod tests {
     use std::time::Duration;
 
     use proptest::prelude::*;
-    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::io::AsyncReadExt;
     use tokio::task::JoinHandle;
 
     use super::*;
+    use crate::mempipe::MemStream;
     use crate::protocol::bytes::{be16, be32, be64};
     use crate::protocol::handshake::{GreetingKind, greeting_kind};
 
@@ -844,8 +849,9 @@ mod tests {
 
     type Handle = JoinHandle<Result<(), NullError>>;
 
-    fn start(size: u64, oldstyle: bool) -> (DuplexStream, Handle) {
-        let (client, server) = tokio::io::duplex(1 << 20);
+    fn start(size: u64, oldstyle: bool) -> (MemStream, Handle) {
+        // The pipe the proxy serves it on.
+        let (client, server) = mempipe::pair(1 << 20);
         let cfg = NullConfig { size, oldstyle };
         let h = tokio::spawn(async move { serve(server, &cfg).await });
         (client, h)
@@ -858,7 +864,7 @@ mod tests {
             .expect("serve panicked")
     }
 
-    async fn newstyle(c: &mut DuplexStream, client_flags: u32) {
+    async fn newstyle(c: &mut MemStream, client_flags: u32) {
         let mut g = [0u8; NEWSTYLE_GREETING_LEN];
         c.read_exact(&mut g).await.unwrap();
         assert_eq!(greeting_kind(&g), Ok(GreetingKind::Newstyle));
@@ -869,7 +875,7 @@ mod tests {
         c.write_all(&client_flags.to_be_bytes()).await.unwrap();
     }
 
-    async fn send_opt(c: &mut DuplexStream, option: u32, data: &[u8]) {
+    async fn send_opt(c: &mut MemStream, option: u32, data: &[u8]) {
         let h = OptionHeader {
             option,
             length: data.len() as u32,
@@ -878,7 +884,7 @@ mod tests {
         c.write_all(data).await.unwrap();
     }
 
-    async fn read_opt_reply(c: &mut DuplexStream) -> (OptionReplyHeader, Vec<u8>) {
+    async fn read_opt_reply(c: &mut MemStream) -> (OptionReplyHeader, Vec<u8>) {
         let mut b = [0u8; OPTION_REPLY_HEADER_LEN];
         c.read_exact(&mut b).await.unwrap();
         let h = OptionReplyHeader::parse(&b).unwrap();
@@ -888,7 +894,7 @@ mod tests {
     }
 
     /// Sends an option and collects its replies up to the final one.
-    async fn opt(c: &mut DuplexStream, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+    async fn opt(c: &mut MemStream, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
         send_opt(c, option, data).await;
         let mut out = Vec::new();
         loop {
@@ -932,7 +938,7 @@ mod tests {
     }
 
     /// Negotiates `mode` (and `base:allocation` if `context`), then GO.
-    async fn connect(size: u64, mode: ReplyMode, context: bool) -> (DuplexStream, Handle, u16) {
+    async fn connect(size: u64, mode: ReplyMode, context: bool) -> (MemStream, Handle, u16) {
         let (mut c, h) = start(size, false);
         newstyle(&mut c, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
         match mode {
@@ -968,7 +974,7 @@ mod tests {
 
     #[allow(clippy::too_many_arguments)]
     async fn send_req(
-        c: &mut DuplexStream,
+        c: &mut MemStream,
         mode: ReplyMode,
         flags: u16,
         command: u16,
@@ -992,7 +998,7 @@ mod tests {
     }
 
     /// Reads one reply header and, for chunks, its payload.
-    async fn read_reply(c: &mut DuplexStream) -> (Reply, Vec<u8>) {
+    async fn read_reply(c: &mut MemStream) -> (Reply, Vec<u8>) {
         let mut b = [0u8; EXTENDED_REPLY_LEN];
         c.read_exact(&mut b[..4]).await.unwrap();
         let need = match be32(&b, 0) {
@@ -1009,7 +1015,7 @@ mod tests {
     }
 
     /// Asserts a successful reply without data.
-    async fn expect_ok(c: &mut DuplexStream, mode: ReplyMode, cookie: u64, offset: u64) {
+    async fn expect_ok(c: &mut MemStream, mode: ReplyMode, cookie: u64, offset: u64) {
         let (r, p) = read_reply(c).await;
         assert_eq!(r.cookie(), cookie);
         match mode {
@@ -1026,7 +1032,7 @@ mod tests {
     }
 
     /// Asserts an error reply with `error`.
-    async fn expect_err(c: &mut DuplexStream, mode: ReplyMode, cookie: u64, error: u32) {
+    async fn expect_err(c: &mut MemStream, mode: ReplyMode, cookie: u64, error: u32) {
         let (r, p) = read_reply(c).await;
         assert_eq!(r.cookie(), cookie);
         match mode {
@@ -1044,7 +1050,7 @@ mod tests {
 
     /// Reads `length` at `offset` and checks the reply is all zeroes.
     async fn expect_read_zeroes(
-        c: &mut DuplexStream,
+        c: &mut MemStream,
         mode: ReplyMode,
         cookie: u64,
         offset: u64,
@@ -1080,7 +1086,7 @@ mod tests {
         }
     }
 
-    async fn disconnect(mut c: DuplexStream, mode: ReplyMode, h: Handle) {
+    async fn disconnect(mut c: MemStream, mode: ReplyMode, h: Handle) {
         send_req(&mut c, mode, 0, CMD_DISC, 0, 0, 0, &[]).await;
         finish(h).await.expect("clean close after NBD_CMD_DISC");
         let mut rest = Vec::new();
@@ -1359,6 +1365,53 @@ mod tests {
             }
             disconnect(c, mode, h).await;
         }
+    }
+
+    /// On a socket, read data is real bytes from the zero page, pipelined
+    /// behind the replies before it.
+    #[tokio::test]
+    async fn reads_on_a_socket() {
+        let (mut c, server) = tokio::net::UnixStream::pair().unwrap();
+        let cfg = NullConfig {
+            size: SIZE,
+            oldstyle: true,
+        };
+        let h = tokio::spawn(async move { serve(server, &cfg).await });
+        let mut g = [0u8; OLDSTYLE_GREETING_LEN];
+        c.read_exact(&mut g).await.unwrap();
+        let lengths = [4096u64, 3_000_000, 1, 0, 65536];
+        let mut burst = Vec::new();
+        for (i, &length) in lengths.iter().enumerate() {
+            let r = Request {
+                extended: false,
+                flags: 0,
+                command: CMD_READ,
+                cookie: i as u64,
+                offset: 0,
+                length,
+            };
+            let mut b = [0u8; EXTENDED_REQUEST_LEN];
+            let n = r.build(&mut b);
+            burst.extend_from_slice(&b[..n]);
+        }
+        c.write_all(&burst).await.unwrap();
+        for (i, &length) in lengths.iter().enumerate() {
+            let mut b = [0u8; SIMPLE_REPLY_LEN];
+            c.read_exact(&mut b).await.unwrap();
+            let r = Reply::parse(&b).unwrap().unwrap();
+            assert_eq!(
+                r,
+                Reply::Simple {
+                    error: 0,
+                    cookie: i as u64
+                }
+            );
+            let mut data = vec![0xffu8; length as usize];
+            c.read_exact(&mut data).await.unwrap();
+            assert!(data.iter().all(|&b| b == 0));
+        }
+        drop(c);
+        finish(h).await.expect("EOF between requests is clean");
     }
 
     #[tokio::test]
@@ -1744,7 +1797,7 @@ mod tests {
     /// returns how serve ended.
     async fn feed(oldstyle: bool, bytes: Vec<u8>) -> Result<(), NullError> {
         let (client, h) = start(SIZE, oldstyle);
-        let (mut rd, mut wr) = tokio::io::split(client);
+        let (mut rd, mut wr) = client.into_split();
         let writer = async move {
             let _ = wr.write_all(&bytes).await;
             let _ = wr.shutdown().await;

@@ -1015,7 +1015,7 @@ impl Linger for WriteHalf {
     fn abandon(&mut self) {
         if matches!(self, WriteHalf::Tcp(_)) {
             // A stand-in to leave behind; this happens once per reset.
-            let (stand_in, _) = tokio::io::duplex(1);
+            let (stand_in, _) = crate::mempipe::pair(1);
             let (_, w) = crate::net::Stream::Mem(stand_in).into_split();
             if let WriteHalf::Tcp(h) = std::mem::replace(self, w) {
                 h.forget();

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::addr::{ListenAddr, Target};
 use crate::intercept::{ConnId, Event, Interceptor, Plan, Verdict};
+use crate::mempipe;
 use crate::net::{Listener, Stream};
 use crate::null::{self, NullConfig};
 use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FAULT_LOG, FLOW_BUFFER};
@@ -207,7 +208,8 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
             }
         }
         Backend::Null(cfg) => {
-            let (near, far) = tokio::io::duplex(FLOW_BUFFER);
+            // Read data crosses this pipe as zero runs, not bytes.
+            let (near, far) = mempipe::pair(FLOW_BUFFER);
             let cfg = cfg.clone();
             tokio::spawn(async move {
                 if let Err(e) = null::serve(far, &cfg).await {

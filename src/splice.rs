@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn memory_streams_have_no_socket() {
-        let (x, _y) = tokio::io::duplex(8);
+        let (x, _y) = crate::mempipe::pair(8);
         let (r, w) = Stream::Mem(x).into_split();
         assert!(r.splice_socket().is_none());
         assert!(w.splice_socket().is_none());

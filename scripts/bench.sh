@@ -5,15 +5,19 @@
 #   sudo scripts/bench.sh            # installs its tools as root, like scripts/test.sh
 #   RUNS=7 SIZE=1G scripts/bench.sh  # more runs, another file size
 #
-# Prints, as a table, medians over RUNS alternating runs (the contenders
+# Prints, as tables, medians over RUNS alternating runs (the contenders
 # take turns, so drift on a shared machine hits them alike):
 #   - sequential read: nbdcopy of a SIZE tmpfs file from qemu-nbd, direct,
-#     through nbdfault, through nbdkit's nbd plugin;
-#   - 4 KiB random reads, fio's nbd engine, queue depth 1 and 16, same three;
+#     through nbdfault (default threads, and --threads 0 = tokio's
+#     work-stealing runtime), through nbdkit's nbd plugin;
+#   - 4 KiB random reads, fio's nbd engine, queue depth 1 and 16, same four;
 #   - null servers: nbdcopy --no-extents of 4 GiB from nbdkit's null plugin
-#     and from nbdfault null;
+#     and from nbdfault null (both runtimes);
 #   - nbdfault with 1,000 rules that match nothing, against no rules;
-#   - peak RSS of nbdfault with 16 clients each reading with 32 MiB requests.
+#   - nbdfault's resident memory idle and at peak with 1, 4, 16 and 64
+#     clients each reading 256 MiB with 32 MiB requests (a fresh proxy per
+#     count, in front of a separate `nbdfault null`: nbdkit's null plugin
+#     keeps a 32 MiB buffer per request and ran out of 24 GiB at 64 clients).
 # Ratios are against direct (or nbdkit null). Benchmarks are not tests:
 # nothing here fails on a number.
 set -euo pipefail
@@ -25,9 +29,9 @@ FIO_SECONDS=${FIO_SECONDS:-5}
 
 if [ "$(id -u)" -eq 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update >/dev/null && apt-get install -y qemu-utils nbdkit libnbd-bin fio >/dev/null
+    apt-get update >/dev/null && apt-get install -y qemu-utils nbdkit libnbd-bin fio bc >/dev/null
 fi
-for t in qemu-nbd nbdkit nbdcopy fio; do
+for t in qemu-nbd nbdkit nbdcopy fio bc; do
     command -v "$t" >/dev/null || { echo "error: $t missing (run as root to install)" >&2; exit 1; }
 done
 cargo build --release --quiet
@@ -53,17 +57,20 @@ echo "preparing a $SIZE file of random data in $work ..."
 head -c "$SIZE" /dev/urandom >"$work/disk.img" 2>/dev/null || \
     { truncate -s "$SIZE" "$work/disk.img"; dd if=/dev/urandom of="$work/disk.img" bs=1M count=$(( $(stat -c %s "$work/disk.img") / 1048576 )) conv=notrunc status=none; }
 
-qemu-nbd -f raw --persistent --shared=32 -k "$work/qemu.sock" "$work/disk.img" &
+qemu-nbd -f raw --persistent --shared=64 -k "$work/qemu.sock" "$work/disk.img" &
 pids+=($!)
 wait_sock "$work/qemu.sock"
 "$NBDFAULT" proxy --listen "$work/fault.sock" --upstream "$work/qemu.sock" >/dev/null 2>"$work/fault.log" &
-fault_pid=$!
-pids+=($fault_pid)
+pids+=($!)
+"$NBDFAULT" proxy --threads 0 --listen "$work/fault0.sock" --upstream "$work/qemu.sock" >/dev/null 2>&1 &
+pids+=($!)
 nbdkit -f -U "$work/kit.sock" nbd socket="$work/qemu.sock" &
 pids+=($!)
 nbdkit -f -U "$work/kitnull.sock" null 4G &
 pids+=($!)
 "$NBDFAULT" null --size 4G --listen "$work/null.sock" >/dev/null 2>&1 &
+pids+=($!)
+"$NBDFAULT" null --threads 0 --size 4G --listen "$work/null0.sock" >/dev/null 2>&1 &
 pids+=($!)
 # 1,000 rules that match nothing: reads beyond the end of the disk.
 {
@@ -74,7 +81,7 @@ pids+=($!)
 } >"$work/rules.yaml"
 "$NBDFAULT" proxy --listen "$work/rules.sock" --upstream "$work/qemu.sock" --rules "$work/rules.yaml" >/dev/null 2>&1 &
 pids+=($!)
-for s in fault kit kitnull null rules; do wait_sock "$work/$s.sock"; done
+for s in fault fault0 kit kitnull null null0 rules; do wait_sock "$work/$s.sock"; done
 
 # Seconds (wall) for a command, to 3 decimals.
 seconds() {
@@ -104,9 +111,9 @@ run_alternating() { # name:sock ... ; fills res[name] with median seconds of nbd
 }
 
 echo "sequential reads (nbdcopy, $RUNS alternating runs) ..."
-run_alternating direct:qemu nbdfault:fault nbdkit:kit rules1000:rules
+run_alternating direct:qemu nbdfault:fault nbdfault0:fault0 nbdkit:kit rules1000:rules
 echo "null servers (nbdcopy --no-extents of 4 GiB) ..."
-COPY_ARGS=--no-extents run_alternating nbdkit-null:kitnull nbdfault-null:null
+COPY_ARGS=--no-extents run_alternating nbdkit-null:kitnull nbdfault-null:null nbdfault0-null:null0
 
 fio_iops() { # sock iodepth
     # fio's nbd engine chats on stdout: keep the JSON in a file.
@@ -120,36 +127,53 @@ for qd in 1 16; do
     echo "4 KiB random reads, queue depth $qd (fio, $FIO_SECONDS s each, $RUNS rounds) ..."
     declare -A s=()
     for r in $(seq "$RUNS"); do
-        for n in qemu fault kit; do s[$n]+="$(fio_iops "$n" "$qd") "; done
+        for n in qemu fault fault0 kit; do s[$n]+="$(fio_iops "$n" "$qd") "; done
     done
-    for n in qemu fault kit; do
+    for n in qemu fault fault0 kit; do
         iops[$n-$qd]=$(echo "${s[$n]}" | tr ' ' '\n' | grep . | median)
     done
 done
 
-echo "peak RSS with 16 clients reading with 32 MiB requests ..."
-rss_before=$(awk '/VmRSS/ {print $2}' "/proc/$fault_pid/status")
-for i in $(seq 16); do
-    nbdcopy --request-size=33554432 --requests=1 --connections=1 "$(uri "$work/fault.sock")" null: &
+echo "resident memory with 1, 4, 16, 64 clients reading with 32 MiB requests ..."
+"$NBDFAULT" null --size 256M --listen "$work/rssnull.sock" >/dev/null 2>&1 &
+pids+=($!)
+wait_sock "$work/rssnull.sock"
+declare -A rss_idle rss_peak
+for n in 1 4 16 64; do
+    rm -f "$work/rss.sock"
+    "$NBDFAULT" proxy --listen "$work/rss.sock" --upstream "$work/rssnull.sock" --max-connections 128 >/dev/null 2>&1 &
+    rss_pid=$!
+    pids+=($rss_pid)
+    wait_sock "$work/rss.sock"
+    rss_idle[$n]=$(awk '/VmRSS/ {print $2}' "/proc/$rss_pid/status")
+    clients=()
+    for _ in $(seq "$n"); do
+        nbdcopy --no-extents --request-size=33554432 --requests=1 --connections=1 "$(uri "$work/rss.sock")" null: &
+        clients+=($!)
+    done
+    wait "${clients[@]}" || echo "warning: a client failed with $n clients" >&2
+    rss_peak[$n]=$(awk '/VmHWM/ {print $2}' "/proc/$rss_pid/status")
+    kill "$rss_pid"; wait "$rss_pid" 2>/dev/null || true
 done
-wait_clients() { while pgrep -f "nbdcopy --request-size=33554432" >/dev/null; do sleep 0.1; done; }
-wait_clients
-rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$fault_pid/status")
 
 mib() { echo "scale=0; $bytes / $1 / 1048576" | bc -l; }
-ratio() { echo "scale=2; $1 / $2" | bc -l; }
+ratio() { echo "scale=2; $1 / $2" | bc -l | sed 's/^\./0./'; }
 echo
-echo "## nbdfault benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//')"
+echo "## nbdfault benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'), $(uname -r)"
 echo
-echo "| measurement | direct | nbdfault | nbdkit nbd plugin | nbdfault / direct | nbdkit / direct |"
-echo "|---|---|---|---|---|---|"
-echo "| sequential read, MiB/s (nbdcopy, $SIZE) | $(mib "${res[direct]}") | $(mib "${res[nbdfault]}") | $(mib "${res[nbdkit]}") | $(ratio "${res[direct]}" "${res[nbdfault]}") | $(ratio "${res[direct]}" "${res[nbdkit]}") |"
+echo "nbdfault: default (--threads $(nproc), one single-threaded runtime per core) and --threads 0 (tokio work-stealing)."
+echo
+echo "| measurement | direct | nbdfault | nbdfault --threads 0 | nbdkit nbd plugin | nbdfault / direct | --threads 0 / direct | nbdkit / direct |"
+echo "|---|---|---|---|---|---|---|---|"
+echo "| sequential read, MiB/s (nbdcopy, $SIZE) | $(mib "${res[direct]}") | $(mib "${res[nbdfault]}") | $(mib "${res[nbdfault0]}") | $(mib "${res[nbdkit]}") | $(ratio "${res[direct]}" "${res[nbdfault]}") | $(ratio "${res[direct]}" "${res[nbdfault0]}") | $(ratio "${res[direct]}" "${res[nbdkit]}") |"
 for qd in 1 16; do
-    echo "| 4 KiB random read IOPS, QD $qd (fio) | ${iops[qemu-$qd]%.*} | ${iops[fault-$qd]%.*} | ${iops[kit-$qd]%.*} | $(ratio "${iops[fault-$qd]}" "${iops[qemu-$qd]}") | $(ratio "${iops[kit-$qd]}" "${iops[qemu-$qd]}") |"
+    echo "| 4 KiB random read IOPS, QD $qd (fio) | ${iops[qemu-$qd]%.*} | ${iops[fault-$qd]%.*} | ${iops[fault0-$qd]%.*} | ${iops[kit-$qd]%.*} | $(ratio "${iops[fault-$qd]}" "${iops[qemu-$qd]}") | $(ratio "${iops[fault0-$qd]}" "${iops[qemu-$qd]}") | $(ratio "${iops[kit-$qd]}" "${iops[qemu-$qd]}") |"
 done
 echo
 echo "| measurement | value |"
 echo "|---|---|"
-echo "| null server, 4 GiB --no-extents: nbdkit null / nbdfault null, seconds | ${res[nbdkit-null]} / ${res[nbdfault-null]} (nbdfault at $(ratio "${res[nbdkit-null]}" "${res[nbdfault-null]}")x nbdkit's speed) |"
+echo "| null server, 4 GiB --no-extents, seconds: nbdkit null / nbdfault null / nbdfault null --threads 0 | ${res[nbdkit-null]} / ${res[nbdfault-null]} / ${res[nbdfault0-null]} (nbdfault at $(ratio "${res[nbdkit-null]}" "${res[nbdfault-null]}")x nbdkit's speed, $(ratio "${res[nbdkit-null]}" "${res[nbdfault0-null]}")x with --threads 0) |"
 echo "| 1,000 non-matching rules: throughput vs no rules | $(ratio "${res[nbdfault]}" "${res[rules1000]}")x |"
-echo "| nbdfault RSS: idle / peak with 16 clients x 32 MiB reads | $((rss_before / 1024)) MiB / $((rss_peak / 1024)) MiB |"
+for n in 1 4 16 64; do
+    echo "| nbdfault RSS with $n client(s) x 32 MiB reads: idle / peak | $((rss_idle[$n] / 1024)) MiB / $((rss_peak[$n] / 1024)) MiB |"
+done

@@ -84,4 +84,12 @@ cargo clippy --all-targets -- -D warnings
 step "cargo test --release --all-targets $*"
 cargo test --release --all-targets "$@"
 
+# The fuzz crate's tests replay every seed and every past finding
+# (fuzz/corpus/, regress-* included) through the fuzz harnesses on stable
+# Rust, without libFuzzer's instrumentation: a fixed finding stays fixed.
+if [ "$#" -eq 0 ]; then
+    step "fuzz seeds and past findings: (cd fuzz && cargo test --release)"
+    (cd fuzz && cargo test --release)
+fi
+
 step "All checks passed"

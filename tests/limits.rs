@@ -97,3 +97,76 @@ fn clients_beyond_max_connections_wait_their_turn() {
     first.wait().unwrap();
     assert_eq!(run_ok("nbdinfo", &["--size", p.uri()]).trim(), "8589934592");
 }
+
+/// An upstream whose listen queue is full drops SYNs, so connecting to it
+/// hangs (the kernel retries for minutes): `--connect-timeout` gives up,
+/// the client is closed with the target named in the log, and the proxy
+/// serves on.
+#[test]
+fn an_upstream_that_never_answers_a_connect_is_given_up_on() {
+    require_tool("nbdinfo");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Backlog 0: one connection waits in the queue, further SYNs drop.
+    let listener = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        s.listen(0).unwrap()
+    });
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    let full =
+        (0..8).any(
+            |_| match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => {
+                    fillers.push(s);
+                    false
+                }
+                Err(_) => true,
+            },
+        );
+    assert!(
+        full,
+        "the listen queue never filled ({} connections)",
+        fillers.len()
+    );
+
+    let target = addr.to_string();
+    let p = Nbdfault::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &target,
+        "--connect-timeout",
+        "300ms",
+    ]);
+    let out = run_with_timeout("nbdinfo", &["--size", p.uri()], Duration::from_secs(20));
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        p.wait_for_stderr(
+            &format!("cannot reach upstream {target}: "),
+            Duration::from_secs(5)
+        ),
+        "{}",
+        p.stderr()
+    );
+    assert!(
+        p.stderr()
+            .contains("no connection within 300ms (--connect-timeout)"),
+        "{}",
+        p.stderr()
+    );
+    // The proxy is still there for the next client.
+    let again = run_with_timeout("nbdinfo", &["--size", p.uri()], Duration::from_secs(20));
+    assert!(!again.success(), "{}", again.describe());
+    assert_eq!(
+        p.stderr().matches("(--connect-timeout)").count(),
+        2,
+        "{}",
+        p.stderr()
+    );
+    drop(listener);
+}

@@ -62,6 +62,8 @@ pids+=($!)
 wait_sock "$work/qemu.sock"
 "$NBDFAULT" proxy --listen "$work/fault.sock" --upstream "$work/qemu.sock" >/dev/null 2>"$work/fault.log" &
 pids+=($!)
+declare -A pid_of
+pid_of[fault]=$!
 "$NBDFAULT" proxy --threads 0 --listen "$work/fault0.sock" --upstream "$work/qemu.sock" >/dev/null 2>&1 &
 pids+=($!)
 nbdkit -f -U "$work/kit.sock" nbd socket="$work/qemu.sock" &
@@ -81,6 +83,7 @@ pids+=($!)
 } >"$work/rules.yaml"
 "$NBDFAULT" proxy --listen "$work/rules.sock" --upstream "$work/qemu.sock" --rules "$work/rules.yaml" >/dev/null 2>&1 &
 pids+=($!)
+pid_of[rules]=$!
 for s in fault fault0 kit kitnull null null0 rules; do wait_sock "$work/$s.sock"; done
 
 # Seconds (wall) for a command, to 3 decimals.
@@ -94,14 +97,21 @@ seconds() {
 median() { sort -g | awk '{a[NR]=$1} END {m=(NR+1)/2; if (NR%2) print a[m]; else print (a[m-0.5]+a[m+0.5])/2}'; }
 bytes=$(stat -c %s "$work/disk.img")
 
-declare -A res
+# CPU time (user + system, in clock ticks) a process has used so far.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+declare -A res cpu
 run_alternating() { # name:sock ... ; fills res[name] with median seconds of nbdcopy
-    local pairs=("$@") name sock r
+    local pairs=("$@") name sock r t0
     declare -A samples
     for r in $(seq "$RUNS"); do
         for p in "${pairs[@]}"; do
             name=${p%%:*}; sock=${p#*:}
+            t0=$([ -n "${pid_of[$sock]:-}" ] && ticks "${pid_of[$sock]}" || echo 0)
             samples[$name]+="$(seconds nbdcopy ${COPY_ARGS:-} "$(uri "$work/$sock.sock")" null:) "
+            if [ -n "${pid_of[$sock]:-}" ]; then
+                cpu[$name]=$(( ${cpu[$name]:-0} + $(ticks "${pid_of[$sock]}") - t0 ))
+            fi
         done
     done
     for p in "${pairs[@]}"; do
@@ -173,7 +183,10 @@ echo
 echo "| measurement | value |"
 echo "|---|---|"
 echo "| null server, 4 GiB --no-extents, seconds: nbdkit null / nbdfault null / nbdfault null --threads 0 | ${res[nbdkit-null]} / ${res[nbdfault-null]} / ${res[nbdfault0-null]} (nbdfault at $(ratio "${res[nbdkit-null]}" "${res[nbdfault-null]}")x nbdkit's speed, $(ratio "${res[nbdkit-null]}" "${res[nbdfault0-null]}")x with --threads 0) |"
-echo "| 1,000 non-matching rules: throughput vs no rules | $(ratio "${res[nbdfault]}" "${res[rules1000]}")x |"
+hz=$(getconf CLK_TCK)
+per_gib() { echo "scale=3; $1 / $hz / $RUNS / ($bytes / 1073741824)" | bc -l | sed 's/^\./0./'; }
+echo "| 1,000 non-matching rules: sequential throughput vs no rules | $(ratio "${res[nbdfault]}" "${res[rules1000]}")x |"
+echo "| nbdfault CPU per GiB read sequentially: no rules / 1,000 non-matching rules | $(per_gib "${cpu[nbdfault]}") s / $(per_gib "${cpu[rules1000]}") s |"
 for n in 1 4 16 64; do
     echo "| nbdfault RSS with $n client(s) x 32 MiB reads: idle / peak | $((rss_idle[$n] / 1024)) MiB / $((rss_peak[$n] / 1024)) MiB |"
 done

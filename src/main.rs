@@ -86,6 +86,10 @@ struct ServeArgs {
     /// --control address).
     #[arg(long, value_name = "TOKEN", requires = "control")]
     control_token: Option<String>,
+    /// Permissions of the --listen unix socket, in octal [default: 600,
+    /// owner only]; 660 lets the socket's group connect too.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    socket_mode: Option<u32>,
     /// Threads serving connections, each connection on one of them
     /// [default: one per core]; 0: tokio's work-stealing runtime.
     #[arg(long, value_name = "N")]
@@ -228,6 +232,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(l) => Some(l.parse::<ListenAddr>().context("--listen")?),
         None => None,
     };
+    let socket_mode = match (args.socket_mode, &listen, &args.run) {
+        (None, _, _) => None,
+        (Some(m), Some(ListenAddr::Unix(_)), _) | (Some(m), None, Some(_)) => Some(m),
+        (Some(_), _, _) => {
+            anyhow::bail!("--socket-mode applies to a unix socket; --listen is not one")
+        }
+    };
     let control = match &args.control {
         Some(c) => Some((
             c.parse::<ListenAddr>().context("--control")?,
@@ -251,6 +262,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         run: args.run,
         limits: args.limits.limits()?,
         control,
+        socket_mode,
         threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -274,4 +286,14 @@ fn check(files: &[PathBuf]) -> Result<()> {
         anyhow::bail!("{bad} of {} rule file(s) invalid", files.len());
     }
     Ok(())
+}
+
+/// An octal file mode for `--socket-mode`: permission bits only.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode (like 600 or 660)"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?} is more than permission bits (at most 777)"));
+    }
+    Ok(m)
 }

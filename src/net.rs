@@ -133,7 +133,13 @@ fn bind_unix(path: &Path) -> io::Result<Listener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
+    // Created owner-only: with the process umask, the file would be
+    // connectable by others (a connection queued in that window would
+    // be served later), so the umask is tightened just around the bind.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener?;
     let socket_id = match SocketFileId::of(path) {
         Ok(id) => id,
         Err(e) => {
@@ -149,8 +155,9 @@ fn bind_unix(path: &Path) -> io::Result<Listener> {
         socket_id,
     };
     // Connecting needs write permission on the socket file; owner-only keeps
-    // other local users from reaching the proxy. (The file briefly has the
-    // umask's mode; fchmod on a socket fd does not affect the path on Linux.)
+    // other local users from reaching the proxy. Set explicitly too, in
+    // case the umask was ignored (fchmod on a socket fd does not affect the
+    // path on Linux).
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| with_context(e, "cannot make the socket owner-only"))?;
     Ok(bound)

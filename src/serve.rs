@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// The HTTP control API's address, and the token it requires.
     pub control: Option<(ListenAddr, Option<String>)>,
+    /// Permissions of a unix listening socket (default owner-only, 0600).
+    pub socket_mode: Option<u32>,
     /// Threads serving connections, each a single-threaded runtime (see
     /// [`crate::shards`]); 0: tokio's work-stealing runtime instead.
     pub threads: usize,
@@ -109,6 +111,15 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         addr: listen.to_string(),
         source,
     })?;
+    if let (Some(mode), ListenAddr::Unix(path)) = (opts.socket_mode, &listen) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| ServeError::Listen {
+                addr: listen.to_string(),
+                source,
+            },
+        )?;
+    }
     let server = match opts.threads {
         0 | 1 => server,
         n => server.with_shards(Arc::new(Shards::start(n).map_err(ServeError::Runtime)?)),

@@ -279,3 +279,42 @@ fn upstream_dies_between_clients() {
     let _q2 = QemuNbd::start_at(&sock, "raw", &file, &[]);
     assert_eq!(run_ok("nbdinfo", &["--size", p.uri()]).trim(), "2097152");
 }
+
+/// The listening unix socket is owner-only unless `--socket-mode` says
+/// otherwise; the mode is checked and only means something for a socket.
+#[test]
+fn unix_socket_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    require_tool("nbdinfo");
+    let dir = TempDir::new().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let default = dir.path().join("default.sock");
+    let p = Nbdfault::start(&["null", "--listen", default.to_str().unwrap()]);
+    assert_eq!(mode(&default), 0o600);
+    drop(p);
+    let group = dir.path().join("group.sock");
+    let p = Nbdfault::start(&[
+        "null",
+        "--listen",
+        group.to_str().unwrap(),
+        "--socket-mode",
+        "660",
+    ]);
+    assert_eq!(mode(&group), 0o660);
+    assert_eq!(run_ok("nbdinfo", &["--size", p.uri()]).trim(), "8589934592");
+    drop(p);
+
+    startup_error(
+        &["null", "--listen", "127.0.0.1:0", "--socket-mode", "660"],
+        "--socket-mode applies to a unix socket",
+    );
+    for bad in ["1777", "69", "rw"] {
+        let o = run_with_timeout(
+            nbdfault_bin(),
+            &["null", "--listen", "x.sock", "--socket-mode", bad],
+            Duration::from_secs(20),
+        );
+        assert!(!o.success(), "{}", o.describe());
+        assert!(o.stderr.contains("--socket-mode"), "{}", o.describe());
+    }
+}

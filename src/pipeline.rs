@@ -6,6 +6,9 @@
 //! offers each event to the [`Interceptor`], and writes everything framed so
 //! far in one call — a 32 MiB read is streamed, never held whole, and with
 //! no faults a read of the source becomes exactly one write to the sink.
+//! Between two sockets, the rest of a large payload that no fault acts
+//! inside is spliced instead ([`crate::splice`]): headers still go through
+//! the buffer and the interceptor, payload bytes never enter the process.
 //!
 //! A fault is carried out at an exact byte of an event: the flow keeps a
 //! *mark* (bytes left before it acts) and stops advancing there, so a cut

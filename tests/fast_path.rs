@@ -56,6 +56,16 @@ fn image(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// A fresh random image, served by qemu-nbd on a unix socket.
+fn served_image() -> (tempfile::TempDir, std::path::PathBuf, QemuNbd) {
+    require_python_nbd();
+    require_tool("qemu-nbd");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let q = QemuNbd::raw(&img);
+    (dir, img, q)
+}
+
 fn read_blocks(uri: &str, image: &Path, structured: bool) -> Vec<String> {
     let sr = if structured { "1" } else { "0" };
     let out = python(
@@ -97,11 +107,7 @@ fn data_start(structured: bool) -> usize {
 }
 
 fn one_flip_in_the_21st_read(structured: bool) {
-    require_python_nbd();
-    require_tool("qemu-nbd");
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let q = QemuNbd::raw(&img);
+    let (dir, img, q) = served_image();
     let at = 300_000 + data_start(structured);
     let p = proxy_with_rules(
         dir.path(),
@@ -152,12 +158,8 @@ fn no_rules_tcp_upstream_and_unix_client_is_byte_exact() {
 
 #[test]
 fn a_rule_added_live_applies_from_the_next_payload_on() {
-    require_python_nbd();
-    require_tool("qemu-nbd");
     require_tool("curl");
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let q = QemuNbd::raw(&img);
+    let (dir, img, q) = served_image();
     let ctl = dir.path().join("control.sock");
     let p = Nbdfault::start(&[
         "proxy",
@@ -295,11 +297,7 @@ h.shutdown()
 
 #[test]
 fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
-    require_python_nbd();
-    require_tool("qemu-nbd");
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let q = QemuNbd::raw(&img);
+    let (dir, img, q) = served_image();
     let p = proxy_with_rules(
         dir.path(),
         &q.uri(),
@@ -318,11 +316,7 @@ fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
 /// threads than cores all carry several clients byte-exact at once.
 #[test]
 fn every_runtime_flavour_serves_concurrent_clients_exactly() {
-    require_python_nbd();
-    require_tool("qemu-nbd");
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let q = QemuNbd::raw(&img);
+    let (_dir, img, q) = served_image();
     for threads in ["0", "1", "3"] {
         let p = Nbdfault::start(&[
             "proxy",

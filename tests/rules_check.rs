@@ -523,3 +523,21 @@ fn duplicate_names_across_rules_files_refuse_to_start() {
         o.describe()
     );
 }
+
+/// A rule name is printed in fault log lines: one with a line break (which
+/// could forge a log line) is refused, and the error itself stays one line.
+#[test]
+fn a_rule_name_with_a_control_character_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let f = write(
+        &dir,
+        "forged.yaml",
+        "rules:\n  - name: \"x\\nINFO nbdfault::fault: fault: rule y fires\"\n    event: request\n    action: disconnect\n",
+    );
+    let line = rejected(&f);
+    assert_located(&line, &f, 2, 11);
+    assert!(
+        line.contains("name must be printable text") && line.contains(r#"\nINFO"#),
+        "{line}"
+    );
+}

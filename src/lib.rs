@@ -4,6 +4,7 @@
 //! embed the proxy and the null server directly.
 
 pub mod addr;
+pub mod busypoll;
 pub mod control;
 pub mod intercept;
 pub mod legacy;

@@ -882,6 +882,7 @@ where
         .await;
         self.pos += moved;
         self.seg_left -= moved;
+        crate::busypoll::activity();
         match r {
             Ok(()) => Ok(true),
             Err(RelayError::Eof) => Err(FlowError::Truncated { dir }),
@@ -942,6 +943,7 @@ where
             Ok(0) => Ok(false),
             Ok(n) => {
                 self.end += n;
+                crate::busypoll::activity();
                 Ok(true)
             }
             Err(e) => Err(self.io(e)),

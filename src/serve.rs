@@ -7,6 +7,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
 use tracing::{info, warn};
@@ -42,6 +43,9 @@ pub struct ServeOptions {
     /// Threads serving connections, each a single-threaded runtime (see
     /// [`crate::shards`]); 0: tokio's work-stealing runtime instead.
     pub threads: usize,
+    /// Busy-poll this long after activity on each thread (see
+    /// [`crate::busypoll`]); zero: never. Needs `threads` ≥ 1.
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -122,8 +126,14 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     }
     let server = match opts.threads {
         0 | 1 => server,
-        n => server.with_shards(Arc::new(Shards::start(n).map_err(ServeError::Runtime)?)),
+        n => server.with_shards(Arc::new(
+            Shards::start(n, opts.busy_poll).map_err(ServeError::Runtime)?,
+        )),
     };
+    if opts.threads >= 1 {
+        // The accepting thread serves connections too (shard 0).
+        crate::busypoll::start(opts.busy_poll);
+    }
     let uri = server.uri();
     // Before anyone can know we listen: a SIGTERM right after the line must
     // find the handlers in place.

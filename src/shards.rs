@@ -17,6 +17,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
 
@@ -32,15 +33,22 @@ pub struct Shards {
 }
 
 impl Shards {
-    /// `n` shards in all: the caller's runtime and `n - 1` new threads.
-    pub fn start(n: usize) -> std::io::Result<Self> {
+    /// `n` shards in all: the caller's runtime and `n - 1` new threads,
+    /// each busy-polling for `busy_poll` after activity (see
+    /// [`crate::busypoll`]; zero: never).
+    pub fn start(n: usize, busy_poll: Duration) -> std::io::Result<Self> {
         let mut others = Vec::new();
         for i in 1..n.max(1) {
             let rt = Builder::new_current_thread().enable_all().build()?;
             others.push(rt.handle().clone());
             std::thread::Builder::new()
                 .name(format!("nbdfault-shard-{i}"))
-                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+                .spawn(move || {
+                    rt.block_on(async {
+                        crate::busypoll::start(busy_poll);
+                        std::future::pending::<()>().await
+                    })
+                })?;
         }
         Ok(Self {
             others,
@@ -118,7 +126,7 @@ mod tests {
     fn connections_are_dealt_in_turn_and_work_where_they_land() {
         let rt = Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let shards = Shards::start(3).unwrap();
+            let shards = Shards::start(3, Duration::ZERO).unwrap();
             assert_eq!(shards.threads(), 3);
             let threads = Arc::new(Mutex::new(Vec::new()));
             let mut peers = Vec::new();
@@ -155,7 +163,7 @@ mod tests {
 
     #[test]
     fn one_shard_serves_everything_in_place() {
-        let shards = Shards::start(1).unwrap();
+        let shards = Shards::start(1, Duration::ZERO).unwrap();
         assert_eq!(shards.threads(), 1);
         assert!(shards.others.is_empty());
     }

@@ -318,3 +318,37 @@ fn unix_socket_mode() {
         assert!(o.stderr.contains("--socket-mode"), "{}", o.describe());
     }
 }
+
+/// `--busy-poll` is bounded and needs single-threaded runtimes; each
+/// refusal names the flag and what is allowed, and starts nothing.
+#[test]
+fn busy_poll_limits() {
+    startup_error(
+        &["null", "--listen", "127.0.0.1:0", "--busy-poll", "2ms"],
+        "--busy-poll 2ms is too long: at most 1ms",
+    );
+    startup_error(
+        &[
+            "null",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "0",
+            "--busy-poll",
+            "50us",
+        ],
+        "--busy-poll needs --threads 1 or more",
+    );
+    let o = run_with_timeout(
+        nbdfault_bin(),
+        &["null", "--listen", "127.0.0.1:0", "--busy-poll", "fast"],
+        Duration::from_secs(20),
+    );
+    assert!(!o.success(), "{}", o.describe());
+    assert!(
+        o.stderr
+            .contains("invalid value 'fast' for '--busy-poll <DURATION>'"),
+        "{}",
+        o.describe()
+    );
+}

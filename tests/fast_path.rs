@@ -312,21 +312,22 @@ fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
     );
 }
 
-/// `--threads 0` (tokio's work-stealing runtime), one thread, and more
-/// threads than cores all carry several clients byte-exact at once.
+/// `--threads 0` (tokio's work-stealing runtime), one thread, more
+/// threads than cores, and busy-polling threads all carry several clients
+/// byte-exact at once.
 #[test]
 fn every_runtime_flavour_serves_concurrent_clients_exactly() {
     let (_dir, img, q) = served_image();
-    for threads in ["0", "1", "3"] {
-        let p = Nbdfault::start(&[
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &q.uri(),
-            "--threads",
-            threads,
-        ]);
+    let upstream = q.uri();
+    for flavour in [
+        &["--threads", "0"][..],
+        &["--threads", "1"],
+        &["--threads", "3"],
+        &["--threads", "2", "--busy-poll", "100us"],
+    ] {
+        let mut args = vec!["proxy", "--listen", "127.0.0.1:0", "--upstream", &upstream];
+        args.extend_from_slice(flavour);
+        let p = Nbdfault::start(&args);
         let clients: Vec<_> = (0..4)
             .map(|i| {
                 let (uri, img) = (p.uri().to_string(), img.clone());
@@ -334,11 +335,7 @@ fn every_runtime_flavour_serves_concurrent_clients_exactly() {
             })
             .collect();
         for c in clients {
-            assert_eq!(
-                c.join().unwrap(),
-                Vec::<String>::new(),
-                "--threads {threads}"
-            );
+            assert_eq!(c.join().unwrap(), Vec::<String>::new(), "{flavour:?}");
         }
     }
 }

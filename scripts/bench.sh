@@ -8,9 +8,10 @@
 # Prints, as tables, medians over RUNS alternating runs (the contenders
 # take turns, so drift on a shared machine hits them alike):
 #   - sequential read: nbdcopy of a SIZE tmpfs file from qemu-nbd, direct,
-#     through nbdfault (default threads, and --threads 0 = tokio's
-#     work-stealing runtime), through nbdkit's nbd plugin;
-#   - 4 KiB random reads, fio's nbd engine, queue depth 1 and 16, same four;
+#     through nbdfault (default threads; --busy-poll 50us; --threads 0 =
+#     tokio's work-stealing runtime), through nbdkit's nbd plugin;
+#   - 4 KiB random reads, fio's nbd engine, queue depth 1 and 16, same five,
+#     with the CPU each proxy used (busy-polling trades CPU for latency);
 #   - null servers: nbdcopy --no-extents of 4 GiB from nbdkit's null plugin
 #     and from nbdfault null (both runtimes);
 #   - nbdfault with 1,000 rules that match nothing, against no rules;
@@ -66,8 +67,13 @@ declare -A pid_of
 pid_of[fault]=$!
 "$NBDFAULT" proxy --threads 0 --listen "$work/fault0.sock" --upstream "$work/qemu.sock" >/dev/null 2>&1 &
 pids+=($!)
+pid_of[fault0]=$!
+"$NBDFAULT" proxy --busy-poll 50us --listen "$work/faultbp.sock" --upstream "$work/qemu.sock" >/dev/null 2>&1 &
+pids+=($!)
+pid_of[faultbp]=$!
 nbdkit -f -U "$work/kit.sock" nbd socket="$work/qemu.sock" &
 pids+=($!)
+pid_of[kit]=$!
 nbdkit -f -U "$work/kitnull.sock" null 4G &
 pids+=($!)
 "$NBDFAULT" null --size 4G --listen "$work/null.sock" >/dev/null 2>&1 &
@@ -84,7 +90,7 @@ pids+=($!)
 "$NBDFAULT" proxy --listen "$work/rules.sock" --upstream "$work/qemu.sock" --rules "$work/rules.yaml" >/dev/null 2>&1 &
 pids+=($!)
 pid_of[rules]=$!
-for s in fault fault0 kit kitnull null null0 rules; do wait_sock "$work/$s.sock"; done
+for s in fault faultbp fault0 kit kitnull null null0 rules; do wait_sock "$work/$s.sock"; done
 
 # Seconds (wall) for a command, to 3 decimals.
 seconds() {
@@ -121,7 +127,7 @@ run_alternating() { # name:sock ... ; fills res[name] with median seconds of nbd
 }
 
 echo "sequential reads (nbdcopy, $RUNS alternating runs) ..."
-run_alternating direct:qemu nbdfault:fault nbdfault0:fault0 nbdkit:kit rules1000:rules
+run_alternating direct:qemu nbdfault:fault nbdfaultbp:faultbp nbdfault0:fault0 nbdkit:kit rules1000:rules
 echo "null servers (nbdcopy --no-extents of 4 GiB) ..."
 COPY_ARGS=--no-extents run_alternating nbdkit-null:kitnull nbdfault-null:null nbdfault0-null:null0
 
@@ -132,14 +138,20 @@ fio_iops() { # sock iodepth
         --output="$work/fio.json" >/dev/null 2>&1
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"])' "$work/fio.json"
 }
-declare -A iops
+declare -A iops fio_cpu
 for qd in 1 16; do
     echo "4 KiB random reads, queue depth $qd (fio, $FIO_SECONDS s each, $RUNS rounds) ..."
     declare -A s=()
     for r in $(seq "$RUNS"); do
-        for n in qemu fault fault0 kit; do s[$n]+="$(fio_iops "$n" "$qd") "; done
+        for n in qemu fault faultbp fault0 kit; do
+            t0=$([ -n "${pid_of[$n]:-}" ] && ticks "${pid_of[$n]}" || echo 0)
+            s[$n]+="$(fio_iops "$n" "$qd") "
+            if [ -n "${pid_of[$n]:-}" ]; then
+                fio_cpu[$n-$qd]=$(( ${fio_cpu[$n-$qd]:-0} + $(ticks "${pid_of[$n]}") - t0 ))
+            fi
+        done
     done
-    for n in qemu fault fault0 kit; do
+    for n in qemu fault faultbp fault0 kit; do
         iops[$n-$qd]=$(echo "${s[$n]}" | tr ' ' '\n' | grep . | median)
     done
 done
@@ -166,24 +178,27 @@ for n in 1 4 16 64; do
     kill "$rss_pid"; wait "$rss_pid" 2>/dev/null || true
 done
 
+hz=$(getconf CLK_TCK)
 mib() { echo "scale=0; $bytes / $1 / 1048576" | bc -l; }
 ratio() { echo "scale=2; $1 / $2" | bc -l | sed 's/^\./0./'; }
 echo
 echo "## nbdfault benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'), $(uname -r)"
 echo
-echo "nbdfault: default (--threads $(nproc), one single-threaded runtime per core) and --threads 0 (tokio work-stealing)."
+echo "nbdfault: default (--threads $(nproc), one single-threaded runtime per core), --busy-poll 50us, and --threads 0 (tokio work-stealing)."
 echo
-echo "| measurement | direct | nbdfault | nbdfault --threads 0 | nbdkit nbd plugin | nbdfault / direct | --threads 0 / direct | nbdkit / direct |"
-echo "|---|---|---|---|---|---|---|---|"
-echo "| sequential read, MiB/s (nbdcopy, $SIZE) | $(mib "${res[direct]}") | $(mib "${res[nbdfault]}") | $(mib "${res[nbdfault0]}") | $(mib "${res[nbdkit]}") | $(ratio "${res[direct]}" "${res[nbdfault]}") | $(ratio "${res[direct]}" "${res[nbdfault0]}") | $(ratio "${res[direct]}" "${res[nbdkit]}") |"
+echo "| measurement | direct | nbdfault | nbdfault --busy-poll 50us | nbdfault --threads 0 | nbdkit nbd plugin |"
+echo "|---|---|---|---|---|---|"
+echo "| sequential read, MiB/s (nbdcopy, $SIZE) | $(mib "${res[direct]}") | $(mib "${res[nbdfault]}") ($(ratio "${res[direct]}" "${res[nbdfault]}")x) | $(mib "${res[nbdfaultbp]}") ($(ratio "${res[direct]}" "${res[nbdfaultbp]}")x) | $(mib "${res[nbdfault0]}") ($(ratio "${res[direct]}" "${res[nbdfault0]}")x) | $(mib "${res[nbdkit]}") ($(ratio "${res[direct]}" "${res[nbdkit]}")x) |"
+# Share of one core a proxy used while fio ran against it.
+core() { echo "scale=0; 100 * ${fio_cpu[$1]} / $hz / $RUNS / $FIO_SECONDS" | bc -l; }
 for qd in 1 16; do
-    echo "| 4 KiB random read IOPS, QD $qd (fio) | ${iops[qemu-$qd]%.*} | ${iops[fault-$qd]%.*} | ${iops[fault0-$qd]%.*} | ${iops[kit-$qd]%.*} | $(ratio "${iops[fault-$qd]}" "${iops[qemu-$qd]}") | $(ratio "${iops[fault0-$qd]}" "${iops[qemu-$qd]}") | $(ratio "${iops[kit-$qd]}" "${iops[qemu-$qd]}") |"
+    echo "| 4 KiB random read IOPS, QD $qd (fio) | ${iops[qemu-$qd]%.*} | ${iops[fault-$qd]%.*} ($(ratio "${iops[fault-$qd]}" "${iops[qemu-$qd]}")x) | ${iops[faultbp-$qd]%.*} ($(ratio "${iops[faultbp-$qd]}" "${iops[qemu-$qd]}")x) | ${iops[fault0-$qd]%.*} ($(ratio "${iops[fault0-$qd]}" "${iops[qemu-$qd]}")x) | ${iops[kit-$qd]%.*} ($(ratio "${iops[kit-$qd]}" "${iops[qemu-$qd]}")x) |"
+    echo "| proxy CPU at QD $qd, % of one core | | $(core "fault-$qd") | $(core "faultbp-$qd") | $(core "fault0-$qd") | $(core "kit-$qd") |"
 done
 echo
 echo "| measurement | value |"
 echo "|---|---|"
 echo "| null server, 4 GiB --no-extents, seconds: nbdkit null / nbdfault null / nbdfault null --threads 0 | ${res[nbdkit-null]} / ${res[nbdfault-null]} / ${res[nbdfault0-null]} (nbdfault at $(ratio "${res[nbdkit-null]}" "${res[nbdfault-null]}")x nbdkit's speed, $(ratio "${res[nbdkit-null]}" "${res[nbdfault0-null]}")x with --threads 0) |"
-hz=$(getconf CLK_TCK)
 per_gib() { echo "scale=3; $1 / $hz / $RUNS / ($bytes / 1073741824)" | bc -l | sed 's/^\./0./'; }
 echo "| 1,000 non-matching rules: sequential throughput vs no rules | $(ratio "${res[nbdfault]}" "${res[rules1000]}")x |"
 echo "| nbdfault CPU per GiB read sequentially: no rules / 1,000 non-matching rules | $(per_gib "${cpu[nbdfault]}") s / $(per_gib "${cpu[rules1000]}") s |"

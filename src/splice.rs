@@ -139,10 +139,17 @@ pub async fn relay(
 ) -> Result<(), RelayError> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
-        // Drain first: whatever sits in the pipe is owed to the sink.
+        // Drain first: whatever sits in the pipe is owed to the sink. With
+        // more of the payload still to come, say so: a TCP sink then holds
+        // a part-filled segment back (MSG_MORE) instead of sending it.
+        let out = if len > 0 {
+            flags | SpliceFFlags::SPLICE_F_MORE
+        } else {
+            flags
+        };
         while pipe.held > 0 {
             let r = dst.try_io(Interest::WRITABLE, || {
-                nonblocking(splice(&pipe.r, None, dst.fd(), None, pipe.held, flags))
+                nonblocking(splice(&pipe.r, None, dst.fd(), None, pipe.held, out))
             });
             match r {
                 Ok(n) => {
@@ -158,14 +165,8 @@ pub async fn relay(
         }
         if len > 0 && pipe.held < pipe.cap {
             let want = len.min((pipe.cap - pipe.held) as u64) as usize;
-            // More to come: lets a TCP sink coalesce.
-            let more = if want as u64 == len {
-                flags
-            } else {
-                flags | SpliceFFlags::SPLICE_F_MORE
-            };
             let r = src.try_io(Interest::READABLE, || {
-                nonblocking(splice(src.fd(), None, &pipe.w, None, want, more))
+                nonblocking(splice(src.fd(), None, &pipe.w, None, want, flags))
             });
             match r {
                 Ok(0) => return Err(RelayError::Eof),

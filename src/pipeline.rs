@@ -84,6 +84,8 @@ pub enum FlowError {
     HandshakeTimeout(Duration),
     #[error("closed through the control API")]
     Killed,
+    #[error("the server is stopping")]
+    ShutDown,
     #[error("a flow task failed: {0}")]
     Task(String),
     #[error("{dir}: {source}")]
@@ -107,8 +109,10 @@ pub struct Connection {
     export: Mutex<Option<String>>,
     /// Held between messages while true (control API pause/resume).
     paused: watch::Sender<bool>,
-    /// Set to tear the connection down (control API).
+    /// Set to tear the connection down (control API, shutdown).
     killed: watch::Sender<bool>,
+    /// The teardown is the server's shutdown, not the control API's.
+    shutting_down: std::sync::atomic::AtomicBool,
     /// Which sockets to close with a TCP reset (RESET_CLIENT, RESET_SERVER).
     reset: std::sync::atomic::AtomicU8,
     session: Mutex<Session>,
@@ -150,6 +154,7 @@ impl Connection {
             export: Mutex::new(None),
             paused: watch::Sender::new(false),
             killed: watch::Sender::new(false),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             reset: std::sync::atomic::AtomicU8::new(0),
             session: Mutex::new(Session::new(max_payload)),
             rules: Mutex::new(ConnState::default()),
@@ -240,6 +245,20 @@ impl Connection {
         self.killed.send_replace(true);
     }
 
+    /// Closes both sides because the server is stopping.
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.kill();
+    }
+
+    fn killed_error(&self) -> FlowError {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            FlowError::ShutDown
+        } else {
+            FlowError::Killed
+        }
+    }
+
     fn session(&self) -> std::sync::MutexGuard<'_, Session> {
         self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -299,7 +318,7 @@ pub async fn run(
         _ = killed.wait_for(|k| *k) => {
             to_server.abort();
             to_client.abort();
-            return Err(FlowError::Killed);
+            return Err(conn.killed_error());
         }
         () = handshake_deadline(&conn, handshake_timeout) => {
             to_server.abort();
@@ -317,7 +336,7 @@ pub async fn run(
         r = &mut other => r.unwrap_or_else(|e| Err(FlowError::Task(e.to_string()))),
         _ = killed.wait_for(|k| *k) => {
             other.abort();
-            Err(FlowError::Killed)
+            Err(conn.killed_error())
         }
     }
 }

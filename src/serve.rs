@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::addr::ListenAddr;
 use crate::control::{Control, ControlError, ControlState};
 use crate::intercept::Interceptor;
+use crate::registry::Registry;
 use crate::rules::live::LiveRules;
 use crate::server::{Backend, Limits, Server, ServerConfig};
 use crate::shards::Shards;
@@ -135,6 +136,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         crate::busypoll::start(opts.busy_poll);
     }
     let uri = server.uri();
+    let registry = server.registry();
     // Before anyone can know we listen: a SIGTERM right after the line must
     // find the handlers in place.
     let sigs = Signals::install()?;
@@ -186,6 +188,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
             }
         }
     };
+    shut_down(&registry).await;
     opts.telemetry.flush_trace();
     if let Some(c) = control {
         c.abort();
@@ -193,6 +196,19 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     }
     drop(private);
     Ok(status)
+}
+
+/// Ends every connection and waits (up to a second) for each to close
+/// the way a fault asked and log its end. Connections on other threads
+/// would not end with this thread's runtime, only with the process.
+async fn shut_down(registry: &Registry) {
+    for c in registry.list() {
+        c.shut_down();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !registry.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Starts the captive command with the server's address in its

@@ -99,6 +99,58 @@ fn sigterm_stops_within_a_second_and_removes_the_socket() {
     let _ = client.wait();
 }
 
+/// SIGTERM ends every connection in order, on whichever thread it lives,
+/// and each logs its end. (Before, none logged it, and connections on
+/// other threads were closed only by the process exiting.)
+#[test]
+fn sigterm_ends_the_connections_of_every_thread() {
+    require_tool("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("n.sock");
+    let mut p = Nbdfault::start(&[
+        "null",
+        "-vv",
+        "--threads",
+        "3",
+        "--listen",
+        sock.to_str().unwrap(),
+    ]);
+    let mut clients: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new("qemu-io")
+                .args(["-f", "raw", p.uri()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("qemu-io")
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || p
+            .stderr()
+            .matches("accepted")
+            .count()
+            >= 3),
+        "{}",
+        p.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    signal(p.pid(), "TERM");
+    let status = p.wait_exit(Duration::from_secs(5)).expect("exited");
+    assert_eq!(status.code(), Some(0));
+    let log = p.stderr();
+    assert_eq!(
+        log.matches("closing connection: the server is stopping")
+            .count(),
+        3,
+        "{log}"
+    );
+    for c in &mut clients {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 #[test]
 fn run_exits_with_the_commands_status_and_passes_the_address() {
     require_tool("nbdinfo");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::addr::ListenAddr;
 use crate::control::{Control, ControlError, ControlState};
@@ -77,6 +77,7 @@ pub enum ServeError {
 /// the command exits (its status). Prints `Listening on URI` once clients
 /// can connect.
 pub fn serve(opts: ServeOptions) -> Result<i32, ServeError> {
+    raise_fd_limit();
     let rt = match opts.threads {
         0 => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -196,6 +197,23 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     }
     drop(private);
     Ok(status)
+}
+
+/// Lets the process open as many descriptors as its hard limit allows. A
+/// connection takes two sockets and, once it splices, a pipe per direction
+/// (six descriptors), so the usual soft limit of 1,024 would run out well
+/// before `--max-connections`' default of 1,024 connections. Children of
+/// `--run` inherit the raised limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => debug!("open file limit raised from {soft} to {hard}"),
+            Err(e) => debug!("open file limit stays at {soft}: {e}"),
+        }
+    }
 }
 
 /// Ends every connection and waits (up to a second) for each to close

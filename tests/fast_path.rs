@@ -339,3 +339,31 @@ fn every_runtime_flavour_serves_concurrent_clients_exactly() {
         }
     }
 }
+
+/// A proxy that cannot make a pipe (out of file descriptors) copies
+/// payloads instead, byte-exact.
+#[test]
+fn out_of_descriptors_for_pipes_it_copies_exactly() {
+    require_tool("prlimit");
+    let (_dir, img, q) = served_image();
+    let p = Nbdfault::start(&[
+        "proxy",
+        "-vv",
+        "--threads",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &q.uri(),
+    ]);
+    // Room for the client's socket and the upstream socket, not for a pipe.
+    let open = std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={}:{}", open + 2, open + 2);
+    run_ok("prlimit", &["--pid", &p.pid().to_string(), &limit]);
+    assert_eq!(read_blocks(p.uri(), &img, true), Vec::<String>::new());
+    let log = p.stderr();
+    assert!(log.contains("to-client: no pipe, copying"), "{log}");
+    assert!(log.contains("Too many open files"), "{log}");
+}

@@ -170,3 +170,36 @@ fn an_upstream_that_never_answers_a_connect_is_given_up_on() {
     );
     drop(listener);
 }
+
+/// The open file limit is raised to the hard limit at start (a connection
+/// can hold six descriptors; a soft limit of 256 would allow ~40).
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    require_tool("prlimit");
+    let mut child = Command::new("prlimit")
+        .args([
+            "--nofile=256:4096",
+            nbdfault_bin(),
+            "null",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prlimit");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.starts_with("Listening on "), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let open = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files line");
+    let fields: Vec<&str> = open.split_whitespace().collect();
+    assert_eq!(fields[3..5], ["4096", "4096"], "{open}");
+}

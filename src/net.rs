@@ -283,164 +283,85 @@ impl From<MemStream> for Stream {
     }
 }
 
+/// The same expression for every variant of a stream enum: `s` is bound to
+/// the wrapped value.
+macro_rules! each {
+    ($enum:ident, $value:expr, $s:ident => $body:expr) => {
+        match $value {
+            $enum::Tcp($s) => $body,
+            $enum::Unix($s) => $body,
+            $enum::Mem($s) => $body,
+        }
+    };
+}
+
 // Every wrapped type is Unpin, so each method just re-pins the inner value.
 
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Mem(s) => Pin::new(s).poll_read(cx, buf),
+/// AsyncRead for a stream enum, by delegation.
+macro_rules! delegate_read {
+    ($enum:ident) => {
+        impl AsyncRead for $enum {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                each!($enum, self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+            }
         }
-    }
+    };
 }
 
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Mem(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
+/// AsyncWrite and WriteZeroes for a stream enum, by delegation. Zeroes go
+/// down an in-memory pipe as a length; sockets get real bytes.
+macro_rules! delegate_write {
+    ($enum:ident) => {
+        impl AsyncWrite for $enum {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                each!($enum, self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
-            Stream::Mem(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                each!($enum, self.get_mut(), s => Pin::new(s).poll_flush(cx))
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Mem(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                each!($enum, self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+            }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Mem(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                each!($enum, self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+            }
 
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Unix(s) => s.is_write_vectored(),
-            Stream::Mem(s) => s.is_write_vectored(),
+            fn is_write_vectored(&self) -> bool {
+                each!($enum, self, s => s.is_write_vectored())
+            }
         }
-    }
+
+        impl WriteZeroes for $enum {
+            fn poll_write_zeroes(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                n: u64,
+            ) -> Poll<io::Result<u64>> {
+                each!($enum, self.get_mut(), s => Pin::new(s).poll_write_zeroes(cx, n))
+            }
+        }
+    };
 }
 
-/// Zeroes go down an in-memory pipe as a length; sockets get real bytes.
-impl WriteZeroes for Stream {
-    fn poll_write_zeroes(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        n: u64,
-    ) -> Poll<io::Result<u64>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write_zeroes(cx, n),
-            Stream::Unix(s) => Pin::new(s).poll_write_zeroes(cx, n),
-            Stream::Mem(s) => Pin::new(s).poll_write_zeroes(cx, n),
-        }
-    }
-}
-
-impl AsyncRead for ReadHalf {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
-            ReadHalf::Unix(r) => Pin::new(r).poll_read(cx, buf),
-            ReadHalf::Mem(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for WriteHalf {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_write(cx, buf),
-            WriteHalf::Unix(w) => Pin::new(w).poll_write(cx, buf),
-            WriteHalf::Mem(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_flush(cx),
-            WriteHalf::Unix(w) => Pin::new(w).poll_flush(cx),
-            WriteHalf::Mem(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_shutdown(cx),
-            WriteHalf::Unix(w) => Pin::new(w).poll_shutdown(cx),
-            WriteHalf::Mem(w) => Pin::new(w).poll_shutdown(cx),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            WriteHalf::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            WriteHalf::Mem(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            WriteHalf::Tcp(w) => w.is_write_vectored(),
-            WriteHalf::Unix(w) => w.is_write_vectored(),
-            WriteHalf::Mem(w) => w.is_write_vectored(),
-        }
-    }
-}
-
-impl WriteZeroes for WriteHalf {
-    fn poll_write_zeroes(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        n: u64,
-    ) -> Poll<io::Result<u64>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_write_zeroes(cx, n),
-            WriteHalf::Unix(w) => Pin::new(w).poll_write_zeroes(cx, n),
-            WriteHalf::Mem(w) => Pin::new(w).poll_write_zeroes(cx, n),
-        }
-    }
-}
+delegate_read!(Stream);
+delegate_read!(ReadHalf);
+delegate_write!(Stream);
+delegate_write!(WriteHalf);
 
 #[cfg(test)]
 mod tests {

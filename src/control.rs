@@ -579,6 +579,8 @@ fn rule_json(loaded: &Loaded) -> RuleJson {
             When::Before => Value::from("before"),
             When::After => Value::from("after"),
             When::Bytes(n) => Value::from(n),
+            // As the injector's INI spells it (the only way to write it).
+            When::AllBut(n) => Value::from(i64::try_from(n).map_or(i64::MIN, |n| -n)),
         },
         after: c.after,
         times: c.times,

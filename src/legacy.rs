@@ -28,6 +28,7 @@ use crate::null::ZEROES;
 use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER, RESET_CLIENT};
 use crate::protocol::bytes::be32;
 use crate::protocol::consts::*;
+use crate::protocol::event::Direction;
 use crate::protocol::handshake::{ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionHeader};
 use crate::protocol::transmission::Reply;
 use crate::rules::{Rule, When, ini};
@@ -204,6 +205,13 @@ impl Interceptor for InjectorRules {
             .find(|r| r.when != When::After);
         let (name, at) = match decides {
             Some(r) if r.when == When::Before => (&r.name, 0),
+            // Python's recvall of a negative size reads nothing.
+            Some(r)
+                if matches!(r.when, When::AllBut(_))
+                    && ev.direction == Some(Direction::ToServer) =>
+            {
+                (&first.name, 0)
+            }
             Some(r) => (&first.name, r.when.bytes(ev.size)),
             None => (&first.name, ev.size),
         };

@@ -18,9 +18,9 @@
 //! client that drops, one-line messages where configparser or open() give
 //! a traceback) and those reading this repository's rules/qemu-083.
 //!
-//! Differences found this way were fixed and their tests kept; the one left
-//! (`when` below -1, which the original turns into Python slicing) is
-//! pinned by an `#[ignore = "bug: …"]` test at the end of the file.
+//! Differences found this way were fixed and their tests kept (the last,
+//! `when` below -1, which the original turns into Python slicing, in
+//! `negative_when_slices_like_the_original`).
 
 mod common;
 
@@ -1452,26 +1452,35 @@ fn after_rule_does_not_hide_later_rules() {
     report(failures);
 }
 
-/// The original takes any int() for `when`; a negative one other than -1
-/// becomes a Python slice: `when=-2` on neg1 sends the first 16 of the 18
-/// bytes, then closes (qemu-io: `Failed to read server flags`). nbdfault
-/// rejects the config with `invalid "when" option value "-2"`.
+/// The original takes any int() for `when`; one below -1 becomes a Python
+/// slice. Sending, `when=-2` sends all but the last 2 bytes (16 of neg1's
+/// 18), then closes (qemu-io: `Failed to read server flags`); receiving,
+/// it reads nothing (`recvall` of a negative size), then closes.
 #[test]
-#[ignore = "bug: `when` below -1 is rejected; the original accepts it (sends all but the last -when bytes of a message, reads nothing)"]
-fn bug_negative_when_accepted_like_the_original() {
+fn negative_when_slices_like_the_original() {
     require_tool("qemu-io");
-    let mut inj = Injector::start(
-        false,
-        Transport::Tcp,
-        "[inject-error]\nevent=neg1\nwhen=-2\n",
-    );
-    thread::sleep(Duration::from_millis(300));
-    if !inj.is_running() {
-        panic!("config rejected\n{}", inj.describe());
-    }
+    let config = "[inject-error]\nevent=neg1\nwhen=-2\n";
+    let inj = Injector::start(false, Transport::Tcp, config);
+    let mut s = inj.connect();
+    let (got, _) = read_to_end(&mut s);
+    assert_eq!(got, newstyle_greeting()[..16]);
+    drop(s);
+
+    let mut inj = Injector::start(false, Transport::Tcp, config);
     let mut problems = check_qemu_io(&inj, "foo", Expect::OpenEof("read server flags"));
     problems.extend(check_rule_match_exit(&mut inj, "inject-error"));
     report(problems);
+
+    let inj = Injector::start(
+        false,
+        Transport::Tcp,
+        "[inject-error]\nevent=export\nwhen=-2\n",
+    );
+    let mut s = inj.connect();
+    assert_eq!(read_n(&mut s, 18), newstyle_greeting());
+    s.write_all(&export_name(b"foo")).unwrap();
+    let (got, how) = read_to_end(&mut s);
+    assert_eq!((got.as_slice(), how), (&[][..], "RST"));
 }
 
 /// `--classic-negotiation CONFIG` (the address missing): the original takes

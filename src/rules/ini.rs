@@ -131,7 +131,7 @@ fn inject_error(file: &str, section: &Section, defaults: &Section) -> Result<Dra
                 Some(0) => Some(When::Before),
                 Some(-1) => Some(When::After),
                 Some(n) if n > 0 => Some(When::Bytes(u64::try_from(n).unwrap_or(u64::MAX))),
-                Some(_) => None,
+                Some(n) => Some(When::AllBut(u64::try_from(-n).unwrap_or(u64::MAX))),
                 None => match w.value.as_str() {
                     "before" => Some(When::Before),
                     "after" => Some(When::After),
@@ -588,11 +588,6 @@ when=33
                 "invalid \"when\" option value \"soon\" in inject-error",
             ),
             (
-                "[inject-error]\nevent=neg1\nwhen=-2\n",
-                3,
-                "invalid \"when\" option value \"-2\" in inject-error",
-            ),
-            (
                 "[inject-error]\nevent=neg1\nwhen=0x10\n",
                 3,
                 "invalid \"when\" option value \"0x10\" in inject-error",
@@ -638,6 +633,11 @@ when=33
         assert_eq!(when("0"), When::Before);
         assert_eq!(when("-0"), When::Before);
         assert_eq!(when("-1"), When::After);
+        assert_eq!(when("-2"), When::AllBut(2));
+        assert_eq!(
+            when("-99999999999999999999999999999999999999999999"),
+            When::AllBut(u64::MAX)
+        );
         assert_eq!(when("+5"), When::Bytes(5));
         assert_eq!(when("1_000"), When::Bytes(1000));
         assert_eq!(when("007"), When::Bytes(7));

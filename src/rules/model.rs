@@ -75,6 +75,9 @@ pub enum When {
     Before,
     After,
     Bytes(u64),
+    /// All but the last N bytes (N ≥ 2): QEMU's injector takes any integer
+    /// for `when`, and one below -1 slices the message as Python does.
+    AllBut(u64),
 }
 
 impl When {
@@ -84,6 +87,7 @@ impl When {
             When::Before => 0,
             When::After => size,
             When::Bytes(n) => n.min(size),
+            When::AllBut(n) => size.saturating_sub(n),
         }
     }
 }
@@ -209,5 +213,7 @@ mod tests {
         assert_eq!(When::After.bytes(28), 28);
         assert_eq!(When::Bytes(4).bytes(28), 4);
         assert_eq!(When::Bytes(400).bytes(28), 28);
+        assert_eq!(When::AllBut(2).bytes(18), 16);
+        assert_eq!(When::AllBut(400).bytes(28), 0);
     }
 }

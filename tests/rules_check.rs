@@ -370,11 +370,11 @@ fn bad_injector_ini() {
             f.display()
         )
     );
-    let f = write(&dir, "when.ini", "[inject-error]\nevent=reply\nwhen=-2\n");
+    let f = write(&dir, "when.ini", "[inject-error]\nevent=reply\nwhen=-2.5\n");
     let line = rejected(&f);
     assert_located(&line, &f, 3, 1);
     assert!(
-        line.contains(r#"invalid "when" option value "-2" in inject-error"#),
+        line.contains(r#"invalid "when" option value "-2.5" in inject-error"#),
         "{line}"
     );
 }

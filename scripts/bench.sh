@@ -8,7 +8,7 @@
 # Prints, as tables, medians over RUNS alternating runs (the contenders
 # take turns, so drift on a shared machine hits them alike):
 #   - sequential read: nbdcopy of a SIZE tmpfs file from qemu-nbd, direct,
-#     through nbdfault (default threads; --busy-poll 50us; --threads 0 =
+#     through nbdfault (default threads, one per two cores; --busy-poll 50us; --threads 0 =
 #     tokio's work-stealing runtime), through nbdkit's nbd plugin;
 #   - 4 KiB random reads, fio's nbd engine, queue depth 1 and 16, same five,
 #     with the CPU each proxy used (busy-polling trades CPU for latency);
@@ -184,7 +184,7 @@ ratio() { echo "scale=2; $1 / $2" | bc -l | sed 's/^\./0./'; }
 echo
 echo "## nbdfault benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'), $(uname -r)"
 echo
-echo "nbdfault: default (--threads $(nproc), one single-threaded runtime per core), --busy-poll 50us, and --threads 0 (tokio work-stealing)."
+echo "nbdfault: default (proxy: one single-threaded runtime per two cores, here $(( ($(nproc) + 1) / 2 ))), --busy-poll 50us, and --threads 0 (tokio work-stealing); null: one runtime per core."
 echo
 echo "| measurement | direct | nbdfault | nbdfault --busy-poll 50us | nbdfault --threads 0 | nbdkit nbd plugin |"
 echo "|---|---|---|---|---|---|"

@@ -1,4 +1,5 @@
-//! Connections spread over single-threaded runtimes, one per core.
+//! Connections spread over single-threaded runtimes (by default one per core
+//! for the null server, one per two cores for the proxy).
 //!
 //! Why not tokio's work-stealing runtime: a connection's two flows hand
 //! every message to each other (a request out, its reply back), and on a

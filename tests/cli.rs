@@ -352,3 +352,34 @@ fn busy_poll_limits() {
         o.describe()
     );
 }
+
+/// By default the null server runs one thread per core and the proxy one
+/// per two cores (its client and server need the others); `--threads`
+/// overrides both. Counted as the shard threads besides the main one.
+#[test]
+fn default_threads_per_mode() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = |p: &Nbdfault| {
+        std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+            .unwrap()
+            .filter(|t| {
+                let comm = t.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).is_ok_and(|c| c.starts_with("nbdfault-shard"))
+            })
+            .count()
+    };
+    let null = Nbdfault::start(&["null", "--listen", "127.0.0.1:0"]);
+    assert_eq!(shards(&null), cores - 1);
+    let proxy = Nbdfault::start(&["proxy", "--listen", "127.0.0.1:0", "--upstream", null.uri()]);
+    assert_eq!(shards(&proxy), cores.div_ceil(2) - 1);
+    let three = Nbdfault::start(&[
+        "proxy",
+        "--threads",
+        "3",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        null.uri(),
+    ]);
+    assert_eq!(shards(&three), 2);
+}

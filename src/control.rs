@@ -742,4 +742,15 @@ mod tests {
         assert_eq!(r["when"], 4);
         assert_eq!(r["direction"], "both");
     }
+
+    /// The injector's `when` below -1 (all but N bytes) is shown as the INI
+    /// writes it; -1 is "after".
+    #[test]
+    fn injector_when_spelling() {
+        let text = "[inject-error \"a\"]\nevent=neg1\nwhen=-2\n[inject-error \"b\"]\nevent=neg1\nwhen=-1\n";
+        let live = LiveRules::new(rules::parse_str("t.ini", text).unwrap(), vec![], None);
+        let v = serde_json::to_value(rules_body(&live)).unwrap();
+        assert_eq!(v["rules"][0]["when"], -2);
+        assert_eq!(v["rules"][1]["when"], "after");
+    }
 }

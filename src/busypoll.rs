@@ -1,4 +1,4 @@
-//! Busy-polling between messages: `--busy-poll USEC`, off by default.
+//! Busy-polling between messages: `--busy-poll DURATION`, off by default.
 //!
 //! Why it exists: at queue depth 1 a proxied request crosses two more
 //! sleeping processes than a direct one, and waking a process whose CPU has

@@ -70,6 +70,17 @@ fn sighup_reloads_good_rules_and_keeps_the_old_ones_on_a_bad_file() {
     );
 }
 
+/// A qemu-io connected to `uri` that waits on its stdin (kept open) and
+/// so holds its connection until killed.
+fn idle_qemu_io(uri: &str) -> std::process::Child {
+    Command::new("qemu-io")
+        .args(["-f", "raw", uri])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io")
+}
+
 #[test]
 fn sigterm_stops_within_a_second_and_removes_the_socket() {
     require_tool("qemu-io");
@@ -78,12 +89,7 @@ fn sigterm_stops_within_a_second_and_removes_the_socket() {
     let mut p = Nbdfault::start(&["null", "--listen", sock.to_str().unwrap()]);
     assert!(sock.exists());
     // A connected client does not hold the server up.
-    let mut client = Command::new("qemu-io")
-        .args(["-f", "raw", p.uri()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-io");
+    let mut client = idle_qemu_io(p.uri());
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     signal(p.pid(), "TERM");
@@ -115,16 +121,7 @@ fn sigterm_ends_the_connections_of_every_thread() {
         "--listen",
         sock.to_str().unwrap(),
     ]);
-    let mut clients: Vec<_> = (0..3)
-        .map(|_| {
-            Command::new("qemu-io")
-                .args(["-f", "raw", p.uri()])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("qemu-io")
-        })
-        .collect();
+    let mut clients: Vec<_> = (0..3).map(|_| idle_qemu_io(p.uri())).collect();
     assert!(
         wait_until(Duration::from_secs(10), || p
             .stderr()

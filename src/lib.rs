@@ -1,22 +1,36 @@
 //! nbdfault: a fault-injecting NBD proxy and null server.
 //!
-//! The binary is a thin command line over this library, so Rust tests can
-//! embed the proxy and the null server directly.
+//! The binary (`main.rs`) is a thin command line over this library, so Rust
+//! tests can embed the proxy and the null server directly.
+//!
+//! # Layout
+//!
+//! A connection's bytes travel top to bottom through these folders:
+//!
+//! | module | its job |
+//! |---|---|
+//! | [`process`] | the process: runtime, signals, `--run`, shutdown |
+//! | [`injector`] | the drop-in for QEMU's `nbd-fault-injector.py` |
+//! | [`server`] | the accept loop, its limits and the registry of live connections |
+//! | [`backend`] | what sits behind the proxy: a socket to a real server, or the built-in null server |
+//! | [`proxy`] | one connection's pipeline: two flows split into events, each offered to the interception point |
+//! | [`intercept`] | the contract between the pipeline and whoever decides about faults: `Event` in, `Verdict` and `Plan` out |
+//! | [`rules`] | the rule engine: rules files parsed and checked into a model, the decision function, one file per action |
+//! | [`protocol`] | the NBD wire format, without I/O: messages, constants, the two-way framing state machine |
+//! | [`observe`] | what the outside sees and steers: metrics, the trace, the HTTP control API |
+//! | [`io`] | sockets and threads: addresses, streams, the in-memory pipe, runtime shards, busy-polling |
+//!
+//! `protocol` depends on nothing else here; `intercept` only on `protocol`;
+//! `rules` only on those two (and `io::addr` for sizes). Everything that
+//! touches a socket is in `io`, `proxy`, `backend`, `server` or `process`.
 
-pub mod addr;
-pub mod busypoll;
-pub mod control;
+pub mod backend;
+pub mod injector;
 pub mod intercept;
-pub mod legacy;
-pub mod mempipe;
-pub mod net;
-pub mod null;
-pub mod pipeline;
+pub mod io;
+pub mod observe;
+pub mod process;
 pub mod protocol;
-pub mod registry;
+pub mod proxy;
 pub mod rules;
-pub mod serve;
 pub mod server;
-pub mod shards;
-pub mod splice;
-pub mod telemetry;

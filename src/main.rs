@@ -9,13 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use nbdfault::addr::{ListenAddr, Target, parse_size};
-use nbdfault::legacy;
-use nbdfault::null::NullConfig;
+use nbdfault::backend::Backend;
+use nbdfault::backend::null::NullConfig;
+use nbdfault::injector;
+use nbdfault::io::addr::{ListenAddr, Target, parse_size};
+use nbdfault::observe::telemetry::{Telemetry, TraceTarget};
+use nbdfault::process::{ServeOptions, serve};
 use nbdfault::rules::{self, RuleSet, live::LiveRules};
-use nbdfault::serve::{ServeOptions, serve};
-use nbdfault::server::{Backend, Limits};
-use nbdfault::telemetry::{Telemetry, TraceTarget};
+use nbdfault::server::Limits;
 
 #[derive(Parser)]
 #[command(
@@ -171,23 +172,23 @@ fn main() -> ExitCode {
     // QEMU's harnesses run the injector by its own name and arguments,
     // which clap must not see.
     if let Some(argv0) = args.first()
-        && legacy::invoked_as_injector(argv0)
+        && injector::invoked_as_injector(argv0)
     {
         init_logging(0, "error");
-        return legacy::main(argv0, &args[1..]);
+        return injector::main(argv0, &args[1..]);
     }
     if args.get(1).map(String::as_str) == Some("legacy") {
         init_logging(0, "error");
-        return legacy::main("nbdfault legacy", &args[2..]);
+        return injector::main("nbdfault legacy", &args[2..]);
     }
     let cli = Cli::parse();
     if let Command::Legacy { args } = &cli.command {
         init_logging(cli.verbose, "error");
-        return legacy::main("nbdfault legacy", args);
+        return injector::main("nbdfault legacy", args);
     }
     init_logging(
         cli.verbose,
-        "warn,nbdfault::fault=info,nbdfault::control=info",
+        "warn,nbdfault::fault=info,nbdfault::observe::control=info",
     );
     match run(cli) {
         Ok(code) => code,
@@ -265,7 +266,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     });
     let busy_poll = args.busy_poll.map(Duration::from).unwrap_or_default();
-    if busy_poll > nbdfault::busypoll::MAX_WINDOW {
+    if busy_poll > nbdfault::io::busypoll::MAX_WINDOW {
         anyhow::bail!("--busy-poll {busy_poll:?} is too long: at most 1ms");
     }
     if !busy_poll.is_zero() && threads == 0 {

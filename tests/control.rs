@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use nbdfault::addr::ListenAddr;
-use nbdfault::control::{Control, ControlError, ControlState};
-use nbdfault::null::NullConfig;
+use nbdfault::backend::Backend;
+use nbdfault::backend::null::NullConfig;
+use nbdfault::io::addr::ListenAddr;
+use nbdfault::observe::control::{Control, ControlError, ControlState};
+use nbdfault::observe::telemetry::Telemetry;
 use nbdfault::rules::{self, live::LiveRules};
-use nbdfault::server::{Backend, Limits, Server, ServerConfig};
-use nbdfault::telemetry::Telemetry;
+use nbdfault::server::{Limits, Server, ServerConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 

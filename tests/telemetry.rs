@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nbdfault::addr::Target;
+use nbdfault::backend::Backend;
+use nbdfault::backend::null::NullConfig;
 use nbdfault::intercept::{Interceptor, PassThrough};
-use nbdfault::null::NullConfig;
+use nbdfault::io::addr::Target;
+use nbdfault::observe::telemetry::{Telemetry, TraceTarget};
 use nbdfault::rules::{self, engine::Engine};
-use nbdfault::server::{Backend, Limits, Server, ServerConfig};
-use nbdfault::telemetry::{Telemetry, TraceTarget};
+use nbdfault::server::{Limits, Server, ServerConfig};
 use serde_json::Value;
 use tempfile::TempDir;
 

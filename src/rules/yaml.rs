@@ -1000,7 +1000,7 @@ impl Checker<'_> {
             if s.is_empty() {
                 return Ok(None);
             }
-            crate::addr::parse_size(s)
+            crate::io::addr::parse_size(s)
                 .map(Some)
                 .map_err(|e| self.err(f.pos(), format!("offset {text:?}: {e}")))
         };

@@ -25,7 +25,7 @@ use std::task::{Context, Poll, Waker, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::coop;
 
-use crate::null::ZEROES;
+use crate::backend::null::ZEROES;
 
 /// A writer that can append zero bytes without being handed them.
 ///

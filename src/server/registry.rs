@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::intercept::ConnId;
-use crate::pipeline::Connection;
+use crate::proxy::Connection;
 
 #[derive(Default)]
 pub struct Registry {

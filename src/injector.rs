@@ -21,18 +21,18 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use crate::addr::ListenAddr;
+use crate::backend::null::ZEROES;
 use crate::intercept::{ConnState, Event, Fault, Interceptor, Plan, Verdict};
-use crate::net::{Listener, Stream};
-use crate::null::ZEROES;
-use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER, RESET_CLIENT};
+use crate::io::addr::ListenAddr;
+use crate::io::net::{Listener, Stream};
+use crate::observe::telemetry::Telemetry;
 use crate::protocol::bytes::be32;
 use crate::protocol::consts::*;
 use crate::protocol::event::Direction;
 use crate::protocol::handshake::{ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionHeader};
 use crate::protocol::transmission::Reply;
+use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER, RESET_CLIENT};
 use crate::rules::{Rule, When, ini};
-use crate::telemetry::Telemetry;
 
 /// The Python tool's fake disk size.
 pub const FAKE_DISK_SIZE: u64 = 8 << 30;
@@ -141,7 +141,7 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             telemetry.clone(),
         );
         // One client at a time, as the Python tool serves them.
-        let (near, far) = crate::mempipe::pair(FLOW_BUFFER);
+        let (near, far) = crate::io::mempipe::pair(FLOW_BUFFER);
         let server = {
             let conn = conn.clone();
             tokio::spawn(async move {
@@ -159,7 +159,7 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
                 None
             })
         };
-        let pipe = tokio::spawn(pipeline::run(
+        let pipe = tokio::spawn(proxy::run(
             conn.clone(),
             client.into_split(),
             Stream::Mem(near).into_split(),
@@ -176,7 +176,7 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             conn.kill();
         }
         match pipe.await {
-            Ok(result) => pipeline::log_outcome(&conn, &result),
+            Ok(result) => proxy::log_outcome(&conn, &result),
             Err(e) => debug!("connection task: {e}"),
         }
         drop(held);

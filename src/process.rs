@@ -12,20 +12,21 @@ use std::time::Duration;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::addr::ListenAddr;
-use crate::control::{Control, ControlError, ControlState};
+use crate::backend::Backend;
 use crate::intercept::Interceptor;
-use crate::registry::Registry;
+use crate::io::addr::ListenAddr;
+use crate::io::shards::Shards;
+use crate::observe::control::{Control, ControlError, ControlState};
+use crate::observe::telemetry::Telemetry;
 use crate::rules::live::LiveRules;
-use crate::server::{Backend, Limits, Server, ServerConfig};
-use crate::shards::Shards;
-use crate::telemetry::Telemetry;
+use crate::server::registry::Registry;
+use crate::server::{Limits, Server, ServerConfig};
 
 // Error messages leave out their source: the binary prints the whole chain
 // (`{:#}`), which would repeat it.
 
 /// Log target of lifecycle and control messages.
-pub const CONTROL_LOG: &str = "nbdfault::control";
+pub const CONTROL_LOG: &str = "nbdfault::observe::control";
 
 /// Everything `proxy` and `null` need.
 pub struct ServeOptions {
@@ -42,10 +43,10 @@ pub struct ServeOptions {
     /// Permissions of a unix listening socket (default owner-only, 0600).
     pub socket_mode: Option<u32>,
     /// Threads serving connections, each a single-threaded runtime (see
-    /// [`crate::shards`]); 0: tokio's work-stealing runtime instead.
+    /// [`crate::io::shards`]); 0: tokio's work-stealing runtime instead.
     pub threads: usize,
     /// Busy-poll this long after activity on each thread (see
-    /// [`crate::busypoll`]); zero: never. Needs `threads` ≥ 1.
+    /// [`crate::io::busypoll`]); zero: never. Needs `threads` ≥ 1.
     pub busy_poll: Duration,
 }
 
@@ -100,7 +101,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     let listen = match (&opts.listen, &private) {
         (Some(l), _) => l.clone(),
         (None, Some(dir)) => ListenAddr::Unix(dir.0.join("nbd.sock")),
-        (None, None) => crate::addr::DEFAULT_LISTEN
+        (None, None) => crate::io::addr::DEFAULT_LISTEN
             .parse()
             .expect("the default address parses"),
     };
@@ -134,7 +135,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     };
     if opts.threads >= 1 {
         // The accepting thread serves connections too (shard 0).
-        crate::busypoll::start(opts.busy_poll);
+        crate::io::busypoll::start(opts.busy_poll);
     }
     let uri = server.uri();
     let registry = server.registry();

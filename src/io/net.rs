@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
 
-use crate::addr::{ListenAddr, Target, nbd_uri_for_tcp, nbd_uri_for_unix};
-use crate::mempipe::{MemReadHalf, MemStream, MemWriteHalf, WriteZeroes};
+use crate::io::addr::{ListenAddr, Target, nbd_uri_for_tcp, nbd_uri_for_unix};
+use crate::io::mempipe::{MemReadHalf, MemStream, MemWriteHalf, WriteZeroes};
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -366,7 +366,7 @@ delegate_write!(WriteHalf);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mempipe;
+    use crate::io::mempipe;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Sends bytes both ways through split halves, then checks that shutting

@@ -24,7 +24,7 @@ use tokio::runtime::{Builder, Handle};
 
 use tracing::warn;
 
-use crate::net::Stream;
+use crate::io::net::Stream;
 
 /// The runtimes connections are dealt to.
 pub struct Shards {
@@ -36,7 +36,7 @@ pub struct Shards {
 impl Shards {
     /// `n` shards in all: the caller's runtime and `n - 1` new threads,
     /// each busy-polling for `busy_poll` after activity (see
-    /// [`crate::busypoll`]; zero: never).
+    /// [`crate::io::busypoll`]; zero: never).
     pub fn start(n: usize, busy_poll: Duration) -> std::io::Result<Self> {
         let mut others = Vec::new();
         for i in 1..n.max(1) {
@@ -46,7 +46,7 @@ impl Shards {
                 .name(format!("nbdfault-shard-{i}"))
                 .spawn(move || {
                     rt.block_on(async {
-                        crate::busypoll::start(busy_poll);
+                        crate::io::busypoll::start(busy_poll);
                         std::future::pending::<()>().await
                     })
                 })?;

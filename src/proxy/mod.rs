@@ -7,12 +7,14 @@
 //! far in one call — a 32 MiB read is streamed, never held whole, and with
 //! no faults a read of the source becomes exactly one write to the sink.
 //! Between two sockets, the rest of a large payload that no fault acts
-//! inside is spliced instead ([`crate::splice`]): headers still go through
+//! inside is spliced instead ([`crate::proxy::splice`]): headers still go through
 //! the buffer and the interceptor, payload bytes never enter the process.
 //!
 //! A fault is carried out at an exact byte of an event: the flow keeps a
 //! *mark* (bytes left before it acts) and stops advancing there, so a cut
 //! after byte 4 of a reply sends exactly 4 bytes of it.
+
+pub mod splice;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,13 +27,13 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, trace, warn};
 
 use crate::intercept::{ConnId, ConnState, Event, Fault, Interceptor, Plan, Verdict};
-use crate::net::{ReadHalf, WriteHalf};
+use crate::io::net::{ReadHalf, WriteHalf};
+use crate::observe::telemetry::{ConnTelemetry, Telemetry};
 use crate::protocol::consts;
 use crate::protocol::handshake::OptionData;
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{Direction, EventKind, MessageMeta, ProtocolError, Segment, Session, Step};
-use crate::splice::{Pipe, RelayError, Spliceable, relay};
-use crate::telemetry::{ConnTelemetry, Telemetry};
+use crate::proxy::splice::{Pipe, RelayError, Spliceable, relay};
 
 /// Per-flow buffer: big enough that a bulk transfer is a few large writes,
 /// small enough that memory stays flat as connections grow.
@@ -901,7 +903,7 @@ where
         .await;
         self.pos += moved;
         self.seg_left -= moved;
-        crate::busypoll::activity();
+        crate::io::busypoll::activity();
         match r {
             Ok(()) => Ok(true),
             Err(RelayError::Eof) => Err(FlowError::Truncated { dir }),
@@ -962,7 +964,7 @@ where
             Ok(0) => Ok(false),
             Ok(n) => {
                 self.end += n;
-                crate::busypoll::activity();
+                crate::io::busypoll::activity();
                 Ok(true)
             }
             Err(e) => Err(self.io(e)),
@@ -1039,8 +1041,8 @@ impl Linger for WriteHalf {
     fn abandon(&mut self) {
         if matches!(self, WriteHalf::Tcp(_)) {
             // A stand-in to leave behind; this happens once per reset.
-            let (stand_in, _) = crate::mempipe::pair(1);
-            let (_, w) = crate::net::Stream::Mem(stand_in).into_split();
+            let (stand_in, _) = crate::io::mempipe::pair(1);
+            let (_, w) = crate::io::net::Stream::Mem(stand_in).into_split();
             if let WriteHalf::Tcp(h) = std::mem::replace(self, w) {
                 h.forget();
             }

@@ -21,7 +21,7 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::net::{ReadHalf, WriteHalf};
+use crate::io::net::{ReadHalf, WriteHalf};
 
 /// Asked-for pipe size: a few of NBD's usual payloads in flight per
 /// syscall pair. The kernel's unprivileged maximum (pipe-max-size) is
@@ -197,7 +197,7 @@ pub async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::Stream;
+    use crate::io::net::Stream;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn pattern(n: usize) -> Vec<u8> {
@@ -324,7 +324,7 @@ mod tests {
 
     #[test]
     fn memory_streams_have_no_socket() {
-        let (x, _y) = crate::mempipe::pair(8);
+        let (x, _y) = crate::io::mempipe::pair(8);
         let (r, w) = Stream::Mem(x).into_split();
         assert!(r.splice_socket().is_none());
         assert!(w.splice_socket().is_none());

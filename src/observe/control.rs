@@ -29,15 +29,15 @@ use serde_json::Value;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::addr::ListenAddr;
-use crate::net::Listener;
-use crate::pipeline::Connection;
+use crate::io::addr::ListenAddr;
+use crate::io::net::Listener;
+use crate::observe::telemetry::{Rfc3339, Telemetry};
 use crate::protocol::{Direction, consts};
-use crate::registry::Registry;
+use crate::proxy::Connection;
 use crate::rules::engine::Loaded;
 use crate::rules::live::{ChangeError, LiveRules};
 use crate::rules::{self, Action, Corruption, Errno, When};
-use crate::telemetry::{Rfc3339, Telemetry};
+use crate::server::registry::Registry;
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY: usize = 1 << 20;

@@ -1,4 +1,4 @@
-//! The accept loop and the backends behind it.
+//! The accept loop: one connection, its upstream and its pipeline per client.
 //!
 //! Every accepted client gets one upstream connection — a socket to the real
 //! server, or a fresh null server on an in-memory stream — and one pipeline
@@ -12,26 +12,18 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::addr::{ListenAddr, Target};
+pub mod registry;
+
+use crate::backend::Backend;
 use crate::intercept::{ConnId, Event, Interceptor, Plan, Verdict};
-use crate::mempipe;
-use crate::net::{Listener, Stream};
-use crate::null::{self, NullConfig};
-use crate::pipeline::{self, Connection, DEFAULT_MAX_PAYLOAD, FAULT_LOG, FLOW_BUFFER};
+use crate::io::addr::ListenAddr;
+use crate::io::net::{Listener, Stream};
+use crate::io::shards::Shards;
+use crate::observe::telemetry::Telemetry;
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{EventKind, EventSet, MessageMeta};
-use crate::registry::Registry;
-use crate::shards::Shards;
-use crate::telemetry::Telemetry;
-
-/// What sits behind the proxy.
-#[derive(Debug, Clone)]
-pub enum Backend {
-    /// A real NBD server.
-    Upstream(Target),
-    /// The built-in zero disk.
-    Null(NullConfig),
-}
+use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD, FAULT_LOG};
+use crate::server::registry::Registry;
 
 /// Everything a server needs to run.
 #[derive(Clone)]
@@ -196,31 +188,18 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
             _ => return,
         }
     }
-    let upstream = match &shared.backend {
-        Backend::Upstream(target) => {
-            match connect_upstream(target, shared.limits.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    shared.telemetry.upstream_error();
-                    warn!(conn = id, peer = %conn.peer, "cannot reach upstream {target}: {e}; closing the client connection");
-                    return;
-                }
+    let upstream = match shared.backend.open(id, shared.limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.telemetry.upstream_error();
+            if let Backend::Upstream(target) = &shared.backend {
+                warn!(conn = id, peer = %conn.peer, "cannot reach upstream {target}: {e}; closing the client connection");
             }
-        }
-        Backend::Null(cfg) => {
-            // Read data crosses this pipe as zero runs, not bytes.
-            let (near, far) = mempipe::pair(FLOW_BUFFER);
-            let cfg = cfg.clone();
-            tokio::spawn(async move {
-                if let Err(e) = null::serve(far, &cfg).await {
-                    debug!(conn = id, "null server: {e}");
-                }
-            });
-            Stream::Mem(near)
+            return;
         }
     };
     shared.registry.insert(conn.clone());
-    let result = pipeline::run(
+    let result = proxy::run(
         conn.clone(),
         client.into_split(),
         upstream.into_split(),
@@ -228,15 +207,5 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
     )
     .await;
     shared.registry.remove(id);
-    pipeline::log_outcome(&conn, &result);
-}
-
-async fn connect_upstream(target: &Target, timeout: Duration) -> std::io::Result<Stream> {
-    match tokio::time::timeout(timeout, target.connect()).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no connection within {timeout:?} (--connect-timeout)"),
-        )),
-    }
+    proxy::log_outcome(&conn, &result);
 }

@@ -20,7 +20,7 @@ use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, BufWriter};
 use tracing::{debug, trace, warn};
 
-use crate::mempipe::{self, WriteZeroes};
+use crate::io::mempipe::{self, WriteZeroes};
 use crate::protocol::ProtocolError;
 use crate::protocol::bytes::put64;
 use crate::protocol::consts::*;
@@ -840,7 +840,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::mempipe::MemStream;
+    use crate::io::mempipe::MemStream;
     use crate::protocol::bytes::{be16, be32, be64};
     use crate::protocol::handshake::{GreetingKind, greeting_kind};
 

@@ -31,7 +31,8 @@ use tracing::{debug, info, warn};
 
 use crate::io::addr::ListenAddr;
 use crate::io::net::Listener;
-use crate::observe::telemetry::{Rfc3339, Telemetry};
+use crate::observe::telemetry::Telemetry;
+use crate::observe::time::Rfc3339;
 use crate::protocol::{Direction, consts};
 use crate::proxy::Connection;
 use crate::rules::engine::Loaded;

@@ -2,4 +2,15 @@
 //! the trace, and the HTTP control API.
 
 pub mod control;
+pub mod metrics;
 pub mod telemetry;
+pub mod time;
+pub mod trace;
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks, carrying on after a panic elsewhere: the data is plain counters
+/// and buffers.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

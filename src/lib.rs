@@ -17,7 +17,8 @@
 //! | [`intercept`] | the contract between the pipeline and whoever decides about faults: `Event` in, `Verdict` and `Plan` out |
 //! | [`rules`] | the rule engine: rules files parsed and checked into a model, the decision function, one file per action |
 //! | [`protocol`] | the NBD wire format, without I/O: messages, constants, the two-way framing state machine |
-//! | [`observe`] | what the outside sees and steers: metrics, the trace, the HTTP control API |
+//! | [`control`] | the HTTP control API: rules, connections and metrics from outside, at run time |
+//! | [`observe`] | what the outside sees: metrics and the trace, written by the data path |
 //! | [`io`] | sockets and threads: addresses, streams, the in-memory pipe, runtime shards, busy-polling |
 //!
 //! `protocol` depends on nothing else here; `intercept` only on `protocol`;
@@ -25,6 +26,7 @@
 //! touches a socket is in `io`, `proxy`, `backend`, `server` or `process`.
 
 pub mod backend;
+pub mod control;
 pub mod injector;
 pub mod intercept;
 pub mod io;

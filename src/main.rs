@@ -189,7 +189,7 @@ fn main() -> ExitCode {
     }
     init_logging(
         cli.verbose,
-        "warn,nbdfault::fault=info,nbdfault::observe::control=info",
+        "warn,nbdfault::fault=info,nbdfault::control=info",
     );
     match run(cli) {
         Ok(code) => code,

@@ -13,10 +13,10 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
+use crate::control::{Control, ControlError, ControlState};
 use crate::intercept::Interceptor;
 use crate::io::addr::ListenAddr;
 use crate::io::shards::Shards;
-use crate::observe::control::{Control, ControlError, ControlState};
 use crate::observe::telemetry::Telemetry;
 use crate::rules::live::LiveRules;
 use crate::server::registry::Registry;
@@ -26,7 +26,7 @@ use crate::server::{Limits, Server, ServerConfig};
 // (`{:#}`), which would repeat it.
 
 /// Log target of lifecycle and control messages.
-pub const CONTROL_LOG: &str = "nbdfault::observe::control";
+pub const CONTROL_LOG: &str = "nbdfault::control";
 
 /// Everything `proxy` and `null` need.
 pub struct ServeOptions {

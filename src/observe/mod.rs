@@ -1,7 +1,7 @@
-//! What the outside sees of a running proxy and how it steers it: metrics,
-//! the trace, and the HTTP control API.
+//! What the outside sees of a running proxy: metrics and the trace. The
+//! data path writes to them, so nothing here knows about connections or
+//! rules (the control API, which steers those, is [`crate::control`]).
 
-pub mod control;
 pub mod metrics;
 pub mod telemetry;
 pub mod time;

@@ -13,6 +13,7 @@ use nbdfault::backend::Backend;
 use nbdfault::backend::null::NullConfig;
 use nbdfault::injector;
 use nbdfault::io::addr::{ListenAddr, Target, parse_size};
+use nbdfault::observe::log;
 use nbdfault::observe::telemetry::Telemetry;
 use nbdfault::observe::trace::TraceTarget;
 use nbdfault::process::{ServeOptions, serve};
@@ -175,21 +176,22 @@ fn main() -> ExitCode {
     if let Some(argv0) = args.first()
         && injector::invoked_as_injector(argv0)
     {
-        init_logging(0, "error");
+        let _log = log::init(0, "error", false);
         return injector::main(argv0, &args[1..]);
     }
     if args.get(1).map(String::as_str) == Some("legacy") {
-        init_logging(0, "error");
+        let _log = log::init(0, "error", false);
         return injector::main("nbdfault legacy", &args[2..]);
     }
     let cli = Cli::parse();
     if let Command::Legacy { args } = &cli.command {
-        init_logging(cli.verbose, "error");
+        let _log = log::init(cli.verbose, "error", false);
         return injector::main("nbdfault legacy", args);
     }
-    init_logging(
+    let _log = log::init(
         cli.verbose,
         "warn,nbdfault::fault=info,nbdfault::control=info",
+        true,
     );
     match run(cli) {
         Ok(code) => code,
@@ -198,22 +200,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(verbose: u8, quiet: &str) {
-    let default = match verbose {
-        0 => quiet,
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

@@ -16,8 +16,8 @@ use tempfile::TempDir;
 
 use nbdfault::backend::Backend;
 use nbdfault::backend::null::NullConfig;
+use nbdfault::control::{Control, ControlError, ControlState};
 use nbdfault::io::addr::ListenAddr;
-use nbdfault::observe::control::{Control, ControlError, ControlState};
 use nbdfault::observe::telemetry::Telemetry;
 use nbdfault::rules::{self, live::LiveRules};
 use nbdfault::server::{Limits, Server, ServerConfig};

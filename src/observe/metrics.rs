@@ -29,6 +29,8 @@ pub const SPLICED_BYTES_TOTAL: &str = "nbdfault_spliced_bytes_total";
 pub const FAULTS_TOTAL: &str = "nbdfault_faults_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "nbdfault_upstream_errors_total";
 pub const REQUEST_DURATION_SECONDS: &str = "nbdfault_request_duration_seconds";
+pub const LOG_LINES_DROPPED_TOTAL: &str = "nbdfault_log_lines_dropped_total";
+pub const TRACE_LINES_DROPPED_TOTAL: &str = "nbdfault_trace_lines_dropped_total";
 
 /// Buckets of `nbdfault_request_duration_seconds`: from a fast local
 /// server (100 µs) to requests held by `delay`/`stall` rules (a minute).
@@ -69,6 +71,9 @@ pub(super) struct Metrics {
     pub(super) connections: Counter,
     pub(super) active: Gauge,
     pub(super) upstream_errors: Counter,
+    /// Set from their own counters when metrics are rendered.
+    pub(super) log_lines_dropped: Counter,
+    pub(super) trace_lines_dropped: Counter,
     /// Indexed by event kind × direction slot; the pairs that cannot happen
     /// (connect with a direction, other events without) are no-ops.
     pub(super) events: Vec<Counter>,
@@ -127,6 +132,8 @@ impl Metrics {
             connections: counter(CONNECTIONS_TOTAL, vec![]),
             active: recorder.register_gauge(&Key::from_static_name(CONNECTIONS_ACTIVE), &METADATA),
             upstream_errors: counter(UPSTREAM_ERRORS_TOTAL, vec![]),
+            log_lines_dropped: counter(LOG_LINES_DROPPED_TOTAL, vec![]),
+            trace_lines_dropped: counter(TRACE_LINES_DROPPED_TOTAL, vec![]),
             events,
             bytes,
             spliced,
@@ -220,6 +227,16 @@ fn describe(r: &PrometheusRecorder) {
         KeyName::from_const_str(UPSTREAM_ERRORS_TOTAL),
         None,
         text("Failures to reach the upstream server."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(LOG_LINES_DROPPED_TOTAL),
+        None,
+        text("Log lines dropped because stderr was not being read fast enough."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(TRACE_LINES_DROPPED_TOTAL),
+        None,
+        text("Trace lines dropped because the trace's reader was not keeping up."),
     );
     r.describe_histogram(
         KeyName::from_const_str(REQUEST_DURATION_SECONDS),

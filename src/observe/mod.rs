@@ -1,8 +1,11 @@
-//! What the outside sees of a running proxy: metrics and the trace. The
+//! What the outside sees of a running proxy: log lines, metrics and the
+//! trace. The
 //! data path writes to them, so nothing here knows about connections or
 //! rules (the control API, which steers those, is [`crate::control`]).
 
+pub mod log;
 pub mod metrics;
+mod queue;
 pub mod telemetry;
 pub mod time;
 pub mod trace;

@@ -1,17 +1,15 @@
 //! What a running server reports about itself, as one handle shared by
 //! every connection: Prometheus metrics ([`super::metrics`]) and the event
-//! trace ([`super::trace`]), each off unless asked for, and the thread that
-//! keeps both drained.
+//! trace ([`super::trace`]), each off unless asked for.
 //!
 //! Each costs an atomic add or a buffered line per event; nothing here may
 //! block the data path for long.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::File;
 use std::io;
+use std::sync::Mutex;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,8 +21,6 @@ use super::trace::{Trace, TraceTarget};
 use crate::intercept::{ConnId, Event, Fault};
 use crate::protocol::Direction;
 
-/// How often the background thread flushes the trace.
-const TRACE_FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// How often the background thread drains histogram samples into their
 /// buckets (otherwise they pile up in memory until the next scrape).
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
@@ -33,7 +29,7 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Telemetry {
     metrics: Option<Box<Metrics>>,
-    trace: Option<Arc<Trace>>,
+    trace: Option<Trace>,
     worker: Option<Worker>,
 }
 
@@ -54,31 +50,15 @@ impl Telemetry {
 
     /// Metrics if `metrics`, the event trace if `trace` names a target.
     /// A trace file is created (or truncated) here, so an error is a
-    /// startup error. Starts a background thread (flushing the trace,
-    /// keeping histograms drained) unless everything is off; it ends when
+    /// startup error. Starts a background thread for each that is on (the
+    /// trace's writer; the one keeping histograms drained); they end when
     /// the telemetry is dropped.
     pub fn new(metrics: bool, trace: Option<TraceTarget>) -> io::Result<Self> {
-        let trace = match trace {
-            None => None,
-            Some(TraceTarget::Stderr) => Some(Arc::new(Trace::new(Box::new(io::stderr())))),
-            Some(TraceTarget::File(path)) => {
-                let file = File::create(&path).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("cannot create trace file {}: {e}", path.display()),
-                    )
-                })?;
-                Some(Arc::new(Trace::new(Box::new(file))))
-            }
-        };
+        let trace = trace.as_ref().map(Trace::open).transpose()?;
         let metrics = metrics.then(|| Box::new(Metrics::new()));
-        let worker = if metrics.is_some() || trace.is_some() {
-            Some(Worker::start(
-                metrics.as_ref().map(|m| m.handle.clone()),
-                trace.clone(),
-            )?)
-        } else {
-            None
+        let worker = match &metrics {
+            Some(m) => Some(Worker::start(m.handle.clone())?),
+            None => None,
         };
         Ok(Self {
             metrics,
@@ -154,14 +134,20 @@ impl Telemetry {
     /// Prometheus text exposition of every metric (empty with metrics
     /// off).
     pub fn render_metrics(&self) -> String {
-        self.metrics
-            .as_ref()
-            .map(|m| m.handle.render())
-            .unwrap_or_default()
+        let Some(m) = &self.metrics else {
+            return String::new();
+        };
+        // Counted outside the recorder, so that losing a line costs the
+        // data path one atomic add.
+        m.log_lines_dropped.absolute(super::log::dropped_lines());
+        m.trace_lines_dropped
+            .absolute(self.trace.as_ref().map_or(0, Trace::dropped));
+        m.handle.render()
     }
 
     /// Writes out whatever the trace holds (at shutdown; also done every
-    /// 100 ms and when the telemetry is dropped).
+    /// 100 ms and when the telemetry is dropped), waiting at most a second
+    /// for a reader that stopped reading.
     pub fn flush_trace(&self) {
         if let Some(t) = &self.trace {
             t.flush();
@@ -246,40 +232,20 @@ fn forget_oldest_half(map: &mut HashMap<u64, (u16, Instant)>) {
     map.retain(|_, &mut (_, at)| at > median);
 }
 
-/// The thread flushing the trace and draining histogram samples; it ends
-/// (after a last flush) when `stop` is dropped.
+/// The thread draining histogram samples; it ends when `stop` is dropped.
 struct Worker {
     stop: mpsc::Sender<()>,
     thread: JoinHandle<()>,
 }
 
 impl Worker {
-    fn start(metrics: Option<PrometheusHandle>, trace: Option<Arc<Trace>>) -> io::Result<Self> {
+    fn start(metrics: PrometheusHandle) -> io::Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
-        let tick = if trace.is_some() {
-            TRACE_FLUSH_EVERY
-        } else {
-            UPKEEP_EVERY
-        };
         let thread = std::thread::Builder::new()
             .name("nbdfault-telemetry".into())
             .spawn(move || {
-                let mut last_upkeep = Instant::now();
-                loop {
-                    let done =
-                        !matches!(stopped.recv_timeout(tick), Err(RecvTimeoutError::Timeout));
-                    if let Some(t) = &trace {
-                        t.flush();
-                    }
-                    if done {
-                        return;
-                    }
-                    if let Some(h) = &metrics
-                        && last_upkeep.elapsed() >= UPKEEP_EVERY
-                    {
-                        h.run_upkeep();
-                        last_upkeep = Instant::now();
-                    }
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(UPKEEP_EVERY) {
+                    metrics.run_upkeep();
                 }
             })?;
         Ok(Self { stop, thread })

@@ -1,24 +1,40 @@
-//! The event trace: one JSON object per line per event, written through a
-//! 64 KiB buffer that is flushed when full, periodically by the telemetry
-//! thread, and when the telemetry is dropped.
+//! The event trace: one JSON object per line per event.
+//!
+//! Lines are queued (at most [`TRACE_QUEUE_LINES`]) for a writer thread,
+//! which writes them through a 64 KiB buffer flushed when full, every
+//! 100 ms while lines come, on [`super::telemetry::Telemetry::flush_trace`]
+//! and at the end. A trace on a FIFO or a pipe whose reader stops reading
+//! never stalls the data path: past the queue, lines are dropped and counted.
 
 use std::fmt;
-use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use serde::{Serialize, Serializer};
 
 use super::lock;
+use super::queue::{LineQueue, Writer};
 use super::time::Rfc3339;
 use crate::intercept::{ConnId, Event, Fault};
 use crate::protocol::consts::{command_name, option_name};
 use crate::protocol::{Direction, EventSet};
 
-/// Capacity of the trace buffer.
+/// Capacity of the trace file's write buffer.
 const TRACE_BUFFER: usize = 64 << 10;
+/// Trace lines queued for the writer at most (a few hundred bytes each):
+/// a reader that falls further behind loses lines, counted.
+pub const TRACE_QUEUE_LINES: usize = 16 << 10;
+/// How often the writer flushes while lines come.
+const TRACE_FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How long a flush waits for a reader that stopped reading.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// Where the event trace goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,61 +78,107 @@ impl fmt::Display for TraceTarget {
     }
 }
 
+/// A trace line is formatted on the data path and queued; a thread of its
+/// own writes the queue out. The data path never waits for the file.
 pub(super) struct Trace {
-    state: Mutex<TraceState>,
-}
-
-struct TraceState {
-    out: BufWriter<Box<dyn Write + Send>>,
-    /// One line, formatted before it is written in one piece (so a flush
-    /// never splits a line, which matters on a shared stderr).
-    line: Vec<u8>,
-    /// A write failed: the trace is given up (and said so once).
-    failed: bool,
+    /// Held while a line is stamped and queued, so lines are in time order.
+    order: Mutex<()>,
+    queue: LineQueue,
 }
 
 impl Trace {
-    pub(super) fn new(out: Box<dyn Write + Send>) -> Self {
-        Self {
-            state: Mutex::new(TraceState {
-                out: BufWriter::with_capacity(TRACE_BUFFER, out),
-                line: Vec::with_capacity(256),
-                failed: false,
-            }),
-        }
+    /// Opens `target` and starts its writer. A file is created (or
+    /// truncated). A FIFO must already have a reader: opening one without
+    /// would wait for a reader before the server even listens, so it is an
+    /// error instead.
+    pub(super) fn open(target: &TraceTarget) -> io::Result<Self> {
+        let out: Box<dyn Write + Send> = match target {
+            TraceTarget::Stderr => Box::new(io::stderr()),
+            TraceTarget::File(path) => {
+                let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+                let file = if is_fifo {
+                    open_fifo(path)
+                } else {
+                    File::create(path)
+                }
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot create trace file {}: {e}", path.display()),
+                    )
+                })?;
+                Box::new(file)
+            }
+        };
+        let writer = Writer {
+            name: "nbdfault-trace",
+            capacity: TRACE_QUEUE_LINES,
+            buffer: TRACE_BUFFER,
+            flush_every: TRACE_FLUSH_EVERY,
+            // The trace is JSON lines: losses are said in the log instead.
+            notice: None,
+            what: "event trace",
+        };
+        Ok(Self {
+            order: Mutex::new(()),
+            queue: LineQueue::start(writer, out)?,
+        })
     }
 
     pub(super) fn write(&self, ev: &Event, fault: Option<&Fault>) {
-        let mut guard = lock(&self.state);
-        let st = &mut *guard;
-        if st.failed {
-            return;
-        }
-        // Stamped under the lock, so lines are in time order.
+        let mut line = Vec::with_capacity(256);
+        let _order = lock(&self.order);
         let rec = Record::new(SystemTime::now(), ev, fault);
-        st.line.clear();
-        if let Err(e) = serde_json::to_writer(&mut st.line, &rec) {
+        if let Err(e) = serde_json::to_writer(&mut line, &rec) {
             tracing::warn!("cannot format a trace line: {e}");
             return;
         }
-        st.line.push(b'\n');
-        let TraceState { out, line, failed } = st;
-        if let Err(e) = out.write_all(line) {
-            *failed = true;
-            tracing::warn!("cannot write the event trace, giving it up: {e}");
+        line.push(b'\n');
+        if !self.queue.push(line) && self.queue.dropped() == 1 {
+            tracing::warn!(
+                "the event trace's reader is not keeping up: dropping trace lines \
+                 (counted in nbdfault_trace_lines_dropped_total)"
+            );
         }
     }
 
-    pub(super) fn flush(&self) {
-        let mut st = lock(&self.state);
-        if st.failed {
-            return;
-        }
-        if let Err(e) = st.out.flush() {
-            st.failed = true;
-            tracing::warn!("cannot write the event trace, giving it up: {e}");
-        }
+    /// Trace lines lost so far because the reader fell behind.
+    pub(super) fn dropped(&self) -> u64 {
+        self.queue.dropped()
     }
+
+    /// Writes out what is queued, waiting at most `FLUSH_WAIT` for a reader
+    /// that has stopped reading.
+    pub(super) fn flush(&self) {
+        self.queue.flush(FLUSH_WAIT);
+    }
+}
+
+/// Opens a FIFO for writing without waiting for a reader: with none,
+/// open(2) fails at once (ENXIO), said in words here. The writer thread
+/// may block on it later, so it is made blocking again.
+fn open_fifo(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(Errno::ENXIO as i32) {
+                io::Error::new(
+                    e.kind(),
+                    "it is a FIFO with no reader; start the reader first \
+                     (nbdfault does not wait for one)",
+                )
+            } else {
+                e
+            }
+        })?;
+    let flags = OFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GETFL)?);
+    fcntl(
+        &file,
+        FcntlArg::F_SETFL(flags.difference(OFlag::O_NONBLOCK)),
+    )?;
+    Ok(file)
 }
 
 /// One trace line.

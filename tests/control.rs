@@ -234,7 +234,8 @@ impl Fixture {
     }
 
     fn qemu_io(&self) -> Interactive {
-        let mut s = Interactive::spawn("qemu-io", &["-f", "raw", &self.nbd_uri]);
+        let args = common::QemuIo::new(&self.nbd_uri).args();
+        let mut s = Interactive::spawn("qemu-io", &common::as_strs(&args));
         s.expect("qemu-io> ");
         s
     }
@@ -276,13 +277,7 @@ struct Interactive {
 
 impl Interactive {
     fn spawn(cmd: &str, args: &[&str]) -> Interactive {
-        let mut child = Command::new(cmd)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+        let mut child = common::spawn_piped(cmd, args, Stdio::piped());
         let out = Arc::new(Mutex::new(String::new()));
         let pump = |mut r: Box<dyn Read + Send>| {
             let out = out.clone();

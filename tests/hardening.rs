@@ -517,19 +517,14 @@ fn assert_serves(p: &mut Nbdfault, size: u64) {
         p.stderr()
     );
     assert_eq!(out.stdout.trim(), size.to_string(), "{}", out.describe());
-    let out = run(
-        "qemu-io",
+    let out = qemu_io(
+        p.uri(),
         &[
-            "-f",
-            "raw",
-            "-c",
             "write -P 0x5c 12288 20480",
-            "-c",
             &format!(
                 "read -P {} 12288 20480",
                 if size == NULL_SIZE { "0" } else { "0x5c" }
             ),
-            p.uri(),
         ],
     );
     assert!(
@@ -1945,12 +1940,7 @@ fn random_pipelined_qemu_io_with_extended_headers_is_identical_through_the_proxy
         cmds.push("aio_flush".into());
     }
     let run_qemu_io = |uri: &str| {
-        let mut args = vec!["-f", "raw"];
-        for c in &cmds {
-            args.extend(["-c", c.as_str()]);
-        }
-        args.push(uri);
-        let out = run("qemu-io", &args);
+        let out = qemu_io(uri, &cmds);
         assert!(
             out.success()
                 && !out.stdout.contains("fail")

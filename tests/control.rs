@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,7 +47,7 @@ struct Fixture {
 }
 
 async fn start(control: &str, token: Option<&str>) -> Fixture {
-    require_curl();
+    common::require_tool("curl");
     common::require_tool("qemu-io");
     let dir = tempfile::tempdir().unwrap();
     let control = control.replace("DIR", &dir.path().display().to_string());
@@ -96,17 +96,6 @@ async fn start(control: &str, token: Option<&str>) -> Fixture {
         token: token.map(str::to_string),
         rules,
         dir,
-    }
-}
-
-fn require_curl() {
-    if Command::new("curl")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
-        panic!("required tool `curl` not found: install curl (apt-get install -y curl)");
     }
 }
 

@@ -175,16 +175,9 @@ fn read_option_reply(s: &mut impl Read) -> io::Result<(u32, u32, Vec<u8>)> {
 // A raw client: exactly the bytes a test wants, nothing a library would fix.
 // ---------------------------------------------------------------------------
 
-fn addr_of(uri: &str) -> String {
-    uri.strip_prefix("nbd://")
-        .unwrap_or_else(|| panic!("not a TCP NBD URI: {uri}"))
-        .trim_end_matches('/')
-        .to_string()
-}
-
 /// A TCP connection to `uri` with read and write timeouts.
 fn dial(uri: &str) -> TcpStream {
-    let s = TcpStream::connect(addr_of(uri)).unwrap_or_else(|e| panic!("connect to {uri}: {e}"));
+    let s = TcpStream::connect(tcp_addr(uri)).unwrap_or_else(|e| panic!("connect to {uri}: {e}"));
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     s

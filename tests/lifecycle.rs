@@ -258,11 +258,6 @@ fn control_url(p: &Nbdfault) -> String {
     url.unwrap()
 }
 
-fn curl(args: &[&str]) -> String {
-    require_tool("curl");
-    run_ok("curl", &[&["-s", "-w", "\n%{http_code}"], args].concat())
-}
-
 #[test]
 fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
     require_tool("qemu-io");

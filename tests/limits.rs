@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn addr_of(uri: &str) -> &str {
-    uri.trim_start_matches("nbd://").trim_end_matches('/')
-}
-
 #[test]
 fn a_client_that_never_finishes_the_handshake_is_closed() {
     require_tool("nbdinfo");
@@ -25,7 +21,7 @@ fn a_client_that_never_finishes_the_handshake_is_closed() {
         "1s",
     ]);
     // Half a handshake: read the greeting, send nothing.
-    let mut idle = TcpStream::connect(addr_of(p.uri())).unwrap();
+    let mut idle = TcpStream::connect(tcp_addr(p.uri())).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut greeting = [0u8; 18];

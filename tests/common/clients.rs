@@ -58,6 +58,12 @@ pub fn python_output(script: &str, args: &[&str]) -> Output {
     run(SYSTEM_PYTHON, &all)
 }
 
+/// `curl -s -w '\n%{http_code}' ARGS...`: the body, then a line with the
+/// HTTP status. Panics with the full output unless curl succeeds.
+pub fn curl(args: &[&str]) -> String {
+    run_ok("curl", &[&["-s", "-w", "\n%{http_code}"], args].concat())
+}
+
 /// `nbdinfo ARGS...` (full output, whatever the status).
 pub fn nbdinfo(args: &[&str]) -> Output {
     run("nbdinfo", args)

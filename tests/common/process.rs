@@ -29,6 +29,7 @@ fn package_of(tool: &str) -> &'static str {
         "nbdkit" => "nbdkit",
         "nbdinfo" | "nbdcopy" | "nbdsh" => "libnbd-bin",
         "fio" => "fio",
+        "curl" => "curl",
         "python3-libnbd" => "python3-libnbd",
         _ => "it",
     }

@@ -18,6 +18,15 @@ pub fn unix_uri(sock: &Path) -> String {
     format!("nbd+unix:///?socket={}", sock.display())
 }
 
+/// `HOST:PORT` of a TCP NBD URI (`nbd://HOST:PORT[/]`), to connect a raw
+/// socket to it; panics on any other URI.
+pub fn tcp_addr(uri: &str) -> String {
+    uri.strip_prefix("nbd://")
+        .unwrap_or_else(|| panic!("not a TCP NBD URI: {uri}"))
+        .trim_end_matches('/')
+        .to_string()
+}
+
 /// Inserts an export name into an NBD URI
 /// (`nbd://h:p` → `nbd://h:p/NAME`, `nbd+unix:///?socket=S` → `nbd+unix:///NAME?socket=S`).
 pub fn uri_with_export(uri: &str, name: &str) -> String {

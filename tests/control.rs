@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,7 +47,7 @@ struct Fixture {
 }
 
 async fn start(control: &str, token: Option<&str>) -> Fixture {
-    require_curl();
+    common::require_tool("curl");
     common::require_tool("qemu-io");
     let dir = tempfile::tempdir().unwrap();
     let control = control.replace("DIR", &dir.path().display().to_string());
@@ -96,17 +96,6 @@ async fn start(control: &str, token: Option<&str>) -> Fixture {
         token: token.map(str::to_string),
         rules,
         dir,
-    }
-}
-
-fn require_curl() {
-    if Command::new("curl")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
-        panic!("required tool `curl` not found: install curl (apt-get install -y curl)");
     }
 }
 
@@ -234,7 +223,8 @@ impl Fixture {
     }
 
     fn qemu_io(&self) -> Interactive {
-        let mut s = Interactive::spawn("qemu-io", &["-f", "raw", &self.nbd_uri]);
+        let args = common::QemuIo::new(&self.nbd_uri).args();
+        let mut s = Interactive::spawn("qemu-io", &common::as_strs(&args));
         s.expect("qemu-io> ");
         s
     }
@@ -276,13 +266,7 @@ struct Interactive {
 
 impl Interactive {
     fn spawn(cmd: &str, args: &[&str]) -> Interactive {
-        let mut child = Command::new(cmd)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+        let mut child = common::spawn_piped(cmd, args, Stdio::piped());
         let out = Arc::new(Mutex::new(String::new()));
         let pump = |mut r: Box<dyn Read + Send>| {
             let out = out.clone();

@@ -191,23 +191,17 @@ fn a_rule_added_live_applies_from_the_next_payload_on() {
     assert_eq!(line, "paused\n", "blocks 0-9 came through exact");
 
     let body = r#"{"rules": [{"name": "flip-every-read", "event": "data", "direction": "to-client", "command": "read", "action": "corrupt", "at": 1008, "xor": 1}]}"#;
-    let r = run_ok(
-        "curl",
-        &[
-            "-s",
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-            &ctl.display().to_string(),
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            body,
-            "http://localhost/rules",
-        ],
-    );
+    let r = curl(&[
+        "--unix-socket",
+        &ctl.display().to_string(),
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        body,
+        "http://localhost/rules",
+    ]);
     assert!(r.ends_with("\n201"), "{r}");
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
 

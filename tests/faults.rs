@@ -132,38 +132,9 @@ fn assert_serves(proxy: &mut Nbdfault) {
 // Clients.
 // ---------------------------------------------------------------------------
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    run("qemu-io", &args)
-}
-
 /// qemu-io's stdout with timings masked.
 fn qio(uri: &str, cmds: &[&str]) -> String {
     mask_qemu_io_timing(&qemu_io(uri, cmds).stdout)
-}
-
-/// Runs qemu-io under `timeout SECS` and asserts it was still waiting
-/// when the time was up (exit status 124).
-fn qemu_io_hangs(uri: &str, cmds: &[&str], secs: u32) {
-    let secs = secs.to_string();
-    let mut args: Vec<&str> = vec!["--kill-after=5", &secs, "qemu-io", "-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    let o = run("timeout", &args);
-    assert_eq!(
-        o.status.code(),
-        Some(124),
-        "qemu-io should have hung until killed\n{}",
-        o.describe()
-    );
 }
 
 /// Python prelude: `nbd`, `sys`, `time` imported; `safe(f, *a)` returns
@@ -1997,12 +1968,7 @@ write failed: Input/output error
 read failed: Input/output error",
         &mask_qemu_io_timing(&n.stdout),
     );
-    assert_same_lines(
-        "qemu-io, null server vs qemu-nbd",
-        &mask_qemu_io_timing(&n.stdout),
-        &mask_qemu_io_timing(&p.stdout),
-    );
-    assert_eq!(n.status.code(), p.status.code());
+    assert_same_qemu_io("qemu-io, null server vs qemu-nbd", &n, &p);
 
     let script = r#"
 print(safe(h.pread, 4096, 0))
@@ -2103,12 +2069,7 @@ fn ini_and_yaml_rules_are_equivalent() {
         let oi = qemu_io(pi.uri(), &cmds);
         let oy = qemu_io(py_.uri(), &cmds);
         let what = format!("{} vs {}", ini.display(), yaml.display());
-        assert_same_lines(
-            &what,
-            &mask_qemu_io_timing(&oi.stdout),
-            &mask_qemu_io_timing(&oy.stdout),
-        );
-        assert_eq!(oi.status.code(), oy.status.code(), "{what}");
+        assert_same_qemu_io(&what, &oi, &oy);
         assert!(
             oi.stdout.contains("failed: Input/output error"),
             "{what}\n{}",

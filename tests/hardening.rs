@@ -175,16 +175,9 @@ fn read_option_reply(s: &mut impl Read) -> io::Result<(u32, u32, Vec<u8>)> {
 // A raw client: exactly the bytes a test wants, nothing a library would fix.
 // ---------------------------------------------------------------------------
 
-fn addr_of(uri: &str) -> String {
-    uri.strip_prefix("nbd://")
-        .unwrap_or_else(|| panic!("not a TCP NBD URI: {uri}"))
-        .trim_end_matches('/')
-        .to_string()
-}
-
 /// A TCP connection to `uri` with read and write timeouts.
 fn dial(uri: &str) -> TcpStream {
-    let s = TcpStream::connect(addr_of(uri)).unwrap_or_else(|e| panic!("connect to {uri}: {e}"));
+    let s = TcpStream::connect(tcp_addr(uri)).unwrap_or_else(|e| panic!("connect to {uri}: {e}"));
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     s
@@ -517,19 +510,14 @@ fn assert_serves(p: &mut Nbdfault, size: u64) {
         p.stderr()
     );
     assert_eq!(out.stdout.trim(), size.to_string(), "{}", out.describe());
-    let out = run(
-        "qemu-io",
+    let out = qemu_io(
+        p.uri(),
         &[
-            "-f",
-            "raw",
-            "-c",
             "write -P 0x5c 12288 20480",
-            "-c",
             &format!(
                 "read -P {} 12288 20480",
                 if size == NULL_SIZE { "0" } else { "0x5c" }
             ),
-            p.uri(),
         ],
     );
     assert!(
@@ -1945,12 +1933,7 @@ fn random_pipelined_qemu_io_with_extended_headers_is_identical_through_the_proxy
         cmds.push("aio_flush".into());
     }
     let run_qemu_io = |uri: &str| {
-        let mut args = vec!["-f", "raw"];
-        for c in &cmds {
-            args.extend(["-c", c.as_str()]);
-        }
-        args.push(uri);
-        let out = run("qemu-io", &args);
+        let out = qemu_io(uri, &cmds);
         assert!(
             out.success()
                 && !out.stdout.contains("fail")

@@ -194,11 +194,11 @@ impl Injector {
     }
 
     fn stdout(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.stdout_path).unwrap_or_default()).into_owned()
+        read_to_string_lossy(&self.stdout_path)
     }
 
     fn stderr(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
+        read_to_string_lossy(&self.stderr_path)
     }
 
     fn describe(&self) -> String {
@@ -216,16 +216,7 @@ impl Injector {
 
     /// Waits for the process to exit; None if it is still running.
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_child_exit(&mut self.child, timeout)
     }
 
     /// Waits until stdout contains `needle`.
@@ -247,10 +238,7 @@ impl Injector {
 
 impl Drop for Injector {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        kill_child(&mut self.child);
     }
 }
 
@@ -258,58 +246,14 @@ fn path_str(p: &Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
 }
 
-/// Runs a command with stdout and stderr into the same file (083's `2>&1`),
-/// under a hard timeout. Returns its status and everything it printed.
-fn run_merged(cmd: &str, args: &[&str], timeout: Duration) -> (ExitStatus, String) {
-    require_tool(cmd);
-    let dir = TempDir::new().expect("tempdir");
-    let path = dir.path().join("output");
-    let f = File::create(&path).expect("create output file");
-    let line = format!("{cmd} {}", args.join(" "));
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().expect("dup"))
-        .stderr(f)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn `{line}`: {e}"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`{line}` did not finish within {timeout:?}; killed it\n{}",
-                fs::read_to_string(&path).unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let out = String::from_utf8_lossy(&fs::read(&path).unwrap_or_default()).into_owned();
-    (status, out)
-}
-
 /// qemu-io as 083 runs it: `$QEMU_IO -c "read 0 512" URL 2>&1`, where
 /// `$QEMU_IO` carries iotests' default options for the raw format.
 fn qemu_io_083(url: &str) -> (i32, String) {
-    let (status, out) = run_merged(
-        "qemu-io",
-        &[
-            "--cache",
-            "writeback",
-            "--aio",
-            "threads",
-            "-f",
-            "raw",
-            "-c",
-            "read 0 512",
-            url,
-        ],
-        QEMU_IO_TIMEOUT,
-    );
+    let (status, out) = QemuIo::new(url)
+        .cache("writeback")
+        .aio("threads")
+        .cmd("read 0 512")
+        .run_merged(QEMU_IO_TIMEOUT);
     (status.code().unwrap_or(-1), out)
 }
 

@@ -58,16 +58,7 @@ fn qemu_083_neg2_case_through_the_shim() {
         .strip_prefix("Listening on ")
         .expect(&line)
         .to_string();
-    let q = run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read 0 512",
-            &format!("nbd://{addr}/foo"),
-        ],
-    );
+    let q = qemu_io(&format!("nbd://{addr}/foo"), &["read 0 512"]);
     assert_eq!(q.status.code(), Some(1));
     assert!(q.stderr.contains("can't open device"), "{}", q.describe());
     let mut rest = String::new();

@@ -26,7 +26,7 @@ fn write_rule(path: &std::path::Path, errno: &str) {
 }
 
 fn qemu_io_write(uri: &str) -> String {
-    let out = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", uri]);
+    let out = qemu_io(uri, &["write 0 4k"]);
     format!("{}{}", out.stdout, out.stderr).trim().to_string()
 }
 
@@ -70,17 +70,6 @@ fn sighup_reloads_good_rules_and_keeps_the_old_ones_on_a_bad_file() {
     );
 }
 
-/// A qemu-io connected to `uri` that waits on its stdin (kept open) and
-/// so holds its connection until killed.
-fn idle_qemu_io(uri: &str) -> std::process::Child {
-    Command::new("qemu-io")
-        .args(["-f", "raw", uri])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-io")
-}
-
 #[test]
 fn sigterm_stops_within_a_second_and_removes_the_socket() {
     require_tool("qemu-io");
@@ -89,7 +78,7 @@ fn sigterm_stops_within_a_second_and_removes_the_socket() {
     let mut p = Nbdfault::start(&["null", "--listen", sock.to_str().unwrap()]);
     assert!(sock.exists());
     // A connected client does not hold the server up.
-    let mut client = idle_qemu_io(p.uri());
+    let mut client = QemuIo::new(p.uri()).spawn_idle();
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     signal(p.pid(), "TERM");
@@ -121,7 +110,7 @@ fn sigterm_ends_the_connections_of_every_thread() {
         "--listen",
         sock.to_str().unwrap(),
     ]);
-    let mut clients: Vec<_> = (0..3).map(|_| idle_qemu_io(p.uri())).collect();
+    let mut clients: Vec<_> = (0..3).map(|_| QemuIo::new(p.uri()).spawn_idle()).collect();
     assert!(
         wait_until(Duration::from_secs(10), || p
             .stderr()
@@ -269,11 +258,6 @@ fn control_url(p: &Nbdfault) -> String {
     url.unwrap()
 }
 
-fn curl(args: &[&str]) -> String {
-    require_tool("curl");
-    run_ok("curl", &[&["-s", "-w", "\n%{http_code}"], args].concat())
-}
-
 #[test]
 fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
     require_tool("qemu-io");
@@ -288,7 +272,7 @@ fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
     ]);
     let url = control_url(&p);
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 7 0 64k", p.uri()]);
+    QemuIo::new(p.uri()).cmd("write -P 7 0 64k").run_ok();
 
     let denied = curl(&[&format!("{url}/metrics")]);
     assert!(denied.ends_with("\n401"), "{denied}");

@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn addr_of(uri: &str) -> &str {
-    uri.trim_start_matches("nbd://").trim_end_matches('/')
-}
-
 #[test]
 fn a_client_that_never_finishes_the_handshake_is_closed() {
     require_tool("nbdinfo");
@@ -25,7 +21,7 @@ fn a_client_that_never_finishes_the_handshake_is_closed() {
         "1s",
     ]);
     // Half a handshake: read the greeting, send nothing.
-    let mut idle = TcpStream::connect(addr_of(p.uri())).unwrap();
+    let mut idle = TcpStream::connect(tcp_addr(p.uri())).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut greeting = [0u8; 18];
@@ -49,7 +45,7 @@ fn a_client_that_never_finishes_the_handshake_is_closed() {
 fn a_payload_over_the_limit_closes_that_connection_only() {
     require_tool("qemu-io");
     let p = Nbdfault::start(&["null", "--listen", "127.0.0.1:0", "--max-payload", "1M"]);
-    let out = run("qemu-io", &["-f", "raw", "-c", "write 0 4M", p.uri()]);
+    let out = qemu_io(p.uri(), &["write 0 4M"]);
     assert!(!out.success(), "{}", out.describe());
     assert!(
         p.wait_for_stderr("write payload length", Duration::from_secs(5)),
@@ -62,7 +58,7 @@ fn a_payload_over_the_limit_closes_that_connection_only() {
         p.stderr()
     );
     // Within the limit, and the next client, all is well.
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 3 0 1M", p.uri()]);
+    QemuIo::new(p.uri()).cmd("write -P 3 0 1M").run_ok();
 }
 
 #[test]
@@ -71,13 +67,7 @@ fn clients_beyond_max_connections_wait_their_turn() {
     require_tool("nbdinfo");
     let p = Nbdfault::start(&["null", "--listen", "127.0.0.1:0", "--max-connections", "1"]);
     // The first client stays connected while its stdin is open.
-    let mut first = Command::new("qemu-io")
-        .args(["-f", "raw", p.uri()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = QemuIo::new(p.uri()).spawn_idle();
     std::thread::sleep(Duration::from_millis(500));
     let second = run("timeout", &["2", "nbdinfo", "--size", p.uri()]);
     assert_eq!(

@@ -447,16 +447,6 @@ fn qemu_img_map(kind: Kind) {
 // qemu-io
 // ---------------------------------------------------------------------------
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    run("qemu-io", &args)
-}
-
 fn qemu_io_session(kind: Kind) {
     // Fresh, identical backends for the direct and the proxied run.
     let b = Backend::start(kind);
@@ -1180,12 +1170,7 @@ wrote 4096/4096 bytes at offset 0
         expected,
         &mask_qemu_io_timing(&d.stdout),
     );
-    assert_same_lines(
-        "qemu-io with server errors",
-        &mask_qemu_io_timing(&d.stdout),
-        &mask_qemu_io_timing(&p.stdout),
-    );
-    assert_eq!(d.status.code(), p.status.code());
+    assert_same_qemu_io("qemu-io with server errors", &d, &p);
 
     let script = r#"
 print("pread", safe(h.pread, 4096, 0))

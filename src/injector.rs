@@ -18,19 +18,14 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use crate::backend::null::ZEROES;
+use crate::backend::null;
 use crate::intercept::{ConnState, Event, Fault, Interceptor, Plan, Verdict};
 use crate::io::addr::ListenAddr;
 use crate::io::net::{Listener, Stream};
 use crate::observe::telemetry::Telemetry;
-use crate::protocol::bytes::be32;
-use crate::protocol::consts::*;
 use crate::protocol::event::Direction;
-use crate::protocol::handshake::{ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionHeader};
-use crate::protocol::transmission::Reply;
 use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER, RESET_CLIENT};
 use crate::rules::{Rule, When, ini};
 
@@ -146,7 +141,18 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             let conn = conn.clone();
             tokio::spawn(async move {
                 let mut far = far;
-                if matches!(serve(&mut far, classic).await, Ok(true)) {
+                let end = match null::serve_injector(&mut far, FAKE_DISK_SIZE, classic).await {
+                    Ok(end) => end,
+                    Err(e) => {
+                        debug!("fake disk: {e}");
+                        return None;
+                    }
+                };
+                if let Some(command) = end.unrecognized {
+                    println!("unrecognized command type {command:#x}");
+                    let _ = std::io::stdout().flush();
+                }
+                if end.unread {
                     // The Python tool closes with client bytes unread: its
                     // kernel resets the connection, with no orderly end of
                     // stream first. Close at once, with SO_LINGER 0, and
@@ -227,109 +233,6 @@ impl Interceptor for InjectorRules {
         let _ = std::io::stdout().flush();
         std::process::exit(0);
     }
-}
-
-/// Whether the client sent bytes the server never read (they are already
-/// here if they are anywhere: the pipeline forwards what it has at once).
-fn unread<S: AsyncRead + Unpin>(s: &mut S) -> bool {
-    let mut b = [0u8; 1];
-    matches!(
-        futures_lite_now(s.read(&mut b)),
-        Some(Ok(n)) if n > 0
-    )
-}
-
-/// Polls a future once.
-fn futures_lite_now<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    let waker = std::task::Waker::noop();
-    match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
-    }
-}
-
-/// The Python tool's server: the fake disk, one connection. Returns
-/// whether it stopped with client bytes unread, which the Python tool's
-/// close turns into a TCP reset.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    classic: bool,
-) -> std::io::Result<bool> {
-    let info = ExportInfo {
-        size: FAKE_DISK_SIZE,
-        flags: 0,
-    };
-    if classic {
-        let g = OldstyleGreeting {
-            size: FAKE_DISK_SIZE,
-            flags: 0,
-        };
-        s.write_all(&g.build()).await?;
-    } else {
-        s.write_all(&NewstyleGreeting { handshake_flags: 0 }.build())
-            .await?;
-        let mut b = [0u8; CLIENT_FLAGS_LEN + OPTION_HEADER_LEN];
-        s.read_exact(&mut b).await?;
-        let Ok(opt) = OptionHeader::parse(&b[CLIENT_FLAGS_LEN..]) else {
-            return Ok(false);
-        };
-        if opt.option != OPT_EXPORT_NAME {
-            return Ok(false);
-        }
-        discard(&mut s, opt.length.into()).await?;
-        let mut reply = [0u8; EXPORT_NAME_REPLY_SHORT_LEN + EXPORT_NAME_REPLY_ZEROES];
-        let n = info.build_export_name_reply(false, &mut reply);
-        s.write_all(&reply[..n]).await?;
-    }
-    loop {
-        let mut req = [0u8; REQUEST_LEN];
-        s.read_exact(&mut req).await?;
-        if be32(&req, 0) != REQUEST_MAGIC {
-            return Ok(false);
-        }
-        // The Python tool reads flags and type as one 32-bit field.
-        let kind = be32(&req, 4);
-        let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap_or_default());
-        let len = u64::from(be32(&req, 24));
-        let mut hdr = [0u8; SIMPLE_REPLY_LEN];
-        Reply::Simple { error: 0, cookie }.build(&mut hdr);
-        match kind {
-            0 => {
-                s.write_all(&hdr).await?;
-                zeroes(&mut s, len).await?;
-            }
-            1 => {
-                discard(&mut s, len).await?;
-                s.write_all(&hdr).await?;
-            }
-            2 => return Ok(unread(&mut s)),
-            other => {
-                println!("unrecognized command type {other:#x}");
-                let _ = std::io::stdout().flush();
-                return Ok(unread(&mut s));
-            }
-        }
-    }
-}
-
-async fn discard<S: AsyncRead + Unpin>(s: &mut S, mut n: u64) -> std::io::Result<()> {
-    let mut buf = [0u8; 64 * 1024];
-    while n > 0 {
-        let k = n.min(buf.len() as u64) as usize;
-        s.read_exact(&mut buf[..k]).await?;
-        n -= k as u64;
-    }
-    Ok(())
-}
-
-async fn zeroes<S: AsyncWrite + Unpin>(s: &mut S, mut n: u64) -> std::io::Result<()> {
-    while n > 0 {
-        let k = n.min(ZEROES.len() as u64) as usize;
-        s.write_all(&ZEROES[..k]).await?;
-        n -= k as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

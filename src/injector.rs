@@ -9,9 +9,13 @@
 //! bytes, simple replies; oldstyle with `--classic-negotiation`), one client
 //! at a time, and a rule match ends the process with status 0.
 //!
-//! The fake disk is served behind the ordinary pipeline and rule engine, so
-//! `when` counts exactly the bytes the Python tool counts. Unlike the Python
-//! tool, a client that drops without NBD_CMD_DISC does not end the process.
+//! The fake disk is the null server as `null::Dialect::Injector` (its
+//! handshake; the Python tool's commands in `null/injector_disk.rs`),
+//! served behind the ordinary pipeline, so `when` counts exactly the bytes
+//! the Python tool counts. The rules are matched by the real engine; only
+//! the Python tool's choice among matching rules is kept here. Unlike the
+//! Python tool, a client that drops without NBD_CMD_DISC does not end the
+//! process.
 
 use std::io::Write;
 use std::path::Path;
@@ -27,7 +31,8 @@ use crate::io::net::{Listener, Stream};
 use crate::observe::telemetry::Telemetry;
 use crate::protocol::event::Direction;
 use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER, RESET_CLIENT};
-use crate::rules::{Rule, When, ini};
+use crate::rules::engine::Engine;
+use crate::rules::{Rule, RuleSet, When, ini};
 
 /// The Python tool's fake disk size.
 pub const FAKE_DISK_SIZE: u64 = 8 << 30;
@@ -116,7 +121,7 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             return ExitCode::from(1);
         }
     };
-    let interceptor: Arc<dyn Interceptor> = Arc::new(InjectorRules(rules.rules));
+    let interceptor: Arc<dyn Interceptor> = Arc::new(InjectorRules::new(rules.rules));
     let telemetry = Arc::new(Telemetry::off());
     let mut id = 0;
     loop {
@@ -189,43 +194,76 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
     }
 }
 
-/// The Python tool's rules, matched the way it matches them: every rule
+/// The Python tool's rules. The real engine matches them (event and
+/// direction); which match wins is the Python tool's own choice, which the
+/// engine's first-match-wins cannot express, so it stays here: every rule
 /// naming the event (in the direction given) is looked at in order; the
 /// first whose `when` is not "after" decides how many bytes pass (0 ends
 /// the connection at once, naming that rule); after the bytes have passed,
 /// the first matching rule of all ends the process, naming itself. So an
 /// "after" rule does not hide a later rule's byte count.
-struct InjectorRules(Vec<Rule>);
+struct InjectorRules {
+    /// Every rule: the first that matches names the fault.
+    all: Engine,
+    /// The rules whose `when` is not "after": the first that matches
+    /// decides where the message is cut.
+    deciding: Engine,
+}
+
+impl InjectorRules {
+    fn new(rules: Vec<Rule>) -> Self {
+        let deciding = rules
+            .iter()
+            .filter(|r| r.when != When::After)
+            .cloned()
+            .collect();
+        InjectorRules {
+            all: Engine::new(RuleSet { seed: 0, rules }),
+            deciding: Engine::new(RuleSet {
+                seed: 0,
+                rules: deciding,
+            }),
+        }
+    }
+}
 
 impl Interceptor for InjectorRules {
-    fn on_event(&self, ev: &Event, _state: &mut ConnState) -> Verdict {
-        let mut matching = self.0.iter().filter(|r| {
-            r.filter.events.iter().any(|k| ev.kinds.contains(k))
-                && (r.filter.direction.is_none() || r.filter.direction == ev.direction)
-        });
-        let Some(first) = matching.next() else {
+    fn on_event(&self, ev: &Event, state: &mut ConnState) -> Verdict {
+        // Every injector rule disconnects and fires on each match, so the
+        // engine's verdict is "the first rule that matches", cut at its
+        // `when`.
+        let Verdict::Fault(first) = self.all.on_event(ev, state) else {
             return Verdict::Pass;
         };
-        let decides = std::iter::once(first)
-            .chain(matching)
-            .find(|r| r.when != When::After);
-        let (name, at) = match decides {
-            Some(r) if r.when == When::Before => (&r.name, 0),
-            // Python's recvall of a negative size reads nothing.
-            Some(r)
-                if matches!(r.when, When::AllBut(_))
-                    && ev.direction == Some(Direction::ToServer) =>
-            {
-                (&first.name, 0)
-            }
-            Some(r) => (&first.name, r.when.bytes(ev.size)),
-            None => (&first.name, ev.size),
+        let Verdict::Fault(decided) = self.deciding.on_event(ev, state) else {
+            // Only "after" rules match: all of the message passes.
+            return Verdict::Fault(first);
         };
-        Verdict::Fault(Fault {
-            rule: Arc::from(name.as_str()),
-            action: "disconnect",
-            plan: Plan::Cut { at, reset: false },
-        })
+        // Section names are unique in an injector config.
+        let when = self
+            .deciding
+            .rules()
+            .iter()
+            .map(|l| l.rule())
+            .find(|r| *r.name == *decided.rule)
+            .map(|r| r.when);
+        match when {
+            Some(When::Before) => Verdict::Fault(decided),
+            // Python's recvall of a negative size reads nothing.
+            Some(When::AllBut(_)) if ev.direction == Some(Direction::ToServer) => {
+                Verdict::Fault(Fault {
+                    plan: Plan::Cut {
+                        at: 0,
+                        reset: false,
+                    },
+                    ..first
+                })
+            }
+            _ => Verdict::Fault(Fault {
+                plan: decided.plan,
+                ..first
+            }),
+        }
     }
 
     fn after_cut(&self, fault: &Fault) {
@@ -238,11 +276,60 @@ impl Interceptor for InjectorRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::transmission::ReplyMode;
+    use crate::protocol::{EventKind, EventSet, MessageMeta};
 
     #[test]
     fn injector_names() {
         assert!(invoked_as_injector("/usr/bin/nbd-fault-injector.py"));
         assert!(invoked_as_injector("nbd-fault-injector"));
         assert!(!invoked_as_injector("/usr/bin/nbdfault"));
+    }
+
+    fn cut(conf: &str, kind: EventKind, direction: Direction, size: u64) -> Option<(String, u64)> {
+        let rules = InjectorRules::new(ini::parse_ini("t.ini", conf).unwrap().rules);
+        let ev = Event {
+            conn: 1,
+            direction: Some(direction),
+            kinds: EventSet::of(kind),
+            meta: MessageMeta::default(),
+            size,
+            mode: ReplyMode::Simple,
+        };
+        match rules.on_event(&ev, &mut ConnState::default()) {
+            Verdict::Fault(Fault {
+                rule,
+                plan: Plan::Cut { at, reset: false },
+                ..
+            }) => Some((rule.to_string(), at)),
+            Verdict::Pass => None,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The Python tool's choice among matching rules (see InjectorRules).
+    #[test]
+    fn python_rule_choice() {
+        use Direction::{ToClient, ToServer};
+        let a_after = "[inject-error a]\nevent=neg1\nwhen=after\n";
+        let hit = |n: &str, at| Some((format!("inject-error {n}"), at));
+        assert_eq!(cut(a_after, EventKind::Neg1, ToClient, 18), hit("a", 18));
+        assert_eq!(cut(a_after, EventKind::Data, ToClient, 18), None);
+        let b = |when: &str| format!("{a_after}[inject-error b]\nevent=neg1\nwhen={when}\n");
+        // A later rule's byte count, under the first rule's name ...
+        assert_eq!(cut(&b("8"), EventKind::Neg1, ToClient, 18), hit("a", 8));
+        // ... but "before" names itself.
+        assert_eq!(
+            cut(&b("before"), EventKind::Neg1, ToClient, 18),
+            hit("b", 0)
+        );
+        assert_eq!(cut(&b("-2"), EventKind::Neg1, ToClient, 18), hit("a", 16));
+        // Reading a negative size reads nothing.
+        let reading = "[inject-error]\nevent=data\nio=read\nwhen=-2\n";
+        assert_eq!(
+            cut(reading, EventKind::Data, ToServer, 100),
+            Some(("inject-error".to_string(), 0))
+        );
+        assert_eq!(cut(reading, EventKind::Data, ToClient, 100), None);
     }
 }

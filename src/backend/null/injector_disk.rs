@@ -1,7 +1,7 @@
 //! The transmission phase of the fake disk in QEMU's nbd-fault-injector.py,
 //! which `nbdfault legacy` must reproduce byte for byte (iotest 083).
 //!
-//! The handshake is the null server's own, as [`Dialect::Injector`]. The
+//! The handshake is the null server's own, as `Dialect::Injector`. The
 //! requests are not: the Python tool reads flags and type as one 32-bit
 //! command, knows only read (0), write (1) and disconnect (2), checks no
 //! bounds or lengths (a read past the 8 GiB end is zeroes, a 4 GiB read is

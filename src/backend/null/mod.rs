@@ -16,7 +16,7 @@
 //!
 //! This file holds what a connection is (its configuration, its errors, its
 //! buffered input); `handshake.rs` negotiates, `transmission.rs` answers
-//! requests. The same server, configured as [`Dialect::Injector`], is the
+//! requests. The same server, configured as `Dialect::Injector`, is the
 //! fake disk of QEMU's nbd-fault-injector.py behind `nbdfault legacy`; the
 //! one part of that disk it cannot share is in `injector_disk.rs`.
 

@@ -355,6 +355,17 @@ where
     }
 }
 
+/// The export name that INFO, GO and the META_CONTEXT options begin with.
+fn export_name_field<'a>(d: &mut OptionData<'a>) -> Result<&'a [u8], &'static str> {
+    let name = d
+        .string()
+        .ok_or("export name length exceeds the option data")?;
+    if name.len() > MAX_STRING {
+        return Err("export name longer than 4096 bytes");
+    }
+    Ok(name)
+}
+
 /// An NBD_OPT_INFO / NBD_OPT_GO request.
 #[derive(Debug, PartialEq, Eq)]
 struct InfoRequest<'a> {
@@ -365,12 +376,7 @@ struct InfoRequest<'a> {
 
 fn parse_info_request(data: &[u8]) -> Result<InfoRequest<'_>, &'static str> {
     let mut d = OptionData::new(data);
-    let name = d
-        .string()
-        .ok_or("export name length exceeds the option data")?;
-    if name.len() > MAX_STRING {
-        return Err("export name longer than 4096 bytes");
-    }
+    let name = export_name_field(&mut d)?;
     let count = d.u16().ok_or("missing information request count")?;
     let mut req = InfoRequest {
         name,
@@ -403,12 +409,8 @@ struct MetaQuery {
 
 fn parse_meta_query(data: &[u8]) -> Result<MetaQuery, &'static str> {
     let mut d = OptionData::new(data);
-    let name = d
-        .string()
-        .ok_or("export name length exceeds the option data")?;
-    if name.len() > MAX_STRING {
-        return Err("export name longer than 4096 bytes");
-    }
+    // Checked, then ignored: there is one export.
+    export_name_field(&mut d)?;
     let count = d.u32().ok_or("missing query count")?;
     let mut q = MetaQuery {
         count,

@@ -146,12 +146,10 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             let conn = conn.clone();
             tokio::spawn(async move {
                 let mut far = far;
-                let end = match null::serve_injector(&mut far, FAKE_DISK_SIZE, classic).await {
-                    Ok(end) => end,
-                    Err(e) => {
-                        debug!("fake disk: {e}");
-                        return None;
-                    }
+                // An error (logged there) closes the connection, as the
+                // Python tool's exceptions and early returns do.
+                let Ok(end) = null::serve_injector(&mut far, FAKE_DISK_SIZE, classic).await else {
+                    return None;
                 };
                 if let Some(command) = end.unrecognized {
                     println!("unrecognized command type {command:#x}");

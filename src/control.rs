@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::io::addr::ListenAddr;
 use crate::io::net::Listener;
+use crate::io::percent;
 use crate::observe::telemetry::Telemetry;
 use crate::observe::time::Rfc3339;
 use crate::protocol::{Direction, consts};
@@ -433,27 +434,11 @@ fn change_rules(state: &ControlState, text: &str, replace: bool) -> Reply {
     }
 }
 
-/// `/rules/NAME` with `%XX` escapes decoded.
+/// `/rules/NAME` with `%XX` escapes decoded (by the one strict decoder the
+/// `socket=` path of a URI uses too).
 fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            let Some(byte) = hex else {
-                return Err(format!("invalid percent-encoding in rule name {s:?}"));
-            };
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
+    let out =
+        percent::decode(s).ok_or_else(|| format!("invalid percent-encoding in rule name {s:?}"))?;
     String::from_utf8(out).map_err(|_| format!("rule name {s:?} is not UTF-8 once decoded"))
 }
 
@@ -681,6 +666,7 @@ mod tests {
         assert!(percent_decode("a%2").is_err());
         assert!(percent_decode("a%zz").is_err());
         assert!(percent_decode("%FF").is_err());
+        assert!(percent_decode("%+1").is_err());
     }
 
     #[test]

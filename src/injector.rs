@@ -9,30 +9,30 @@
 //! bytes, simple replies; oldstyle with `--classic-negotiation`), one client
 //! at a time, and a rule match ends the process with status 0.
 //!
-//! The fake disk is served behind the ordinary pipeline and rule engine, so
-//! `when` counts exactly the bytes the Python tool counts. Unlike the Python
-//! tool, a client that drops without NBD_CMD_DISC does not end the process.
+//! The fake disk is the null server as `null::Dialect::Injector` (its
+//! handshake; the Python tool's commands in `null/injector_disk.rs`),
+//! served behind the ordinary pipeline, so `when` counts exactly the bytes
+//! the Python tool counts. The rules are matched by the real engine; only
+//! the Python tool's choice among matching rules is kept here. Unlike the
+//! Python tool, a client that drops without NBD_CMD_DISC does not end the
+//! process.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use crate::backend::null::ZEROES;
+use crate::backend::null;
 use crate::intercept::{ConnState, Event, Fault, Interceptor, Plan, Verdict};
 use crate::io::addr::ListenAddr;
 use crate::io::net::{Listener, Stream};
 use crate::observe::telemetry::Telemetry;
-use crate::protocol::bytes::be32;
-use crate::protocol::consts::*;
 use crate::protocol::event::Direction;
-use crate::protocol::handshake::{ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionHeader};
-use crate::protocol::transmission::Reply;
 use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD, FLOW_BUFFER, RESET_CLIENT};
-use crate::rules::{Rule, When, ini};
+use crate::rules::engine::Engine;
+use crate::rules::{Rule, RuleSet, When, ini};
 
 /// The Python tool's fake disk size.
 pub const FAKE_DISK_SIZE: u64 = 8 << 30;
@@ -121,7 +121,7 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             return ExitCode::from(1);
         }
     };
-    let interceptor: Arc<dyn Interceptor> = Arc::new(InjectorRules(rules.rules));
+    let interceptor: Arc<dyn Interceptor> = Arc::new(InjectorRules::new(rules.rules));
     let telemetry = Arc::new(Telemetry::off());
     let mut id = 0;
     loop {
@@ -146,7 +146,16 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
             let conn = conn.clone();
             tokio::spawn(async move {
                 let mut far = far;
-                if matches!(serve(&mut far, classic).await, Ok(true)) {
+                // An error (logged there) closes the connection, as the
+                // Python tool's exceptions and early returns do.
+                let Ok(end) = null::serve_injector(&mut far, FAKE_DISK_SIZE, classic).await else {
+                    return None;
+                };
+                if let Some(command) = end.unrecognized {
+                    println!("unrecognized command type {command:#x}");
+                    let _ = std::io::stdout().flush();
+                }
+                if end.unread {
                     // The Python tool closes with client bytes unread: its
                     // kernel resets the connection, with no orderly end of
                     // stream first. Close at once, with SO_LINGER 0, and
@@ -183,43 +192,76 @@ async fn run(listen: ListenAddr, shown: &str, config: &str, classic: bool) -> Ex
     }
 }
 
-/// The Python tool's rules, matched the way it matches them: every rule
+/// The Python tool's rules. The real engine matches them (event and
+/// direction); which match wins is the Python tool's own choice, which the
+/// engine's first-match-wins cannot express, so it stays here: every rule
 /// naming the event (in the direction given) is looked at in order; the
 /// first whose `when` is not "after" decides how many bytes pass (0 ends
 /// the connection at once, naming that rule); after the bytes have passed,
 /// the first matching rule of all ends the process, naming itself. So an
 /// "after" rule does not hide a later rule's byte count.
-struct InjectorRules(Vec<Rule>);
+struct InjectorRules {
+    /// Every rule: the first that matches names the fault.
+    all: Engine,
+    /// The rules whose `when` is not "after": the first that matches
+    /// decides where the message is cut.
+    deciding: Engine,
+}
+
+impl InjectorRules {
+    fn new(rules: Vec<Rule>) -> Self {
+        let deciding = rules
+            .iter()
+            .filter(|r| r.when != When::After)
+            .cloned()
+            .collect();
+        InjectorRules {
+            all: Engine::new(RuleSet { seed: 0, rules }),
+            deciding: Engine::new(RuleSet {
+                seed: 0,
+                rules: deciding,
+            }),
+        }
+    }
+}
 
 impl Interceptor for InjectorRules {
-    fn on_event(&self, ev: &Event, _state: &mut ConnState) -> Verdict {
-        let mut matching = self.0.iter().filter(|r| {
-            r.filter.events.iter().any(|k| ev.kinds.contains(k))
-                && (r.filter.direction.is_none() || r.filter.direction == ev.direction)
-        });
-        let Some(first) = matching.next() else {
+    fn on_event(&self, ev: &Event, state: &mut ConnState) -> Verdict {
+        // Every injector rule disconnects and fires on each match, so the
+        // engine's verdict is "the first rule that matches", cut at its
+        // `when`.
+        let Verdict::Fault(first) = self.all.on_event(ev, state) else {
             return Verdict::Pass;
         };
-        let decides = std::iter::once(first)
-            .chain(matching)
-            .find(|r| r.when != When::After);
-        let (name, at) = match decides {
-            Some(r) if r.when == When::Before => (&r.name, 0),
-            // Python's recvall of a negative size reads nothing.
-            Some(r)
-                if matches!(r.when, When::AllBut(_))
-                    && ev.direction == Some(Direction::ToServer) =>
-            {
-                (&first.name, 0)
-            }
-            Some(r) => (&first.name, r.when.bytes(ev.size)),
-            None => (&first.name, ev.size),
+        let Verdict::Fault(decided) = self.deciding.on_event(ev, state) else {
+            // Only "after" rules match: all of the message passes.
+            return Verdict::Fault(first);
         };
-        Verdict::Fault(Fault {
-            rule: Arc::from(name.as_str()),
-            action: "disconnect",
-            plan: Plan::Cut { at, reset: false },
-        })
+        // Section names are unique in an injector config.
+        let when = self
+            .deciding
+            .rules()
+            .iter()
+            .map(|l| l.rule())
+            .find(|r| *r.name == *decided.rule)
+            .map(|r| r.when);
+        match when {
+            Some(When::Before) => Verdict::Fault(decided),
+            // Python's recvall of a negative size reads nothing.
+            Some(When::AllBut(_)) if ev.direction == Some(Direction::ToServer) => {
+                Verdict::Fault(Fault {
+                    plan: Plan::Cut {
+                        at: 0,
+                        reset: false,
+                    },
+                    ..first
+                })
+            }
+            _ => Verdict::Fault(Fault {
+                plan: decided.plan,
+                ..first
+            }),
+        }
     }
 
     fn after_cut(&self, fault: &Fault) {
@@ -229,117 +271,63 @@ impl Interceptor for InjectorRules {
     }
 }
 
-/// Whether the client sent bytes the server never read (they are already
-/// here if they are anywhere: the pipeline forwards what it has at once).
-fn unread<S: AsyncRead + Unpin>(s: &mut S) -> bool {
-    let mut b = [0u8; 1];
-    matches!(
-        futures_lite_now(s.read(&mut b)),
-        Some(Ok(n)) if n > 0
-    )
-}
-
-/// Polls a future once.
-fn futures_lite_now<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    let waker = std::task::Waker::noop();
-    match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
-    }
-}
-
-/// The Python tool's server: the fake disk, one connection. Returns
-/// whether it stopped with client bytes unread, which the Python tool's
-/// close turns into a TCP reset.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    classic: bool,
-) -> std::io::Result<bool> {
-    let info = ExportInfo {
-        size: FAKE_DISK_SIZE,
-        flags: 0,
-    };
-    if classic {
-        let g = OldstyleGreeting {
-            size: FAKE_DISK_SIZE,
-            flags: 0,
-        };
-        s.write_all(&g.build()).await?;
-    } else {
-        s.write_all(&NewstyleGreeting { handshake_flags: 0 }.build())
-            .await?;
-        let mut b = [0u8; CLIENT_FLAGS_LEN + OPTION_HEADER_LEN];
-        s.read_exact(&mut b).await?;
-        let Ok(opt) = OptionHeader::parse(&b[CLIENT_FLAGS_LEN..]) else {
-            return Ok(false);
-        };
-        if opt.option != OPT_EXPORT_NAME {
-            return Ok(false);
-        }
-        discard(&mut s, opt.length.into()).await?;
-        let mut reply = [0u8; EXPORT_NAME_REPLY_SHORT_LEN + EXPORT_NAME_REPLY_ZEROES];
-        let n = info.build_export_name_reply(false, &mut reply);
-        s.write_all(&reply[..n]).await?;
-    }
-    loop {
-        let mut req = [0u8; REQUEST_LEN];
-        s.read_exact(&mut req).await?;
-        if be32(&req, 0) != REQUEST_MAGIC {
-            return Ok(false);
-        }
-        // The Python tool reads flags and type as one 32-bit field.
-        let kind = be32(&req, 4);
-        let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap_or_default());
-        let len = u64::from(be32(&req, 24));
-        let mut hdr = [0u8; SIMPLE_REPLY_LEN];
-        Reply::Simple { error: 0, cookie }.build(&mut hdr);
-        match kind {
-            0 => {
-                s.write_all(&hdr).await?;
-                zeroes(&mut s, len).await?;
-            }
-            1 => {
-                discard(&mut s, len).await?;
-                s.write_all(&hdr).await?;
-            }
-            2 => return Ok(unread(&mut s)),
-            other => {
-                println!("unrecognized command type {other:#x}");
-                let _ = std::io::stdout().flush();
-                return Ok(unread(&mut s));
-            }
-        }
-    }
-}
-
-async fn discard<S: AsyncRead + Unpin>(s: &mut S, mut n: u64) -> std::io::Result<()> {
-    let mut buf = [0u8; 64 * 1024];
-    while n > 0 {
-        let k = n.min(buf.len() as u64) as usize;
-        s.read_exact(&mut buf[..k]).await?;
-        n -= k as u64;
-    }
-    Ok(())
-}
-
-async fn zeroes<S: AsyncWrite + Unpin>(s: &mut S, mut n: u64) -> std::io::Result<()> {
-    while n > 0 {
-        let k = n.min(ZEROES.len() as u64) as usize;
-        s.write_all(&ZEROES[..k]).await?;
-        n -= k as u64;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::transmission::ReplyMode;
+    use crate::protocol::{EventKind, EventSet, MessageMeta};
 
     #[test]
     fn injector_names() {
         assert!(invoked_as_injector("/usr/bin/nbd-fault-injector.py"));
         assert!(invoked_as_injector("nbd-fault-injector"));
         assert!(!invoked_as_injector("/usr/bin/nbdfault"));
+    }
+
+    fn cut(conf: &str, kind: EventKind, direction: Direction, size: u64) -> Option<(String, u64)> {
+        let rules = InjectorRules::new(ini::parse_ini("t.ini", conf).unwrap().rules);
+        let ev = Event {
+            conn: 1,
+            direction: Some(direction),
+            kinds: EventSet::of(kind),
+            meta: MessageMeta::default(),
+            size,
+            mode: ReplyMode::Simple,
+        };
+        match rules.on_event(&ev, &mut ConnState::default()) {
+            Verdict::Fault(Fault {
+                rule,
+                plan: Plan::Cut { at, reset: false },
+                ..
+            }) => Some((rule.to_string(), at)),
+            Verdict::Pass => None,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The Python tool's choice among matching rules (see InjectorRules).
+    #[test]
+    fn python_rule_choice() {
+        use Direction::{ToClient, ToServer};
+        let a_after = "[inject-error a]\nevent=neg1\nwhen=after\n";
+        let hit = |n: &str, at| Some((format!("inject-error {n}"), at));
+        assert_eq!(cut(a_after, EventKind::Neg1, ToClient, 18), hit("a", 18));
+        assert_eq!(cut(a_after, EventKind::Data, ToClient, 18), None);
+        let b = |when: &str| format!("{a_after}[inject-error b]\nevent=neg1\nwhen={when}\n");
+        // A later rule's byte count, under the first rule's name ...
+        assert_eq!(cut(&b("8"), EventKind::Neg1, ToClient, 18), hit("a", 8));
+        // ... but "before" names itself.
+        assert_eq!(
+            cut(&b("before"), EventKind::Neg1, ToClient, 18),
+            hit("b", 0)
+        );
+        assert_eq!(cut(&b("-2"), EventKind::Neg1, ToClient, 18), hit("a", 16));
+        // Reading a negative size reads nothing.
+        let reading = "[inject-error]\nevent=data\nio=read\nwhen=-2\n";
+        assert_eq!(
+            cut(reading, EventKind::Data, ToServer, 100),
+            Some(("inject-error".to_string(), 0))
+        );
+        assert_eq!(cut(reading, EventKind::Data, ToClient, 100), None);
     }
 }

@@ -1,6 +1,7 @@
 //! What sits behind the proxy: a socket to a real NBD server, or the
 //! built-in null server on an in-memory stream. Both hand the pipeline a
-//! [`Stream`], so every fault behaves the same in front of either.
+//! [`Stream`], so every fault behaves the same in front of either. (The
+//! null server is also the fake disk behind `nbdfault legacy`.)
 
 pub mod null;
 pub mod upstream;

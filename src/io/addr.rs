@@ -11,6 +11,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::io::percent;
+
 /// Where the proxy listens when the user does not say.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -482,37 +484,9 @@ fn uri_authority(authority: &str) -> Result<(String, u16), String> {
 }
 
 fn percent_decode(s: &str) -> Result<Vec<u8>, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hi = bytes.get(i + 1).copied().and_then(hex_digit);
-            let lo = bytes.get(i + 2).copied().and_then(hex_digit);
-            match (hi, lo) {
-                (Some(hi), Some(lo)) => out.push((hi << 4) | lo),
-                _ => {
-                    return Err(format!(
-                        "bad percent-encoding in {s:?}; '%' must be followed by two hex digits"
-                    ));
-                }
-            }
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Ok(out)
-}
-
-fn hex_digit(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    percent::decode(s).ok_or_else(|| {
+        format!("bad percent-encoding in {s:?}; '%' must be followed by two hex digits")
+    })
 }
 
 #[cfg(test)]

@@ -25,7 +25,9 @@ use std::task::{Context, Poll, Waker, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::coop;
 
-use crate::backend::null::ZEROES;
+/// A static page of zeroes: read data where it must be real bytes (the
+/// default [`WriteZeroes`], on a socket).
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
 /// A writer that can append zero bytes without being handed them.
 ///
@@ -65,6 +67,18 @@ impl WriteZeroes for tokio::net::UnixStream {}
 impl WriteZeroes for tokio::net::tcp::OwnedWriteHalf {}
 impl WriteZeroes for tokio::net::unix::OwnedWriteHalf {}
 impl WriteZeroes for tokio::io::DuplexStream {}
+
+// A borrowed stream writes zeroes as the stream itself does (the injector
+// keeps its end of the pipe while the null server runs on it).
+impl<W: WriteZeroes + Unpin + ?Sized> WriteZeroes for &mut W {
+    fn poll_write_zeroes(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        n: u64,
+    ) -> Poll<io::Result<u64>> {
+        Pin::new(&mut **self.get_mut()).poll_write_zeroes(cx, n)
+    }
+}
 
 /// Creates a connected pair of in-memory streams; each direction holds at
 /// most `capacity` bytes (at least 1) not yet read.

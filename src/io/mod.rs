@@ -5,4 +5,5 @@ pub mod addr;
 pub mod busypoll;
 pub mod mempipe;
 pub mod net;
+pub mod percent;
 pub mod shards;

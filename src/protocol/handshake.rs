@@ -162,6 +162,46 @@ impl OptionReplyHeader {
     }
 }
 
+/// A whole option reply, header and data, whose data is `parts` one after
+/// the other (so a caller need not join them first).
+pub fn build_option_reply(option: u32, reply_type: u32, parts: &[&[u8]]) -> Vec<u8> {
+    let length: usize = parts.iter().map(|p| p.len()).sum();
+    let header = OptionReplyHeader {
+        option,
+        reply_type,
+        length: length as u32,
+    };
+    let mut out = Vec::with_capacity(OPTION_REPLY_HEADER_LEN + length);
+    out.extend_from_slice(&header.build());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// An error reply (`reply_type` is one of `NBD_REP_ERR_*`) whose data is a
+/// human-readable message, as the spec suggests servers send.
+pub fn build_option_error(option: u32, reply_type: u32, message: &str) -> Vec<u8> {
+    build_option_reply(option, reply_type, &[message.as_bytes()])
+}
+
+/// An NBD_REP_INFO reply carrying one information item: its 16-bit type,
+/// then `payload` (a name or description for NBD_INFO_NAME and
+/// NBD_INFO_DESCRIPTION; [`ExportInfo::build_info`] and
+/// [`BlockSizes::build_info`] already carry their type).
+pub fn build_info_reply(option: u32, info_type: u16, payload: &[u8]) -> Vec<u8> {
+    build_option_reply(option, REP_INFO, &[&info_type.to_be_bytes(), payload])
+}
+
+/// An NBD_REP_META_CONTEXT reply: the context's id, then its name.
+pub fn build_meta_context_reply(option: u32, id: u32, name: &str) -> Vec<u8> {
+    build_option_reply(
+        option,
+        REP_META_CONTEXT,
+        &[&id.to_be_bytes(), name.as_bytes()],
+    )
+}
+
 /// What an export looks like to a client: its size and transmission flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExportInfo {
@@ -336,6 +376,43 @@ mod tests {
             ..r
         };
         assert!(!info.is_final());
+    }
+
+    #[test]
+    fn option_reply_builders() {
+        let r = build_option_reply(OPT_LIST, REP_SERVER, &[&[0, 0], &[0, 3], b"abc"]);
+        let h = OptionReplyHeader::parse(&r).unwrap();
+        assert_eq!(
+            (h.option, h.reply_type, h.length),
+            (OPT_LIST, REP_SERVER, 7)
+        );
+        assert_eq!(
+            &r[OPTION_REPLY_HEADER_LEN..],
+            &[0, 0, 0, 3, b'a', b'b', b'c']
+        );
+        let ack = build_option_reply(OPT_GO, REP_ACK, &[]);
+        assert_eq!(ack.len(), OPTION_REPLY_HEADER_LEN);
+        assert!(OptionReplyHeader::parse(&ack).unwrap().is_final());
+
+        let e = build_option_error(OPT_GO, REP_ERR_POLICY, "no");
+        let h = OptionReplyHeader::parse(&e).unwrap();
+        assert_eq!(
+            (h.option, h.reply_type, h.length),
+            (OPT_GO, REP_ERR_POLICY, 2)
+        );
+        assert_eq!(&e[OPTION_REPLY_HEADER_LEN..], b"no");
+
+        let i = build_info_reply(OPT_INFO, INFO_NAME, b"disk");
+        let h = OptionReplyHeader::parse(&i).unwrap();
+        assert_eq!((h.reply_type, h.length), (REP_INFO, 6));
+        assert_eq!(be16(&i, OPTION_REPLY_HEADER_LEN), INFO_NAME);
+        assert_eq!(&i[OPTION_REPLY_HEADER_LEN + 2..], b"disk");
+
+        let m = build_meta_context_reply(OPT_SET_META_CONTEXT, 1, "base:allocation");
+        let h = OptionReplyHeader::parse(&m).unwrap();
+        assert_eq!((h.reply_type, h.length), (REP_META_CONTEXT, 19));
+        assert_eq!(be32(&m, OPTION_REPLY_HEADER_LEN), 1);
+        assert_eq!(&m[OPTION_REPLY_HEADER_LEN + 4..], b"base:allocation");
     }
 
     #[test]

@@ -140,6 +140,8 @@ struct Opts<'a> {
     /// `Authorization` value; `None`: the fixture's token, if any.
     auth: Option<&'a str>,
     chunked: bool,
+    /// More `Name: value` headers, as a browser would add them.
+    headers: &'a [&'a str],
 }
 
 impl Fixture {
@@ -177,6 +179,10 @@ impl Fixture {
         if opts.chunked {
             args.push("-H".into());
             args.push("Transfer-Encoding: chunked".into());
+        }
+        for h in opts.headers {
+            args.push("-H".into());
+            args.push(h.to_string());
         }
         args.push(url);
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -747,4 +753,158 @@ async fn a_unix_socket_is_local() {
     let r = fx.get("/rules");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(fx.rule_names(), ["slow-flush"]);
+}
+
+/// What a web page can make the developer's browser send to a loopback
+/// API without asking first, each refused, and nothing changes. (curl sends
+/// exactly the headers a browser adds for such a page.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_web_page_can_send_is_refused() {
+    let fx = start("127.0.0.1:0", None).await;
+    let before = fx.get("/rules").json();
+    let evil = "rules:\n  - name: corrupt-every-write\n    event: data\n    direction: to-server\n    \
+                action: corrupt\n";
+    // fetch(..., {method: "POST", mode: "no-cors", body}) from another page.
+    let r = fx.request(
+        "POST",
+        "/rules",
+        Opts {
+            body: Some(("text/plain;charset=UTF-8", evil.as_bytes())),
+            headers: &["Origin: http://evil.example", "Sec-Fetch-Site: cross-site"],
+            ..Opts::default()
+        },
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.error()
+            .contains("a cross-site request from a web page is refused"),
+        "{r:?}"
+    );
+    // An older browser without Sec-Fetch-*: the Origin alone is enough.
+    let r = fx.request(
+        "POST",
+        "/rules",
+        Opts {
+            body: Some(("text/plain", evil.as_bytes())),
+            headers: &["Origin: http://evil.example"],
+            ..Opts::default()
+        },
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.error().contains("\"http://evil.example\" are refused"),
+        "{r:?}"
+    );
+    // Another port of localhost is the same site, not the same origin.
+    let r = fx.request(
+        "PUT",
+        "/rules",
+        Opts {
+            body: Some(("application/yaml", evil.as_bytes())),
+            headers: &["Sec-Fetch-Site: same-site"],
+            ..Opts::default()
+        },
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    // A form post's body type, even without any browser header.
+    let r = fx.send("POST", "/rules", "application/x-www-form-urlencoded", evil);
+    assert_eq!(r.status, 415, "{r:?}");
+    assert!(
+        r.error()
+            .contains("a rules document needs Content-Type application/json"),
+        "{r:?}"
+    );
+    // DNS rebinding: a page on evil.example resolving to 127.0.0.1 reads.
+    let port = fx.control_url.rsplit(':').next().unwrap();
+    let host = format!("Host: evil.example:{port}");
+    for path in ["/rules", "/metrics", "/connections"] {
+        let r = fx.request(
+            "GET",
+            path,
+            Opts {
+                headers: &[&host],
+                ..Opts::default()
+            },
+        );
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+        assert!(
+            r.error().contains("does not name this control API"),
+            "{r:?}"
+        );
+    }
+    // Pausing a connection by guessing its id.
+    let mut q = fx.qemu_io();
+    let id = fx.only_connection()["id"].as_u64().unwrap();
+    let r = fx.request(
+        "POST",
+        &format!("/connections/{id}/pause"),
+        Opts {
+            headers: &["Origin: http://evil.example"],
+            ..Opts::default()
+        },
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(fx.only_connection()["paused"], false);
+    q.send("read 0 4k");
+    q.expect("read 4096/4096 bytes");
+    assert_eq!(fx.get("/rules").json(), before, "nothing changed");
+    // The address itself, and localhost, are this API.
+    let r = fx.request(
+        "GET",
+        "/rules",
+        Opts {
+            headers: &[&format!("Host: localhost:{port}")],
+            ..Opts::default()
+        },
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// Connections and buffered bodies are bounded over all callers: past the
+/// bounds a caller is told to come back, and the API serves again once
+/// they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_connections_and_bodies_are_bounded_in_all() {
+    use nbdfault::control::guard::{MAX_BUFFERED, MAX_CONNECTIONS};
+    let fx = start("127.0.0.1:0", None).await;
+    let addr = fx.control_url.trim_start_matches("http://").to_string();
+    // Bodies announced at just under 1 MiB each, sent in part and held.
+    let mut held = Vec::new();
+    for _ in 0..MAX_BUFFERED >> 20 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "PUT /rules HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/yaml\r\n\
+             Content-Length: {}\r\n\r\n# partial",
+            (1 << 20) - 1
+        )
+        .unwrap();
+        held.push(s);
+    }
+    // Give the server time to reserve room for each.
+    let full = common::wait_until(TIMEOUT, || {
+        fx.send("PUT", "/rules", "application/yaml", "rules: []\n")
+            .status
+            == 503
+    });
+    assert!(full, "the body budget never ran out");
+    let r = fx.send("PUT", "/rules", "application/yaml", "rules: []\n");
+    assert!(r.error().contains("too many request bodies"), "{r:?}");
+    drop(held);
+    let freed = common::wait_until(TIMEOUT, || {
+        fx.send("POST", "/rules", "application/yaml", "rules: []\n")
+            .status
+            == 201
+    });
+    assert!(freed, "the budget did not come back");
+    // Idle connections up to the limit; the next one is answered 503.
+    let idle: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let busy = common::wait_until(TIMEOUT, || fx.get("/metrics").status == 503);
+    assert!(busy, "connections were not bounded");
+    let r = fx.get("/metrics");
+    assert!(r.error().contains("too many control connections"), "{r:?}");
+    drop(idle);
+    assert!(common::wait_until(TIMEOUT, || fx.get("/metrics").status == 200));
 }

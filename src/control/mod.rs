@@ -29,6 +29,10 @@ use serde_json::Value;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+pub mod guard;
+
+use guard::{Budget, Site};
+
 use crate::io::addr::ListenAddr;
 use crate::io::net::Listener;
 use crate::io::percent;
@@ -86,6 +90,8 @@ pub enum ControlError {
 pub struct Control {
     listener: Listener,
     state: Arc<ControlState>,
+    site: Site,
+    budget: Arc<Budget>,
 }
 
 impl Control {
@@ -124,9 +130,15 @@ impl Control {
         {
             return Err(token_required());
         }
+        let site = match &listener {
+            Listener::Tcp(l) => Site::tcp(l.local_addr().map_err(listen_err)?),
+            Listener::Unix { .. } => Site::unix(),
+        };
         Ok(Control {
             listener,
             state: Arc::new(state),
+            site,
+            budget: Arc::default(),
         })
     }
 
@@ -154,11 +166,18 @@ impl Control {
                     continue;
                 }
             };
+            let Some(slot) = self.budget.connection() else {
+                debug!(%peer, "control: {} connections open, refusing one", guard::MAX_CONNECTIONS);
+                tokio::spawn(busy(stream));
+                continue;
+            };
             let state = self.state.clone();
+            let site = self.site.clone();
+            let budget = self.budget.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                    let (state, site, budget) = (state.clone(), site.clone(), budget.clone());
+                    async move { Ok::<_, Infallible>(handle(&state, &site, &budget, req).await) }
                 });
                 let mut builder = http1::Builder::new();
                 builder
@@ -170,9 +189,24 @@ impl Control {
                 {
                     debug!(%peer, "control connection: {e}");
                 }
+                drop(slot);
             });
         }
     }
+}
+
+/// Answers a connection beyond [`guard::MAX_CONNECTIONS`] with a 503 and
+/// closes it, without reading it (a peer that does not read gets nothing).
+async fn busy(stream: crate::io::net::Stream) {
+    use tokio::io::AsyncWriteExt;
+    let body = "{\"error\": \"too many control connections at once; try again\"}\n";
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: {JSON}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = stream;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes())).await;
 }
 
 fn is_loopback(a: SocketAddr) -> bool {
@@ -190,7 +224,22 @@ fn is_loopback(a: SocketAddr) -> bool {
 
 type Reply = Response<Full<Bytes>>;
 
-async fn handle(state: &ControlState, req: Request<Incoming>) -> Reply {
+async fn handle(
+    state: &ControlState,
+    site: &Site,
+    budget: &Budget,
+    req: Request<Incoming>,
+) -> Reply {
+    let body = req.uri().path() == "/rules" && matches!(*req.method(), Method::POST | Method::PUT);
+    if let Err(r) = site.check(req.method(), req.headers(), body) {
+        info!(
+            "control: refused {} {}: {}",
+            req.method(),
+            req.uri().path(),
+            r.message
+        );
+        return error(r.status, &r.message);
+    }
     if let Some(token) = &state.token
         && !authorized(&req, token)
     {
@@ -237,11 +286,22 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Reply {
             Method::GET => json(StatusCode::OK, &rules_body(&state.rules)),
             ref m => {
                 let replace = m == Method::PUT;
-                let text = match body_text(req).await {
+                let text = match body_text(req, budget).await {
                     Ok(t) => t,
                     Err(r) => return r,
                 };
-                change_rules(state, &text, replace)
+                // Off the event loop: a hostile document may take long to
+                // parse, and this thread also serves NBD connections.
+                let parsed =
+                    tokio::task::spawn_blocking(move || rules::parse_str(BODY_FILE, &text)).await;
+                match parsed {
+                    Ok(Ok(set)) => change_rules(state, set, replace),
+                    Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+                    Err(e) => error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("parsing the rules failed: {e}"),
+                    ),
+                }
             }
         },
         Route::Rule(name) => {
@@ -367,7 +427,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The body as text, at most [`MAX_BODY`] bytes.
-async fn body_text(req: Request<Incoming>) -> Result<String, Reply> {
+async fn body_text(req: Request<Incoming>, budget: &Budget) -> Result<String, Reply> {
     let too_big = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -382,6 +442,17 @@ async fn body_text(req: Request<Incoming>) -> Result<String, Reply> {
     if announced.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_big());
     }
+    // Held until the body is parsed and dropped.
+    let room = announced.map_or(MAX_BODY, |n| n as usize);
+    let Some(_room) = budget.body(room) else {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "too many request bodies are being received at once ({} MiB in all); try again",
+                guard::MAX_BUFFERED >> 20
+            ),
+        ));
+    };
     let collect = Limited::new(req.into_body(), MAX_BODY).collect();
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, collect).await {
         Err(_) => {
@@ -408,11 +479,7 @@ async fn body_text(req: Request<Incoming>) -> Result<String, Reply> {
 }
 
 /// POST (add) or PUT (replace) a rules document.
-fn change_rules(state: &ControlState, text: &str, replace: bool) -> Reply {
-    let set = match rules::parse_str(BODY_FILE, text) {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
-    };
+fn change_rules(state: &ControlState, set: rules::RuleSet, replace: bool) -> Reply {
     let names = set
         .rules
         .iter()

@@ -392,11 +392,10 @@ mod tests {
 
     use super::*;
     use crate::protocol::consts::*;
-    use crate::protocol::handshake::{NewstyleGreeting, OldstyleGreeting, OptionHeader};
-    use crate::protocol::transmission::{Reply, Request};
+    use crate::protocol::handshake::NewstyleGreeting;
+    use crate::protocol::session::tests::{in_transmission, opt, rep, req};
+    use crate::protocol::transmission::Reply;
     use crate::protocol::{Session, Step};
-
-    const MAX: u64 = 32 << 20;
 
     /// What a flow did, as the tests compare it: runs of forwarded and
     /// swallowed bytes are merged, so how reads split the stream does not
@@ -413,36 +412,23 @@ mod tests {
         Export(String),
     }
 
+    /// Stands in for the interceptor: a plan, or none to pass.
     type Judge = Box<dyn FnMut(&Event) -> Option<Plan>>;
 
-    /// A flow without sockets: a session, a placement and a judge standing
-    /// in for the interceptor.
+    /// A flow without sockets: a session, a placement and a judge.
     struct Sim {
         session: Session,
         place: Placement,
         dir: Direction,
         unsent: Vec<u8>,
         out: Vec<Out>,
-        /// Events offered, with their stream offsets.
+        /// Events offered: (names, size, stream offset).
         offers: Vec<(String, u64, u64)>,
         judge: Judge,
         cut: bool,
     }
 
     impl Sim {
-        fn new(session: Session, dir: Direction, judge: Judge) -> Self {
-            Self {
-                session,
-                place: Placement::new(1, dir),
-                dir,
-                unsent: Vec::new(),
-                out: Vec::new(),
-                offers: Vec::new(),
-                judge,
-                cut: false,
-            }
-        }
-
         fn push(&mut self, o: Out) {
             match (self.out.last_mut(), o) {
                 (Some(Out::Bytes(b)), Out::Bytes(more)) => b.extend(more),
@@ -504,33 +490,77 @@ mod tests {
                 }
             }
         }
+    }
 
-        /// Feeds `stream` in reads of the given sizes (cycled).
-        fn feed_in(&mut self, stream: &[u8], sizes: &[usize]) {
+    /// A flow's start: the session it frames with, its direction, its
+    /// judge.
+    struct Setup {
+        session: fn() -> Session,
+        dir: Direction,
+        judge: Box<dyn Fn() -> Judge>,
+    }
+
+    impl Setup {
+        fn new(session: fn() -> Session, dir: Direction) -> Self {
+            Self {
+                session,
+                dir,
+                judge: Box::new(|| Box::new(|_| None)),
+            }
+        }
+
+        /// Fires `plan` on every event `hit` picks.
+        fn on(mut self, hit: fn(&Event) -> bool, plan: Plan) -> Self {
+            self.judge = Box::new(move || {
+                let plan = plan.clone();
+                Box::new(move |ev| hit(ev).then(|| plan.clone()))
+            });
+            self
+        }
+
+        /// `stream` fed in reads of `sizes` (cycled).
+        fn run(&self, stream: &[u8], sizes: &[usize]) -> Sim {
+            let mut sim = Sim {
+                session: (self.session)(),
+                place: Placement::new(1, self.dir),
+                dir: self.dir,
+                unsent: Vec::new(),
+                out: Vec::new(),
+                offers: Vec::new(),
+                judge: (self.judge)(),
+                cut: false,
+            };
             let mut at = 0;
             for &n in sizes.iter().cycle() {
                 if at >= stream.len() {
                     break;
                 }
                 let n = n.clamp(1, stream.len() - at);
-                self.feed(&stream[at..at + n]);
+                sim.feed(&stream[at..at + n]);
                 at += n;
             }
+            sim
+        }
+
+        /// `stream` fed whole, one byte at a time and in odd pieces gives
+        /// the same output; returns it.
+        fn out(&self, stream: &[u8]) -> Vec<Out> {
+            let whole = self.run(stream, &[stream.len()]);
+            for sizes in [&[1][..], &[3, 1, 7], &[16, 4, 1000]] {
+                let pieces = self.run(stream, sizes);
+                assert_eq!(pieces.out, whole.out, "reads of {sizes:?}");
+                assert_eq!(pieces.offers, whole.offers, "reads of {sizes:?}");
+            }
+            whole.out
         }
     }
 
-    fn req(command: u16, cookie: u64, length: u64) -> Vec<u8> {
-        let mut b = [0u8; 32];
-        let n = Request {
-            extended: false,
-            flags: 0,
-            command,
-            cookie,
-            offset: 0,
-            length,
-        }
-        .build(&mut b);
-        b[..n].to_vec()
+    fn is_reply(ev: &Event) -> bool {
+        ev.kinds.contains(EventKind::Reply)
+    }
+
+    fn is_data(ev: &Event) -> bool {
+        ev.kinds.contains(EventKind::Data)
     }
 
     fn simple_reply(cookie: u64) -> Vec<u8> {
@@ -552,224 +582,122 @@ mod tests {
         b
     }
 
-    fn opt(option: u32, data: &[u8]) -> Vec<u8> {
-        let mut v = OptionHeader {
-            option,
-            length: data.len() as u32,
-        }
-        .build()
-        .to_vec();
-        v.extend_from_slice(data);
-        v
-    }
-
     fn pattern(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + 3) as u8).collect()
     }
 
-    /// A session in transmission with simple replies (oldstyle), with
-    /// these requests (command, cookie, length) sent.
-    fn simple_session(requests: &[(u16, u64, u64)]) -> Session {
-        let mut s = Session::new(MAX);
-        let g = OldstyleGreeting {
-            size: 1 << 30,
-            flags: 1,
-        }
-        .build();
+    /// Simple replies (oldstyle), a 512-byte read with cookie 1 in flight.
+    fn read_in_flight() -> Session {
+        let mut s = in_transmission();
+        let r = req(false, CMD_READ, 0, 1, 512);
+        assert!(matches!(
+            s.next(Direction::ToServer, &r),
+            Ok(Step::Frame(_))
+        ));
+        s
+    }
+
+    fn read_reply_512() -> Vec<u8> {
+        [simple_reply(1), pattern(512)].concat()
+    }
+
+    /// Newstyle, the greeting sent: the client's options come next.
+    fn negotiating() -> Session {
+        let mut s = Session::new(32 << 20);
+        let g = NewstyleGreeting { handshake_flags: 1 }.build();
         assert!(matches!(
             s.next(Direction::ToClient, &g),
             Ok(Step::Frame(_))
         ));
-        for &(command, cookie, length) in requests {
-            let r = req(command, cookie, length);
-            assert!(matches!(
-                s.next(Direction::ToServer, &r),
-                Ok(Step::Frame(_))
-            ));
-        }
         s
     }
 
-    /// A session in transmission with structured replies, reads of these
-    /// cookies in flight.
-    fn structured_session(reads: &[u64]) -> Session {
-        let mut s = Session::new(MAX);
-        let frame = |s: &mut Session, dir, b: &[u8]| {
+    /// Structured replies, 4 KiB reads with cookies 0 to 3 in flight.
+    fn structured() -> Session {
+        let mut s = negotiating();
+        let mut frame = |dir, b: &[u8]| {
             assert!(matches!(s.next(dir, b), Ok(Step::Frame(_))), "{b:?}");
         };
-        let greet = NewstyleGreeting {
-            handshake_flags: FLAG_FIXED_NEWSTYLE,
-        }
-        .build();
-        frame(&mut s, Direction::ToClient, &greet);
-        let mut c = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
-        c.extend(opt(OPT_STRUCTURED_REPLY, b""));
-        frame(&mut s, Direction::ToServer, &c);
-        let ack = |option| {
-            crate::protocol::handshake::OptionReplyHeader {
-                option,
-                reply_type: REP_ACK,
-                length: 0,
-            }
-            .build()
-        };
-        frame(&mut s, Direction::ToClient, &ack(OPT_STRUCTURED_REPLY));
-        frame(&mut s, Direction::ToServer, &opt(OPT_GO, &[0; 6]));
-        frame(&mut s, Direction::ToClient, &ack(OPT_GO));
-        assert!(s.in_transmission());
-        for &cookie in reads {
-            frame(&mut s, Direction::ToServer, &req(CMD_READ, cookie, 4096));
+        let c = [&1u32.to_be_bytes()[..], &opt(OPT_STRUCTURED_REPLY, b"")].concat();
+        frame(Direction::ToServer, &c);
+        frame(
+            Direction::ToClient,
+            &rep(OPT_STRUCTURED_REPLY, REP_ACK, b""),
+        );
+        frame(Direction::ToServer, &opt(OPT_GO, &[0; 6]));
+        frame(Direction::ToClient, &rep(OPT_GO, REP_ACK, b""));
+        for cookie in 0..4 {
+            frame(Direction::ToServer, &req(false, CMD_READ, 0, cookie, 4096));
         }
         s
-    }
-
-    /// The flow's output for `stream` fed in reads of `sizes`.
-    fn run(
-        session: impl Fn() -> Session,
-        dir: Direction,
-        judge: impl Fn() -> Judge,
-        stream: &[u8],
-        sizes: &[usize],
-    ) -> Sim {
-        let mut sim = Sim::new(session(), dir, judge());
-        sim.feed_in(stream, sizes);
-        sim
-    }
-
-    /// The same stream fed whole, one byte at a time and in odd pieces
-    /// gives the same output; returns it.
-    fn same_in_any_reads(
-        session: impl Fn() -> Session,
-        dir: Direction,
-        judge: impl Fn() -> Judge,
-        stream: &[u8],
-    ) -> Vec<Out> {
-        let whole = run(&session, dir, &judge, stream, &[stream.len()]);
-        for sizes in [&[1][..], &[3, 1, 7], &[16, 4, 1000]] {
-            let pieces = run(&session, dir, &judge, stream, sizes);
-            assert_eq!(pieces.out, whole.out, "reads of {sizes:?}");
-            assert_eq!(pieces.offers, whole.offers, "reads of {sizes:?}");
-        }
-        whole.out
-    }
-
-    fn read_reply_512() -> Vec<u8> {
-        let mut r = simple_reply(1);
-        r.extend(pattern(512));
-        r
     }
 
     #[test]
     fn a_cut_at_byte_4_of_a_reply_sends_exactly_4_bytes() {
         let stream = read_reply_512();
-        let out = same_in_any_reads(
-            || simple_session(&[(CMD_READ, 1, 512)]),
-            Direction::ToClient,
-            || {
-                Box::new(|ev| {
-                    ev.kinds
-                        .contains(EventKind::Reply)
-                        .then_some(Plan::Cut { at: 4, reset: true })
-                })
-            },
-            &stream,
-        );
+        let cut = Plan::Cut { at: 4, reset: true };
+        let out = Setup::new(read_in_flight, Direction::ToClient)
+            .on(is_reply, cut)
+            .out(&stream);
         assert_eq!(out, [Out::Bytes(stream[..4].to_vec()), Out::Cut(true)]);
-    }
-
-    #[test]
-    fn a_cut_past_the_event_falls_at_its_end() {
-        let stream = read_reply_512();
-        let out = same_in_any_reads(
-            || simple_session(&[(CMD_READ, 1, 512)]),
-            Direction::ToClient,
-            || {
-                Box::new(|ev| {
-                    ev.kinds.contains(EventKind::Reply).then_some(Plan::Cut {
-                        at: 100,
-                        reset: false,
-                    })
-                })
-            },
-            &stream,
-        );
-        // The whole 16-byte header, none of the data.
+        // Past the event's end, at its end: the header, none of the data.
+        let cut = Plan::Cut {
+            at: 100,
+            reset: false,
+        };
+        let out = Setup::new(read_in_flight, Direction::ToClient)
+            .on(is_reply, cut)
+            .out(&stream);
         assert_eq!(out, [Out::Bytes(stream[..16].to_vec()), Out::Cut(false)]);
     }
 
     #[test]
-    fn a_hold_mid_payload_splits_it_there() {
+    fn holds_mid_payload_and_at_an_event_start() {
         let stream = read_reply_512();
         let d = Some(Duration::from_millis(5));
-        let out = same_in_any_reads(
-            || simple_session(&[(CMD_READ, 1, 512)]),
-            Direction::ToClient,
-            || {
-                Box::new(move |ev| {
-                    ev.kinds.contains(EventKind::Data).then_some(Plan::Hold {
-                        at: 100,
-                        duration: d,
-                    })
-                })
-            },
-            &stream,
-        );
-        assert_eq!(
-            out,
+        let out = Setup::new(read_in_flight, Direction::ToClient)
+            .on(
+                is_data,
+                Plan::Hold {
+                    at: 100,
+                    duration: d,
+                },
+            )
+            .out(&stream);
+        let (head, tail) = stream.split_at(116);
+        let want = |d| {
             [
-                Out::Bytes(stream[..116].to_vec()),
+                Out::Bytes(head.to_vec()),
                 Out::Hold(d),
-                Out::Bytes(stream[116..].to_vec())
+                Out::Bytes(tail.to_vec()),
             ]
-        );
-    }
-
-    #[test]
-    fn a_hold_until_the_end_at_the_start_of_an_event() {
-        let mut stream = req(CMD_READ, 1, 512);
-        stream.extend(req(CMD_FLUSH, 2, 0));
-        let out = same_in_any_reads(
-            || simple_session(&[]),
-            Direction::ToServer,
-            || {
-                Box::new(|ev| {
-                    (ev.meta.command == Some(CMD_FLUSH)).then_some(Plan::Hold {
-                        at: 0,
-                        duration: None,
-                    })
-                })
-            },
-            &stream,
-        );
-        assert_eq!(
-            out,
-            [
-                Out::Bytes(stream[..28].to_vec()),
-                Out::Hold(None),
-                Out::Bytes(stream[28..].to_vec())
-            ]
-        );
+        };
+        assert_eq!(out, want(d));
+        let out = Setup::new(read_in_flight, Direction::ToClient)
+            .on(
+                is_data,
+                Plan::Hold {
+                    at: 600,
+                    duration: None,
+                },
+            )
+            .out(&stream);
+        assert_eq!(out, [Out::Bytes(stream.clone()), Out::Hold(None)]);
     }
 
     #[test]
     fn a_discarded_write_spanning_reads_is_answered_once() {
-        let mut stream = req(CMD_WRITE, 7, 1000);
+        let mut stream = req(false, CMD_WRITE, 0, 7, 1000);
         stream.extend(pattern(1000));
-        stream.extend(req(CMD_READ, 8, 512));
-        let mut sim = run(
-            || simple_session(&[]),
-            Direction::ToServer,
-            || {
-                Box::new(|ev| {
-                    (ev.meta.command == Some(CMD_WRITE)).then_some(Plan::Discard {
-                        keep: 0,
-                        answer: Some(b"answer".to_vec()),
-                    })
-                })
+        stream.extend(req(false, CMD_READ, 0, 8, 512));
+        let setup = Setup::new(in_transmission, Direction::ToServer).on(
+            |ev| ev.meta.command == Some(CMD_WRITE),
+            Plan::Discard {
+                keep: 0,
+                answer: Some(b"answer".to_vec()),
             },
-            &stream,
-            &[100],
         );
+        let mut sim = setup.run(&stream, &[100]);
         assert_eq!(
             sim.out,
             [
@@ -787,39 +715,22 @@ mod tests {
         assert_eq!(sim.session.inflight(7), None);
         assert!(sim.session.inflight(8).is_some());
         assert!(matches!(sim.place.poll(&mut []), Action::Read));
-        // The same whatever the reads.
-        same_in_any_reads(
-            || simple_session(&[]),
-            Direction::ToServer,
-            || {
-                Box::new(|ev| {
-                    (ev.meta.command == Some(CMD_WRITE)).then_some(Plan::Discard {
-                        keep: 0,
-                        answer: Some(b"answer".to_vec()),
-                    })
-                })
-            },
-            &stream,
-        );
+        assert_eq!(setup.out(&stream), sim.out);
     }
 
     #[test]
     fn a_discard_keeps_its_prefix() {
-        let mut stream = req(CMD_WRITE, 7, 10);
+        let mut stream = req(false, CMD_WRITE, 0, 7, 10);
         stream.extend(pattern(10));
-        let out = same_in_any_reads(
-            || simple_session(&[]),
-            Direction::ToServer,
-            || {
-                Box::new(|ev| {
-                    ev.kinds.contains(EventKind::Data).then_some(Plan::Discard {
-                        keep: 3,
-                        answer: None,
-                    })
-                })
-            },
-            &stream,
-        );
+        let out = Setup::new(in_transmission, Direction::ToServer)
+            .on(
+                is_data,
+                Plan::Discard {
+                    keep: 3,
+                    answer: None,
+                },
+            )
+            .out(&stream);
         // The header went before the data was judged.
         assert_eq!(
             out,
@@ -840,23 +751,14 @@ mod tests {
         stream.extend(&other);
         stream.extend(chunk(1, REPLY_TYPE_OFFSET_DATA, 0, &payload));
         stream.extend(chunk(1, REPLY_TYPE_NONE, REPLY_FLAG_DONE, b""));
-        let judge = || -> Judge {
-            Box::new(|ev| {
-                (ev.kinds.contains(EventKind::Reply) && ev.meta.cookie == Some(1)).then(|| {
-                    Plan::ReplaceReply {
-                        answer: b"error".to_vec(),
-                    }
-                })
-            })
-        };
-        let out = same_in_any_reads(
-            || structured_session(&[1, 2]),
-            Direction::ToClient,
-            judge,
-            &stream,
+        let setup = Setup::new(structured, Direction::ToClient).on(
+            |ev| is_reply(ev) && ev.meta.cookie == Some(1),
+            Plan::ReplaceReply {
+                answer: b"error".to_vec(),
+            },
         );
         assert_eq!(
-            out,
+            setup.out(&stream),
             [
                 Out::Swallowed(20 + 1032),
                 Out::Bytes(other),
@@ -864,15 +766,13 @@ mod tests {
                 Out::Answer(b"error".to_vec())
             ]
         );
-        let sim = run(
-            || structured_session(&[1, 2]),
-            Direction::ToClient,
-            judge,
-            &stream,
-            &[7],
-        );
-        // Only the first chunk of cookie 1 and cookie 2's were offered.
-        let offered: Vec<u64> = sim.offers.iter().map(|o| o.2).collect();
+        // Only the first chunk of cookie 1, and cookie 2's, were offered.
+        let offered: Vec<u64> = setup
+            .run(&stream, &[7])
+            .offers
+            .iter()
+            .map(|o| o.2)
+            .collect();
         assert_eq!(offered, [0, 20 + 1032]);
     }
 
@@ -880,89 +780,46 @@ mod tests {
     fn flips_land_on_their_bytes_across_reads() {
         let stream = read_reply_512();
         let flips = vec![(3, 0x01), (4, 0x80), (4, 0x01), (511, 0xff)];
-        let out = same_in_any_reads(
-            || simple_session(&[(CMD_READ, 1, 512)]),
-            Direction::ToClient,
-            || {
-                let flips = flips.clone();
-                Box::new(move |ev| {
-                    ev.kinds.contains(EventKind::Data).then(|| Plan::Flip {
-                        flips: flips.clone(),
-                    })
-                })
-            },
-            &stream,
-        );
+        let setup =
+            Setup::new(read_in_flight, Direction::ToClient).on(is_data, Plan::Flip { flips });
         let mut want = stream.clone();
         want[16 + 3] ^= 0x01;
         want[16 + 4] ^= 0x81;
         want[16 + 511] ^= 0xff;
-        assert_eq!(out, [Out::Bytes(want)]);
+        assert_eq!(setup.out(&stream), [Out::Bytes(want.clone())]);
         // Split right between the two flipped bytes.
-        let sim = run(
-            || simple_session(&[(CMD_READ, 1, 512)]),
-            Direction::ToClient,
-            || {
-                let flips = flips.clone();
-                Box::new(move |ev| {
-                    ev.kinds.contains(EventKind::Data).then(|| Plan::Flip {
-                        flips: flips.clone(),
-                    })
-                })
-            },
-            &stream,
-            &[20, 1000],
-        );
-        assert_eq!(sim.out, out);
+        assert_eq!(setup.run(&stream, &[20, 1000]).out, [Out::Bytes(want)]);
     }
 
     #[test]
     fn export_names_come_from_option_data_in_pieces() {
-        let mut stream = 1u32.to_be_bytes().to_vec();
-        let mut go = vec![0, 0, 0, 4];
-        go.extend(b"disk");
-        go.extend([0, 0]);
-        stream.extend(opt(OPT_GO, &go));
-        let session = || {
-            let mut s = Session::new(MAX);
-            let g = NewstyleGreeting { handshake_flags: 1 }.build();
-            assert!(matches!(
-                s.next(Direction::ToClient, &g),
-                Ok(Step::Frame(_))
-            ));
-            s
-        };
-        let out = same_in_any_reads(session, Direction::ToServer, || Box::new(|_| None), &stream);
+        let go = [&[0, 0, 0, 4][..], b"disk", &[0, 0]].concat();
+        let flags = 1u32.to_be_bytes();
+        let stream = [&flags[..], &opt(OPT_GO, &go)].concat();
+        let setup = Setup::new(negotiating, Direction::ToServer);
         assert_eq!(
-            out,
+            setup.out(&stream),
             [Out::Bytes(stream.clone()), Out::Export("disk".into())]
         );
-        // EXPORT_NAME's data is the name; a refused option is answered.
-        let mut stream = 1u32.to_be_bytes().to_vec();
-        stream.extend(opt(OPT_EXPORT_NAME, b"foo"));
-        let out = same_in_any_reads(session, Direction::ToServer, || Box::new(|_| None), &stream);
-        assert_eq!(out, [Out::Bytes(stream), Out::Export("foo".into())]);
-        let mut stream = 1u32.to_be_bytes().to_vec();
-        stream.extend(opt(OPT_GO, &go));
-        let out = same_in_any_reads(
-            session,
-            Direction::ToServer,
-            || {
-                Box::new(|ev| {
-                    ev.kinds.contains(EventKind::Export).then(|| Plan::Discard {
-                        keep: 4,
-                        answer: Some(b"no".to_vec()),
-                    })
-                })
-            },
-            &stream,
+        // EXPORT_NAME's data is the name.
+        let name = [&flags[..], &opt(OPT_EXPORT_NAME, b"foo")].concat();
+        assert_eq!(
+            setup.out(&name),
+            [Out::Bytes(name.clone()), Out::Export("foo".into())]
         );
-        // The name is still taken from the swallowed option.
+        // A refused option is answered, and still names the export.
+        let refuse = Plan::Discard {
+            keep: 4,
+            answer: Some(b"no".to_vec()),
+        };
+        let out = Setup::new(negotiating, Direction::ToServer)
+            .on(|ev| ev.kinds.contains(EventKind::Export), refuse)
+            .out(&stream);
         assert_eq!(
             out,
             [
                 Out::OptionAnswered,
-                Out::Bytes(stream[..4].to_vec()),
+                Out::Bytes(flags.to_vec()),
                 Out::Swallowed(16 + go.len() as u64),
                 Out::Export("disk".into()),
                 Out::Answer(b"no".to_vec())
@@ -973,35 +830,21 @@ mod tests {
     #[test]
     fn untouched_large_payloads_may_be_spliced() {
         let big = 64 << 10;
-        let head = req(CMD_WRITE, 1, big);
-        let mut sim = run(
-            || simple_session(&[]),
-            Direction::ToServer,
-            || Box::new(|_| None),
-            &head,
-            &[head.len()],
-        );
+        let head = req(false, CMD_WRITE, 0, 1, big);
+        let mut sim = Setup::new(in_transmission, Direction::ToServer).run(&head, &[28]);
         assert_eq!(sim.out, [Out::Bytes(head.clone())]);
         assert!(matches!(sim.place.poll(&mut []), Action::Splice(n) if n == big));
         sim.place.spliced(big);
         assert!(sim.place.at_boundary() && sim.place.bulk());
-        let next = req(CMD_FLUSH, 2, 0);
-        sim.feed(&next);
+        sim.feed(&req(false, CMD_FLUSH, 0, 2, 0));
         assert_eq!(sim.offers.last(), Some(&("request".into(), 28, 28 + big)));
         // A flip pending inside the payload keeps it in view.
-        let mut sim = run(
-            || simple_session(&[]),
-            Direction::ToServer,
-            || {
-                Box::new(|ev| {
-                    ev.kinds.contains(EventKind::Data).then(|| Plan::Flip {
-                        flips: vec![(1000, 1)],
-                    })
-                })
-            },
-            &head,
-            &[head.len()],
-        );
+        let flip = Plan::Flip {
+            flips: vec![(1000, 1)],
+        };
+        let mut sim = Setup::new(in_transmission, Direction::ToServer)
+            .on(is_data, flip)
+            .run(&head, &[28]);
         assert!(matches!(sim.place.poll(&mut []), Action::Read));
         assert!(sim.place.mid_message());
         let mut data = pattern(big as usize);
@@ -1016,7 +859,7 @@ mod tests {
         match kind {
             0 => Some(Plan::Cut {
                 at: n,
-                reset: n % 2 == 0,
+                reset: n.is_multiple_of(2),
             }),
             1 => Some(Plan::Hold {
                 at: n,
@@ -1024,12 +867,12 @@ mod tests {
             }),
             2 => Some(Plan::Discard {
                 keep: n,
-                answer: (n % 3 != 0).then(|| vec![n as u8; 3]),
+                answer: (!n.is_multiple_of(3)).then(|| vec![n as u8; 3]),
             }),
             3 => Some(Plan::Flip {
                 flips: vec![(n.min(ev.size.saturating_sub(1)), 0x5a)],
             }),
-            4 if ev.kinds.contains(EventKind::Reply) => Some(Plan::ReplaceReply {
+            4 if is_reply(ev) => Some(Plan::ReplaceReply {
                 answer: vec![0xee; 4],
             }),
             _ => None,
@@ -1044,27 +887,26 @@ mod tests {
             sizes in proptest::collection::vec(1usize..60, 1..20),
             plans in proptest::collection::vec((0u8..7, 0u64..40), 0..24),
         ) {
-            let (session, stream): (Box<dyn Fn() -> Session>, Vec<u8>) = if to_client {
-                let mut s = Vec::new();
+            let mut stream = Vec::new();
+            let mut setup = if to_client {
                 for c in 0..4u64 {
-                    s.extend(chunk(c, REPLY_TYPE_OFFSET_DATA, 0, &pattern(8 + 30)));
+                    stream.extend(chunk(c, REPLY_TYPE_OFFSET_DATA, 0, &pattern(8 + 30)));
                 }
                 for c in 0..4u64 {
-                    s.extend(chunk(c, REPLY_TYPE_OFFSET_DATA, 0, &pattern(8 + 5)));
-                    s.extend(chunk(c, REPLY_TYPE_NONE, REPLY_FLAG_DONE, b""));
+                    stream.extend(chunk(c, REPLY_TYPE_OFFSET_DATA, 0, &pattern(8 + 5)));
+                    stream.extend(chunk(c, REPLY_TYPE_NONE, REPLY_FLAG_DONE, b""));
                 }
-                (Box::new(|| structured_session(&[0, 1, 2, 3])), s)
+                Setup::new(structured, Direction::ToClient)
             } else {
-                let mut s = Vec::new();
                 for i in 0..6u64 {
-                    s.extend(req(CMD_WRITE, i, i * 13));
-                    s.extend(pattern((i * 13) as usize));
-                    s.extend(req(CMD_READ, 100 + i, 4096));
+                    stream.extend(req(false, CMD_WRITE, 0, i, i * 13));
+                    stream.extend(pattern((i * 13) as usize));
+                    stream.extend(req(false, CMD_READ, 0, 100 + i, 4096));
                 }
-                (Box::new(|| simple_session(&[])), s)
+                Setup::new(in_transmission, Direction::ToServer)
             };
-            let dir = if to_client { Direction::ToClient } else { Direction::ToServer };
-            let judge = || -> Judge {
+            // The i-th event offered gets the i-th plan.
+            setup.judge = Box::new(move || {
                 let plans = plans.clone();
                 let mut i = 0;
                 Box::new(move |ev| {
@@ -1072,14 +914,14 @@ mod tests {
                     i += 1;
                     p
                 })
-            };
-            let whole = run(&session, dir, judge, &stream, &[stream.len()]);
-            let bytewise = run(&session, dir, judge, &stream, &[1]);
-            let pieces = run(&session, dir, judge, &stream, &sizes);
+            });
+            let whole = setup.run(&stream, &[stream.len()]);
+            let bytewise = setup.run(&stream, &[1]);
+            let pieces = setup.run(&stream, &sizes);
             prop_assert_eq!(&bytewise.out, &whole.out);
             prop_assert_eq!(&pieces.out, &whole.out);
             prop_assert_eq!(&pieces.offers, &whole.offers);
-            // Every byte is accounted for up to a cut.
+            // Every byte is accounted for, up to a cut.
             let handled: u64 = whole.out.iter().map(|o| match o {
                 Out::Bytes(b) => b.len() as u64,
                 Out::Swallowed(n) => *n,

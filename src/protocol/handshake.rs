@@ -319,6 +319,29 @@ impl<'a> OptionData<'a> {
     }
 }
 
+/// Longest option data an export name is taken from: a 4096-byte name (the
+/// protocol's limit) with its length field and an empty list of information
+/// requests (NBD_OPT_GO, NBD_OPT_INFO).
+pub const EXPORT_NAME_DATA_MAX: u64 = 4096 + 6;
+
+/// Whether an option's data names the export the client wants
+/// (NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO).
+pub fn names_export(option: u32) -> bool {
+    matches!(option, OPT_EXPORT_NAME | OPT_GO | OPT_INFO)
+}
+
+/// The export an option's complete data names: all of it for
+/// NBD_OPT_EXPORT_NAME, the leading length-prefixed string for GO and INFO
+/// (whatever follows it is not checked); `None` for other options or data
+/// too short for the length it announces.
+pub fn export_name(option: u32, data: &[u8]) -> Option<&[u8]> {
+    match option {
+        OPT_EXPORT_NAME => Some(data),
+        OPT_GO | OPT_INFO => OptionData::new(data).string(),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +466,18 @@ mod tests {
             (be32(&b, 2), be32(&b, 6), be32(&b, 10)),
             (1, 4096, 32 << 20)
         );
+    }
+
+    #[test]
+    fn export_names() {
+        assert!(names_export(OPT_GO) && names_export(OPT_INFO) && names_export(OPT_EXPORT_NAME));
+        assert!(!names_export(OPT_LIST));
+        assert_eq!(export_name(OPT_EXPORT_NAME, b"disk"), Some(&b"disk"[..]));
+        let go = [0, 0, 0, 2, b'h', b'd', 0, 1, 0, 3];
+        assert_eq!(export_name(OPT_GO, &go), Some(&b"hd"[..]));
+        assert_eq!(export_name(OPT_INFO, &go), Some(&b"hd"[..]));
+        assert_eq!(export_name(OPT_GO, &go[..5]), None);
+        assert_eq!(export_name(OPT_LIST, &go), None);
     }
 
     #[test]

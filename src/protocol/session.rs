@@ -550,8 +550,9 @@ fn opaque_frame() -> Frame {
     f
 }
 
+/// Also the builders of valid bytes the proxy's tests reach states with.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::protocol::transmission::build_error_reply;
     use proptest::prelude::*;
@@ -579,7 +580,7 @@ mod tests {
         }
     }
 
-    fn opt(option: u32, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn opt(option: u32, data: &[u8]) -> Vec<u8> {
         let mut v = OptionHeader {
             option,
             length: data.len() as u32,
@@ -590,7 +591,7 @@ mod tests {
         v
     }
 
-    fn rep(option: u32, reply_type: u32, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn rep(option: u32, reply_type: u32, data: &[u8]) -> Vec<u8> {
         let mut v = OptionReplyHeader {
             option,
             reply_type,
@@ -602,7 +603,13 @@ mod tests {
         v
     }
 
-    fn req(extended: bool, command: u16, flags: u16, cookie: u64, length: u64) -> Vec<u8> {
+    pub(crate) fn req(
+        extended: bool,
+        command: u16,
+        flags: u16,
+        cookie: u64,
+        length: u64,
+    ) -> Vec<u8> {
         let mut b = [0u8; 32];
         let n = Request {
             extended,
@@ -992,7 +999,7 @@ mod tests {
         }
     }
 
-    fn in_transmission() -> Session {
+    pub(crate) fn in_transmission() -> Session {
         let mut s = Session::new(MAX);
         let _ = s.next(
             Direction::ToClient,

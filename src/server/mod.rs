@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 pub mod registry;
 
@@ -22,7 +22,7 @@ use crate::io::shards::Shards;
 use crate::observe::telemetry::Telemetry;
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{EventKind, EventSet, MessageMeta};
-use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD, FAULT_LOG};
+use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD};
 use crate::server::registry::Registry;
 
 /// Everything a server needs to run.
@@ -170,16 +170,7 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
         mode: ReplyMode::Simple,
     };
     if let Verdict::Fault(f) = conn.offer(&connect) {
-        info!(
-            target: FAULT_LOG,
-            conn = id,
-            rule = %f.rule,
-            action = f.action,
-            event = "connect",
-            "fault: rule {} fires {} on connect",
-            f.rule,
-            f.action
-        );
+        proxy::log_fault(&connect, &f, 0);
         match f.plan {
             Plan::Hold {
                 duration: Some(d), ..

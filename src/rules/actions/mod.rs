@@ -1,5 +1,13 @@
-//! Rule actions, one file each: what a fired rule turns into, as a
-//! [`Plan`] the pipeline carries out at an exact byte position.
+//! Rule actions, one file each, and their registry.
+//!
+//! An action's file holds all of it: its parameters (a type), its
+//! descriptor ([`Spec`]: name, fields, where it may apply), its check (how
+//! its fields are read and what is refused, with the messages), its
+//! spelling in `GET /rules` ([`Kind::describe`]) and its [`Plan`] when it
+//! fires. Adding an action is a new file here, its `mod` line and one line
+//! in [`registry!`]'s invocation below; the [`Action`] enum, the name and
+//! field lists the checks and messages use, and the dispatch come from that
+//! line.
 
 pub mod corrupt;
 pub mod delay;
@@ -8,22 +16,195 @@ pub mod drop;
 pub mod error;
 pub mod stall;
 
+use serde_json::Value;
+
 use crate::intercept::{Event, Plan};
-use crate::protocol::EventKind;
+use crate::protocol::{EventKind, EventSet};
+use crate::rules::fields::{Fields, RuleError};
 
-use super::model::{Action, Rule};
+/// What the checks and messages know of an action without running it.
+#[derive(Debug)]
+pub struct Spec {
+    /// As rules files and logs spell it.
+    pub name: &'static str,
+    /// The fields only this action (or a few) take, in the order `GET
+    /// /rules` shows them.
+    pub fields: &'static [&'static str],
+    /// Whether it can fire part-way through a message (`when` other than
+    /// `before`).
+    pub partial: bool,
+    /// Whether it can apply to the `connect` event (which has no message).
+    pub connect: bool,
+    /// One line for a newcomer.
+    pub doc: &'static str,
+}
 
-/// The plan for `rule` firing on `ev`; `rng` is the rule's random stream.
-pub fn plan(rule: &Rule, ev: &Event, rng: &mut u64) -> Plan {
-    let at = rule.when.bytes(ev.size);
-    match &rule.action {
-        Action::Disconnect { reset } => disconnect::plan(at, *reset),
-        Action::Delay { duration, jitter } => delay::plan(at, *duration, *jitter, rng),
-        Action::Stall { duration } => stall::plan(at, *duration),
-        Action::Drop => drop::plan(ev),
-        Action::Error { errno } => error::plan(&rule.name, *errno, ev),
-        Action::Corrupt(c) => corrupt::plan(*c, ev, rng),
+/// What an action's check may look at besides its own fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// The events the rule names.
+    pub events: EventSet,
+}
+
+/// One firing of a rule, as an action's plan sees it.
+pub struct Firing<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// Bytes of the message passed on before the fault (from `when`).
+    pub at: u64,
+    pub ev: &'a Event,
+    /// The rule's random stream (see `rules::rng`).
+    pub rng: &'a mut u64,
+}
+
+/// What each action's parameter type implements.
+pub trait Kind: Sized {
+    const SPEC: Spec;
+    /// Reads and checks the action's fields. Generic checks (that a field
+    /// belongs to this action, `when`, `connect`) have already passed.
+    fn check(fields: &dyn Fields, ctx: &Context) -> Result<Self, RuleError>;
+    /// The action's own keys and values in `GET /rules`, spelled as in a
+    /// rules file, in order.
+    fn describe(&self) -> Vec<(&'static str, Value)>;
+    fn plan(&self, fire: &mut Firing) -> Plan;
+}
+
+/// An action as the checks find it: its descriptor, and its check wrapped
+/// to give an [`Action`].
+pub struct Registered {
+    pub spec: &'static Spec,
+    check: fn(&dyn Fields, &Context) -> Result<Action, RuleError>,
+}
+
+impl Registered {
+    /// See [`Kind::check`].
+    pub fn check(&self, fields: &dyn Fields, ctx: &Context) -> Result<Action, RuleError> {
+        (self.check)(fields, ctx)
     }
+}
+
+/// The [`Registered`] entry of one action.
+macro_rules! entry {
+    ($variant:ident($ty:ty)) => {
+        Registered {
+            spec: &<$ty as Kind>::SPEC,
+            check: |f, c| <$ty as Kind>::check(f, c).map(Action::$variant),
+        }
+    };
+}
+
+/// Generates [`Action`] (one variant per registered action, wrapping its
+/// parameter type), the registry [`REGISTRY`] and the dispatch.
+macro_rules! registry {
+    ($($variant:ident($ty:ty),)*) => {
+        /// A rule's action and its parameters.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Action {
+            $($variant($ty),)*
+        }
+
+        /// Every action, in registration order.
+        pub static REGISTRY: &[Registered] = &[$(entry!($variant($ty)),)*];
+
+        impl Action {
+            pub fn name(&self) -> &'static str {
+                self.spec().name
+            }
+
+            pub fn spec(&self) -> &'static Spec {
+                match self {
+                    $(Action::$variant(_) => &<$ty as Kind>::SPEC,)*
+                }
+            }
+
+            /// See [`Kind::describe`].
+            pub fn describe(&self) -> Vec<(&'static str, Value)> {
+                match self {
+                    $(Action::$variant(a) => a.describe(),)*
+                }
+            }
+
+            /// The plan for this action firing.
+            pub fn plan(&self, fire: &mut Firing) -> Plan {
+                match self {
+                    $(Action::$variant(a) => a.plan(fire),)*
+                }
+            }
+        }
+    };
+}
+
+// Registration order is the order of the field list in messages (each
+// action's fields in turn); the default action is listed first among the
+// names.
+registry! {
+    Error(error::Error),
+    Delay(delay::Delay),
+    Stall(stall::Stall),
+    Disconnect(disconnect::Disconnect),
+    Drop(drop::Drop),
+    Corrupt(corrupt::Corruption),
+}
+
+/// The action of a rule that names none: hang up, as QEMU's injector does.
+pub static DEFAULT: Registered = entry!(Disconnect(disconnect::Disconnect));
+
+/// The registered action called `name`.
+pub fn find(name: &str) -> Option<&'static Registered> {
+    REGISTRY.iter().find(|r| r.spec.name == name)
+}
+
+fn specs() -> impl Iterator<Item = &'static Spec> {
+    REGISTRY.iter().map(|r| r.spec)
+}
+
+/// Action names as messages list them: the default first, then the others
+/// in registration order.
+pub fn names() -> Vec<&'static str> {
+    let default = DEFAULT.spec.name;
+    std::iter::once(default)
+        .chain(specs().map(|s| s.name).filter(|&n| n != default))
+        .collect()
+}
+
+/// Every action's own fields, each once, in registration order.
+pub fn fields() -> Vec<&'static str> {
+    let mut all: Vec<&'static str> = Vec::new();
+    for f in specs().flat_map(|s| s.fields) {
+        if !all.contains(f) {
+            all.push(f);
+        }
+    }
+    all
+}
+
+/// The actions taking `field`, in registration order.
+pub fn taking(field: &str) -> Vec<&'static str> {
+    specs()
+        .filter(|s| s.fields.contains(&field))
+        .map(|s| s.name)
+        .collect()
+}
+
+/// Names of the actions whose spec says yes, as messages list them.
+pub fn names_where(pick: impl Fn(&Spec) -> bool) -> Vec<&'static str> {
+    names()
+        .into_iter()
+        .filter(|&n| specs().any(|s| s.name == n && pick(s)))
+        .collect()
+}
+
+/// A duration as `GET /rules` spells it (`200ms`, `1m 30s`).
+fn shown(d: std::time::Duration) -> Value {
+    Value::from(humantime::format_duration(d).to_string())
+}
+
+/// The events named, for messages: `request, reply`.
+pub(crate) fn joined(set: EventSet) -> String {
+    set.iter()
+        .map(EventKind::name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Bytes at the front of a swallowed message that must still reach the
@@ -40,9 +221,12 @@ fn kept_prefix(ev: &Event) -> u64 {
 
 #[cfg(test)]
 pub(crate) mod test_support {
+    use std::collections::HashMap;
+
     use crate::intercept::Event;
     use crate::protocol::transmission::ReplyMode;
     use crate::protocol::{Direction, EventKind, EventSet, MessageMeta};
+    use crate::rules::fields::{Fields, Pos, Scalar};
 
     pub fn event(kind: EventKind, dir: Direction, size: u64, meta: MessageMeta) -> Event {
         Event {
@@ -53,5 +237,116 @@ pub(crate) mod test_support {
             size,
             mode: ReplyMode::Simple,
         }
+    }
+
+    /// Fields without a format: each on its own line, in the order given,
+    /// the value at column 10 and the rule on line 1.
+    pub struct Given(pub HashMap<&'static str, (usize, Scalar<'static>)>);
+
+    impl Given {
+        pub fn of(fields: &[(&'static str, Scalar<'static>)]) -> Self {
+            Given(
+                fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(k, v))| (k, (i + 2, v)))
+                    .collect(),
+            )
+        }
+    }
+
+    impl Fields for Given {
+        fn file(&self) -> &str {
+            "given"
+        }
+        fn rule_pos(&self) -> Pos {
+            Pos::START
+        }
+        fn value(&self, field: &str) -> Option<Scalar<'_>> {
+            self.0.get(field).map(|&(_, v)| v)
+        }
+        fn items(&self, _: &str) -> Option<Vec<(Scalar<'_>, Pos)>> {
+            None
+        }
+        fn value_pos(&self, field: &str) -> Pos {
+            self.0
+                .get(field)
+                .map_or(Pos::START, |&(line, _)| Pos { line, column: 10 })
+        }
+        fn key_pos(&self, field: &str) -> Pos {
+            self.0
+                .get(field)
+                .map_or(Pos::START, |&(line, _)| Pos { line, column: 1 })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_fields_keep_their_order() {
+        assert_eq!(
+            names(),
+            ["disconnect", "error", "delay", "stall", "drop", "corrupt"]
+        );
+        assert_eq!(
+            fields(),
+            ["errno", "duration", "jitter", "reset", "at", "xor", "bits"]
+        );
+        assert_eq!(taking("duration"), ["delay", "stall"]);
+        assert_eq!(names_where(|s| s.partial), ["disconnect", "delay", "stall"]);
+        assert_eq!(names_where(|s| s.connect), ["disconnect", "delay"]);
+    }
+
+    #[test]
+    fn every_spec_is_well_formed() {
+        let all = fields();
+        let specs: Vec<&Spec> = specs().collect();
+        for (i, s) in specs.iter().enumerate() {
+            assert!(!s.doc.is_empty(), "{}", s.name);
+            assert!(
+                specs[..i].iter().all(|o| o.name != s.name),
+                "{} twice",
+                s.name
+            );
+            for f in s.fields {
+                assert!(all.contains(f), "{f} of {}", s.name);
+                assert!(taking(f).contains(&s.name));
+            }
+        }
+        assert!(find(DEFAULT.spec.name).is_some_and(|r| std::ptr::eq(r.spec, DEFAULT.spec)));
+    }
+
+    /// Every action's describe() shows only its own fields, in its order.
+    #[test]
+    fn describe_shows_only_own_fields() {
+        use crate::rules::fields::Scalar;
+        let given = test_support::Given::of(&[
+            ("errno", Scalar::Str("EIO")),
+            ("duration", Scalar::Str("1s")),
+            ("reset", Scalar::Bool(true)),
+            ("at", Scalar::Int(3)),
+        ]);
+        let ctx = Context {
+            events: EventSet::of(EventKind::Request),
+        };
+        for r in REGISTRY {
+            let s = r.spec;
+            let a = r
+                .check(&given, &ctx)
+                .unwrap_or_else(|e| panic!("{} refused: {e}", s.name));
+            assert_eq!(a.name(), s.name);
+            let keys: Vec<&str> = a.describe().into_iter().map(|(k, _)| k).collect();
+            let own: Vec<&str> = s
+                .fields
+                .iter()
+                .copied()
+                .filter(|f| keys.contains(f))
+                .collect();
+            assert_eq!(keys, own, "{}", s.name);
+        }
+        assert!(find("bogus").is_none());
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Context, Firing, Kind, Spec, shown};
+use super::kind::{Context, Firing, Kind, Spec, shown};
 use crate::intercept::Plan;
 use crate::rules::fields::{Fields, RuleError};
 use crate::rules::rng::unit;
@@ -62,7 +62,7 @@ impl Kind for Delay {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{Given, event};
+    use super::super::kind::test_support::{Given, event};
     use super::*;
     use crate::protocol::{Direction, EventKind, EventSet, MessageMeta};
     use crate::rules::fields::Scalar;

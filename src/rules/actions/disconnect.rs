@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::{Context, Firing, Kind, Spec};
+use super::kind::{Context, Firing, Kind, Spec};
 use crate::intercept::Plan;
 use crate::rules::fields::{Fields, RuleError};
 
@@ -44,7 +44,7 @@ impl Kind for Disconnect {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{Given, event};
+    use super::super::kind::test_support::{Given, event};
     use super::*;
     use crate::protocol::{Direction, EventKind, EventSet, MessageMeta};
     use crate::rules::fields::Scalar;

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{Context, Firing, Kind, Spec, kept_prefix};
+use super::kind::{Context, Firing, Kind, Spec, kept_prefix};
 use crate::intercept::Plan;
 use crate::rules::fields::{Fields, RuleError};
 
@@ -38,7 +38,7 @@ impl Kind for Drop {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::event;
+    use super::super::kind::test_support::event;
     use super::*;
     use crate::intercept::Event;
     use crate::protocol::{Direction, EventKind, MessageMeta};

@@ -12,7 +12,7 @@
 
 use serde_json::Value;
 
-use super::{Context, Firing, Kind, Spec, joined, kept_prefix};
+use super::kind::{Context, Firing, Kind, Spec, joined, kept_prefix};
 use crate::intercept::{Event, Plan};
 use crate::protocol::consts::*;
 use crate::protocol::handshake::OptionReplyHeader;
@@ -217,7 +217,7 @@ fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::event;
+    use super::super::kind::test_support::event;
     use super::*;
     use crate::protocol::transmission::{Reply, ReplyMode};
     use crate::protocol::{Direction, MessageMeta};
@@ -350,7 +350,7 @@ mod tests {
 
     #[test]
     fn check_takes_the_errno_kind_from_the_events() {
-        use super::super::test_support::Given;
+        use super::super::kind::test_support::Given;
         use crate::rules::fields::Scalar;
         let check = |events: EventSet, errno: Scalar<'static>| {
             Error::check(&Given::of(&[("errno", errno)]), &Context { events })

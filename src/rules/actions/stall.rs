@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Context, Firing, Kind, Spec, shown};
+use super::kind::{Context, Firing, Kind, Spec, shown};
 use crate::intercept::Plan;
 use crate::rules::fields::{Fields, RuleError};
 
@@ -46,7 +46,7 @@ impl Kind for Stall {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::event;
+    use super::super::kind::test_support::event;
     use super::*;
     use crate::protocol::{Direction, EventKind, MessageMeta};
 

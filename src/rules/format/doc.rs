@@ -10,8 +10,9 @@ use serde::ser::{Serialize, SerializeStruct, Serializer};
 use serde_json::Value;
 
 use crate::protocol::{Direction, consts};
+use crate::rules::engine::RuleStats;
 use crate::rules::engine::{Engine, Loaded};
-use crate::rules::{Rule, RuleStats, When};
+use crate::rules::model::{Rule, When};
 
 /// Every rule of an engine, and its seed.
 #[derive(serde::Serialize)]

@@ -19,7 +19,7 @@ use crate::protocol::{Direction, EventKind, EventSet};
 use crate::rules::actions::{self, Context};
 use crate::rules::check::{Draft, DraftRule};
 use crate::rules::fields::{Fields, Pos, RuleError, Scalar};
-use crate::rules::{Counters, Filter, Origin, Rule, RuleSet, When};
+use crate::rules::model::{Counters, Filter, Origin, Rule, RuleSet, When};
 
 /// Why an injector configuration was rejected. `message` is exactly what
 /// nbd-fault-injector.py prints for the same mistake (for the checks it

@@ -20,9 +20,9 @@
 use std::collections::{HashMap, HashSet};
 
 use super::yaml_tree::{Node, Value, load, yaml_error};
-use crate::rules::RuleSet;
 use crate::rules::check::{self, Draft, DraftRule};
 use crate::rules::fields::{Fields, Pos, RuleError, Scalar};
+use crate::rules::model::RuleSet;
 use crate::rules::suggest;
 
 /// Parses a YAML rules document. See [`crate::rules::parse_str`] for naming.

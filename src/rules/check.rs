@@ -168,24 +168,9 @@ pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRul
     } else {
         None
     };
-    let commands = if f.has("command") {
-        applies(f, "command", events, transmission_events())?;
-        Some(commands(f)?)
-    } else {
-        None
-    };
-    let offset = if f.has("offset") {
-        applies(f, "offset", events, transmission_events())?;
-        Some(offset(f)?)
-    } else {
-        None
-    };
-    let options = if f.has("option") {
-        applies(f, "option", events, handshake_option_events())?;
-        Some(options(f)?)
-    } else {
-        None
-    };
+    let commands = filter(f, "command", events, transmission_events(), commands)?;
+    let offset = filter(f, "offset", events, transmission_events(), offset)?;
+    let options = filter(f, "option", events, handshake_option_events(), options)?;
 
     let (registered, explicit) = match action_name(f)? {
         Some(a) => (a, true),
@@ -394,6 +379,22 @@ fn direction(f: &dyn Fields, events: EventSet) -> Result<Option<Direction>> {
     Ok(Some(direction))
 }
 
+/// A filter field, if given: checked to apply to every event named, then
+/// read.
+fn filter<T>(
+    f: &dyn Fields,
+    field: &str,
+    events: EventSet,
+    allowed: EventSet,
+    read: fn(&dyn Fields) -> Result<T>,
+) -> Result<Option<T>> {
+    if !f.has(field) {
+        return Ok(None);
+    }
+    applies(f, field, events, allowed)?;
+    read(f).map(Some)
+}
+
 /// Every event named must be one `field` can apply to.
 fn applies(f: &dyn Fields, field: &str, events: EventSet, allowed: EventSet) -> Result<()> {
     match events.iter().find(|&k| !allowed.contains(k)) {
@@ -540,4 +541,85 @@ fn counters(f: &dyn Fields) -> Result<Counters> {
         probability: f.fraction("probability")?.unwrap_or(d.probability),
         per_connection: f.boolean("per-connection")?.unwrap_or(d.per_connection),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::actions::test_support::Given;
+
+    fn check(fields: &[(&'static str, Scalar<'static>)]) -> Result<DraftRule> {
+        rule(&Given::of(fields), 1, fields.is_empty())
+    }
+
+    /// The checks need no format: a rule given as plain fields.
+    #[test]
+    fn a_rule_from_plain_fields() {
+        let d = check(&[("event", Scalar::Str("request"))]).unwrap();
+        assert!(!d.named);
+        assert_eq!(d.rule.origin.file, "given");
+        assert_eq!(d.rule.action.name(), "disconnect");
+        assert_eq!(d.rule.when, When::Before);
+        assert_eq!(d.rule.counters, Counters::default());
+        let d = check(&[
+            ("name", Scalar::Int(7)),
+            ("event", Scalar::Str("reply")),
+            ("action", Scalar::Str("drop")),
+            ("probability", Scalar::Float(0.5)),
+        ])
+        .unwrap();
+        assert_eq!(d.rule.name, "7");
+        assert_eq!((d.name_line, d.name_column), (2, 10));
+        assert_eq!(d.rule.counters.probability, 0.5);
+    }
+
+    /// The message a rule of `fields` is refused with.
+    fn refused(fields: &[(&'static str, Scalar<'static>)]) -> String {
+        match check(fields) {
+            Ok(d) => panic!("accepted: {d:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn generic_checks_use_the_action_specs() {
+        let request = ("event", Scalar::Str("request"));
+        assert!(refused(&[]).starts_with("given:1:1: rule 1 is empty"));
+        assert_eq!(
+            refused(&[request, ("errno", Scalar::Str("EIO"))]),
+            "given:3:1: errno applies only to action error, but this rule's action is \
+             disconnect (the default)"
+        );
+        assert_eq!(
+            refused(&[
+                ("event", Scalar::Str("connect")),
+                ("action", Scalar::Str("drop"))
+            ]),
+            "given:3:10: action drop cannot apply to event connect (connect allows only: \
+             disconnect, delay)"
+        );
+        let when = refused(&[
+            request,
+            ("action", Scalar::Str("drop")),
+            ("when", Scalar::Int(4)),
+        ]);
+        assert!(
+            when.starts_with(
+                "given:4:10: when: 4 is not allowed with action drop: only disconnect, delay, \
+                 stall"
+            ),
+            "{when}"
+        );
+        let unknown = refused(&[request, ("action", Scalar::Str("dely"))]);
+        assert!(unknown.contains("did you mean \"delay\"?"), "{unknown}");
+    }
+
+    #[test]
+    fn field_names_are_the_rule_fields_then_the_actions() {
+        assert_eq!(
+            field_names().join(", "),
+            "name, event, direction, command, offset, option, when, after, times, every, \
+             probability, per-connection, action, errno, duration, jitter, reset, at, xor, bits"
+        );
+    }
 }

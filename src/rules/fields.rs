@@ -138,14 +138,19 @@ pub trait Fields {
         self.at(self.action_pos(), message)
     }
 
+    /// `{field} must be {what}, found {value}`, at the value.
+    fn must_be(&self, field: &str, what: &str, value: Scalar) -> RuleError {
+        self.at_value(
+            field,
+            format!("{field} must be {what}, found {}", value.found()),
+        )
+    }
+
     fn boolean(&self, field: &str) -> Result<Option<bool>, RuleError> {
         match self.value(field) {
             None => Ok(None),
             Some(Scalar::Bool(b)) => Ok(Some(b)),
-            Some(v) => Err(self.at_value(
-                field,
-                format!("{field} must be true or false, found {}", v.found()),
-            )),
+            Some(v) => Err(self.must_be(field, "true or false", v)),
         }
     }
 
@@ -156,13 +161,7 @@ pub trait Fields {
             Some(Scalar::Int(n)) if (i128::from(min)..=i128::from(max)).contains(&n) => {
                 Ok(Some(n as u64))
             }
-            Some(v) => Err(self.at_value(
-                field,
-                format!(
-                    "{field} must be a whole number from {min} to {max}, found {}",
-                    v.found()
-                ),
-            )),
+            Some(v) => Err(self.must_be(field, &format!("a whole number from {min} to {max}"), v)),
         }
     }
 
@@ -179,13 +178,7 @@ pub trait Fields {
         if (0.0..=1.0).contains(&p) {
             Ok(Some(p))
         } else {
-            Err(self.at_value(
-                field,
-                format!(
-                    "{field} must be a number from 0.0 to 1.0, found {}",
-                    v.found()
-                ),
-            ))
+            Err(self.must_be(field, "a number from 0.0 to 1.0", v))
         }
     }
 
@@ -231,13 +224,7 @@ pub trait Fields {
         };
         match value {
             Some(n @ 1..=255) => Ok(Some(n as u8)),
-            _ => Err(self.at_value(
-                field,
-                format!(
-                    "{field} must be a byte mask from 1 to 255 (0x01 to 0xff), found {}",
-                    v.found()
-                ),
-            )),
+            _ => Err(self.must_be(field, "a byte mask from 1 to 255 (0x01 to 0xff)", v)),
         }
     }
 

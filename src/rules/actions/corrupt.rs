@@ -133,7 +133,7 @@ fn plan(c: Corruption, ev: &Event, rng: &mut u64) -> Plan {
 
 #[cfg(test)]
 mod tests {
-    use super::super::kind::test_support::event;
+    use super::super::test_support::event;
     use super::*;
     use crate::protocol::{Direction, MessageMeta};
     use crate::rules::fields::Scalar;
@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn check_picks_the_form_from_the_fields() {
-        use super::super::kind::test_support::Given;
+        use super::super::test_support::Given;
         let data = Context {
             events: EventSet::of(EventKind::Data),
         };

@@ -62,24 +62,14 @@ impl Kind for Delay {
 
 #[cfg(test)]
 mod tests {
-    use super::super::kind::test_support::{Given, event};
+    use super::super::test_support::{Given, plan_of, request};
     use super::*;
-    use crate::protocol::{Direction, EventKind, EventSet, MessageMeta};
+    use crate::protocol::{EventKind, EventSet};
     use crate::rules::fields::Scalar;
 
     fn plan(at: u64, duration: Duration, jitter: Duration, rng: &mut u64) -> Plan {
-        let ev = event(
-            EventKind::Request,
-            Direction::ToServer,
-            28,
-            MessageMeta::default(),
-        );
-        Delay { duration, jitter }.plan(&mut Firing {
-            rule: "r",
-            at,
-            ev: &ev,
-            rng,
-        })
+        let ev = request();
+        plan_of(&Delay { duration, jitter }, &ev, at, rng)
     }
 
     #[test]

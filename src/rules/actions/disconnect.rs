@@ -44,27 +44,16 @@ impl Kind for Disconnect {
 
 #[cfg(test)]
 mod tests {
-    use super::super::kind::test_support::{Given, event};
+    use super::super::test_support::{Given, plan_of, request};
     use super::*;
-    use crate::protocol::{Direction, EventKind, EventSet, MessageMeta};
+    use crate::protocol::{EventKind, EventSet};
     use crate::rules::fields::Scalar;
 
     #[test]
     fn cuts_at_the_given_byte() {
-        let ev = event(
-            EventKind::Request,
-            Direction::ToServer,
-            28,
-            MessageMeta::default(),
-        );
-        let mut fire = Firing {
-            rule: "r",
-            at: 4,
-            ev: &ev,
-            rng: &mut 0,
-        };
+        let ev = request();
         assert_eq!(
-            Disconnect { reset: true }.plan(&mut fire),
+            plan_of(&Disconnect { reset: true }, &ev, 4, &mut 0),
             Plan::Cut { at: 4, reset: true }
         );
     }

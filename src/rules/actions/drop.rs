@@ -38,18 +38,13 @@ impl Kind for Drop {
 
 #[cfg(test)]
 mod tests {
-    use super::super::kind::test_support::event;
+    use super::super::test_support::{event, plan_of, request};
     use super::*;
     use crate::intercept::Event;
     use crate::protocol::{Direction, EventKind, MessageMeta};
 
     fn plan(ev: &Event) -> Plan {
-        Drop.plan(&mut Firing {
-            rule: "r",
-            at: 0,
-            ev,
-            rng: &mut 0,
-        })
+        plan_of(&Drop, ev, 0, &mut 0)
     }
 
     #[test]
@@ -67,12 +62,7 @@ mod tests {
                 answer: None
             }
         );
-        let ev = event(
-            EventKind::Request,
-            Direction::ToServer,
-            28,
-            MessageMeta::default(),
-        );
+        let ev = request();
         assert_eq!(
             plan(&ev),
             Plan::Discard {

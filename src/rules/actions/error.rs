@@ -217,7 +217,7 @@ fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
 
 #[cfg(test)]
 mod tests {
-    use super::super::kind::test_support::event;
+    use super::super::test_support::event;
     use super::*;
     use crate::protocol::transmission::{Reply, ReplyMode};
     use crate::protocol::{Direction, MessageMeta};
@@ -350,7 +350,7 @@ mod tests {
 
     #[test]
     fn check_takes_the_errno_kind_from_the_events() {
-        use super::super::kind::test_support::Given;
+        use super::super::test_support::Given;
         use crate::rules::fields::Scalar;
         let check = |events: EventSet, errno: Scalar<'static>| {
             Error::check(&Given::of(&[("errno", errno)]), &Context { events })

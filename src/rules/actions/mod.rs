@@ -21,6 +21,8 @@ pub mod stall;
 use serde_json::Value;
 
 pub(crate) use kind::joined;
+#[cfg(test)]
+pub(crate) use kind::test_support;
 pub use kind::{Context, Firing, Kind, Spec};
 
 use crate::intercept::Plan;
@@ -194,7 +196,7 @@ mod tests {
     #[test]
     fn describe_shows_only_own_fields() {
         use crate::rules::fields::Scalar;
-        let given = kind::test_support::Given::of(&[
+        let given = test_support::Given::of(&[
             ("errno", Scalar::Str("EIO")),
             ("duration", Scalar::Str("1s")),
             ("reset", Scalar::Bool(true)),

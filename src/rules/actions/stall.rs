@@ -46,7 +46,7 @@ impl Kind for Stall {
 
 #[cfg(test)]
 mod tests {
-    use super::super::kind::test_support::event;
+    use super::super::test_support::{event, plan_of};
     use super::*;
     use crate::protocol::{Direction, EventKind, MessageMeta};
 
@@ -58,14 +58,8 @@ mod tests {
             16,
             MessageMeta::default(),
         );
-        let mut fire = Firing {
-            rule: "r",
-            at: 0,
-            ev: &ev,
-            rng: &mut 0,
-        };
         assert_eq!(
-            Stall { duration: None }.plan(&mut fire),
+            plan_of(&Stall { duration: None }, &ev, 0, &mut 0),
             Plan::Hold {
                 at: 0,
                 duration: None

@@ -83,17 +83,16 @@ pub(super) fn kept_prefix(ev: &Event) -> u64 {
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    use super::{Firing, Kind};
-    use crate::intercept::Plan;
     use std::collections::HashMap;
 
-    use crate::intercept::Event;
+    use super::{Firing, Kind};
+    use crate::intercept::{Event, Plan};
     use crate::protocol::transmission::ReplyMode;
     use crate::protocol::{Direction, EventKind, EventSet, MessageMeta};
     use crate::rules::fields::{Fields, Pos, Scalar};
 
-    /// The plan of `action` firing on `ev` after `at` bytes, with a fresh
-    /// random stream seeded `rng`.
+    /// The plan of `action` firing on `ev` after `at` bytes, drawing from
+    /// the random stream `rng`.
     pub fn plan_of(action: &impl Kind, ev: &Event, at: u64, rng: &mut u64) -> Plan {
         action.plan(&mut Firing {
             rule: "r",

@@ -34,7 +34,7 @@ pub fn rules(engine: &Engine) -> RulesDoc {
     }
 }
 
-pub fn rule(loaded: &Loaded) -> RuleDoc {
+fn rule(loaded: &Loaded) -> RuleDoc {
     RuleDoc {
         rule: loaded.rule().clone(),
         stats: loaded.stats(),

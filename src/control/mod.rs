@@ -25,7 +25,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use serde_json::Value;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
@@ -38,11 +37,11 @@ use crate::io::net::Listener;
 use crate::io::percent;
 use crate::observe::telemetry::Telemetry;
 use crate::observe::time::Rfc3339;
-use crate::protocol::{Direction, consts};
+use crate::protocol::Direction;
 use crate::proxy::Connection;
-use crate::rules::engine::Loaded;
+use crate::rules;
+use crate::rules::format::doc::{self, RulesDoc};
 use crate::rules::live::{ChangeError, LiveRules};
-use crate::rules::{self, Action, Corruption, Errno, When};
 use crate::server::registry::Registry;
 
 /// Largest request body accepted (413 beyond).
@@ -545,143 +544,9 @@ fn empty(status: StatusCode) -> Reply {
 // JSON of rules and connections
 // ---------------------------------------------------------------------------
 
-#[derive(Serialize)]
-struct RulesJson {
-    rules: Vec<RuleJson>,
-    seed: u64,
-}
-
-/// One rule, spelled as in a YAML rules file, with its counts.
-#[derive(Serialize)]
-struct RuleJson {
-    name: String,
-    file: String,
-    line: usize,
-    event: Vec<&'static str>,
-    direction: &'static str,
-    command: Option<Vec<String>>,
-    offset: Option<OffsetJson>,
-    option: Option<Vec<String>>,
-    when: Value,
-    after: u64,
-    times: Option<u64>,
-    every: u64,
-    probability: f64,
-    #[serde(rename = "per-connection")]
-    per_connection: bool,
-    action: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    errno: Option<String>,
-    /// `Some(Value::Null)`: a stall without a duration.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    duration: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    jitter: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reset: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    at: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    xor: Option<u8>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bits: Option<u32>,
-    matched: u64,
-    fired: u64,
-}
-
-#[derive(Serialize)]
-struct OffsetJson {
-    start: Option<u64>,
-    end: Option<u64>,
-}
-
-fn rules_body(live: &LiveRules) -> RulesJson {
-    let engine = live.current();
-    RulesJson {
-        rules: engine.rules().iter().map(|l| rule_json(l)).collect(),
-        seed: engine.seed(),
-    }
-}
-
-fn rule_json(loaded: &Loaded) -> RuleJson {
-    let r = loaded.rule();
-    let stats = loaded.stats();
-    let f = &r.filter;
-    let c = &r.counters;
-    let mut j = RuleJson {
-        name: r.name.clone(),
-        file: r.origin.file.clone(),
-        line: r.origin.line,
-        event: f.events.iter().map(|k| k.name()).collect(),
-        direction: f.direction.map_or("both", Direction::name),
-        command: f.commands.as_ref().map(|cmds| {
-            cmds.iter()
-                .map(|&c| consts::command_name(c).map_or_else(|| c.to_string(), str::to_string))
-                .collect()
-        }),
-        offset: f.offset.map(|o| OffsetJson {
-            start: o.start,
-            end: o.end,
-        }),
-        option: f.options.as_ref().map(|opts| {
-            opts.iter()
-                .map(|&o| consts::option_name(o).map_or_else(|| o.to_string(), str::to_string))
-                .collect()
-        }),
-        when: match r.when {
-            When::Before => Value::from("before"),
-            When::After => Value::from("after"),
-            When::Bytes(n) => Value::from(n),
-            // As the injector's INI spells it (the only way to write it).
-            When::AllBut(n) => Value::from(i64::try_from(n).map_or(i64::MIN, |n| -n)),
-        },
-        after: c.after,
-        times: c.times,
-        every: c.every,
-        probability: c.probability,
-        per_connection: c.per_connection,
-        action: r.action.name(),
-        errno: None,
-        duration: None,
-        jitter: None,
-        reset: None,
-        at: None,
-        xor: None,
-        bits: None,
-        matched: stats.matched,
-        fired: stats.fired,
-    };
-    match &r.action {
-        Action::Disconnect { reset } => j.reset = Some(*reset),
-        Action::Error { errno } => j.errno = Some(errno_name(*errno)),
-        Action::Delay { duration, jitter } => {
-            j.duration = Some(Value::from(human(*duration)));
-            j.jitter = Some(human(*jitter));
-        }
-        Action::Stall { duration } => {
-            j.duration = Some(duration.map_or(Value::Null, |d| Value::from(human(d))));
-        }
-        Action::Drop => {}
-        Action::Corrupt(Corruption::Byte { at, xor }) => {
-            j.at = Some(*at);
-            j.xor = Some(*xor);
-        }
-        Action::Corrupt(Corruption::RandomBits { bits }) => j.bits = Some(*bits),
-    }
-    j
-}
-
-fn human(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
-
-/// The name a rules file gives an errno (the number if it has none).
-fn errno_name(errno: Errno) -> String {
-    let (table, n) = match errno {
-        Errno::Transmission(n) => (consts::TRANSMISSION_ERRNOS, n),
-        Errno::Option(n) => (consts::OPTION_ERRORS, n),
-    };
-    consts::name_in(table, n).map_or_else(|| n.to_string(), str::to_string)
+/// `GET /rules`: the listing is built in `rules::format::doc`.
+fn rules_body(live: &LiveRules) -> RulesDoc {
+    doc::rules(&live.current())
 }
 
 #[derive(Serialize)]
@@ -712,6 +577,7 @@ fn conn_json(c: &Connection) -> ConnJson {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn constant_time_equality() {

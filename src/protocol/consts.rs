@@ -174,36 +174,42 @@ pub fn name_in(table: &[(&'static str, u32)], value: u32) -> Option<&'static str
     table.iter().find(|(_, v)| *v == value).map(|(n, _)| *n)
 }
 
+/// Options by the names logs and rule files give them, in the order rule
+/// files list them.
+pub const OPTIONS: &[(u32, &str)] = &[
+    (OPT_EXPORT_NAME, "export-name"),
+    (OPT_ABORT, "abort"),
+    (OPT_LIST, "list"),
+    (OPT_PEEK_EXPORT, "peek-export"),
+    (OPT_STARTTLS, "starttls"),
+    (OPT_INFO, "info"),
+    (OPT_GO, "go"),
+    (OPT_STRUCTURED_REPLY, "structured-reply"),
+    (OPT_LIST_META_CONTEXT, "list-meta-context"),
+    (OPT_SET_META_CONTEXT, "set-meta-context"),
+    (OPT_EXTENDED_HEADERS, "extended-headers"),
+];
+
+/// Commands by the names logs and rule files give them, in the order rule
+/// files list them (the data commands first, then the rest).
+pub const COMMANDS: &[(u16, &str)] = &[
+    (CMD_READ, "read"),
+    (CMD_WRITE, "write"),
+    (CMD_FLUSH, "flush"),
+    (CMD_TRIM, "trim"),
+    (CMD_WRITE_ZEROES, "write-zeroes"),
+    (CMD_BLOCK_STATUS, "block-status"),
+    (CMD_CACHE, "cache"),
+    (CMD_DISC, "disc"),
+    (CMD_RESIZE, "resize"),
+];
+
 /// Human-readable name of an option, for logs and rule files.
 pub fn option_name(opt: u32) -> Option<&'static str> {
-    Some(match opt {
-        OPT_EXPORT_NAME => "export-name",
-        OPT_ABORT => "abort",
-        OPT_LIST => "list",
-        OPT_PEEK_EXPORT => "peek-export",
-        OPT_STARTTLS => "starttls",
-        OPT_INFO => "info",
-        OPT_GO => "go",
-        OPT_STRUCTURED_REPLY => "structured-reply",
-        OPT_LIST_META_CONTEXT => "list-meta-context",
-        OPT_SET_META_CONTEXT => "set-meta-context",
-        OPT_EXTENDED_HEADERS => "extended-headers",
-        _ => return None,
-    })
+    OPTIONS.iter().find(|(o, _)| *o == opt).map(|(_, n)| *n)
 }
 
 /// Human-readable name of a command, for logs and rule files.
 pub fn command_name(cmd: u16) -> Option<&'static str> {
-    Some(match cmd {
-        CMD_READ => "read",
-        CMD_WRITE => "write",
-        CMD_DISC => "disc",
-        CMD_FLUSH => "flush",
-        CMD_TRIM => "trim",
-        CMD_CACHE => "cache",
-        CMD_WRITE_ZEROES => "write-zeroes",
-        CMD_BLOCK_STATUS => "block-status",
-        CMD_RESIZE => "resize",
-        _ => return None,
-    })
+    COMMANDS.iter().find(|(c, _)| *c == cmd).map(|(_, n)| *n)
 }

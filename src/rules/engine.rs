@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use crate::intercept::{ConnState, Event, Fault, Interceptor, RuleCounter, Verdict};
 use crate::protocol::{Direction, EventKind};
 
-use super::actions;
+use super::actions::Firing;
 use super::model::{Filter, OffsetRange, Rule, RuleSet};
+use super::rng::{stream_seed, unit};
 
 /// A rule as the engine runs it. Shared between engines, so a rule kept
 /// across a live change of the rule set keeps its counters.
@@ -256,7 +257,12 @@ impl Engine {
             Some(Fault {
                 rule: l.name.clone(),
                 action: l.rule.action.name(),
-                plan: actions::plan(&l.rule, ev, &mut counter.rng),
+                plan: l.rule.action.plan(&mut Firing {
+                    rule: &l.rule.name,
+                    at: l.rule.when.bytes(ev.size),
+                    ev,
+                    rng: &mut counter.rng,
+                }),
             })
         };
         if c.per_connection {
@@ -329,40 +335,6 @@ fn filter_matches(f: &Filter, ev: &Event) -> bool {
     true
 }
 
-/// Seed of a rule's random stream: the rule set's seed, the rule's position
-/// and, for per-connection rules, the connection, mixed so that nearby
-/// inputs give unrelated streams.
-fn stream_seed(seed: u64, rule: u64, conn: Option<u64>) -> u64 {
-    let mut s = seed ^ mix(rule.wrapping_add(0x9e37_79b9_7f4a_7c15));
-    if let Some(c) = conn {
-        s ^= mix(c.wrapping_mul(0xd6e8_feb8_6659_fd93));
-    }
-    s
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// SplitMix64: small, fast, and ours; reproducible from the seed.
-pub fn next_u64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    mix(*state)
-}
-
-/// A uniform draw in [0, 1).
-pub fn unit(state: &mut u64) -> f64 {
-    (next_u64(state) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// A uniform draw in [0, n) (n > 0).
-pub fn below(state: &mut u64, n: u64) -> u64 {
-    // Multiply-shift: unbiased enough for fault placement, no division.
-    ((u128::from(next_u64(state)) * u128::from(n)) >> 64) as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +342,7 @@ mod tests {
     use crate::protocol::consts::*;
     use crate::protocol::transmission::ReplyMode;
     use crate::protocol::{Direction, EventSet, MessageMeta};
+    use crate::rules::actions::{disconnect::Disconnect, drop::Drop};
     use crate::rules::model::*;
 
     fn rule(name: &str, events: EventSet, action: Action) -> Rule {
@@ -421,14 +394,14 @@ mod tests {
         let mut reads = rule(
             "reads",
             EventSet::of(EventKind::Request),
-            Action::Disconnect { reset: false },
+            Action::Disconnect(Disconnect { reset: false }),
         );
         reads.filter.commands = Some(vec![CMD_READ]);
         reads.filter.offset = Some(OffsetRange {
             start: Some(1 << 20),
             end: Some(2 << 20),
         });
-        let any = rule("any", EventSet::of(EventKind::Request), Action::Drop);
+        let any = rule("any", EventSet::of(EventKind::Request), Action::Drop(Drop));
         let e = Engine::new(RuleSet {
             seed: 0,
             rules: vec![reads, any],
@@ -453,7 +426,7 @@ mod tests {
 
     #[test]
     fn after_every_times() {
-        let mut r = rule("r", EventSet::of(EventKind::Request), Action::Drop);
+        let mut r = rule("r", EventSet::of(EventKind::Request), Action::Drop(Drop));
         r.counters = Counters {
             after: 2,
             every: 3,
@@ -475,7 +448,11 @@ mod tests {
 
     #[test]
     fn per_connection_counters() {
-        let mut r = rule("once-each", EventSet::of(EventKind::Request), Action::Drop);
+        let mut r = rule(
+            "once-each",
+            EventSet::of(EventKind::Request),
+            Action::Drop(Drop),
+        );
         r.counters.times = Some(1);
         r.counters.per_connection = true;
         let e = Engine::new(RuleSet {
@@ -491,7 +468,7 @@ mod tests {
     #[test]
     fn probability_is_reproducible_from_the_seed() {
         let run = |seed| {
-            let mut r = rule("p", EventSet::of(EventKind::Request), Action::Drop);
+            let mut r = rule("p", EventSet::of(EventKind::Request), Action::Drop(Drop));
             r.counters.probability = 0.1;
             let e = Engine::new(RuleSet {
                 seed,
@@ -511,7 +488,7 @@ mod tests {
 
     #[test]
     fn multi_name_events_and_direction() {
-        let mut neg2 = rule("neg2", EventSet::of(EventKind::Neg2), Action::Drop);
+        let mut neg2 = rule("neg2", EventSet::of(EventKind::Neg2), Action::Drop(Drop));
         neg2.filter.direction = Some(Direction::ToClient);
         let e = Engine::new(RuleSet {
             seed: 0,

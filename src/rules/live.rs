@@ -16,8 +16,9 @@ use thiserror::Error;
 use crate::intercept::{ConnState, Event, Interceptor, Verdict};
 
 use super::engine::Engine;
+use super::fields::RuleError;
+use super::load_files;
 use super::model::RuleSet;
-use super::{RuleError, load_files};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ChangeError {

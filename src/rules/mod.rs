@@ -8,41 +8,31 @@
 //! Every check happens here, at load time, with the file, line and column of
 //! what is wrong and what would be allowed instead: a [`RuleSet`] that comes
 //! out of this module is one the engine can run as is.
+//!
+//! Layout: `model` (what a rule means), `fields` (the seam between formats
+//! and checks), `check` (format-independent validation), `actions/` (one
+//! file per action: fields, check, spelling, plan), `format/` (YAML, INI,
+//! the `GET /rules` listing), `engine` (which rule fires), `live` (changes
+//! while running), `rng` (seeded random streams).
 
 pub mod actions;
+pub mod check;
 pub mod engine;
-pub mod ini;
+pub mod fields;
+pub mod format;
 pub mod live;
 pub mod model;
+pub mod rng;
 mod suggest;
-pub mod yaml;
 
+pub use engine::RuleStats;
+pub use fields::RuleError;
+pub use format::{ini, yaml};
 pub use model::*;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// Why a rules file was rejected. Displays as `file:line:column: message`;
-/// line and column are 1-based, and 0 when the file could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
-pub struct RuleError {
-    pub file: String,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-impl RuleError {
-    pub(crate) fn new(file: &str, line: usize, column: usize, message: impl Into<String>) -> Self {
-        RuleError {
-            file: file.to_string(),
-            line,
-            column,
-            message: message.into(),
-        }
-    }
-}
+use check::{Draft, combine};
 
 /// The two rules file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,60 +83,6 @@ fn parse_draft(file: &str, text: &str) -> Result<Draft, RuleError> {
         Format::Yaml => yaml::parse_draft(file, text),
         Format::Ini => ini::parse_draft(file, text).map_err(|e| e.into_rule_error(file)),
     }
-}
-
-/// One parsed document, before names are settled across documents.
-#[derive(Debug, Clone)]
-pub(crate) struct Draft {
-    pub seed: Option<u64>,
-    pub rules: Vec<DraftRule>,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct DraftRule {
-    /// Complete but for `rule.name`, which is empty when not `named`.
-    pub rule: Rule,
-    pub named: bool,
-    /// Where the name is (or the rule, when it has none), for messages.
-    pub name_line: usize,
-    pub name_column: usize,
-}
-
-/// Settles default names and the seed, and checks names are unique.
-fn combine(drafts: Vec<Draft>, seed_override: Option<u64>) -> Result<RuleSet, RuleError> {
-    let seed = seed_override
-        .or_else(|| drafts.iter().find_map(|d| d.seed))
-        .unwrap_or(0);
-    let mut rules = Vec::new();
-    let mut seen: HashMap<String, Origin> = HashMap::new();
-    for draft in drafts {
-        for d in draft.rules {
-            let mut rule = d.rule;
-            if !d.named {
-                rule.name = format!("rule-{}", rules.len() + 1);
-            }
-            if let Some(first) = seen.get(&rule.name) {
-                let which = if d.named {
-                    String::new()
-                } else {
-                    " (the default name of this unnamed rule)".to_string()
-                };
-                return Err(RuleError::new(
-                    &rule.origin.file,
-                    d.name_line,
-                    d.name_column,
-                    format!(
-                        "duplicate rule name {:?}{which}: already used by the rule at {}:{}; \
-                         rule names must be unique",
-                        rule.name, first.file, first.line
-                    ),
-                ));
-            }
-            seen.insert(rule.name.clone(), rule.origin.clone());
-            rules.push(rule);
-        }
-    }
-    Ok(RuleSet { seed, rules })
 }
 
 #[cfg(test)]

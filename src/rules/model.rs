@@ -5,9 +5,13 @@
 //! already been checked: a `RuleSet` that exists is one the engine can run.
 
 use std::ops::Range;
-use std::time::Duration;
 
-use crate::protocol::{Direction, EventKind, EventSet};
+use crate::protocol::{Direction, EventSet};
+
+/// Actions are defined one per file in `rules::actions`.
+pub use super::actions::Action;
+pub use super::actions::corrupt::Corruption;
+pub use super::actions::error::Errno;
 
 /// A whole rules document: the rules in order, and the seed that makes
 /// probabilities and random corruption reproducible.
@@ -116,72 +120,6 @@ impl Default for Counters {
             per_connection: false,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Close both connections after `when` bytes; `reset` closes with RST.
-    Disconnect { reset: bool },
-    /// Answer with an error instead of the server (request, option) or
-    /// replace the server's answer (reply).
-    Error { errno: Errno },
-    /// Hold the message for `duration` ± `jitter`.
-    Delay {
-        duration: Duration,
-        jitter: Duration,
-    },
-    /// Stop the flow for `duration`, or until the connection ends.
-    Stall { duration: Option<Duration> },
-    /// Swallow the message whole.
-    Drop,
-    /// Flip bits.
-    Corrupt(Corruption),
-}
-
-impl Action {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Action::Disconnect { .. } => "disconnect",
-            Action::Error { .. } => "error",
-            Action::Delay { .. } => "delay",
-            Action::Stall { .. } => "stall",
-            Action::Drop => "drop",
-            Action::Corrupt(_) => "corrupt",
-        }
-    }
-}
-
-/// Which error to answer with: a transmission errno (NBD_E*) for requests
-/// and replies, an option reply error (NBD_REP_ERR_*) for options.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Errno {
-    /// NBD_EPERM, NBD_EIO, ... (the wire value).
-    Transmission(u32),
-    /// NBD_REP_ERR_UNSUP, ... (the wire value).
-    Option(u32),
-}
-
-/// Where and how to flip bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Corruption {
-    /// XOR the byte at offset `at` of the message with `xor`.
-    Byte { at: u64, xor: u8 },
-    /// Flip `bits` random bits (drawn from the seed) in the event's payload.
-    RandomBits { bits: u32 },
-}
-
-/// The event names a filter field can apply to, for load-time checks.
-pub fn transmission_events() -> EventSet {
-    EventSet::of(EventKind::Request)
-        .with(EventKind::Reply)
-        .with(EventKind::Data)
-}
-
-pub fn handshake_option_events() -> EventSet {
-    EventSet::of(EventKind::Export)
-        .with(EventKind::ExportName)
-        .with(EventKind::OptionReply)
-        .with(EventKind::Neg2)
 }
 
 #[cfg(test)]

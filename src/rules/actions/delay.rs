@@ -4,26 +4,73 @@
 
 use std::time::Duration;
 
-use crate::intercept::Plan;
-use crate::rules::engine::unit;
+use serde_json::Value;
 
-pub fn plan(at: u64, duration: Duration, jitter: Duration, rng: &mut u64) -> Plan {
-    let d = if jitter.is_zero() {
-        duration
-    } else {
-        // Uniform in [duration - jitter, duration + jitter], never negative.
-        let offset = jitter.mul_f64(unit(rng) * 2.0);
-        (duration + offset).saturating_sub(jitter)
+use super::kind::{Context, Firing, Kind, Spec, shown};
+use crate::intercept::Plan;
+use crate::rules::fields::{Fields, RuleError};
+use crate::rules::rng::unit;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delay {
+    pub duration: Duration,
+    /// The delay is uniform in `duration ± jitter`.
+    pub jitter: Duration,
+}
+
+impl Kind for Delay {
+    const SPEC: Spec = Spec {
+        name: "delay",
+        fields: &["duration", "jitter"],
+        partial: true,
+        connect: true,
+        doc: "hold the message for `duration` (± `jitter`), then pass it on",
     };
-    Plan::Hold {
-        at,
-        duration: Some(d),
+
+    fn check(fields: &dyn Fields, _: &Context) -> Result<Self, RuleError> {
+        let Some(duration) = fields.duration("duration")? else {
+            return Err(fields
+                .at_action("action delay needs a duration (e.g. duration: 200ms)".to_string()));
+        };
+        Ok(Delay {
+            duration,
+            jitter: fields.duration("jitter")?.unwrap_or(Duration::ZERO),
+        })
+    }
+
+    fn describe(&self) -> Vec<(&'static str, Value)> {
+        vec![
+            ("duration", shown(self.duration)),
+            ("jitter", shown(self.jitter)),
+        ]
+    }
+
+    fn plan(&self, fire: &mut Firing) -> Plan {
+        let d = if self.jitter.is_zero() {
+            self.duration
+        } else {
+            // Uniform in [duration - jitter, duration + jitter], never negative.
+            let offset = self.jitter.mul_f64(unit(fire.rng) * 2.0);
+            (self.duration + offset).saturating_sub(self.jitter)
+        };
+        Plan::Hold {
+            at: fire.at,
+            duration: Some(d),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{Given, plan_of, request};
     use super::*;
+    use crate::protocol::{EventKind, EventSet};
+    use crate::rules::fields::Scalar;
+
+    fn plan(at: u64, duration: Duration, jitter: Duration, rng: &mut u64) -> Plan {
+        let ev = request();
+        plan_of(&Delay { duration, jitter }, &ev, at, rng)
+    }
 
     #[test]
     fn jitter_stays_in_bounds_and_is_seeded() {
@@ -56,6 +103,28 @@ mod tests {
             Plan::Hold {
                 at: 3,
                 duration: Some(Duration::from_secs(1))
+            }
+        );
+    }
+
+    #[test]
+    fn check_needs_a_duration_and_defaults_the_jitter() {
+        let ctx = Context {
+            events: EventSet::of(EventKind::Request),
+        };
+        let e = Delay::check(&Given::of(&[("jitter", Scalar::Str("1s"))]), &ctx).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "given:1:1: action delay needs a duration (e.g. duration: 200ms)"
+        );
+        let d = Delay::check(&Given::of(&[("duration", Scalar::Int(2))]), &ctx);
+        assert!(d.unwrap_err().message.starts_with("invalid duration 2: "));
+        let d = Delay::check(&Given::of(&[("duration", Scalar::Str("2s"))]), &ctx).unwrap();
+        assert_eq!(
+            d,
+            Delay {
+                duration: Duration::from_secs(2),
+                jitter: Duration::ZERO
             }
         );
     }

@@ -1,20 +1,51 @@
 //! `drop`: swallow the message whole — a request the server never sees, a
 //! reply the client never gets, an option nobody answers.
 
-use crate::intercept::{Event, Plan};
+use serde_json::Value;
 
-pub fn plan(ev: &Event) -> Plan {
-    Plan::Discard {
-        keep: super::kept_prefix(ev),
-        answer: None,
+use super::kind::{Context, Firing, Kind, Spec, kept_prefix};
+use crate::intercept::Plan;
+use crate::rules::fields::{Fields, RuleError};
+
+/// No parameters. (Named after the action; it is not `std::ops::Drop`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drop;
+
+impl Kind for Drop {
+    const SPEC: Spec = Spec {
+        name: "drop",
+        fields: &[],
+        partial: false,
+        connect: false,
+        doc: "swallow the message whole",
+    };
+
+    fn check(_: &dyn Fields, _: &Context) -> Result<Self, RuleError> {
+        Ok(Drop)
+    }
+
+    fn describe(&self) -> Vec<(&'static str, Value)> {
+        Vec::new()
+    }
+
+    fn plan(&self, fire: &mut Firing) -> Plan {
+        Plan::Discard {
+            keep: kept_prefix(fire.ev),
+            answer: None,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::event;
+    use super::super::test_support::{event, plan_of, request};
     use super::*;
+    use crate::intercept::Event;
     use crate::protocol::{Direction, EventKind, MessageMeta};
+
+    fn plan(ev: &Event) -> Plan {
+        plan_of(&Drop, ev, 0, &mut 0)
+    }
 
     #[test]
     fn first_option_keeps_the_client_flags() {
@@ -31,12 +62,7 @@ mod tests {
                 answer: None
             }
         );
-        let ev = event(
-            EventKind::Request,
-            Direction::ToServer,
-            28,
-            MessageMeta::default(),
-        );
+        let ev = request();
         assert_eq!(
             plan(&ev),
             Plan::Discard {

@@ -10,14 +10,154 @@
 //!   not forward the option. NBD_OPT_EXPORT_NAME has no error reply in the
 //!   protocol, so there the only way to refuse is to hang up.
 
+use serde_json::Value;
+
+use super::kind::{Context, Firing, Kind, Spec, joined, kept_prefix};
 use crate::intercept::{Event, Plan};
-use crate::protocol::EventKind;
 use crate::protocol::consts::*;
 use crate::protocol::handshake::OptionReplyHeader;
 use crate::protocol::transmission::build_error_reply;
-use crate::rules::model::Errno;
+use crate::protocol::{EventKind, EventSet};
+use crate::rules::fields::{Fields, RuleError};
+use crate::rules::suggest;
 
-pub fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Error {
+    pub errno: Errno,
+}
+
+/// Which error to answer with: a transmission errno (NBD_E*) for requests
+/// and replies, an option reply error (NBD_REP_ERR_*) for options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Errno {
+    /// NBD_EPERM, NBD_EIO, ... (the wire value).
+    Transmission(u32),
+    /// NBD_REP_ERR_UNSUP, ... (the wire value).
+    Option(u32),
+}
+
+impl Errno {
+    /// The name a rules file gives it (the number if it has none).
+    pub fn name(self) -> String {
+        let (table, n) = match self {
+            Errno::Transmission(n) => (TRANSMISSION_ERRNOS, n),
+            Errno::Option(n) => (OPTION_ERRORS, n),
+        };
+        name_in(table, n).map_or_else(|| n.to_string(), str::to_string)
+    }
+}
+
+/// The events a transmission errno answers.
+fn transmission_events() -> EventSet {
+    EventSet::of(EventKind::Request).with(EventKind::Reply)
+}
+
+/// The events an option error answers (the client's options).
+fn option_events() -> EventSet {
+    EventSet::of(EventKind::Export)
+}
+
+impl Kind for Error {
+    const SPEC: Spec = Spec {
+        name: "error",
+        fields: &["errno"],
+        partial: false,
+        connect: false,
+        doc: "answer a request or option with an error, or replace a reply with one",
+    };
+
+    fn check(fields: &dyn Fields, ctx: &Context) -> Result<Self, RuleError> {
+        let events = ctx.events;
+        let transmission = transmission_events();
+        let option = option_events();
+        if let Some(k) = events
+            .iter()
+            .find(|&k| !transmission.contains(k) && !option.contains(k))
+        {
+            return Err(fields.at_action(format!(
+                "action error cannot apply to event {k}: it applies to events {} (with a \
+                 transmission errno) or {} (also named option; with an option error)",
+                joined(transmission),
+                joined(option)
+            )));
+        }
+        let is_option = events.iter().any(|k| option.contains(k));
+        if is_option && events.iter().any(|k| transmission.contains(k)) {
+            return Err(fields.at_action(format!(
+                "action error cannot mix option events ({}) with transmission events \
+                 ({}): they take different errors; write one rule for each",
+                joined(option),
+                joined(transmission)
+            )));
+        }
+        let (table, other, label, other_kind) = if is_option {
+            (
+                OPTION_ERRORS,
+                TRANSMISSION_ERRNOS,
+                "option errors",
+                "a transmission errno",
+            )
+        } else {
+            (
+                TRANSMISSION_ERRNOS,
+                OPTION_ERRORS,
+                "errnos",
+                "an option error",
+            )
+        };
+        let listed: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+        let allowed = format!("{label}: {}", listed.join(", "));
+        let Some(name) = fields.name("errno", &allowed)? else {
+            return Err(fields.at_action(format!("action error needs an errno ({allowed})")));
+        };
+        let lookup = |t: &[(&str, u32)]| {
+            t.iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+                .map(|&(_, v)| v)
+        };
+        if let Some(v) = lookup(table) {
+            let errno = if is_option {
+                Errno::Option(v)
+            } else {
+                Errno::Transmission(v)
+            };
+            return Ok(Error { errno });
+        }
+        if lookup(other).is_some() {
+            let (event, take) = if events.iter().count() > 1 {
+                ("events", "take")
+            } else {
+                ("event", "takes")
+            };
+            return Err(fields.at_value(
+                "errno",
+                format!(
+                    "errno {name:?} is {other_kind}, but {event} {} {take} {} ({allowed})",
+                    joined(events),
+                    if is_option {
+                        "an option error"
+                    } else {
+                        "a transmission errno"
+                    }
+                ),
+            ));
+        }
+        Err(fields.at_value(
+            "errno",
+            suggest::unknown("errno", name, label, &listed, &[]),
+        ))
+    }
+
+    fn describe(&self) -> Vec<(&'static str, Value)> {
+        vec![("errno", Value::from(self.errno.name()))]
+    }
+
+    fn plan(&self, fire: &mut Firing) -> Plan {
+        plan(fire.rule, self.errno, fire.ev)
+    }
+}
+
+fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
     let message = format!("nbdfault: error injected by rule {rule}");
     if ev.kinds.contains(EventKind::Export) {
         let option = ev.meta.option.unwrap_or(0);
@@ -40,7 +180,7 @@ pub fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
         .to_vec();
         answer.extend_from_slice(message.as_bytes());
         return Plan::Discard {
-            keep: super::kept_prefix(ev),
+            keep: kept_prefix(ev),
             answer: Some(answer),
         };
     }
@@ -206,5 +346,47 @@ mod tests {
                 reset: false
             }
         );
+    }
+
+    #[test]
+    fn check_takes_the_errno_kind_from_the_events() {
+        use super::super::test_support::Given;
+        use crate::rules::fields::Scalar;
+        let check = |events: EventSet, errno: Scalar<'static>| {
+            Error::check(&Given::of(&[("errno", errno)]), &Context { events })
+        };
+        let request = EventSet::of(EventKind::Request);
+        let export = EventSet::of(EventKind::Export);
+        assert_eq!(
+            check(request, Scalar::Str("eio")).unwrap().errno,
+            Errno::Transmission(EIO)
+        );
+        assert_eq!(
+            check(export, Scalar::Str("policy")).unwrap().errno,
+            Errno::Option(REP_ERR_POLICY)
+        );
+        let e = check(export, Scalar::Str("EIO")).unwrap_err();
+        assert!(
+            e.message.starts_with(
+                "errno \"EIO\" is a transmission errno, but event export takes an option error"
+            ),
+            "{e}"
+        );
+        let e = check(request.with(EventKind::Export), Scalar::Str("EIO")).unwrap_err();
+        assert!(e.message.contains("cannot mix option events"), "{e}");
+        let e = check(EventSet::of(EventKind::Data), Scalar::Str("EIO")).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("action error cannot apply to event data"),
+            "{e}"
+        );
+        let e = check(request, Scalar::Int(5)).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("errno must be a name, found 5 (errnos: EPERM,"),
+            "{e}"
+        );
+        assert_eq!(Errno::Option(REP_ERR_UNSUP).name(), "unsup");
+        assert_eq!(Errno::Transmission(999).name(), "999");
     }
 }

@@ -15,8 +15,11 @@
 
 use std::collections::HashSet;
 
-use super::{Action, Counters, Draft, DraftRule, Filter, Origin, Rule, RuleError, RuleSet, When};
 use crate::protocol::{Direction, EventKind, EventSet};
+use crate::rules::actions::{self, Context};
+use crate::rules::check::{Draft, DraftRule};
+use crate::rules::fields::{Fields, Pos, RuleError, Scalar};
+use crate::rules::model::{Counters, Filter, Origin, Rule, RuleSet, When};
 
 /// Why an injector configuration was rejected. `message` is exactly what
 /// nbd-fault-injector.py prints for the same mistake (for the checks it
@@ -148,6 +151,24 @@ fn inject_error(file: &str, section: &Section, defaults: &Section) -> Result<Dra
         }
     };
 
+    // The injector's sections have no action fields: every rule is the
+    // default action (a plain disconnect), checked as any other rule's.
+    let section_at = Pos {
+        line: section.line,
+        column: section.column,
+    };
+    let action = actions::DEFAULT
+        .check(
+            &NoFields {
+                file,
+                at: section_at,
+            },
+            &Context {
+                events: EventSet::of(kind),
+            },
+        )
+        .map_err(|e| IniError::new(e.line, e.column, e.message))?;
+
     Ok(DraftRule {
         rule: Rule {
             name: name.clone(),
@@ -166,12 +187,39 @@ fn inject_error(file: &str, section: &Section, defaults: &Section) -> Result<Dra
             },
             when,
             counters: Counters::default(),
-            action: Action::Disconnect { reset: false },
+            action,
         },
         named: true,
         name_line: section.line,
         name_column: section.column,
     })
+}
+
+/// A section's action fields: there are none.
+struct NoFields<'a> {
+    file: &'a str,
+    at: Pos,
+}
+
+impl Fields for NoFields<'_> {
+    fn file(&self) -> &str {
+        self.file
+    }
+    fn rule_pos(&self) -> Pos {
+        self.at
+    }
+    fn value(&self, _: &str) -> Option<Scalar<'_>> {
+        None
+    }
+    fn items(&self, _: &str) -> Option<Vec<(Scalar<'_>, Pos)>> {
+        None
+    }
+    fn value_pos(&self, _: &str) -> Pos {
+        self.at
+    }
+    fn key_pos(&self, _: &str) -> Pos {
+        self.at
+    }
 }
 
 /// Python's `int(str)` for the values it can see here: surrounding
@@ -400,6 +448,8 @@ fn section_header(line: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::Action;
+    use crate::rules::actions::disconnect::Disconnect;
 
     fn parse_ok(text: &str) -> RuleSet {
         parse_ini("t.ini", text).unwrap_or_else(|e| panic!("{e} (line {})\n{text}", e.line))
@@ -428,7 +478,7 @@ mod tests {
             },
             when,
             counters: Counters::default(),
-            action: Action::Disconnect { reset: false },
+            action: Action::Disconnect(Disconnect { reset: false }),
         }
     }
 
@@ -545,7 +595,7 @@ when=33
             ]
         );
         // The same through the format-detecting entry point.
-        assert_eq!(super::super::parse_str("t.ini", text).unwrap(), set);
+        assert_eq!(crate::rules::parse_str("t.ini", text).unwrap(), set);
     }
 
     #[test]
@@ -608,7 +658,7 @@ when=33
             assert_eq!(e.message, message, "{text}");
             assert_eq!(e.line, line, "{text}");
             assert_eq!(e.to_string(), message);
-            let wrapped = super::super::parse_str("q.conf", text).unwrap_err();
+            let wrapped = crate::rules::parse_str("q.conf", text).unwrap_err();
             assert_eq!(wrapped.to_string(), format!("q.conf:{line}:1: {message}"));
         }
     }

@@ -1,0 +1,625 @@
+//! Checking a rule, whatever format it was written in: its events,
+//! direction, filters, `when`, counters and action, each refused with the
+//! position of the value that is wrong and what would be allowed instead.
+//!
+//! A format reads its syntax into [`Fields`] and calls [`rule`]; the
+//! actions' own fields are checked by each action (`rules::actions`). Names
+//! across documents are settled by [`combine`].
+
+use std::collections::HashMap;
+
+use super::actions::{self, Context, joined};
+use super::fields::{Fields, Pos, RuleError, Scalar};
+use super::model::{Counters, Filter, OffsetRange, Origin, Rule, RuleSet, When};
+use super::suggest;
+use crate::protocol::{Direction, EventKind, EventSet, consts};
+
+type Result<T, E = RuleError> = std::result::Result<T, E>;
+
+/// One parsed document, before names are settled across documents.
+#[derive(Debug, Clone)]
+pub(crate) struct Draft {
+    pub seed: Option<u64>,
+    pub rules: Vec<DraftRule>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct DraftRule {
+    /// Complete but for `rule.name`, which is empty when not `named`.
+    pub rule: Rule,
+    pub named: bool,
+    /// Where the name is (or the rule, when it has none), for messages.
+    pub name_line: usize,
+    pub name_column: usize,
+}
+
+/// Settles default names and the seed, and checks names are unique.
+pub(crate) fn combine(drafts: Vec<Draft>, seed_override: Option<u64>) -> Result<RuleSet> {
+    let seed = seed_override
+        .or_else(|| drafts.iter().find_map(|d| d.seed))
+        .unwrap_or(0);
+    let mut rules = Vec::new();
+    let mut seen: HashMap<String, Origin> = HashMap::new();
+    for draft in drafts {
+        for d in draft.rules {
+            let mut rule = d.rule;
+            if !d.named {
+                rule.name = format!("rule-{}", rules.len() + 1);
+            }
+            if let Some(first) = seen.get(&rule.name) {
+                let which = if d.named {
+                    String::new()
+                } else {
+                    " (the default name of this unnamed rule)".to_string()
+                };
+                return Err(RuleError::new(
+                    &rule.origin.file,
+                    d.name_line,
+                    d.name_column,
+                    format!(
+                        "duplicate rule name {:?}{which}: already used by the rule at {}:{}; \
+                         rule names must be unique",
+                        rule.name, first.file, first.line
+                    ),
+                ));
+            }
+            seen.insert(rule.name.clone(), rule.origin.clone());
+            rules.push(rule);
+        }
+    }
+    Ok(RuleSet { seed, rules })
+}
+
+// ---------------------------------------------------------------------------
+// Names
+
+/// The fields every rule may have; each action's own follow (see
+/// [`field_names`]).
+const RULE_FIELDS: &[&str] = &[
+    "name",
+    "event",
+    "direction",
+    "command",
+    "offset",
+    "option",
+    "when",
+    "after",
+    "times",
+    "every",
+    "probability",
+    "per-connection",
+    "action",
+];
+
+/// Every field a rule may have, as messages list them.
+pub(crate) fn field_names() -> Vec<&'static str> {
+    let mut all = RULE_FIELDS.to_vec();
+    all.extend(actions::fields());
+    all
+}
+
+const EVENT_ALIASES: &[&str] = &["option", "option-data"];
+
+const DIRECTIONS: &[&str] = &["to-server", "to-client", "both"];
+
+fn event_names() -> Vec<&'static str> {
+    EventKind::ALL.iter().map(|k| k.name()).collect()
+}
+
+/// Whether event `k` can travel in direction `d` (`connect` travels none).
+fn travels(k: EventKind, d: Direction) -> bool {
+    match k {
+        EventKind::Connect => false,
+        EventKind::Data => true,
+        EventKind::NegClassic
+        | EventKind::Neg1
+        | EventKind::OptionReply
+        | EventKind::Neg2
+        | EventKind::Reply => d == Direction::ToClient,
+        EventKind::Export | EventKind::ExportName | EventKind::Request => d == Direction::ToServer,
+    }
+}
+
+/// The events `command` and `offset` can apply to.
+fn transmission_events() -> EventSet {
+    EventSet::of(EventKind::Request)
+        .with(EventKind::Reply)
+        .with(EventKind::Data)
+}
+
+/// The events `option` can apply to.
+fn handshake_option_events() -> EventSet {
+    EventSet::of(EventKind::Export)
+        .with(EventKind::ExportName)
+        .with(EventKind::OptionReply)
+        .with(EventKind::Neg2)
+}
+
+// ---------------------------------------------------------------------------
+// A rule
+
+/// Checks rule number `index` (1-based, for messages) of a document; `empty`
+/// says it has no entries at all.
+pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRule> {
+    let pos = f.rule_pos();
+    let (name, named, name_pos) = match rule_name(f)? {
+        Some(n) => (n, true, f.value_pos("name")),
+        None => (String::new(), false, pos),
+    };
+
+    if !f.has("event") {
+        let what = if empty {
+            format!("rule {index} is empty")
+        } else {
+            format!("rule {index} has no event")
+        };
+        return Err(f.at(
+            pos,
+            format!(
+                "{what}: the field \"event\" is required (events: {})",
+                event_names().join(", ")
+            ),
+        ));
+    }
+    let events = events(f)?;
+
+    let direction = if f.has("direction") {
+        direction(f, events)?
+    } else {
+        None
+    };
+    let commands = filter(f, "command", events, transmission_events(), commands)?;
+    let offset = filter(f, "offset", events, transmission_events(), offset)?;
+    let options = filter(f, "option", events, handshake_option_events(), options)?;
+
+    let (registered, explicit) = match action_name(f)? {
+        Some(a) => (a, true),
+        None => (&actions::DEFAULT, false),
+    };
+    let action = registered.spec;
+    for field in actions::fields() {
+        if f.has(field) && !action.fields.contains(&field) {
+            let default = if explicit { "" } else { " (the default)" };
+            return Err(f.at_key(
+                field,
+                format!(
+                    "{field} applies only to action {}, but this rule's action is {}{default}",
+                    actions::taking(field).join(" or "),
+                    action.name
+                ),
+            ));
+        }
+    }
+    if events.contains(EventKind::Connect) && !action.connect {
+        return Err(f.at_action(format!(
+            "action {} cannot apply to event connect (connect allows only: {})",
+            action.name,
+            actions::names_where(|s| s.connect).join(", ")
+        )));
+    }
+
+    let when = when(f)?;
+    if when != When::Before && !action.partial {
+        let written = match f.value("when") {
+            Some(Scalar::Str(s)) => s.to_string(),
+            _ => f.found("when"),
+        };
+        return Err(f.at_value(
+            "when",
+            format!(
+                "when: {written} is not allowed with action {}: only {} can fire part-way \
+                 through a message (use when: before)",
+                action.name,
+                actions::names_where(|s| s.partial).join(", ")
+            ),
+        ));
+    }
+
+    let counters = counters(f)?;
+    let ctx = Context { events };
+    let action = registered.check(f, &ctx)?;
+
+    Ok(DraftRule {
+        rule: Rule {
+            name,
+            origin: Origin {
+                file: f.file().to_string(),
+                line: pos.line,
+            },
+            filter: Filter {
+                events,
+                direction,
+                commands,
+                offset,
+                options,
+            },
+            when,
+            counters,
+            action,
+        },
+        named,
+        name_line: name_pos.line,
+        name_column: name_pos.column,
+    })
+}
+
+fn rule_name(f: &dyn Fields) -> Result<Option<String>> {
+    match f.value("name") {
+        None => Ok(None),
+        // Names go into log lines, metric labels and URLs: a control
+        // character (a newline, an escape) could forge or garble them.
+        Some(Scalar::Str(s)) if s.chars().any(char::is_control) => Err(f.at_value(
+            "name",
+            format!(
+                "name must be printable text (it appears in logs and URLs), found {s:?} with a \
+                 control character"
+            ),
+        )),
+        Some(Scalar::Str(s)) if !s.trim().is_empty() => Ok(Some(s.to_string())),
+        Some(Scalar::Int(n)) => Ok(Some(n.to_string())),
+        Some(v) => Err(f.at_value(
+            "name",
+            format!("name must be a non-empty string, found {}", v.found()),
+        )),
+    }
+}
+
+/// A name or a list of names, with where each is.
+fn names<'f>(
+    f: &'f dyn Fields,
+    field: &str,
+    label: &str,
+    listed: &[&str],
+) -> Result<Vec<(&'f str, Pos)>> {
+    let pos = f.value_pos(field);
+    let allowed = || format!("({label}: {})", listed.join(", "));
+    match f.value(field) {
+        Some(Scalar::Str(s)) => Ok(vec![(s, pos)]),
+        Some(Scalar::List) => {
+            let items = f.items(field).unwrap_or_default();
+            if items.is_empty() {
+                return Err(f.at(
+                    pos,
+                    format!("{field} list is empty; name at least one {}", allowed()),
+                ));
+            }
+            items
+                .into_iter()
+                .map(|(item, at)| match item {
+                    Scalar::Str(s) => Ok((s, at)),
+                    _ => Err(f.at(
+                        at,
+                        format!(
+                            "{field} list items must be names, found {} {}",
+                            item.found(),
+                            allowed()
+                        ),
+                    )),
+                })
+                .collect()
+        }
+        _ => Err(f.at(
+            pos,
+            format!(
+                "{field} must be a name or a list of names, found {} {}",
+                f.found(field),
+                allowed()
+            ),
+        )),
+    }
+}
+
+fn events(f: &dyn Fields) -> Result<EventSet> {
+    let listed = event_names();
+    let mut set = EventSet::EMPTY;
+    for (name, pos) in names(f, "event", "events", &listed)? {
+        let kind = EventKind::from_name(name).ok_or_else(|| {
+            f.at(
+                pos,
+                suggest::unknown("event", name, "events", &listed, EVENT_ALIASES),
+            )
+        })?;
+        set = set.with(kind);
+    }
+    Ok(set)
+}
+
+fn direction(f: &dyn Fields, events: EventSet) -> Result<Option<Direction>> {
+    let Some(s) = f
+        .value("direction")
+        .and_then(|v| v.str().map(str::to_string))
+    else {
+        return Err(f.at_value(
+            "direction",
+            format!(
+                "direction must be one of {}, found {}",
+                DIRECTIONS.join(", "),
+                f.found("direction")
+            ),
+        ));
+    };
+    let direction = match s.as_str() {
+        "to-server" => Direction::ToServer,
+        "to-client" => Direction::ToClient,
+        "both" => return Ok(None),
+        _ => {
+            return Err(f.at_value(
+                "direction",
+                suggest::unknown("direction", &s, "directions", DIRECTIONS, &[]),
+            ));
+        }
+    };
+    if events.contains(EventKind::Connect) {
+        return Err(f.at_key(
+            "direction",
+            format!("event connect takes no filters, but this rule has direction {direction}"),
+        ));
+    }
+    if !events.iter().any(|k| travels(k, direction)) {
+        let fixed: Vec<String> = events
+            .iter()
+            .map(|k| {
+                let only = if travels(k, Direction::ToServer) {
+                    Direction::ToServer
+                } else {
+                    Direction::ToClient
+                };
+                format!("{k} only travels {only}")
+            })
+            .collect();
+        return Err(f.at_value(
+            "direction",
+            format!(
+                "direction {direction} contradicts every event named, so the rule could never \
+                 match: {}",
+                fixed.join(", ")
+            ),
+        ));
+    }
+    Ok(Some(direction))
+}
+
+/// A filter field, if given: checked to apply to every event named, then
+/// read.
+fn filter<T>(
+    f: &dyn Fields,
+    field: &str,
+    events: EventSet,
+    allowed: EventSet,
+    read: fn(&dyn Fields) -> Result<T>,
+) -> Result<Option<T>> {
+    if !f.has(field) {
+        return Ok(None);
+    }
+    applies(f, field, events, allowed)?;
+    read(f).map(Some)
+}
+
+/// Every event named must be one `field` can apply to.
+fn applies(f: &dyn Fields, field: &str, events: EventSet, allowed: EventSet) -> Result<()> {
+    match events.iter().find(|&k| !allowed.contains(k)) {
+        None => Ok(()),
+        Some(EventKind::Connect) => Err(f.at_key(
+            field,
+            format!("event connect takes no filters, but this rule has {field}"),
+        )),
+        Some(k) => Err(f.at_key(
+            field,
+            format!(
+                "{field} cannot apply to event {k}; {field} applies only to events: {}",
+                joined(allowed)
+            ),
+        )),
+    }
+}
+
+/// Names from one of protocol's name tables, each value once, in the
+/// order given.
+fn named<T: Copy + PartialEq>(
+    f: &dyn Fields,
+    field: &str,
+    label: &str,
+    table: &[(T, &'static str)],
+) -> Result<Vec<T>> {
+    let listed: Vec<&str> = table.iter().map(|&(_, n)| n).collect();
+    let mut values = Vec::new();
+    for (name, pos) in names(f, field, label, &listed)? {
+        let (v, _) = table
+            .iter()
+            .find(|&&(_, n)| n == name)
+            .ok_or_else(|| f.at(pos, suggest::unknown(field, name, label, &listed, &[])))?;
+        if !values.contains(v) {
+            values.push(*v);
+        }
+    }
+    Ok(values)
+}
+
+fn commands(f: &dyn Fields) -> Result<Vec<u16>> {
+    named(f, "command", "commands", consts::COMMANDS)
+}
+
+fn options(f: &dyn Fields) -> Result<Vec<u32>> {
+    named(f, "option", "options", consts::OPTIONS)
+}
+
+fn offset(f: &dyn Fields) -> Result<OffsetRange> {
+    const FORMS: &str = "expected START..END, START.. or ..END with sizes such as 4096, 512K \
+                         or 1MiB";
+    let at = |message: String| f.at_value("offset", message);
+    let Some(text) = f.value("offset").and_then(|v| v.str().map(str::to_string)) else {
+        return Err(at(format!(
+            "offset must be a range, found {} ({FORMS})",
+            f.found("offset")
+        )));
+    };
+    let Some((start, end)) = text.split_once("..") else {
+        return Err(at(format!("offset {text:?} is not a range ({FORMS})")));
+    };
+    let size = |s: &str| -> Result<Option<u64>> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        crate::io::addr::parse_size(s)
+            .map(Some)
+            .map_err(|e| at(format!("offset {text:?}: {e}")))
+    };
+    let range = OffsetRange {
+        start: size(start)?,
+        end: size(end)?,
+    };
+    if let (Some(s), Some(e)) = (range.start, range.end) {
+        if e < s {
+            return Err(at(format!(
+                "offset range {text} ends before it starts (the end must be above the start; \
+                 {FORMS})"
+            )));
+        }
+        if e == s {
+            return Err(at(format!(
+                "offset range {text} ends before it starts: it ends where it starts, so it is \
+                 empty (the end must be above the start; {FORMS})"
+            )));
+        }
+    }
+    Ok(range)
+}
+
+/// The action the rule names, if it names one.
+fn action_name(f: &dyn Fields) -> Result<Option<&'static actions::Registered>> {
+    let Some(v) = f.value("action") else {
+        return Ok(None);
+    };
+    let names = actions::names();
+    let Some(s) = v.str() else {
+        return Err(f.at_value(
+            "action",
+            format!(
+                "action must be one of {}, found {}",
+                names.join(", "),
+                v.found()
+            ),
+        ));
+    };
+    match actions::find(s) {
+        Some(a) => Ok(Some(a)),
+        None => Err(f.at_value(
+            "action",
+            suggest::unknown("action", s, "actions", &names, &[]),
+        )),
+    }
+}
+
+fn when(f: &dyn Fields) -> Result<When> {
+    const ALLOWED: &str = "when: before, after, or a number of bytes (0 or more)";
+    let bytes = |n: u64| if n == 0 { When::Before } else { When::Bytes(n) };
+    match f.value("when") {
+        None => Ok(When::Before),
+        Some(Scalar::Str("before")) => Ok(When::Before),
+        Some(Scalar::Str("after")) => Ok(When::After),
+        Some(Scalar::Str(s)) => match s.parse::<u64>() {
+            Ok(n) => Ok(bytes(n)),
+            Err(_) => {
+                let hint = suggest::suggest(s, &["before", "after"])
+                    .map(|h| format!(" — did you mean {h:?}?"))
+                    .unwrap_or_default();
+                Err(f.at_value("when", format!("invalid when {s:?}{hint} ({ALLOWED})")))
+            }
+        },
+        Some(Scalar::Int(n)) if (0..=i128::from(u64::MAX)).contains(&n) => Ok(bytes(n as u64)),
+        Some(v) => Err(f.at_value("when", format!("invalid when {} ({ALLOWED})", v.found()))),
+    }
+}
+
+fn counters(f: &dyn Fields) -> Result<Counters> {
+    let d = Counters::default();
+    Ok(Counters {
+        after: f.uint("after", 0, u64::MAX)?.unwrap_or(d.after),
+        times: f.uint("times", 1, u64::MAX)?,
+        every: f.uint("every", 1, u64::MAX)?.unwrap_or(d.every),
+        probability: f.fraction("probability")?.unwrap_or(d.probability),
+        per_connection: f.boolean("per-connection")?.unwrap_or(d.per_connection),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::actions::test_support::Given;
+
+    fn check(fields: &[(&'static str, Scalar<'static>)]) -> Result<DraftRule> {
+        rule(&Given::of(fields), 1, fields.is_empty())
+    }
+
+    /// The checks need no format: a rule given as plain fields.
+    #[test]
+    fn a_rule_from_plain_fields() {
+        let d = check(&[("event", Scalar::Str("request"))]).unwrap();
+        assert!(!d.named);
+        assert_eq!(d.rule.origin.file, "given");
+        assert_eq!(d.rule.action.name(), "disconnect");
+        assert_eq!(d.rule.when, When::Before);
+        assert_eq!(d.rule.counters, Counters::default());
+        let d = check(&[
+            ("name", Scalar::Int(7)),
+            ("event", Scalar::Str("reply")),
+            ("action", Scalar::Str("drop")),
+            ("probability", Scalar::Float(0.5)),
+        ])
+        .unwrap();
+        assert_eq!(d.rule.name, "7");
+        assert_eq!((d.name_line, d.name_column), (2, 10));
+        assert_eq!(d.rule.counters.probability, 0.5);
+    }
+
+    /// The message a rule of `fields` is refused with.
+    fn refused(fields: &[(&'static str, Scalar<'static>)]) -> String {
+        match check(fields) {
+            Ok(d) => panic!("accepted: {d:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn generic_checks_use_the_action_specs() {
+        let request = ("event", Scalar::Str("request"));
+        assert!(refused(&[]).starts_with("given:1:1: rule 1 is empty"));
+        assert_eq!(
+            refused(&[request, ("errno", Scalar::Str("EIO"))]),
+            "given:3:1: errno applies only to action error, but this rule's action is \
+             disconnect (the default)"
+        );
+        assert_eq!(
+            refused(&[
+                ("event", Scalar::Str("connect")),
+                ("action", Scalar::Str("drop"))
+            ]),
+            "given:3:10: action drop cannot apply to event connect (connect allows only: \
+             disconnect, delay)"
+        );
+        let when = refused(&[
+            request,
+            ("action", Scalar::Str("drop")),
+            ("when", Scalar::Int(4)),
+        ]);
+        assert!(
+            when.starts_with(
+                "given:4:10: when: 4 is not allowed with action drop: only disconnect, delay, \
+                 stall"
+            ),
+            "{when}"
+        );
+        let unknown = refused(&[request, ("action", Scalar::Str("dely"))]);
+        assert!(unknown.contains("did you mean \"delay\"?"), "{unknown}");
+    }
+
+    #[test]
+    fn field_names_are_the_rule_fields_then_the_actions() {
+        assert_eq!(
+            field_names().join(", "),
+            "name, event, direction, command, offset, option, when, after, times, every, \
+             probability, per-connection, action, errno, duration, jitter, reset, at, xor, bits"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::kind::{Context, Firing, Kind, Spec, joined, kept_prefix};
 use crate::intercept::{Event, Plan};
 use crate::protocol::consts::*;
-use crate::protocol::handshake::OptionReplyHeader;
+use crate::protocol::handshake::build_option_error;
 use crate::protocol::transmission::build_error_reply;
 use crate::protocol::{EventKind, EventSet};
 use crate::rules::fields::{Fields, RuleError};
@@ -171,17 +171,9 @@ fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
             Errno::Option(e) => e,
             Errno::Transmission(_) => REP_ERR_UNSUP,
         };
-        let mut answer = OptionReplyHeader {
-            option,
-            reply_type,
-            length: message.len() as u32,
-        }
-        .build()
-        .to_vec();
-        answer.extend_from_slice(message.as_bytes());
         return Plan::Discard {
             keep: kept_prefix(ev),
-            answer: Some(answer),
+            answer: Some(build_option_error(option, reply_type, &message)),
         };
     }
     let error = match errno {
@@ -219,6 +211,7 @@ fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
 mod tests {
     use super::super::test_support::event;
     use super::*;
+    use crate::protocol::handshake::OptionReplyHeader;
     use crate::protocol::transmission::{Reply, ReplyMode};
     use crate::protocol::{Direction, MessageMeta};
 

@@ -11,7 +11,7 @@ use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,26 @@ fn start(args: &[&str], stderr: Stdio) -> Child {
         "unexpected start: {seen:?}"
     );
     child
+}
+
+/// A 64 MiB null server with a control socket in `dir`, started with
+/// `extra` arguments: (the process, its NBD URI, its control socket).
+fn start_null(dir: &Path, extra: &[&str], stderr: Stdio) -> (Child, String, PathBuf) {
+    let sock = dir.join("nbd.sock");
+    let control = dir.join("control.sock");
+    let (sock_arg, control_arg) = (sock.display().to_string(), control.display().to_string());
+    let mut args = vec![
+        "null",
+        "--size",
+        "64M",
+        "--listen",
+        &sock_arg,
+        "--control",
+        &control_arg,
+    ];
+    args.extend_from_slice(extra);
+    let child = start(&args, stderr);
+    (child, format!("nbd+unix:///?socket={sock_arg}"), control)
 }
 
 fn metrics(control: &Path) -> String {
@@ -170,23 +190,9 @@ fn a_trace_reader_that_stops_reading_loses_lines_not_traffic() {
         .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(&fifo)
         .unwrap();
-    let sock = dir.path().join("nbd.sock");
-    let control = dir.path().join("control.sock");
-    let mut child = start(
-        &[
-            "null",
-            "--size",
-            "64M",
-            "--listen",
-            &sock.display().to_string(),
-            "--control",
-            &control.display().to_string(),
-            "--trace",
-            &fifo.display().to_string(),
-        ],
-        Stdio::null(),
-    );
-    many_small_reads(&format!("nbd+unix:///?socket={}", sock.display()));
+    let fifo_arg = fifo.display().to_string();
+    let (mut child, uri, control) = start_null(dir.path(), &["--trace", &fifo_arg], Stdio::null());
+    many_small_reads(&uri);
     let text = metrics(&control);
     assert!(
         counter(&text, "nbdfault_trace_lines_dropped_total") > 0,
@@ -207,25 +213,12 @@ fn an_unread_stderr_loses_log_lines_not_traffic() {
          action: delay\n    duration: 0s\n",
     )
     .unwrap();
-    let sock = dir.path().join("nbd.sock");
-    let control = dir.path().join("control.sock");
+    let rules_arg = rules.display().to_string();
     // stderr is a pipe this test never reads, as `Popen(stderr=PIPE)` read
     // at the end would be.
-    let mut child = start(
-        &[
-            "null",
-            "--size",
-            "64M",
-            "--listen",
-            &sock.display().to_string(),
-            "--control",
-            &control.display().to_string(),
-            "--rules",
-            &rules.display().to_string(),
-        ],
-        Stdio::piped(),
-    );
-    many_small_reads(&format!("nbd+unix:///?socket={}", sock.display()));
+    let (mut child, uri, control) =
+        start_null(dir.path(), &["--rules", &rules_arg], Stdio::piped());
+    many_small_reads(&uri);
     let text = metrics(&control);
     assert!(
         counter(&text, "nbdfault_log_lines_dropped_total") > 0,

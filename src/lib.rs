@@ -10,6 +10,7 @@
 //! | module | its job |
 //! |---|---|
 //! | [`process`] | the process: runtime, signals, `--run`, shutdown |
+//! | [`sweep`] | `nbdfault sweep`: a client run once per fault point of its session, and what it mishandled |
 //! | [`injector`] | the drop-in for QEMU's `nbd-fault-injector.py` |
 //! | [`server`] | the accept loop, its limits and the registry of live connections |
 //! | [`backend`] | what sits behind the proxy: a socket to a real server, or the built-in null server |
@@ -36,3 +37,4 @@ pub mod protocol;
 pub mod proxy;
 pub mod rules;
 pub mod server;
+pub mod sweep;

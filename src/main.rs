@@ -19,6 +19,7 @@ use nbdfault::observe::trace::TraceTarget;
 use nbdfault::process::{ServeOptions, serve};
 use nbdfault::rules::{self, RuleSet, live::LiveRules};
 use nbdfault::server::Limits;
+use nbdfault::sweep;
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +56,16 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+    /// Run a client once per fault point of its session and report what it
+    /// mishandles: nbdfault sweep [SERVER] [OPTIONS] -- CMD [ARG...]
+    ///
+    /// CMD runs directly (no shell, in a process group of its own) with $uri,
+    /// $nbd, $unixsocket, $port and $dir (a private directory per run); use
+    /// `sh -c '...'` for a command line. --server, --setup and --verify are
+    /// shell command lines with the same environment. A --server that goes
+    /// into the background (nbdkit without -f) escapes the run: it is
+    /// detected and refused.
+    Sweep(Box<SweepArgs>),
     /// Validate rule files without serving; exit 0 when all are good.
     Check {
         #[arg(value_name = "FILE", required = true)]
@@ -66,6 +77,63 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// The built-in null server behind each run (the default).
+    #[arg(long, conflicts_with_all = ["upstream", "server"])]
+    null: bool,
+    /// With --null: its size.
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    size: String,
+    /// A running server behind each run.
+    #[arg(long, value_name = "TARGET", conflicts_with = "server")]
+    upstream: Option<String>,
+    /// A server started fresh for every run (sh -c), in the foreground,
+    /// listening on the private unix socket "$unixsocket", e.g.
+    /// 'qemu-nbd -f raw -k "$unixsocket" "$dir/disk.img"'.
+    #[arg(long, value_name = "CMD")]
+    server: Option<String>,
+    /// Run before each run, e.g. 'cp base.img "$dir/disk.img"'.
+    #[arg(long, value_name = "CMD")]
+    setup: Option<String>,
+    /// Run after each run whose client exited 0; non-zero means silent
+    /// corruption.
+    #[arg(long, value_name = "CMD")]
+    verify: Option<String>,
+    /// Fault kinds to try: disconnect, error, drop, corrupt, stall, delay.
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "disconnect,error,drop,corrupt"
+    )]
+    faults: String,
+    /// Event names to target [default: every event the baseline saw].
+    #[arg(long, value_name = "LIST")]
+    events: Option<String>,
+    /// A run longer than this is a hang; its whole process group is killed.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    timeout: humantime::Duration,
+    /// Runs in parallel [default: the number of cores].
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Sample that many runs, reproducibly for --seed, when there are more.
+    #[arg(long, value_name = "N")]
+    max_points: Option<usize>,
+    /// Seed of the sample and of the rules' random choices.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
+    /// Write index.html, runs.json and repro/NNN.yaml (one per finding) here.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
+    /// Outcomes that make the exit status 1: ok, error, hang, crash,
+    /// corrupt, unreached.
+    #[arg(long, value_name = "LIST", default_value = "hang,crash,corrupt")]
+    fail_on: String,
+    /// The client: CMD [ARG...], after --.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
 }
 
 /// What `proxy` and `null` share.
@@ -184,6 +252,21 @@ fn main() -> ExitCode {
         return injector::main("nbdfault legacy", &args[2..]);
     }
     let cli = Cli::parse();
+    if let Command::Sweep(args) = cli.command {
+        let _log = log::init(cli.verbose, "error", true);
+        return match sweep_options(*args) {
+            Ok(opts) => {
+                let dir = opts.setup.dir.clone();
+                let code = sweep::main(opts);
+                let _ = std::fs::remove_dir_all(dir);
+                ExitCode::from(code as u8)
+            }
+            Err(e) => {
+                eprintln!("nbdfault sweep: {e:#}");
+                ExitCode::from(sweep::EXIT_UNUSABLE as u8)
+            }
+        };
+    }
     if let Command::Legacy { args } = &cli.command {
         let _log = log::init(cli.verbose, "error", false);
         return injector::main("nbdfault legacy", args);
@@ -221,7 +304,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
         Command::Check { files } => return check(&files).map(|()| ExitCode::SUCCESS),
         // Dispatched in main, before the runtime and logging are set up.
-        Command::Legacy { .. } => anyhow::bail!("legacy mode is handled in main"),
+        Command::Legacy { .. } | Command::Sweep(_) => {
+            anyhow::bail!("legacy and sweep are handled in main")
+        }
     };
     let listen = match &args.listen {
         Some(l) => Some(l.parse::<ListenAddr>().context("--listen")?),
@@ -310,4 +395,117 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         return Err(format!("{s:?} is more than permission bits (at most 777)"));
     }
     Ok(m)
+}
+
+/// Whether `cmd` names a program that can be run (a path, or a name on
+/// PATH).
+fn runnable(cmd: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let ok = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if cmd.contains('/') {
+        return ok(std::path::Path::new(cmd));
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| ok(&d.join(cmd))))
+}
+
+fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
+    let timeout = Duration::from(a.timeout);
+    if timeout.is_zero() {
+        anyhow::bail!("--timeout must be longer than 0 (e.g. 10s)");
+    }
+    if !runnable(&a.cmd[0]) {
+        anyhow::bail!(
+            "cannot run {:?}: no such program (the client runs without a shell; for a command \
+             line, use -- sh -c '...')",
+            a.cmd[0]
+        );
+    }
+    let list = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let mut faults = Vec::new();
+    for f in list(&a.faults) {
+        match sweep::plan::FAULT_KINDS.iter().find(|k| **k == f) {
+            Some(k) => faults.push(*k),
+            None => anyhow::bail!(
+                "--faults: unknown fault kind {f:?} (kinds: {})",
+                sweep::plan::FAULT_KINDS.join(", ")
+            ),
+        }
+    }
+    let mut fail_on = Vec::new();
+    for o in list(&a.fail_on) {
+        match sweep::outcome::Outcome::from_name(&o) {
+            Some(x) => fail_on.push(x),
+            None => anyhow::bail!(
+                "--fail-on: unknown outcome {o:?} (outcomes: ok, error, hang, crash, corrupt, \
+                 unreached)"
+            ),
+        }
+    }
+    let (server, reproduce_with) = match (&a.upstream, &a.server) {
+        (Some(t), _) => (
+            sweep::run::ServerMode::Backend(Backend::Upstream(
+                t.parse::<Target>().context("--upstream")?,
+            )),
+            format!("nbdfault proxy --upstream {t}"),
+        ),
+        (None, Some(cmd)) => (
+            sweep::run::ServerMode::Command(cmd.clone()),
+            "nbdfault proxy --upstream \"$unixsocket\" (with --server running on $unixsocket)"
+                .to_string(),
+        ),
+        (None, None) => (
+            sweep::run::ServerMode::Backend(Backend::Null(NullConfig {
+                size: parse_size(&a.size).context("--size")?,
+                oldstyle: false,
+            })),
+            format!("nbdfault null --size {}", a.size),
+        ),
+    };
+    let jobs = a
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if jobs == 0 {
+        anyhow::bail!("--jobs must be 1 or more");
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "nbdfault-sweep-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    ));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(sweep::Options {
+        setup: sweep::run::Setup {
+            server,
+            cmd: a.cmd,
+            setup: a.setup,
+            verify: a.verify,
+            timeout,
+            dir,
+        },
+        faults,
+        events: a.events.as_deref().map(list),
+        jobs,
+        max_points: a.max_points,
+        seed: a.seed,
+        report: a.report,
+        fail_on,
+        reproduce_with,
+    })
 }

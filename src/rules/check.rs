@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use super::actions::{self, Context, joined};
 use super::fields::{Fields, Pos, RuleError, Scalar};
-use super::model::{Counters, Filter, OffsetRange, Origin, Rule, RuleSet, When};
+use super::model::{ConnRange, Counters, Filter, OffsetRange, Origin, Rule, RuleSet, When};
 use super::suggest;
 use crate::protocol::{Direction, EventKind, EventSet, consts};
 
@@ -82,6 +82,7 @@ const RULE_FIELDS: &[&str] = &[
     "command",
     "offset",
     "option",
+    "connection",
     "when",
     "after",
     "times",
@@ -171,6 +172,11 @@ pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRul
     let commands = filter(f, "command", events, transmission_events(), commands)?;
     let offset = filter(f, "offset", events, transmission_events(), offset)?;
     let options = filter(f, "option", events, handshake_option_events(), options)?;
+    let connections = if f.has("connection") {
+        Some(connections(f)?)
+    } else {
+        None
+    };
 
     let (registered, explicit) = match action_name(f)? {
         Some(a) => (a, true),
@@ -232,6 +238,7 @@ pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRul
                 commands,
                 offset,
                 options,
+                connections,
             },
             when,
             counters,
@@ -435,6 +442,58 @@ fn named<T: Copy + PartialEq>(
     Ok(values)
 }
 
+/// `connection: N`, `N..M` (both included), `N..` (N and later), or a
+/// list of those.
+fn connections(f: &dyn Fields) -> Result<Vec<ConnRange>> {
+    const FORMS: &str = "connection ordinals count from 1 since the server started: N, N..M \
+                         (N to M), N.. (N and later), or a list of those";
+    let one = |v: Scalar, pos: Pos| -> Result<ConnRange> {
+        let bad = || f.at(pos, format!("invalid connection {} ({FORMS})", v.found()));
+        let number = |s: &str| s.trim().parse::<u64>().ok().filter(|&n| n >= 1);
+        match v {
+            Scalar::Int(n) if n >= 1 && n <= i128::from(u64::MAX) => Ok(ConnRange {
+                first: n as u64,
+                last: Some(n as u64),
+            }),
+            Scalar::Str(s) => match s.split_once("..") {
+                None => number(s)
+                    .map(|n| ConnRange {
+                        first: n,
+                        last: Some(n),
+                    })
+                    .ok_or_else(bad),
+                Some((a, b)) => {
+                    let first = number(a).ok_or_else(bad)?;
+                    let last = if b.trim().is_empty() {
+                        None
+                    } else {
+                        Some(number(b).ok_or_else(bad)?)
+                    };
+                    if last.is_some_and(|l| l < first) {
+                        return Err(f.at(
+                            pos,
+                            format!("connection range {s} ends before it starts ({FORMS})"),
+                        ));
+                    }
+                    Ok(ConnRange { first, last })
+                }
+            },
+            _ => Err(bad()),
+        }
+    };
+    match f.value("connection") {
+        Some(Scalar::List) => {
+            let items = f.items("connection").unwrap_or_default();
+            if items.is_empty() {
+                return Err(f.at_value("connection", format!("connection list is empty ({FORMS})")));
+            }
+            items.into_iter().map(|(v, pos)| one(v, pos)).collect()
+        }
+        Some(v) => Ok(vec![one(v, f.value_pos("connection"))?]),
+        None => Ok(Vec::new()),
+    }
+}
+
 fn commands(f: &dyn Fields) -> Result<Vec<u16>> {
     named(f, "command", "commands", consts::COMMANDS)
 }
@@ -546,6 +605,38 @@ fn counters(f: &dyn Fields) -> Result<Counters> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_ranges_and_their_errors() {
+        let parse = |v: &str| {
+            crate::rules::parse_str(
+                "t.yaml",
+                &format!("rules:\n  - event: connect\n    connection: {v}\n"),
+            )
+        };
+        let conns = |v: &str| {
+            parse(v).unwrap().rules[0]
+                .filter
+                .connections
+                .clone()
+                .unwrap()
+        };
+        let r = |first, last| ConnRange { first, last };
+        assert_eq!(conns("3"), [r(3, Some(3))]);
+        assert_eq!(conns("\"2..4\""), [r(2, Some(4))]);
+        assert_eq!(conns("[1, \"5..\"]"), [r(1, Some(1)), r(5, None)]);
+        for (bad, says) in [
+            ("0", "invalid connection 0"),
+            ("\"5..3\"", "connection range 5..3 ends before it starts"),
+            ("\"x\"", "invalid connection \"x\""),
+            ("[]", "connection list is empty"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with("t.yaml:3:") && e.contains(says), "{bad}: {e}");
+            assert!(e.contains("N..M (N to M)"), "{e}");
+        }
+        assert!(r(2, Some(4)).contains(4) && !r(2, Some(4)).contains(5) && r(2, None).contains(99));
+    }
     use crate::rules::actions::test_support::Given;
 
     fn check(fields: &[(&'static str, Scalar<'static>)]) -> Result<DraftRule> {
@@ -618,7 +709,7 @@ mod tests {
     fn field_names_are_the_rule_fields_then_the_actions() {
         assert_eq!(
             field_names().join(", "),
-            "name, event, direction, command, offset, option, when, after, times, every, \
+            "name, event, direction, command, offset, option, connection, when, after, times, every, \
              probability, per-connection, action, errno, duration, jitter, reset, at, xor, bits"
         );
     }

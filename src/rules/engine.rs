@@ -332,6 +332,11 @@ fn filter_matches(f: &Filter, ev: &Event) -> bool {
             _ => return false,
         }
     }
+    if let Some(conns) = &f.connections
+        && !conns.iter().any(|r| r.contains(ev.conn))
+    {
+        return false;
+    }
     true
 }
 
@@ -358,6 +363,7 @@ mod tests {
                 commands: None,
                 offset: None,
                 options: None,
+                connections: None,
             },
             when: When::Before,
             counters: Counters::default(),
@@ -387,6 +393,36 @@ mod tests {
             Verdict::Pass => None,
             Verdict::Fault(f) => Some(f.rule.to_string()),
         }
+    }
+
+    #[test]
+    fn connection_filters_pick_connections_by_ordinal() {
+        let set = crate::rules::parse_str(
+            "t.yaml",
+            "rules:\n  - name: second\n    event: request\n    connection: 2\n    action: drop\n  \
+             - name: some\n    event: request\n    connection: [4, \"6..7\", \"9..\"]\n    action: drop\n",
+        )
+        .unwrap();
+        let e = Engine::new(set);
+        let fires: Vec<Option<String>> = (1..=10)
+            .map(|c| fired(&e, &request(c, CMD_READ, 0), &mut ConnState::default()))
+            .collect();
+        let names: Vec<Option<&str>> = fires.iter().map(|f| f.as_deref()).collect();
+        assert_eq!(
+            names,
+            [
+                None,
+                Some("second"),
+                None,
+                Some("some"),
+                None,
+                Some("some"),
+                Some("some"),
+                None,
+                Some("some"),
+                Some("some")
+            ]
+        );
     }
 
     #[test]
@@ -536,6 +572,7 @@ mod tests {
                     commands,
                     offset: range.map(|(start, end)| OffsetRange { start, end }),
                     options: None,
+                    connections: None,
                 })
                 .collect();
             let mut index = KindIndex::default();
@@ -575,6 +612,7 @@ mod tests {
                 commands: cmds,
                 offset: range.map(|(start, end)| OffsetRange { start, end }),
                 options: None,
+                connections: None,
             };
             let mut ev = request(1, 0, 0);
             ev.direction = d(ev_dir);

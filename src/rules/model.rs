@@ -53,6 +53,32 @@ pub struct Filter {
     pub offset: Option<OffsetRange>,
     /// Options (NBD_OPT_*); `None`: any.
     pub options: Option<Vec<u32>>,
+    /// Connections by ordinal (1-based, since the server started); `None`:
+    /// any.
+    pub connections: Option<Vec<ConnRange>>,
+}
+
+/// Connection ordinals `first..=last` (`last` open when `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRange {
+    pub first: u64,
+    pub last: Option<u64>,
+}
+
+impl ConnRange {
+    pub fn contains(&self, conn: u64) -> bool {
+        conn >= self.first && self.last.is_none_or(|l| conn <= l)
+    }
+}
+
+impl std::fmt::Display for ConnRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.last {
+            Some(l) if l == self.first => write!(f, "{l}"),
+            Some(l) => write!(f, "{}..{l}", self.first),
+            None => write!(f, "{}..", self.first),
+        }
+    }
 }
 
 /// `[start, end)`; `None` ends are open.

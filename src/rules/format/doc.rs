@@ -61,7 +61,7 @@ impl Serialize for RuleDoc {
         let f = &r.filter;
         let c = &r.counters;
         let extra = r.action.describe();
-        let mut m = s.serialize_struct("RuleJson", 17 + extra.len())?;
+        let mut m = s.serialize_struct("RuleJson", 18 + extra.len())?;
         m.serialize_field("name", &r.name)?;
         m.serialize_field("file", &r.origin.file)?;
         m.serialize_field("line", &r.origin.line)?;
@@ -85,6 +85,20 @@ impl Serialize for RuleDoc {
                 .collect::<Vec<_>>()
         });
         m.serialize_field("option", &options)?;
+        // Only when given, so rules without it read as they always have.
+        match &f.connections {
+            Some(conns) => {
+                let spelled: Vec<Value> = conns
+                    .iter()
+                    .map(|r| match r.last {
+                        Some(l) if l == r.first => Value::from(l),
+                        _ => Value::from(r.to_string()),
+                    })
+                    .collect();
+                m.serialize_field("connection", &spelled)?;
+            }
+            None => m.skip_field("connection")?,
+        }
         let when = match r.when {
             When::Before => Value::from("before"),
             When::After => Value::from("after"),

@@ -376,6 +376,7 @@ rules:
                         end: Some(2 << 20)
                     }),
                     options: None,
+                    connections: None,
                 },
                 when: When::Before,
                 counters: Counters::default(),
@@ -407,6 +408,7 @@ rules:
                 commands: None,
                 offset: None,
                 options: None,
+                connections: None,
             }
         );
         assert_eq!(

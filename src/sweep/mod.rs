@@ -1,0 +1,307 @@
+//! `nbdfault sweep`: run a client once without faults, learn every message
+//! of its session, run it again once per fault point, and report which
+//! faults it survived, which it reported, and which made it hang, crash or
+//! return wrong data.
+//!
+//! - [`plan`] (no I/O): the baseline's messages as points, and the faults
+//!   that apply at each, as ordinary rules documents;
+//! - [`run`]: one run, with its proxy hosted in this process;
+//! - [`outcome`] (no I/O): a run's facts → its verdict;
+//! - [`report`]: the table on stdout, `runs.json`, `index.html` and the
+//!   reproducer rules files.
+
+pub mod outcome;
+pub mod plan;
+pub mod report;
+pub mod run;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use outcome::Outcome;
+use plan::{TraceLine, Trial};
+use run::{Facts, RunError, Setup};
+
+use crate::rules;
+
+/// Everything the command line says.
+#[derive(Debug)]
+pub struct Options {
+    pub setup: Setup,
+    /// Fault kinds to try (names from [`plan::FAULT_KINDS`]).
+    pub faults: Vec<&'static str>,
+    /// Event names to target; `None`: every event the baseline saw.
+    pub events: Option<Vec<String>>,
+    pub jobs: usize,
+    pub max_points: Option<usize>,
+    pub seed: u64,
+    pub report: Option<PathBuf>,
+    pub fail_on: Vec<Outcome>,
+    /// How to say the reproducing command: the server part of it
+    /// (`nbdfault null --size 1M`, ...).
+    pub reproduce_with: String,
+}
+
+/// One finished run, for the report.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub id: usize,
+    pub trial: Trial,
+    pub rules: String,
+    pub outcome: Outcome,
+    pub facts: Facts,
+}
+
+/// Exit statuses.
+pub const EXIT_CLEAN: i32 = 0;
+pub const EXIT_FINDINGS: i32 = 1;
+pub const EXIT_UNUSABLE: i32 = 2;
+
+/// Runs the sweep to its end (or to Ctrl-C) and returns the exit status.
+pub fn main(opts: Options) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.jobs.clamp(1, 4))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nbdfault sweep: cannot start the runtime: {e}");
+            return EXIT_UNUSABLE;
+        }
+    };
+    let code = rt.block_on(sweep(opts));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
+async fn sweep(opts: Options) -> i32 {
+    let opts = Arc::new(opts);
+    let started = Instant::now();
+    // The baseline: nothing can be learnt from a session that fails.
+    let base = match run::run(&opts.setup, None, &opts.setup.dir.join("baseline")).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("nbdfault sweep: the baseline run could not start: {e}");
+            return EXIT_UNUSABLE;
+        }
+    };
+    let verdict = outcome::classify(base.exit, true, &base.output, || {
+        base.verified.unwrap_or(true)
+    });
+    if verdict != Outcome::Ok {
+        let why = match verdict {
+            Outcome::Corrupt => "--verify failed after it".to_string(),
+            Outcome::Hang => format!("it ran past --timeout ({:?})", opts.setup.timeout),
+            _ => format!("the client ended with {:?}", base.exit),
+        };
+        eprintln!(
+            "nbdfault sweep: the baseline run (no faults) failed: {why}; nothing can be learnt \
+             from it. Its output:\n{}",
+            base.output
+        );
+        return EXIT_UNUSABLE;
+    }
+    let trace: Vec<TraceLine> = base
+        .trace
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let points = plan::points(&trace, opts.events.as_deref());
+    let delay = (opts.setup.timeout / 4).min(Duration::from_secs(1));
+    let mut trials: Vec<(Trial, String)> = Vec::new();
+    for p in &points {
+        for t in plan::trials(p, &opts.faults, delay) {
+            let name = format!("sweep-{}", trials.len() + 1);
+            let doc = t.rules(opts.seed, &name);
+            // The rule checker decides what applies where.
+            if rules::parse_str("sweep", &doc).is_ok() {
+                trials.push((t, doc));
+            }
+        }
+    }
+    let total_trials = trials.len();
+    if let Some(n) = opts.max_points {
+        let keep = plan::sample(trials.len(), n, opts.seed);
+        let mut kept = Vec::with_capacity(keep.len());
+        for (i, t) in trials.into_iter().enumerate() {
+            if keep.binary_search(&i).is_ok() {
+                kept.push(t);
+            }
+        }
+        trials = kept;
+    }
+    let progress = Progress::new(trials.len());
+    eprintln!(
+        "nbdfault sweep: the baseline took {:.1} s and saw {} messages: {} runs{}",
+        base.duration.as_secs_f64(),
+        points.len(),
+        trials.len(),
+        if trials.len() < total_trials {
+            format!(" (a sample of {total_trials})")
+        } else {
+            String::new()
+        }
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let slots = Arc::new(Semaphore::new(opts.jobs.max(1)));
+    let mut tasks = Vec::new();
+    for (id, (trial, doc)) in trials.into_iter().enumerate() {
+        let (opts, slots, stop, progress) =
+            (opts.clone(), slots.clone(), stop.clone(), progress.clone());
+        tasks.push(tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await.ok()?;
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            let set = rules::parse_str("sweep", &doc).ok()?;
+            let dir = opts.setup.dir.join(format!("{:04}", id + 1));
+            let result = run::run(&opts.setup, Some(set), &dir).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let facts = match result {
+                Ok(f) => f,
+                Err(e) => return Some(Err(e)),
+            };
+            let verdict = outcome::classify(facts.exit, facts.fired, &facts.output, || {
+                facts.verified.unwrap_or(true)
+            });
+            progress.done(opts.fail_on.contains(&verdict));
+            Some(Ok(Finished {
+                id: id + 1,
+                trial,
+                rules: doc,
+                outcome: verdict,
+                facts,
+            }))
+        }));
+    }
+    // Ctrl-C: no new runs; the running ones are killed (their process
+    // groups go with their tasks); the report says what finished.
+    let interrupted = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+    };
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    let mut finished = Vec::new();
+    let mut failed: Option<RunError> = None;
+    for t in tasks {
+        let result = tokio::select! {
+            r = t => r.ok().flatten(),
+            () = wait_for(&stop) => None,
+        };
+        match result {
+            Some(Ok(f)) => finished.push(f),
+            Some(Err(e)) => {
+                failed.get_or_insert(e);
+                stop.store(true, Ordering::Relaxed);
+            }
+            None => {}
+        }
+    }
+    interrupted.abort();
+    // Runs still going after a stop are dropped, which kills their process
+    // groups.
+    for a in aborts {
+        a.abort();
+    }
+    progress.finish();
+    if let Some(e) = failed {
+        eprintln!("nbdfault sweep: a run could not start: {e}");
+    }
+    let was_stopped = stop.load(Ordering::Relaxed);
+    finished.sort_by_key(|f| f.id);
+    let summary = report::Summary {
+        finished: &finished,
+        total: progress.total,
+        elapsed: started.elapsed(),
+        interrupted: was_stopped,
+        opts: &opts,
+    };
+    print!("{}", report::text(&summary));
+    let _ = std::io::stdout().flush();
+    if let Some(dir) = &opts.report
+        && let Err(e) = report::write_dir(dir, &summary)
+    {
+        eprintln!(
+            "nbdfault sweep: cannot write the report in {}: {e}",
+            dir.display()
+        );
+        return EXIT_UNUSABLE;
+    }
+    if finished.iter().any(|f| opts.fail_on.contains(&f.outcome)) {
+        EXIT_FINDINGS
+    } else if was_stopped {
+        EXIT_UNUSABLE
+    } else {
+        EXIT_CLEAN
+    }
+}
+
+async fn wait_for(flag: &AtomicBool) {
+    while !flag.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs done so far, on stderr: a bar on a terminal, a line per tenth
+/// otherwise.
+#[derive(Clone)]
+struct Progress {
+    total: usize,
+    done: Arc<AtomicUsize>,
+    findings: Arc<AtomicUsize>,
+    started: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Progress {
+            total,
+            done: Arc::default(),
+            findings: Arc::default(),
+            started: Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn done(&self, finding: bool) {
+        let n = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        let f = self
+            .findings
+            .fetch_add(usize::from(finding), Ordering::Relaxed)
+            + usize::from(finding);
+        let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        if self.tty {
+            let width = 30;
+            let filled = n * width / self.total.max(1);
+            eprint!(
+                "\r[{}{}] {n}/{} runs, {f} finding(s), {rate:.1} runs/s ",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                self.total
+            );
+        } else if n == self.total || n.is_multiple_of((self.total / 10).max(1)) {
+            eprintln!(
+                "nbdfault sweep: {n}/{} runs, {f} finding(s), {rate:.1} runs/s",
+                self.total
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}

@@ -112,6 +112,15 @@ async fn sweep(opts: Options) -> i32 {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
+    if trace.is_empty() {
+        eprintln!(
+            "nbdfault sweep: the baseline run made no NBD connection, so there is nothing to \
+             sweep: the client must connect to \"$uri\" (for a command line, -- sh -c '... \
+             \"$uri\"'). Its output:\n{}",
+            base.output
+        );
+        return EXIT_UNUSABLE;
+    }
     let points = plan::points(&trace, opts.events.as_deref());
     let delay = (opts.setup.timeout / 4).min(Duration::from_secs(1));
     let mut trials: Vec<(Trial, String)> = Vec::new();

@@ -263,7 +263,7 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
             });
         }
     }
-    let (backend, _server) = match &setup.server {
+    let (backend, mut server_group) = match &setup.server {
         ServerMode::Backend(b) => (b.clone(), None),
         ServerMode::Command(line) => {
             let g = start_server(line, &env, dir, &server_sock).await?;
@@ -321,6 +321,16 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     let _ = serving.await;
     for c in registry.list() {
         c.kill();
+    }
+    // A server that forked and exited left its socket to a process this
+    // run cannot stop; the next run would find it still there.
+    if let Some(g) = server_group.as_mut()
+        && let Ok(Some(status)) = g.child.try_wait()
+        && tokio::net::UnixStream::connect(&server_sock).await.is_ok()
+    {
+        return Err(RunError::ServerDaemonized {
+            status: status.to_string(),
+        });
     }
     let fired = engine
         .as_ref()

@@ -57,6 +57,9 @@ pub struct Finished {
     pub facts: Facts,
 }
 
+/// Runs past their first seconds that may wait at once, per job.
+const OPEN_PER_JOB: usize = 8;
+
 /// Exit statuses.
 pub const EXIT_CLEAN: i32 = 0;
 pub const EXIT_FINDINGS: i32 = 1;
@@ -159,19 +162,39 @@ async fn sweep(opts: Options) -> i32 {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    // `--jobs` bounds the runs that are working. A run still going after
+    // `lingering` (a few times the baseline) is most likely waiting on a
+    // hang it will be killed for: it gives up its slot and waits among at
+    // most `OPEN_PER_JOB` × jobs such runs, so hangs cost time, not turns.
     let slots = Arc::new(Semaphore::new(opts.jobs.max(1)));
+    let open = Arc::new(Semaphore::new(opts.jobs.max(1) * OPEN_PER_JOB));
+    let lingering = (base.duration * 4).max(Duration::from_secs(1));
     let mut tasks = Vec::new();
     for (id, (trial, doc)) in trials.into_iter().enumerate() {
-        let (opts, slots, stop, progress) =
-            (opts.clone(), slots.clone(), stop.clone(), progress.clone());
+        let (opts, slots, open, stop, progress) = (
+            opts.clone(),
+            slots.clone(),
+            open.clone(),
+            stop.clone(),
+            progress.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            let _slot = slots.acquire_owned().await.ok()?;
+            let _open = open.acquire_owned().await.ok()?;
+            let slot = slots.acquire_owned().await.ok()?;
             if stop.load(Ordering::Relaxed) {
                 return None;
             }
             let set = rules::parse_str("sweep", &doc).ok()?;
             let dir = opts.setup.dir.join(format!("{:04}", id + 1));
-            let result = run::run(&opts.setup, Some(set), &dir).await;
+            let running = run::run(&opts.setup, Some(set), &dir);
+            tokio::pin!(running);
+            let result = tokio::select! {
+                r = &mut running => r,
+                () = tokio::time::sleep(lingering) => {
+                    drop(slot);
+                    running.await
+                }
+            };
             let _ = std::fs::remove_dir_all(&dir);
             let facts = match result {
                 Ok(f) => f,

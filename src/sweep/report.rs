@@ -138,14 +138,16 @@ pub fn text(s: &Summary) -> String {
             total[i] += 1;
         }
     }
+    let own: Duration = s.finished.iter().map(|f| f.facts.own).sum();
     let _ = writeln!(
         out,
-        "\n{} of {} runs in {:.1} s{}: {}",
+        "\n{} of {} runs in {:.1} s{}: {}; the sweep's own cost {:.1} ms a run",
         s.finished.len(),
         s.total,
         s.elapsed.as_secs_f64(),
         if s.interrupted { " (interrupted)" } else { "" },
-        counts(&total)
+        counts(&total),
+        own.as_secs_f64() * 1000.0 / s.finished.len().max(1) as f64
     );
     let findings: Vec<&Finished> = s.findings().collect();
     if findings.is_empty() {
@@ -206,6 +208,8 @@ struct RunJson<'a> {
     outcome: Outcome,
     exit: Exit,
     duration_ms: u128,
+    /// The sweep's own cost of the run (all but the user's commands).
+    sweep_us: u128,
     fired: bool,
     verified: Option<bool>,
     /// The trace lines where a rule fired: the fault as it happened.
@@ -228,6 +232,7 @@ pub fn write_dir(dir: &Path, s: &Summary) -> std::io::Result<()> {
             outcome: f.outcome,
             exit: f.facts.exit,
             duration_ms: f.facts.duration.as_millis(),
+            sweep_us: f.facts.own.as_micros(),
             fired: f.facts.fired,
             verified: f.facts.verified,
             fault_lines: f

@@ -63,6 +63,9 @@ pub struct Facts {
     pub output: String,
     /// The run's event trace (JSON lines).
     pub trace: String,
+    /// The sweep's own part of the run: its whole time less the client's,
+    /// `--setup`'s, the server's start and `--verify`'s.
+    pub own: Duration,
 }
 
 /// Why a run could not even start.
@@ -246,6 +249,9 @@ async fn start_server(
 
 /// Runs the client once with `rules` (none: the baseline) in `dir`.
 pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Facts, RunError> {
+    let whole = Instant::now();
+    // Time spent in the user's commands, not the sweep's.
+    let mut theirs = Duration::ZERO;
     std::fs::create_dir_all(dir).map_err(|e| RunError::Dir(dir.to_path_buf(), e))?;
     let proxy_sock = dir.join("nbd.sock");
     let server_sock = dir.join("server.sock");
@@ -254,8 +260,10 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
         ("unixsocket", server_sock.display().to_string()),
     ];
     if let Some(line) = &setup.setup {
+        let t = Instant::now();
         let g = Group::spawn(shell(line, &env, dir), "--setup", line)?;
         let (exit, output) = finish(g, setup.timeout).await;
+        theirs += t.elapsed();
         if exit != Exit::Code(0) {
             return Err(RunError::SetupFailed {
                 status: describe(exit),
@@ -266,7 +274,9 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     let (backend, mut server_group) = match &setup.server {
         ServerMode::Backend(b) => (b.clone(), None),
         ServerMode::Command(line) => {
+            let t = Instant::now();
             let g = start_server(line, &env, dir, &server_sock).await?;
+            theirs += t.elapsed();
             (
                 Backend::Upstream(Target::Unix(server_sock.clone())),
                 Some(g),
@@ -311,6 +321,7 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     let client = Group::spawn(cmd, "the client", &setup.cmd.join(" "))?;
     let (exit, output) = finish(client, setup.timeout).await;
     let duration = started.elapsed();
+    theirs += duration;
 
     // Let the proxy see the client's connections end, so the trace is whole.
     let until = Instant::now() + Duration::from_secs(2);
@@ -337,8 +348,10 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
         .is_none_or(|e| e.stats().iter().any(|s| s.fired > 0));
     let verified = match (&setup.verify, exit) {
         (Some(line), Exit::Code(0)) if fired => {
+            let t = Instant::now();
             let g = Group::spawn(shell(line, &env, dir), "--verify", line)?;
             let (v, _) = finish(g, setup.timeout).await;
+            theirs += t.elapsed();
             Some(v == Exit::Code(0))
         }
         _ => None,
@@ -346,7 +359,10 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     telemetry.flush_trace();
     drop(telemetry);
     let trace = std::fs::read_to_string(&trace_path).unwrap_or_default();
+    // The server's stop (a kill and a wait) is the sweep's own cost.
+    drop(server_group);
     Ok(Facts {
+        own: whole.elapsed().saturating_sub(theirs),
         exit,
         duration,
         fired,

@@ -19,8 +19,9 @@
 //! Payloads are streamed, never held, so their lengths are not bounded for
 //! memory's sake: a request over the configured `max_payload` is framed like
 //! any other and marked [`Frame::refuse`] (the proxy answers it itself), and
-//! replies are framed at whatever length the server sends. Only handshake
-//! messages, which a real peer keeps small, have a hard bound.
+//! replies are framed at whatever length the server sends, except that a
+//! chunk answering a read may carry no more than the read asked for. Only
+//! handshake messages, which a real peer keeps small, have a hard bound.
 //!
 //! Cookies need not be distinct (the spec says SHOULD): requests sharing one
 //! are answered in the order they were sent. Where, with simple replies, the
@@ -50,6 +51,13 @@ pub const MAX_INFLIGHT: usize = 65536;
 /// real peer comes near it (nbdkit and libnbd refuse more than 64 MiB), so a
 /// larger length means bytes that are not NBD at all.
 pub const HANDSHAKE_MAX: u64 = 64 << 20;
+
+/// Fixed fields a reply chunk may carry beside a read's data (the offset
+/// of OFFSET_DATA, the error and message length of ERROR), with slack.
+const CHUNK_OVERHEAD: u64 = 64;
+
+/// An error chunk's message is at most this long (the spec's limit).
+const ERROR_MESSAGE_MAX: u64 = 4096;
 
 /// `max_payload` for no limit on request payloads.
 pub const NO_LIMIT: u64 = u64::MAX;
@@ -636,9 +644,19 @@ impl Session {
                     None
                 }
             }
-            // Streamed too: chunk payloads are never parsed here.
+            // Streamed too: chunk payloads are never parsed here. But a
+            // chunk answering a read carries at most what the read asked
+            // for, or an error message, plus its fixed fields: more is a
+            // server gone wrong, stopped before it reaches the client.
             _ => {
                 let len = reply.chunk_len();
+                if let Some(r) = req.filter(|r| r.command == CMD_READ) {
+                    let max = r
+                        .length
+                        .max(ERROR_MESSAGE_MAX)
+                        .saturating_add(CHUNK_OVERHEAD);
+                    self.check_len("reply chunk", len, max)?;
+                }
                 (len > 0).then_some(len)
             }
         };
@@ -1083,6 +1101,34 @@ pub(crate) mod tests {
         let f = frame_of(&mut s, Direction::ToClient, &r);
         assert_eq!(f.segments()[1].len, (1 << 40) + 8);
         assert_eq!(s.inflight_count(), 0);
+    }
+
+    #[test]
+    fn a_read_chunk_larger_than_the_read_is_an_error() {
+        let mut s = in_transmission_with(NO_LIMIT);
+        s.mode = ReplyMode::Structured;
+        frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(false, CMD_READ, 0, 1, 4096),
+        );
+        let chunk = |len| {
+            let mut r = [0u8; 20];
+            ReplyMode::Structured
+                .chunk(0, REPLY_TYPE_OFFSET_DATA, 1, 0, len)
+                .build(&mut r);
+            r
+        };
+        // The read's data and its offset; an error with a long message.
+        frame_of(&mut s, Direction::ToClient, &chunk(4096 + 8));
+        frame_of(&mut s, Direction::ToClient, &chunk(6 + 4096));
+        assert!(matches!(
+            s.next(Direction::ToClient, &chunk(u32::MAX.into())),
+            Err(ProtocolError::TooLarge {
+                what: "reply chunk",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -18,6 +18,15 @@ use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
 
+/// A fresh directory with `disk.img`, `size` pseudo-random bytes; and them.
+fn random_disk(size: u64, seed: u64) -> (TempDir, PathBuf, Vec<u8>) {
+    let dir = TempDir::new().unwrap();
+    let disk = dir.path().join("disk.img");
+    write_random_file(&disk, size, seed);
+    let bytes = std::fs::read(&disk).unwrap();
+    (dir, disk, bytes)
+}
+
 /// Panics naming the first differing offset unless `got == want`.
 fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -155,10 +164,7 @@ impl Drop for NbdServer {
 
 #[test]
 fn nbd_server_gets_40_mib_reads_and_writes_through_the_proxy_byte_exact() {
-    let dir = TempDir::new().unwrap();
-    let disk = dir.path().join("disk.img");
-    write_random_file(&disk, 160 << 20, 1);
-    let before = std::fs::read(&disk).unwrap();
+    let (dir, disk, before) = random_disk(160 << 20, 1);
     let server = NbdServer::start(dir.path(), &disk);
     // The client's export name goes through: nbd-server serves "disk".
     let p = Nbdfault::proxy(&server.target());
@@ -194,10 +200,7 @@ fn nbd_server_gets_40_mib_reads_and_writes_through_the_proxy_byte_exact() {
 
 #[test]
 fn qemu_nbd_gets_32_mib_requests_its_own_limit_both_reply_forms() {
-    let dir = TempDir::new().unwrap();
-    let disk = dir.path().join("disk.img");
-    write_random_file(&disk, 96 << 20, 3);
-    let before = std::fs::read(&disk).unwrap();
+    let (dir, disk, before) = random_disk(96 << 20, 3);
     let q = QemuNbd::raw(&disk);
     let p = Nbdfault::proxy(&q.uri());
     for (structured, seed, at) in [(false, 4, 32 << 20), (true, 5, 64 << 20)] {
@@ -388,10 +391,7 @@ fn reply(s: &mut TcpStream) -> (u32, u64) {
 
 #[test]
 fn pipelined_requests_under_one_cookie_are_all_answered() {
-    let dir = TempDir::new().unwrap();
-    let disk = dir.path().join("disk.img");
-    write_random_file(&disk, 8 << 20, 7);
-    let image = std::fs::read(&disk).unwrap();
+    let (_dir, disk, image) = random_disk(8 << 20, 7);
     let q = QemuNbd::raw(&disk);
     let p = Nbdfault::proxy(&q.uri());
     let mut s = TcpStream::connect(tcp_addr(p.uri())).unwrap();

@@ -181,10 +181,12 @@ struct ServeArgs {
 /// Limits against hostile or broken peers; each is logged when hit.
 #[derive(clap::Args)]
 struct LimitArgs {
-    /// Largest payload a length field may announce (write payloads, option
-    /// data, reply chunks); more closes that connection.
-    #[arg(long, value_name = "SIZE", default_value = "32M")]
-    max_payload: String,
+    /// Largest payload one request may carry or ask for (a write's payload,
+    /// a read's length), 512 to 4G: the proxy answers a larger request with
+    /// EINVAL itself, never forwards it, and the connection goes on
+    /// [default: no limit; the server decides].
+    #[arg(long, value_name = "SIZE")]
+    max_payload: Option<String>,
     /// Close a client that has not finished the handshake after this long.
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     handshake_timeout: humantime::Duration,
@@ -198,8 +200,7 @@ struct LimitArgs {
 
 impl LimitArgs {
     fn limits(&self) -> Result<Limits> {
-        // Headroom above the payload for a chunk's own fields.
-        let max_payload = parse_size(&self.max_payload).context("--max-payload")? + (64 << 10);
+        let max_payload = self.max_payload.as_deref().map(max_payload).transpose()?;
         Ok(Limits {
             max_payload,
             handshake_timeout: self.handshake_timeout.into(),
@@ -207,6 +208,22 @@ impl LimitArgs {
             max_connections: self.max_connections,
         })
     }
+}
+
+/// Below the 512-byte block every client may use, every read and write
+/// would be refused; above 4G no compact request can reach it and no server
+/// can advertise it (NBD_INFO_BLOCK_SIZE is 32 bits): leave it out instead.
+const MAX_PAYLOAD_RANGE: std::ops::RangeInclusive<u64> = 512..=(4 << 30);
+
+fn max_payload(s: &str) -> Result<u64> {
+    let n = parse_size(s).context("--max-payload")?;
+    if !MAX_PAYLOAD_RANGE.contains(&n) {
+        anyhow::bail!(
+            "--max-payload {s}: must be from 512 bytes to 4G ({} bytes); leave it out for no limit",
+            MAX_PAYLOAD_RANGE.end()
+        );
+    }
+    Ok(n)
 }
 
 #[derive(clap::Args)]

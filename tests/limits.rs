@@ -42,26 +42,6 @@ fn a_client_that_never_finishes_the_handshake_is_closed() {
 }
 
 #[test]
-fn a_payload_over_the_limit_closes_that_connection_only() {
-    require_tool("qemu-io");
-    let p = Nbdfault::start(&["null", "--listen", "127.0.0.1:0", "--max-payload", "1M"]);
-    let out = qemu_io(p.uri(), &["write 0 4M"]);
-    assert!(!out.success(), "{}", out.describe());
-    assert!(
-        p.wait_for_stderr("write payload length", Duration::from_secs(5)),
-        "{}",
-        p.stderr()
-    );
-    assert!(
-        p.stderr().contains("exceeds the limit of"),
-        "{}",
-        p.stderr()
-    );
-    // Within the limit, and the next client, all is well.
-    QemuIo::new(p.uri()).cmd("write -P 3 0 1M").run_ok();
-}
-
-#[test]
 fn clients_beyond_max_connections_wait_their_turn() {
     require_tool("qemu-io");
     require_tool("nbdinfo");

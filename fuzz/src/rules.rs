@@ -28,7 +28,11 @@ pub fn yaml(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let a = rules::yaml::parse(YAML_FILE, &text);
     let b = rules::yaml::parse(YAML_FILE, &text);
-    assert_eq!(format!("{a:?}"), format!("{b:?}"), "YAML parse is not deterministic");
+    assert_eq!(
+        format!("{a:?}"),
+        format!("{b:?}"),
+        "YAML parse is not deterministic"
+    );
     let auto = rules::parse_str(YAML_FILE, &text);
     if detect_format(&text) == Format::Yaml {
         assert_eq!(
@@ -51,10 +55,18 @@ pub fn ini(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let a = parse_ini(INI_FILE, &text);
     let b = parse_ini(INI_FILE, &text);
-    assert_eq!(format!("{a:?}"), format!("{b:?}"), "INI parse is not deterministic");
+    assert_eq!(
+        format!("{a:?}"),
+        format!("{b:?}"),
+        "INI parse is not deterministic"
+    );
     let auto = rules::parse_str(INI_FILE, &text);
     let auto2 = rules::parse_str(INI_FILE, &text);
-    assert_eq!(format!("{auto:?}"), format!("{auto2:?}"), "parse_str is not deterministic");
+    assert_eq!(
+        format!("{auto:?}"),
+        format!("{auto2:?}"),
+        "parse_str is not deterministic"
+    );
     match a {
         Ok(set) => {
             if detect_format(&text) == Format::Ini {
@@ -96,7 +108,15 @@ fn max_lines(text: &str) -> usize {
         .filter(|c| {
             matches!(
                 c,
-                '\n' | '\r' | '\x0b' | '\x0c' | '\x1c' | '\x1d' | '\x1e' | '\u{85}' | '\u{2028}' | '\u{2029}'
+                '\n' | '\r'
+                    | '\x0b'
+                    | '\x0c'
+                    | '\x1c'
+                    | '\x1d'
+                    | '\x1e'
+                    | '\u{85}'
+                    | '\u{2028}'
+                    | '\u{2029}'
             )
         })
         .count();
@@ -108,7 +128,11 @@ fn check_set(set: RuleSet, file: &str, text: &str) {
     let mut names = std::collections::HashSet::new();
     for r in &set.rules {
         assert!(!r.name.is_empty(), "unnamed rule {r:?}");
-        assert!(names.insert(r.name.clone()), "duplicate rule name {:?}", r.name);
+        assert!(
+            names.insert(r.name.clone()),
+            "duplicate rule name {:?}",
+            r.name
+        );
         assert_eq!(r.origin.file, file);
         assert!(
             r.origin.line >= 1 && r.origin.line <= lines,
@@ -116,7 +140,11 @@ fn check_set(set: RuleSet, file: &str, text: &str) {
             r.name,
             r.origin.line
         );
-        assert!(!r.filter.events.is_empty(), "rule {:?} listens to nothing", r.name);
+        assert!(
+            !r.filter.events.is_empty(),
+            "rule {:?} listens to nothing",
+            r.name
+        );
     }
     run_engine(set);
 }

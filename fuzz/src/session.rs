@@ -18,14 +18,12 @@ use nbdfault::protocol::consts::*;
 use nbdfault::protocol::handshake::{
     ExportInfo, NewstyleGreeting, OldstyleGreeting, OptionHeader, OptionReplyHeader,
 };
+use nbdfault::protocol::session::{HANDSHAKE_MAX, NO_LIMIT};
 use nbdfault::protocol::transmission::{ReplyMode, Request};
 use nbdfault::protocol::{Direction, EventKind, Frame, ProtocolError, Session, Step};
 
 use crate::input::{Cuts, Input, split};
 
-/// Slack the session allows above the payload limit in a reply chunk
-/// (`CHUNK_OVERHEAD` in session.rs).
-const CHUNK_OVERHEAD: u64 = 64;
 /// The largest header of any message (the oldstyle greeting).
 const LARGEST_HEADER: u64 = OldstyleGreeting::LEN as u64;
 
@@ -83,7 +81,9 @@ fn other(d: Direction) -> Direction {
 }
 
 enum Stepped {
-    Frame { wake: bool },
+    Frame {
+        wake: bool,
+    },
     /// NeedMore, an empty buffer, payload still to come, or an error.
     Stuck,
     Wait,
@@ -196,6 +196,12 @@ impl Sim {
                 }
                 self.log.push(Logged::Frame(dir, f));
                 self.skip[d] = f.len();
+                // The pipeline answers a refused request itself.
+                if f.refuse.is_some()
+                    && let Some(cookie) = f.meta.cookie
+                {
+                    self.session.forget(cookie);
+                }
                 Stepped::Frame { wake: f.wake_peer }
             }
             Ok(Step::NeedMore) => Stepped::Stuck,
@@ -302,15 +308,30 @@ fn check_frame(f: &Frame, dir: Direction, max_payload: u64) {
             segs[0].len
         );
     }
-    // `Session::new`: max_payload "bounds every length field that announces
-    // bytes to stream ... a message claiming more is a protocol error, not a
-    // 4 GiB relay".
-    for s in segs {
-        assert!(
-            s.len <= max_payload + CHUNK_OVERHEAD,
-            "{dir}: segment of {} bytes exceeds max_payload {max_payload} (+{CHUNK_OVERHEAD}): {f:?}",
-            s.len
+    // Handshake messages are bounded; payloads are streamed at any length,
+    // but a request asking more than max_payload is refused when it arrives.
+    if f.meta.cookie.is_none() {
+        for s in segs {
+            assert!(
+                s.len <= HANDSHAKE_MAX + LARGEST_HEADER,
+                "{dir}: handshake segment of {} bytes: {f:?}",
+                s.len
+            );
+        }
+    } else if dir == Direction::ToServer {
+        let payload = segs.get(1).map_or(0, |s| s.len);
+        let asked = if f.meta.command == Some(CMD_READ) {
+            f.meta.length.unwrap_or(0)
+        } else {
+            0
+        };
+        assert_eq!(
+            f.refuse.is_some(),
+            payload.max(asked) > max_payload,
+            "{dir}: max_payload {max_payload}: {f:?}"
         );
+    } else {
+        assert_eq!(f.refuse, None, "{dir}: only requests are refused: {f:?}");
     }
 }
 
@@ -340,7 +361,14 @@ pub fn rep(option: u32, reply_type: u32, data: &[u8]) -> Vec<u8> {
     v
 }
 
-pub fn req(extended: bool, command: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
+pub fn req(
+    extended: bool,
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> Vec<u8> {
     let mut b = [0u8; 32];
     let n = Request {
         extended,
@@ -392,14 +420,10 @@ pub fn client_requests(extended: bool) -> Vec<u8> {
     v
 }
 
-/// The two payload limits the harnesses use: a small one, so that the
-/// TooLarge checks are reachable, and the proxy's default.
+/// The two payload limits the harnesses use: a small one, so that
+/// refusals are reachable, and the proxy's default (none).
 pub fn max_payload(cfg: u8) -> u64 {
-    if cfg & 0x80 != 0 {
-        4096
-    } else {
-        (32 << 20) + (64 << 10)
-    }
+    if cfg & 0x80 != 0 { 4096 } else { NO_LIMIT }
 }
 
 fn assert_reached(ok: bool, what: &str, sim: &Sim) {
@@ -420,10 +444,12 @@ pub const TO_SERVER_STATES: u8 = 6;
 fn to_server_setup(state: u8, cfg: u8) -> Sim {
     let mut sim = Sim::new(max_payload(cfg));
     let reject = cfg & 0x1f;
-    let nf = |flags: u16| NewstyleGreeting {
-        handshake_flags: flags,
-    }
-    .build();
+    let nf = |flags: u16| {
+        NewstyleGreeting {
+            handshake_flags: flags,
+        }
+        .build()
+    };
     match state % TO_SERVER_STATES {
         // Fresh: the peer greets (newstyle; fixed and NO_ZEROES from cfg).
         0 => {
@@ -453,8 +479,13 @@ fn to_server_setup(state: u8, cfg: u8) -> Sim {
             } else {
                 OPT_STRUCTURED_REPLY
             };
-            sim.feed(Direction::ToClient, &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
-            let mut c = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+            sim.feed(
+                Direction::ToClient,
+                &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+            );
+            let mut c = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+                .to_be_bytes()
+                .to_vec();
             c.extend(opt(o, b""));
             c.extend(opt(OPT_GO, &go_data(b"")));
             sim.feed(Direction::ToServer, &c);
@@ -531,10 +562,12 @@ fn to_client_setup(state: u8, cfg: u8) -> Sim {
     let mut sim = Sim::new(max_payload(cfg));
     let flags = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes();
     let meta = meta_context_data(b"", &[b"base:allocation"]);
-    let nf = |flags: u16| NewstyleGreeting {
-        handshake_flags: flags,
-    }
-    .build();
+    let nf = |flags: u16| {
+        NewstyleGreeting {
+            handshake_flags: flags,
+        }
+        .build()
+    };
     // The client's whole conversation is buffered up front: the session
     // holds each option back until the server's final reply to the last.
     let script = |o: Option<u32>, extended: bool| {
@@ -548,8 +581,14 @@ fn to_client_setup(state: u8, cfg: u8) -> Sim {
         c
     };
     match state % TO_CLIENT_STATES {
-        0 => sim.feed(Direction::ToServer, &script(Some(OPT_STRUCTURED_REPLY), false)),
-        1 => sim.feed(Direction::ToServer, &script(Some(OPT_EXTENDED_HEADERS), true)),
+        0 => sim.feed(
+            Direction::ToServer,
+            &script(Some(OPT_STRUCTURED_REPLY), false),
+        ),
+        1 => sim.feed(
+            Direction::ToServer,
+            &script(Some(OPT_EXTENDED_HEADERS), true),
+        ),
         2 => {
             let mut c = 0u32.to_be_bytes().to_vec();
             c.extend(opt(OPT_EXPORT_NAME, b""));
@@ -566,7 +605,10 @@ fn to_client_setup(state: u8, cfg: u8) -> Sim {
                 _ => (Some(OPT_EXTENDED_HEADERS), ReplyMode::Extended),
             };
             sim.feed(Direction::ToServer, &script(o, s == 6));
-            sim.feed(Direction::ToClient, &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+            sim.feed(
+                Direction::ToClient,
+                &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+            );
             let mut r = Vec::new();
             if let Some(o) = o {
                 r.extend(rep(o, REP_ACK, b""));
@@ -577,14 +619,20 @@ fn to_client_setup(state: u8, cfg: u8) -> Sim {
             assert_reached(
                 sim.session.in_transmission()
                     && sim.session.reply_mode() == want
-                    && sim.session.inflight_count() == 11,
+                    // The 64 KiB read is refused (and forgotten) under the
+                    // small limit.
+                    && sim.session.inflight_count()
+                        == if max_payload(cfg) < 65536 { 10 } else { 11 },
                 "transmission with requests",
                 &sim,
             );
         }
         // Waiting for the replies to LIST.
         _ => {
-            sim.feed(Direction::ToClient, &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+            sim.feed(
+                Direction::ToClient,
+                &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+            );
             sim.feed(Direction::ToServer, &script(Some(OPT_LIST), false));
         }
     }
@@ -659,11 +707,17 @@ fn compare(whole: &Outcome, chunked: &Outcome, cuts: &Cuts) {
             whole.log.get(n),
             whole.log.get(n + 1),
             whole.failed,
-            whole.pending.as_ref().map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1)),
+            whole
+                .pending
+                .as_ref()
+                .map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1)),
             chunked.log.get(n),
             chunked.log.get(n + 1),
             chunked.failed,
-            chunked.pending.as_ref().map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1)),
+            chunked
+                .pending
+                .as_ref()
+                .map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1)),
         );
     }
 }

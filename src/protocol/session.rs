@@ -15,8 +15,21 @@
 //! parsed until the other flow has moved on — the client must not send its
 //! next option before the server's final reply, and a client that does so
 //! anyway is framed correctly rather than guessed at).
+//!
+//! Payloads are streamed, never held, so their lengths are not bounded for
+//! memory's sake: a request over the configured `max_payload` is framed like
+//! any other and marked [`Frame::refuse`] (the proxy answers it itself), and
+//! replies are framed at whatever length the server sends, except that a
+//! chunk answering a read may carry no more than the read asked for. Only
+//! handshake messages, which a real peer keeps small, have a hard bound.
+//!
+//! Cookies need not be distinct (the spec says SHOULD): requests sharing one
+//! are answered in the order they were sent. Where, with simple replies, the
+//! order would decide how long a reply's data is (a read and a write, or two
+//! reads of different lengths, under one cookie), the later request waits
+//! until the earlier one is answered, so framing never guesses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use super::bytes::{be16, be32};
 use super::consts::*;
@@ -34,9 +47,20 @@ use super::transmission::{Reply, ReplyMode, Request};
 /// the table (and the process) without bound.
 pub const MAX_INFLIGHT: usize = 65536;
 
-/// Slack above the maximum payload allowed in a reply chunk for its fixed
-/// fields (the offset in front of OFFSET_DATA's data, block status headers).
+/// Largest option data or option reply: the proxy streams these too, but no
+/// real peer comes near it (nbdkit and libnbd refuse more than 64 MiB), so a
+/// larger length means bytes that are not NBD at all.
+pub const HANDSHAKE_MAX: u64 = 64 << 20;
+
+/// Fixed fields a reply chunk may carry beside a read's data (the offset
+/// of OFFSET_DATA, the error and message length of ERROR), with slack.
 const CHUNK_OVERHEAD: u64 = 64;
+
+/// An error chunk's message is at most this long (the spec's limit).
+const ERROR_MESSAGE_MAX: u64 = 4096;
+
+/// `max_payload` for no limit on request payloads.
+pub const NO_LIMIT: u64 = u64::MAX;
 
 /// A stretch of a message that is offered to the interception point as one
 /// event: `len` bytes answering to `events`.
@@ -82,6 +106,9 @@ pub struct Frame {
     pub wake_peer: bool,
     /// Everything from here on is relayed unparsed (after STARTTLS).
     pub opaque: bool,
+    /// A request the proxy must answer itself with this error, swallowing
+    /// it and its payload: it asks for more than `max_payload`.
+    pub refuse: Option<u32>,
 }
 
 impl Frame {
@@ -92,6 +119,7 @@ impl Frame {
             meta,
             wake_peer: false,
             opaque: false,
+            refuse: None,
         }
     }
 
@@ -102,6 +130,7 @@ impl Frame {
             meta,
             wake_peer: false,
             opaque: false,
+            refuse: None,
         }
     }
 
@@ -162,6 +191,15 @@ enum ServerState {
     Opaque,
 }
 
+/// The requests in flight under one cookie, oldest first. Almost always
+/// one: `later` stays empty (and unallocated) unless a client reuses a
+/// cookie that is still in flight.
+#[derive(Debug)]
+struct Pending {
+    first: Inflight,
+    later: VecDeque<Inflight>,
+}
+
 /// Framing state of one connection. See the module documentation.
 #[derive(Debug)]
 pub struct Session {
@@ -171,13 +209,19 @@ pub struct Session {
     handshake_flags: u16,
     client_flags: u32,
     mode: ReplyMode,
-    inflight: HashMap<u64, Inflight>,
+    inflight: HashMap<u64, Pending>,
+    /// Requests in `inflight`, over all cookies.
+    inflight_total: usize,
+    /// The client's next request waits for the reply to this cookie (see
+    /// the module documentation).
+    held_on: Option<u64>,
 }
 
 impl Session {
-    /// `max_payload` bounds every length field that announces bytes to
-    /// stream (write payloads, option data, reply chunks); a message claiming
-    /// more is a protocol error, not a 4 GiB relay.
+    /// `max_payload` bounds what one request may carry or ask for (a write's
+    /// payload, a read's length, any payload with PAYLOAD_LEN): a request
+    /// asking more is framed with [`Frame::refuse`] set. [`NO_LIMIT`] lets
+    /// every request through, as the server decides.
     pub fn new(max_payload: u64) -> Self {
         Self {
             max_payload,
@@ -187,7 +231,14 @@ impl Session {
             client_flags: 0,
             mode: ReplyMode::Simple,
             inflight: HashMap::new(),
+            inflight_total: 0,
+            held_on: None,
         }
+    }
+
+    /// The largest request payload allowed ([`NO_LIMIT`] for none).
+    pub fn max_payload(&self) -> u64 {
+        self.max_payload
     }
 
     /// Reply headers the server agreed to.
@@ -202,7 +253,13 @@ impl Session {
 
     /// How many requests are waiting for (the end of) their reply.
     pub fn inflight_count(&self) -> usize {
-        self.inflight.len()
+        self.inflight_total
+    }
+
+    /// The cookie whose reply the client's next request waits for, while it
+    /// does (see the module documentation).
+    pub fn held_on(&self) -> Option<u64> {
+        self.held_on
     }
 
     /// Whether negotiation is over: transmission, or relaying TLS unparsed.
@@ -211,15 +268,66 @@ impl Session {
             || (self.client == ClientState::Opaque && self.server == ServerState::Opaque)
     }
 
-    /// The request in flight under `cookie`, if any.
+    /// The oldest request in flight under `cookie`, if any: the one the
+    /// server's next reply for it answers.
     pub fn inflight(&self, cookie: u64) -> Option<Inflight> {
-        self.inflight.get(&cookie).copied()
+        self.inflight.get(&cookie).map(|p| p.first)
     }
 
     /// The proxy answered a request itself: it never reaches the server, so
-    /// no reply will come for it.
+    /// no reply will come for it. It is the latest one framed under
+    /// `cookie` (the proxy decides right after framing it).
     pub fn forget(&mut self, cookie: u64) {
-        self.inflight.remove(&cookie);
+        let Some(p) = self.inflight.get_mut(&cookie) else {
+            return;
+        };
+        if p.later.pop_back().is_none() {
+            self.inflight.remove(&cookie);
+        }
+        self.inflight_total -= 1;
+    }
+
+    fn push_inflight(&mut self, cookie: u64, req: Inflight) {
+        match self.inflight.get_mut(&cookie) {
+            Some(p) => p.later.push_back(req),
+            None => {
+                self.inflight.insert(
+                    cookie,
+                    Pending {
+                        first: req,
+                        later: VecDeque::new(),
+                    },
+                );
+            }
+        }
+        self.inflight_total += 1;
+    }
+
+    /// The server finished answering the oldest request under `cookie`.
+    fn pop_inflight(&mut self, cookie: u64) -> Option<Inflight> {
+        let p = self.inflight.get_mut(&cookie)?;
+        let done = match p.later.pop_front() {
+            Some(next) => std::mem::replace(&mut p.first, next),
+            None => self.inflight.remove(&cookie)?.first,
+        };
+        self.inflight_total -= 1;
+        Some(done)
+    }
+
+    /// Data bytes a successful simple reply to `r` carries.
+    fn simple_data(r: &Inflight) -> u64 {
+        if r.command == CMD_READ { r.length } else { 0 }
+    }
+
+    /// Whether a request like `req` under `cookie` must wait: with simple
+    /// replies, a reply for the cookie would be framed differently
+    /// depending on which of its requests it answers.
+    fn must_wait(&self, cookie: u64, req: &Inflight) -> bool {
+        self.mode == ReplyMode::Simple
+            && self
+                .inflight
+                .get(&cookie)
+                .is_some_and(|p| Self::simple_data(&p.first) != Self::simple_data(req))
     }
 
     /// The proxy answered the client's pending option itself (with an
@@ -268,22 +376,35 @@ impl Session {
                     return Ok(Step::NeedMore);
                 };
                 let payload = req.payload_len();
-                self.check_len("write payload", payload, self.max_payload)?;
+                // What the server would stream back for it.
+                let read = if req.command == CMD_READ {
+                    req.length
+                } else {
+                    0
+                };
+                // The spec's answer to a read or write outside the server's
+                // size constraints: EINVAL (EOVERFLOW is for lengths of
+                // commands without a payload, which pass here).
+                let refuse =
+                    (payload > self.max_payload || read > self.max_payload).then_some(EINVAL);
                 if req.command != CMD_DISC {
-                    if self.inflight.len() >= MAX_INFLIGHT
-                        && !self.inflight.contains_key(&req.cookie)
-                    {
+                    let pending = Inflight {
+                        command: req.command,
+                        flags: req.flags,
+                        offset: req.offset,
+                        length: req.length,
+                    };
+                    // A refused request never reaches the server, so its
+                    // reply cannot be confused with another's.
+                    if refuse.is_none() && self.must_wait(req.cookie, &pending) {
+                        self.held_on = Some(req.cookie);
+                        return Ok(Step::Wait);
+                    }
+                    if self.inflight_total >= MAX_INFLIGHT {
                         return Err(ProtocolError::TooManyInflight { max: MAX_INFLIGHT });
                     }
-                    self.inflight.insert(
-                        req.cookie,
-                        Inflight {
-                            command: req.command,
-                            flags: req.flags,
-                            offset: req.offset,
-                            length: req.length,
-                        },
-                    );
+                    // Refused ones too, until the proxy forgets them.
+                    self.push_inflight(req.cookie, pending);
                 }
                 let meta = MessageMeta {
                     command: Some(req.command),
@@ -299,7 +420,7 @@ impl Session {
                 };
                 // A write always has a data segment (even an empty one), as
                 // in QEMU's injector; other commands only when they carry one.
-                Ok(Step::Frame(if payload > 0 || req.command == CMD_WRITE {
+                let mut frame = if payload > 0 || req.command == CMD_WRITE {
                     Frame::two(
                         head,
                         Segment {
@@ -310,7 +431,9 @@ impl Session {
                     )
                 } else {
                     Frame::one(head.events, head.len, meta)
-                }))
+                };
+                frame.refuse = refuse;
+                Ok(Step::Frame(frame))
             }
             ClientState::Opaque => Ok(Step::Frame(opaque_frame())),
         }
@@ -320,7 +443,7 @@ impl Session {
     /// `prefix` bytes (the client flags on the first option).
     fn option(&mut self, b: &[u8], prefix: usize) -> Result<Frame, ProtocolError> {
         let h = OptionHeader::parse(b)?;
-        self.check_len("option data", h.length.into(), self.max_payload)?;
+        self.check_len("option data", h.length.into(), HANDSHAKE_MAX)?;
         if h.option == OPT_EXPORT_NAME {
             // No option reply: the export's details follow, then transmission.
             self.client = ClientState::Transmission;
@@ -411,7 +534,7 @@ impl Session {
                     return Ok(Step::NeedMore);
                 }
                 let h = OptionReplyHeader::parse(buf)?;
-                self.check_len("option reply", h.length.into(), self.max_payload)?;
+                self.check_len("option reply", h.length.into(), HANDSHAKE_MAX)?;
                 let mut events = EventSet::of(EventKind::OptionReply);
                 let mut meta = MessageMeta {
                     option: Some(h.option),
@@ -484,10 +607,15 @@ impl Session {
         };
         let cookie = reply.cookie();
         let req = if reply.is_done() {
-            self.inflight.remove(&cookie)
+            self.pop_inflight(cookie)
         } else {
-            self.inflight.get(&cookie).copied()
+            self.inflight(cookie)
         };
+        // The client's flow waits for this reply to be done.
+        let wake = reply.is_done() && self.held_on == Some(cookie);
+        if wake {
+            self.held_on = None;
+        }
         let mut meta = MessageMeta {
             cookie: Some(cookie),
             chunk_type: reply.chunk_type(),
@@ -508,21 +636,27 @@ impl Session {
                 if error == 0 && self.mode == ReplyMode::Simple {
                     match req {
                         None => return Err(ProtocolError::UnknownCookie { cookie }),
-                        Some(r) if r.command == CMD_READ => {
-                            // Streamed, not held, but bounded like every
-                            // other announced length.
-                            self.check_len("read data", r.length, self.max_payload)?;
-                            Some(r.length)
-                        }
+                        // Streamed, never held: any length the server sends.
+                        Some(r) if r.command == CMD_READ => Some(r.length),
                         Some(_) => None,
                     }
                 } else {
                     None
                 }
             }
+            // Streamed too: chunk payloads are never parsed here. But a
+            // chunk answering a read carries at most what the read asked
+            // for, or an error message, plus its fixed fields: more is a
+            // server gone wrong, stopped before it reaches the client.
             _ => {
                 let len = reply.chunk_len();
-                self.check_len("reply chunk", len, self.max_payload + CHUNK_OVERHEAD)?;
+                if let Some(r) = req.filter(|r| r.command == CMD_READ) {
+                    let max = r
+                        .length
+                        .max(ERROR_MESSAGE_MAX)
+                        .saturating_add(CHUNK_OVERHEAD);
+                    self.check_len("reply chunk", len, max)?;
+                }
                 (len > 0).then_some(len)
             }
         };
@@ -530,7 +664,7 @@ impl Session {
             events: EventSet::of(EventKind::Reply),
             len: reply.header_len() as u64,
         };
-        Ok(Step::Frame(match payload {
+        let mut frame = match payload {
             Some(len) => Frame::two(
                 head,
                 Segment {
@@ -540,7 +674,9 @@ impl Session {
                 meta,
             ),
             None => Frame::one(head.events, head.len, meta),
-        }))
+        };
+        frame.wake_peer = wake;
+        Ok(Step::Frame(frame))
     }
 }
 
@@ -885,27 +1021,188 @@ pub(crate) mod tests {
         ));
     }
 
+    fn frame_of(s: &mut Session, dir: Direction, b: &[u8]) -> Frame {
+        match s.next(dir, b) {
+            Ok(Step::Frame(f)) => f,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn simple(cookie: u64) -> [u8; 16] {
+        let mut r = [0u8; 16];
+        Reply::Simple { error: 0, cookie }.build(&mut r);
+        r
+    }
+
     #[test]
-    fn simple_read_data_is_bounded_like_any_payload() {
-        let mut s = in_transmission();
-        frame_all(
+    fn requests_over_max_payload_are_refused_when_they_arrive() {
+        let mut s = in_transmission_with(1 << 20);
+        // A read asking more: framed whole (no payload), marked refused.
+        let f = frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(false, CMD_READ, 0, 1, (1 << 20) + 1),
+        );
+        assert_eq!((f.refuse, f.len()), (Some(EINVAL), 28));
+        // The proxy answers it: no reply will come.
+        s.forget(1);
+        assert_eq!(s.inflight_count(), 0);
+        // A write: its payload is framed too, so it can be swallowed.
+        let f = frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(false, CMD_WRITE, 0, 2, 3 << 20),
+        );
+        assert_eq!(f.refuse, Some(EINVAL));
+        assert_eq!(f.segments()[1].len, 3 << 20);
+        s.forget(2);
+        // At the limit, and effect lengths of any size, pass.
+        for (command, cookie, len) in [(CMD_READ, 3, 1 << 20), (CMD_TRIM, 4, 1 << 31)] {
+            let f = frame_of(
+                &mut s,
+                Direction::ToServer,
+                &req(false, command, 0, cookie, len),
+            );
+            assert_eq!(f.refuse, None);
+        }
+        // Extended headers: a payload announced with PAYLOAD_LEN counts.
+        let mut s = in_transmission_with(4096);
+        s.mode = ReplyMode::Extended;
+        let f = frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(true, CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 5, 8192),
+        );
+        assert_eq!(f.refuse, Some(EINVAL));
+    }
+
+    #[test]
+    fn streamed_lengths_have_no_limit_by_default() {
+        let mut s = in_transmission_with(NO_LIMIT);
+        let f = frame_of(
             &mut s,
             Direction::ToServer,
             &req(false, CMD_READ, 0, 7, u32::MAX.into()),
         );
-        let mut r = [0u8; 16];
-        Reply::Simple {
-            error: 0,
-            cookie: 7,
-        }
-        .build(&mut r);
+        assert_eq!(f.refuse, None);
+        let f = frame_of(&mut s, Direction::ToClient, &simple(7));
+        assert_eq!(f.segments()[1].len, u64::from(u32::MAX));
+        // A chunk of any length, too.
+        s.mode = ReplyMode::Extended;
+        frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(true, CMD_READ, 0, 8, 1 << 40),
+        );
+        let mut r = [0u8; 32];
+        ReplyMode::Extended
+            .chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8, 0, (1 << 40) + 8)
+            .build(&mut r);
+        let f = frame_of(&mut s, Direction::ToClient, &r);
+        assert_eq!(f.segments()[1].len, (1 << 40) + 8);
+        assert_eq!(s.inflight_count(), 0);
+    }
+
+    #[test]
+    fn a_read_chunk_larger_than_the_read_is_an_error() {
+        let mut s = in_transmission_with(NO_LIMIT);
+        s.mode = ReplyMode::Structured;
+        frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(false, CMD_READ, 0, 1, 4096),
+        );
+        let chunk = |len| {
+            let mut r = [0u8; 20];
+            ReplyMode::Structured
+                .chunk(0, REPLY_TYPE_OFFSET_DATA, 1, 0, len)
+                .build(&mut r);
+            r
+        };
+        // The read's data and its offset; an error with a long message.
+        frame_of(&mut s, Direction::ToClient, &chunk(4096 + 8));
+        frame_of(&mut s, Direction::ToClient, &chunk(6 + 4096));
         assert!(matches!(
-            s.next(Direction::ToClient, &r),
+            s.next(Direction::ToClient, &chunk(u32::MAX.into())),
             Err(ProtocolError::TooLarge {
-                what: "read data",
+                what: "reply chunk",
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn replies_to_a_reused_cookie_answer_its_requests_in_order() {
+        let mut s = in_transmission();
+        // Two reads of one length under one cookie: framed alike whichever
+        // the reply answers, so both go at once.
+        for _ in 0..2 {
+            let f = frame_of(
+                &mut s,
+                Direction::ToServer,
+                &req(false, CMD_READ, 0, 0, 4096),
+            );
+            assert_eq!(f.refuse, None);
+        }
+        assert_eq!(s.inflight_count(), 2);
+        for left in [1, 0] {
+            let f = frame_of(&mut s, Direction::ToClient, &simple(0));
+            assert_eq!(f.segments()[1].len, 4096);
+            assert_eq!(s.inflight_count(), left);
+        }
+        // The proxy forgets the latest request under a cookie (the one it
+        // just answered itself), not the one the server is working on.
+        frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(false, CMD_READ, 0, 9, 512),
+        );
+        let mut later = req(false, CMD_READ, 0, 9, 512);
+        later[16..24].copy_from_slice(&77u64.to_be_bytes());
+        frame_of(&mut s, Direction::ToServer, &later);
+        s.forget(9);
+        assert_eq!(s.inflight(9).map(|r| r.offset), Some(0));
+        s.forget(9);
+        assert_eq!((s.inflight(9), s.inflight_count()), (None, 0));
+    }
+
+    #[test]
+    fn a_reused_cookie_with_another_reply_length_waits_for_the_reply() {
+        let mut s = in_transmission();
+        frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(false, CMD_READ, 0, 5, 4096),
+        );
+        // A write under the same cookie: a successful reply to it has no
+        // data, so which one a reply answers would decide its framing.
+        let mut next = req(false, CMD_WRITE, 0, 5, 4);
+        next.extend([1, 2, 3, 4]);
+        assert_eq!(s.next(Direction::ToServer, &next), Ok(Step::Wait));
+        assert_eq!(s.held_on(), Some(5));
+        // Other cookies' replies do not wake it.
+        frame_of(&mut s, Direction::ToServer, &req(false, CMD_FLUSH, 0, 6, 0));
+        assert_eq!(s.next(Direction::ToServer, &next), Ok(Step::Wait));
+        let f = frame_of(&mut s, Direction::ToClient, &simple(6));
+        assert!(!f.wake_peer);
+        let f = frame_of(&mut s, Direction::ToClient, &simple(5));
+        assert!(f.wake_peer);
+        assert_eq!(f.segments()[1].len, 4096);
+        assert_eq!(s.held_on(), None);
+        let f = frame_of(&mut s, Direction::ToServer, &next);
+        assert_eq!(f.len(), 32);
+        let f = frame_of(&mut s, Direction::ToClient, &simple(5));
+        assert_eq!(f.segments().len(), 1);
+        // Structured replies carry their lengths: no waiting there.
+        let mut s = in_transmission();
+        s.mode = ReplyMode::Structured;
+        frame_of(
+            &mut s,
+            Direction::ToServer,
+            &req(false, CMD_READ, 0, 5, 4096),
+        );
+        frame_of(&mut s, Direction::ToServer, &next);
+        assert_eq!(s.inflight_count(), 2);
     }
 
     #[test]
@@ -997,10 +1294,60 @@ pub(crate) mod tests {
             }
             prop_assert_eq!(got, whole);
         }
+
+        /// Requests under a few cookies, answered in the order the server
+        /// received them: every reply is framed with its own request's data
+        /// length, and every request is answered once.
+        #[test]
+        fn reused_cookies_are_framed_by_request_order(
+            reqs in proptest::collection::vec((0u64..3, any::<bool>(), 0u64..4), 1..40),
+        ) {
+            let mut s = in_transmission();
+            let mut to_send: VecDeque<Vec<u8>> = reqs.iter().map(|&(cookie, write, n)| {
+                let len = n * 512;
+                let mut b = req(false, if write { CMD_WRITE } else { CMD_READ }, 0, cookie, len);
+                if write {
+                    b.extend(vec![0u8; len as usize]);
+                }
+                b
+            }).collect();
+            // What the server received, oldest first: (cookie, read data).
+            let mut at_server: VecDeque<(u64, u64)> = VecDeque::new();
+            let mut answered = 0;
+            while answered < reqs.len() {
+                let mut sent = false;
+                if let Some(next) = to_send.front() {
+                    match s.next(Direction::ToServer, next).unwrap() {
+                        Step::Frame(f) => {
+                            let m = f.meta;
+                            let read = if m.command == Some(CMD_READ) { m.length.unwrap() } else { 0 };
+                            at_server.push_back((m.cookie.unwrap(), read));
+                            to_send.pop_front();
+                            sent = true;
+                        }
+                        Step::Wait => {}
+                        Step::NeedMore => unreachable!(),
+                    }
+                }
+                if !sent {
+                    // The server answers its oldest request.
+                    let (cookie, read) = at_server.pop_front().expect("a request to answer");
+                    let f = frame_of(&mut s, Direction::ToClient, &simple(cookie));
+                    let data = f.segments().get(1).map_or(0, |d| d.len);
+                    prop_assert_eq!(data, read);
+                    answered += 1;
+                }
+            }
+            prop_assert_eq!(s.inflight_count(), 0);
+        }
     }
 
     pub(crate) fn in_transmission() -> Session {
-        let mut s = Session::new(MAX);
+        in_transmission_with(MAX)
+    }
+
+    fn in_transmission_with(max_payload: u64) -> Session {
+        let mut s = Session::new(max_payload);
         let _ = s.next(
             Direction::ToClient,
             &OldstyleGreeting {

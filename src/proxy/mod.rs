@@ -12,7 +12,7 @@ mod flow;
 pub mod placement;
 pub mod splice;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,10 +20,13 @@ use thiserror::Error;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::intercept::{ConnId, ConnState, Event, Fault, Interceptor, Verdict};
+use crate::intercept::{ConnId, ConnState, Event, Fault, Interceptor, Plan, Verdict};
 use crate::io::net::{ReadHalf, WriteHalf};
 use crate::observe::telemetry::{ConnTelemetry, Telemetry};
-use crate::protocol::transmission::ReplyMode;
+use crate::protocol::EventKind;
+use crate::protocol::consts::CMD_WRITE;
+use crate::protocol::session::NO_LIMIT;
+use crate::protocol::transmission::{ReplyMode, build_error_reply};
 use crate::protocol::{Direction, ProtocolError, Session, Step};
 use flow::Flow;
 pub use flow::Linger;
@@ -32,9 +35,16 @@ pub use flow::Linger;
 /// small enough that memory stays flat as connections grow.
 pub const FLOW_BUFFER: usize = 256 * 1024;
 
-/// Default bound on any length field that announces bytes to stream:
-/// NBD's usual 32 MiB maximum payload plus headroom.
-pub const DEFAULT_MAX_PAYLOAD: u64 = (32 << 20) + (64 << 10);
+/// Default bound on what one request may carry or ask for: none. Payloads
+/// stream through [`FLOW_BUFFER`] (or are spliced) and are never held
+/// whole, so their size costs no memory, and any bound of ours would refuse
+/// what some server accepts (qemu-nbd takes 32 MiB, nbdkit 64 MiB,
+/// nbd-server more): the server behind the proxy decides.
+pub const DEFAULT_MAX_PAYLOAD: u64 = NO_LIMIT;
+
+/// What a refused request is answered with, and logged as, in the trace,
+/// the metrics and the fault log: a fault the command line made.
+const REFUSAL_RULE: &str = "--max-payload";
 
 /// The client's socket, for [`Connection::reset_on_close`].
 pub const RESET_CLIENT: u8 = 1;
@@ -95,6 +105,13 @@ pub struct Connection {
     /// Which sockets to close with a TCP reset (RESET_CLIENT, RESET_SERVER).
     reset: std::sync::atomic::AtomicU8,
     session: Mutex<Session>,
+    /// The request just framed toward the server is refused with this
+    /// error, 0 for none ([`crate::protocol::Frame::refuse`]): its offer is
+    /// answered by the proxy, not the interceptor. Only the to-server flow
+    /// sets and takes it, between framing a request and offering its header.
+    refuse: AtomicU32,
+    /// A client reusing a busy cookie was logged (once per connection).
+    held_logged: std::sync::atomic::AtomicBool,
     /// Per-connection memory of the interceptor (rule counters).
     rules: Mutex<ConnState>,
     /// Wakes the to-server flow when the server's side moved on (greeting,
@@ -136,6 +153,8 @@ impl Connection {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             reset: std::sync::atomic::AtomicU8::new(0),
             session: Mutex::new(Session::new(max_payload)),
+            refuse: AtomicU32::new(0),
+            held_logged: std::sync::atomic::AtomicBool::new(false),
             rules: Mutex::new(ConnState::default()),
             wake_to_server: Notify::new(),
             answers,
@@ -149,6 +168,16 @@ impl Connection {
     /// flow panicked while holding them; the state inside is plain data, so
     /// carry on with it.
     pub fn offer(&self, ev: &Event) -> Verdict {
+        // One load per event when nothing is refused.
+        if self.refuse.load(Ordering::Relaxed) != 0
+            && ev.direction == Some(Direction::ToServer)
+            && ev.kinds.contains(EventKind::Request)
+        {
+            let error = self.refuse.swap(0, Ordering::Relaxed);
+            let fault = self.refusal(ev, error);
+            self.telemetry.event(ev, Some(&fault));
+            return Verdict::Fault(fault);
+        }
         let verdict = if self.interceptor.is_idle() {
             Verdict::Pass
         } else {
@@ -251,7 +280,55 @@ impl Connection {
         let step = s
             .next(dir, buf)
             .map_err(|source| FlowError::Protocol { dir, source })?;
+        match step {
+            Step::Frame(f) if let Some(error) = f.refuse => {
+                self.refuse.store(error, Ordering::Relaxed);
+            }
+            Step::Wait => {
+                if let Some(cookie) = s.held_on()
+                    && !self.held_logged.swap(true, Ordering::Relaxed)
+                {
+                    info!(
+                        conn = self.id,
+                        "client reused cookie {cookie:#x} while a request under it is in flight, \
+                         with another reply length: holding its requests until that reply is \
+                         done, so the replies can be told apart (logged once per connection)"
+                    );
+                }
+            }
+            _ => {}
+        }
         Ok((step, s.reply_mode()))
+    }
+
+    /// The proxy's answer to a request over `--max-payload`: swallow it and
+    /// its payload, and answer `error` in the negotiated reply form. The
+    /// server never sees it, and the connection goes on.
+    fn refusal(&self, ev: &Event, error: u32) -> Fault {
+        let length = ev.meta.length.unwrap_or(0);
+        let max = self.session().max_payload();
+        let what = if ev.meta.command == Some(CMD_WRITE) {
+            "write payload"
+        } else {
+            "request length"
+        };
+        let message = format!("{what} {length} exceeds the proxy's --max-payload {max}");
+        warn!(
+            conn = self.id,
+            "refusing a request: {message}; answered without forwarding it"
+        );
+        let mut buf = [0u8; 32 + 6 + 128];
+        let cookie = ev.meta.cookie.unwrap_or(0);
+        let offset = ev.meta.offset.unwrap_or(0);
+        let n = build_error_reply(ev.mode, cookie, offset, error, &message, &mut buf);
+        Fault {
+            rule: REFUSAL_RULE.into(),
+            action: "error",
+            plan: Plan::Discard {
+                keep: 0,
+                answer: Some(buf[..n].to_vec()),
+            },
+        }
     }
 }
 

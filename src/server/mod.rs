@@ -38,9 +38,11 @@ pub struct ServerConfig {
 /// What a server allows, each a flag with a default; each logged when hit.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Largest payload any length field may announce (write payloads,
-    /// option data, reply chunks).
-    pub max_payload: u64,
+    /// Largest payload one request may carry or ask for (a write's payload,
+    /// a read's length); a request over it is answered with EINVAL by the
+    /// proxy and never forwarded. `None`: no limit, the server decides
+    /// (payloads are streamed, never held whole).
+    pub max_payload: Option<u64>,
     /// A client still negotiating after this long is closed.
     pub handshake_timeout: Duration,
     /// Connecting to the upstream may take this long.
@@ -52,7 +54,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_payload: DEFAULT_MAX_PAYLOAD,
+            max_payload: None,
             handshake_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             max_connections: 1024,
@@ -157,7 +159,7 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
     let conn = Connection::new(
         id,
         peer,
-        shared.limits.max_payload,
+        shared.limits.max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD),
         shared.interceptor.clone(),
         shared.telemetry.clone(),
     );

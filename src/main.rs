@@ -112,6 +112,10 @@ struct SweepArgs {
     /// Event names to target [default: every event the baseline saw].
     #[arg(long, value_name = "LIST")]
     events: Option<String>,
+    /// Cut each handshake message after every one of its bytes (as QEMU's
+    /// iotest 083 does), not only before, in the middle and after.
+    #[arg(long)]
+    every_byte: bool,
     /// A run longer than this is a hang; its whole process group is killed.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     timeout: humantime::Duration,
@@ -518,6 +522,7 @@ fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
         },
         faults,
         events: a.events.as_deref().map(list),
+        every_byte: a.every_byte,
         jobs,
         max_points: a.max_points,
         seed: a.seed,

@@ -37,6 +37,8 @@ pub struct Options {
     pub faults: Vec<&'static str>,
     /// Event names to target; `None`: every event the baseline saw.
     pub events: Option<Vec<String>>,
+    /// Cut handshake messages at every byte.
+    pub every_byte: bool,
     pub jobs: usize,
     pub max_points: Option<usize>,
     pub seed: u64,
@@ -128,7 +130,7 @@ async fn sweep(opts: Options) -> i32 {
     let delay = (opts.setup.timeout / 4).min(Duration::from_secs(1));
     let mut trials: Vec<(Trial, String)> = Vec::new();
     for p in &points {
-        for t in plan::trials(p, &opts.faults, delay) {
+        for t in plan::trials(p, &opts.faults, delay, opts.every_byte) {
             let name = format!("sweep-{}", trials.len() + 1);
             let doc = t.rules(opts.seed, &name);
             // The rule checker decides what applies where.

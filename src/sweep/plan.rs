@@ -144,14 +144,22 @@ pub struct Trial {
 }
 
 impl Trial {
+    /// `error EIO`, `disconnect middle`, `drop`.
+    pub fn fault(&self) -> String {
+        if self.variant.is_empty() {
+            self.kind.to_string()
+        } else {
+            format!("{} {}", self.kind, self.variant)
+        }
+    }
+
     /// The rules document that makes this fault happen, and nothing else.
     pub fn rules(&self, seed: u64, name: &str) -> String {
         let p = &self.point;
         let mut doc = format!(
-            "# nbdfault sweep: {} {} at {}\nseed: {seed}\nrules:\n  - name: {name}\n    \
+            "# nbdfault sweep: {} at {}\nseed: {seed}\nrules:\n  - name: {name}\n    \
              event: {}\n",
-            self.kind,
-            self.variant,
+            self.fault(),
             p.label(),
             p.event
         );
@@ -176,9 +184,22 @@ fn writes(what: Option<&str>) -> bool {
     matches!(what, Some("write" | "write-zeroes" | "trim"))
 }
 
+/// Handshake messages, where `--every-byte` cuts at each byte (as QEMU's
+/// iotest 083 does).
+const HANDSHAKE: &[&str] = &[
+    "neg-classic",
+    "neg1",
+    "export",
+    "export-name",
+    "option-reply",
+    "neg2",
+];
+
 /// Every fault of `kinds` that may apply at `p`, before the rule checker
-/// has had its say (it refuses the combinations that cannot be).
-pub fn trials(p: &Point, kinds: &[&'static str], delay: Duration) -> Vec<Trial> {
+/// has had its say (it refuses the combinations that cannot be). With
+/// `every_byte`, a handshake message is cut after each of its bytes, not
+/// only before, in the middle and after.
+pub fn trials(p: &Point, kinds: &[&'static str], delay: Duration, every_byte: bool) -> Vec<Trial> {
     let mut out = Vec::new();
     let mut add = |kind: &'static str, variant: &str, action: Vec<String>| {
         out.push(Trial {
@@ -192,7 +213,15 @@ pub fn trials(p: &Point, kinds: &[&'static str], delay: Duration) -> Vec<Trial> 
         match kind {
             "disconnect" => {
                 add(kind, "before", vec!["action: disconnect".into()]);
-                if p.bytes >= 2 {
+                if every_byte && HANDSHAKE.contains(&p.event.as_str()) {
+                    for at in 1..p.bytes {
+                        add(
+                            kind,
+                            &format!("at byte {at}"),
+                            vec!["action: disconnect".into(), format!("when: {at}")],
+                        );
+                    }
+                } else if p.bytes >= 2 {
                     add(
                         kind,
                         "middle",
@@ -222,7 +251,7 @@ pub fn trials(p: &Point, kinds: &[&'static str], delay: Duration) -> Vec<Trial> 
                     vec!["action: error".into(), format!("errno: {errno}")],
                 );
             }
-            "drop" => add(kind, "drop", vec!["action: drop".into()]),
+            "drop" => add(kind, "", vec!["action: drop".into()]),
             "corrupt" => add(
                 kind,
                 "1 bit",
@@ -341,7 +370,7 @@ mod tests {
             what: Some("write".into()),
             bytes: 28,
         };
-        let t = trials(&p, &["error"], Duration::from_secs(1));
+        let t = trials(&p, &["error"], Duration::from_secs(1), false);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].variant, "ENOSPC");
         assert_eq!(
@@ -350,7 +379,7 @@ mod tests {
              seed: 7\nrules:\n  - name: sweep-12\n    event: request\n    direction: to-server\n    \
              connection: 2\n    after: 2\n    times: 1\n    action: error\n    errno: ENOSPC\n"
         );
-        let kinds: Vec<(&str, String)> = trials(&p, FAULT_KINDS, Duration::from_millis(500))
+        let kinds: Vec<(&str, String)> = trials(&p, FAULT_KINDS, Duration::from_millis(500), true)
             .into_iter()
             .map(|t| (t.kind, t.variant))
             .collect();
@@ -361,12 +390,30 @@ mod tests {
                 ("disconnect", "middle".into()),
                 ("disconnect", "after".into()),
                 ("error", "ENOSPC".into()),
-                ("drop", "drop".into()),
+                ("drop", String::new()),
                 ("corrupt", "1 bit".into()),
                 ("stall", "forever".into()),
                 ("delay", "500ms".into()),
             ]
         );
+    }
+
+    #[test]
+    fn every_byte_cuts_a_handshake_message_at_each_byte() {
+        let p = Point {
+            connection: 1,
+            event: "neg1".into(),
+            direction: Some("to-client".into()),
+            occurrence: 1,
+            what: None,
+            bytes: 18,
+        };
+        let t = trials(&p, &["disconnect"], Duration::ZERO, true);
+        // before, at bytes 1 to 17, after.
+        assert_eq!(t.len(), 19);
+        assert_eq!(t[1].action, ["action: disconnect", "when: 1"]);
+        assert_eq!(t[17].variant, "at byte 17");
+        assert_eq!(trials(&p, &["disconnect"], Duration::ZERO, false).len(), 3);
     }
 
     #[test]

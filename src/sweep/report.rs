@@ -65,15 +65,29 @@ impl Summary<'_> {
         };
         let mut line = String::from("export dir=$(mktemp -d); ");
         if let Some(s) = &self.opts.setup.setup {
-            line.push_str(&format!("(cd \"$dir\" && {s}); "));
+            let _ = write!(line, "(cd \"$dir\" && {s}); ");
         }
+        let proxy = match &self.opts.setup.server {
+            super::run::ServerMode::Command(server) => {
+                let _ = write!(
+                    line,
+                    "export unixsocket=\"$dir/server.sock\"; (cd \"$dir\" && exec sh -c {}) & \
+                     sleep 1; ",
+                    quote(server)
+                );
+                "nbdfault proxy --upstream \"$unixsocket\"".to_string()
+            }
+            super::run::ServerMode::Backend(_) => self.opts.reproduce_with.clone(),
+        };
         let _ = write!(
             line,
-            "{} --rules {} --run {}",
-            self.opts.reproduce_with,
+            "{proxy} --rules {} --run {}",
             quote(rules_path),
             quote(&run)
         );
+        if matches!(self.opts.setup.server, super::run::ServerMode::Command(_)) {
+            line.push_str("; kill $!");
+        }
         line
     }
 }
@@ -165,11 +179,10 @@ pub fn text(s: &Summary) -> String {
     for f in findings {
         let _ = writeln!(
             out,
-            "\n{} (run {}): {} {} at {} — {}, {:.1} s",
+            "\n{} (run {}): {} at {} — {}, {:.1} s",
             f.outcome.name().to_uppercase(),
             f.id,
-            f.trial.kind,
-            f.trial.variant,
+            f.trial.fault(),
             f.trial.point.label(),
             exit_text(f.facts.exit),
             f.facts.duration.as_secs_f64()
@@ -346,12 +359,11 @@ pub fn html(s: &Summary) -> String {
         any = true;
         let _ = writeln!(
             h,
-            "<h3 style=\"background:{}\">{} — {} {} at {}</h3>\n<p>run {}, {}, {:.1} s; \
+            "<h3 style=\"background:{}\">{} — {} at {}</h3>\n<p>run {}, {}, {:.1} s; \
              rules: <code>repro/{:03}.yaml</code></p>\n<pre>{}</pre>",
             colour(f.outcome),
             f.outcome,
-            esc(f.trial.kind),
-            esc(&f.trial.variant),
+            esc(&f.trial.fault()),
             esc(&f.trial.point.label()),
             f.id,
             exit_text(f.facts.exit),

@@ -1,0 +1,339 @@
+//! What a client that misbehaves while it is held back costs the proxy:
+//! answers the proxy makes itself for a client that never reads them must
+//! hold up that client's requests, not pile up in memory; and a connection
+//! held by a stall, a delay or a pause must end when its client (or its
+//! server) goes away, however much it sent before leaving.
+//!
+//! The hostile clients are small raw NBD clients written here; real clients
+//! (qemu-io) check that everyone else is served meanwhile.
+
+mod common;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tempfile::TempDir;
+
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const OPT_GO: u32 = 7;
+const OPT_LIST: u32 = 3;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const CMD_WRITE: u16 = 1;
+
+/// Generous guard for anything that should happen at once.
+const GUARD: Duration = Duration::from_secs(20);
+
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend(opt.to_be_bytes());
+    b.extend((data.len() as u32).to_be_bytes());
+    b.extend(data);
+    b
+}
+
+fn write_request(cookie: u64, len: u32) -> Vec<u8> {
+    let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+    b.extend(0u16.to_be_bytes());
+    b.extend(CMD_WRITE.to_be_bytes());
+    b.extend(cookie.to_be_bytes());
+    b.extend(0u64.to_be_bytes());
+    b.extend(len.to_be_bytes());
+    b
+}
+
+fn dial(uri: &str) -> TcpStream {
+    let s = TcpStream::connect(tcp_addr(uri)).expect("connect to nbdfault");
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    s
+}
+
+/// Reads the greeting and sends the client flags (fixed newstyle, no
+/// zeroes): options come next.
+fn negotiating(uri: &str) -> TcpStream {
+    let mut s = dial(uri);
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).expect("greeting");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s
+}
+
+/// A client in transmission (NBD_OPT_GO on the default export, simple
+/// replies).
+fn transmitting(uri: &str) -> TcpStream {
+    let mut s = negotiating(uri);
+    s.write_all(&option(OPT_GO, &[0; 6])).unwrap();
+    loop {
+        let mut head = [0u8; 20];
+        s.read_exact(&mut head).expect("option reply");
+        assert_eq!(head[..8], REPLY_MAGIC.to_be_bytes(), "option reply magic");
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+        io::copy(&mut (&mut s).take(len.into()), &mut io::sink()).unwrap();
+        match u32::from_be_bytes(head[12..16].try_into().unwrap()) {
+            1 => return s,
+            3 => {}
+            t => panic!("NBD_OPT_GO refused: {t:#x}"),
+        }
+    }
+}
+
+/// VmRSS of `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    kib >> 10
+}
+
+fn rules_file(dir: &TempDir, yaml: &str) -> String {
+    let path = dir.path().join("rules.yaml");
+    fs::write(&path, yaml).unwrap();
+    path.display().to_string()
+}
+
+/// Sends `msg(i)` for i = 0, 1, ... on `s` from a thread, never reading,
+/// until `count` are sent or 8 s have passed, while this thread samples
+/// the proxy's memory and has qemu-io `cmds` served on another
+/// connection. Returns the largest VmRSS seen (MiB) and qemu-io's output.
+fn flood(
+    p: &Nbdfault,
+    mut s: TcpStream,
+    count: u64,
+    msg: impl Fn(u64) -> Vec<u8> + Send + 'static,
+    cmds: &[&str],
+) -> (u64, String) {
+    s.set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(8);
+    let sender = thread::spawn(move || {
+        // Batched, so the client is fast enough to outrun the proxy.
+        let mut i = 0;
+        let mut batch = Vec::new();
+        while i < count && Instant::now() < until {
+            batch.clear();
+            for k in i..(i + 1024).min(count) {
+                batch.extend(msg(k));
+            }
+            match s.write_all(&batch) {
+                Ok(()) => i += 1024,
+                // The proxy stopped reading: keep trying until the end.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("the flood was cut after {i} messages: {e}"),
+            }
+        }
+        s
+    });
+    let mut peak = 0;
+    let mut served = None;
+    while !sender.is_finished() {
+        peak = peak.max(rss_mib(p.pid()));
+        if served.is_none() {
+            served = Some(QemuIo::new(p.uri()).cmds(cmds).run_merged(GUARD).1);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let s = sender.join().unwrap();
+    peak = peak.max(rss_mib(p.pid()));
+    drop(s);
+    (peak, served.unwrap_or_default())
+}
+
+#[test]
+fn answers_to_a_client_that_never_reads_them_hold_up_its_requests_not_memory() {
+    require_tool("qemu-io");
+    let p = Nbdfault::start(&[
+        "null",
+        "--listen",
+        "127.0.0.1:0",
+        "--rules",
+        "rules/full-disk.yaml",
+    ]);
+    let s = transmitting(p.uri());
+    // 4 million zero-length writes (112 MiB): each one an error the proxy
+    // answers itself.
+    let (peak, out) = flood(
+        &p,
+        s,
+        4 << 20,
+        |i| write_request(i, 0),
+        &["read 0 64k", "write 0 4k"],
+    );
+    assert!(peak < 64, "VmRSS reached {peak} MiB");
+    assert!(out.contains("read 65536/65536 bytes at offset 0"), "{out}");
+    assert!(
+        out.contains("write failed: No space left on device"),
+        "{out}"
+    );
+}
+
+#[test]
+fn option_refusals_to_a_client_that_never_reads_them_stay_bounded() {
+    require_tool("qemu-io");
+    let dir = TempDir::new().unwrap();
+    let rules = rules_file(
+        &dir,
+        "rules:\n  - event: export\n    option: list\n    action: error\n    errno: unsup\n",
+    );
+    let p = Nbdfault::start(&["null", "--listen", "127.0.0.1:0", "--rules", &rules]);
+    let s = negotiating(p.uri());
+    let (peak, out) = flood(&p, s, 8 << 20, |_| option(OPT_LIST, b""), &["read 0 4k"]);
+    assert!(peak < 64, "VmRSS reached {peak} MiB");
+    assert!(out.contains("read 4096/4096 bytes at offset 0"), "{out}");
+}
+
+/// Sends a write of `len` bytes (as much as the proxy lets through in a
+/// second) and goes away.
+fn write_and_leave(mut s: TcpStream, len: u32) {
+    s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut msg = write_request(1, len);
+    msg.resize(msg.len() + len as usize, 0xa5);
+    let _ = s.write_all(&msg);
+}
+
+/// `cmds` through qemu-io within the guard: it must be served.
+fn served(uri: &str, cmds: &[&str]) -> String {
+    let (status, out) = QemuIo::new(uri).cmds(cmds).run_merged(GUARD);
+    assert!(status.success(), "qemu-io was not served: {out}");
+    out
+}
+
+/// Two clients, each held by `rules` after sending a big write, leave; a
+/// third client must get one of the two slots.
+fn held_clients_that_left_free_their_slots(rules: &str) {
+    require_tool("qemu-io");
+    let dir = TempDir::new().unwrap();
+    let rules = rules_file(&dir, rules);
+    let p = Nbdfault::start(&[
+        "null",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "2",
+        "--rules",
+        &rules,
+    ]);
+    // 1 MiB fits the sockets' buffers; 32 MiB does not, so its end of
+    // stream queues behind bytes nobody reads unless the proxy reads them.
+    write_and_leave(transmitting(p.uri()), 1 << 20);
+    write_and_leave(transmitting(p.uri()), 32 << 20);
+    let out = served(p.uri(), &["read 0 4k"]);
+    assert!(out.contains("read 4096/4096 bytes at offset 0"), "{out}");
+}
+
+#[test]
+fn stalled_clients_that_left_free_their_slots() {
+    held_clients_that_left_free_their_slots(
+        "rules:\n  - event: request\n    command: write\n    action: stall\n",
+    );
+}
+
+#[test]
+fn delayed_clients_that_left_free_their_slots() {
+    // Only the 1 MiB write can be noticed before its hour is up: the
+    // other's end of stream is behind 31 MiB the delay holds back. So one
+    // slot, one client that leaves.
+    require_tool("qemu-io");
+    let dir = TempDir::new().unwrap();
+    let rules = rules_file(
+        &dir,
+        "rules:\n  - event: request\n    command: write\n    action: delay\n    duration: 1h\n",
+    );
+    let p = Nbdfault::start(&[
+        "null",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "1",
+        "--rules",
+        &rules,
+    ]);
+    write_and_leave(transmitting(p.uri()), 1 << 20);
+    let out = served(p.uri(), &["read 0 4k"]);
+    assert!(out.contains("read 4096/4096 bytes at offset 0"), "{out}");
+}
+
+#[test]
+fn a_paused_connection_whose_client_left_ends() {
+    require_tool("qemu-io");
+    require_tool("curl");
+    let dir = TempDir::new().unwrap();
+    let ctl = dir.path().join("control.sock");
+    let ctl_s = ctl.display().to_string();
+    let p = Nbdfault::start(&[
+        "null",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "1",
+        "--control",
+        &ctl_s,
+    ]);
+    let s = transmitting(p.uri());
+    let r = curl(&[
+        "--unix-socket",
+        &ctl_s,
+        "-s",
+        "-X",
+        "POST",
+        "http://localhost/connections/1/pause",
+    ]);
+    assert!(r.contains("\"paused\": true"), "{r}");
+    write_and_leave(s, 1 << 20);
+    let gone = wait_until(GUARD, || {
+        let list = curl(&[
+            "--unix-socket",
+            &ctl_s,
+            "-s",
+            "http://localhost/connections",
+        ]);
+        list.contains("\"connections\": []")
+    });
+    assert!(gone, "the paused connection outlived its client");
+    let out = served(p.uri(), &["read 0 4k"]);
+    assert!(out.contains("read 4096/4096 bytes at offset 0"), "{out}");
+}
+
+/// A server that answers a 32 MiB read and then goes away while the reply
+/// is stalled: the client is told the connection ended, not left waiting.
+#[test]
+fn a_server_that_leaves_during_a_stalled_reply_ends_the_connection() {
+    require_tool("qemu-io");
+    require_tool("qemu-nbd");
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("disk.img");
+    create_sparse(&img, 64 << 20);
+    let mut q = Some(QemuNbd::raw(&img));
+    let rules = rules_file(
+        &dir,
+        "rules:\n  - event: reply\n    command: read\n    action: stall\n",
+    );
+    let upstream = q.as_ref().unwrap().uri();
+    let p = Nbdfault::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--rules",
+        &rules,
+    ]);
+    let client = thread::spawn({
+        let uri = p.uri().to_string();
+        move || QemuIo::new(&uri).cmd("read 0 32M").run_merged(GUARD)
+    });
+    // The reply is on its way and held; then the server is gone.
+    thread::sleep(Duration::from_secs(2));
+    drop(q.take());
+    let (status, out) = client.join().unwrap();
+    assert!(!status.success(), "{out}");
+    assert!(!out.contains("read 33554432/33554432"), "{out}");
+    assert!(out.contains("read failed"), "{out}");
+}

@@ -143,6 +143,7 @@ fn flood(
     }
     let s = sender.join().unwrap();
     peak = peak.max(rss_mib(p.pid()));
+    eprintln!("the flood: VmRSS at most {peak} MiB");
     drop(s);
     (peak, served.unwrap_or_default())
 }

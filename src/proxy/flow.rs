@@ -24,7 +24,9 @@ use tracing::{debug, info, trace};
 use super::hangup::{HangupWatch, hung_up};
 use super::placement::{Action, Placement};
 use super::splice::{Pipe, RelayError, Spliceable, relay};
-use super::{Connection, FLOW_BUFFER, FlowError, RESET_CLIENT, RESET_SERVER, log_fault};
+use super::{
+    ANSWER_QUEUE, Connection, FLOW_BUFFER, FlowError, RESET_CLIENT, RESET_SERVER, log_fault,
+};
 use crate::intercept::{Fault, Verdict};
 use crate::io::net::{ReadHalf, WriteHalf};
 use crate::protocol::consts;
@@ -381,14 +383,20 @@ where
             _ => return Ok(()),
         };
         self.flush().await?;
-        let tx = self.conn.answers.clone();
-        let permit = match self.hold_until(tx.clone().reserve_owned()).await? {
+        // Wait for half the queue to be free, not one slot: the client
+        // reads its answers in bursts, and this flow is held once per
+        // burst rather than once per answer.
+        let conn = self.conn.clone();
+        let permits = match self
+            .hold_until(conn.answers.reserve_many(ANSWER_QUEUE / 2))
+            .await?
+        {
             Some(p) => p,
             // The client left, or a flow ended: the to-client flow drains
             // its queue or is gone (then nothing is waited for).
-            None => tx.reserve_owned().await,
+            None => conn.answers.reserve_many(1).await,
         };
-        if let Ok(p) = permit {
+        if let Some(p) = permits.ok().and_then(|mut p| p.next()) {
             p.send(answer);
         }
         Ok(())

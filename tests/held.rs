@@ -178,13 +178,12 @@ fn answers_to_a_client_that_never_reads_them_hold_up_its_requests_not_memory() {
 
 #[test]
 fn option_refusals_to_a_client_that_never_reads_them_stay_bounded() {
-    require_tool("qemu-io");
     let dir = TempDir::new().unwrap();
-    let rules = rules_file(
+    let p = null_with(
         &dir,
         "rules:\n  - event: export\n    option: list\n    action: error\n    errno: unsup\n",
+        &[],
     );
-    let p = Nbdfault::start(&["null", "--listen", "127.0.0.1:0", "--rules", &rules]);
     let s = negotiating(p.uri());
     let (peak, out) = flood(&p, s, 8 << 20, |_| option(OPT_LIST, b""), &["read 0 4k"]);
     assert!(peak < 64, "VmRSS reached {peak} MiB");
@@ -200,84 +199,64 @@ fn write_and_leave(mut s: TcpStream, len: u32) {
     let _ = s.write_all(&msg);
 }
 
-/// `cmds` through qemu-io within the guard: it must be served.
-fn served(uri: &str, cmds: &[&str]) -> String {
-    let (status, out) = QemuIo::new(uri).cmds(cmds).run_merged(GUARD);
-    assert!(status.success(), "qemu-io was not served: {out}");
-    out
+/// A 4 KiB read through qemu-io within the guard: it must be served.
+fn assert_served(uri: &str) {
+    let (status, out) = QemuIo::new(uri).cmd("read 0 4k").run_merged(GUARD);
+    assert!(
+        status.success() && out.contains("read 4096/4096 bytes at offset 0"),
+        "qemu-io was not served: {out}"
+    );
 }
 
-/// Two clients, each held by `rules` after sending a big write, leave; a
-/// third client must get one of the two slots.
-fn held_clients_that_left_free_their_slots(rules: &str) {
+/// A null server with `rules` (YAML) and `extra` flags.
+fn null_with(dir: &TempDir, rules: &str, extra: &[&str]) -> Nbdfault {
     require_tool("qemu-io");
+    let rules = rules_file(dir, rules);
+    let mut args = vec!["null", "--listen", "127.0.0.1:0", "--rules", &rules];
+    args.extend_from_slice(extra);
+    Nbdfault::start(&args)
+}
+
+/// One client per write in `writes` (its length), each held by `rules`
+/// after sending it, leaves; with a slot for each of them, one more client
+/// must then be served.
+fn held_clients_that_left_free_their_slots(rules: &str, writes: &[u32]) {
     let dir = TempDir::new().unwrap();
-    let rules = rules_file(&dir, rules);
-    let p = Nbdfault::start(&[
-        "null",
-        "--listen",
-        "127.0.0.1:0",
-        "--max-connections",
-        "2",
-        "--rules",
-        &rules,
-    ]);
-    // 1 MiB fits the sockets' buffers; 32 MiB does not, so its end of
-    // stream queues behind bytes nobody reads unless the proxy reads them.
-    write_and_leave(transmitting(p.uri()), 1 << 20);
-    write_and_leave(transmitting(p.uri()), 32 << 20);
-    let out = served(p.uri(), &["read 0 4k"]);
-    assert!(out.contains("read 4096/4096 bytes at offset 0"), "{out}");
+    let slots = writes.len().to_string();
+    let p = null_with(&dir, rules, &["--max-connections", &slots]);
+    for &len in writes {
+        write_and_leave(transmitting(p.uri()), len);
+    }
+    assert_served(p.uri());
 }
 
 #[test]
 fn stalled_clients_that_left_free_their_slots() {
+    // 1 MiB fits the sockets' buffers; 32 MiB does not, so its end of
+    // stream queues behind bytes nobody reads unless the proxy reads them.
     held_clients_that_left_free_their_slots(
         "rules:\n  - event: request\n    command: write\n    action: stall\n",
+        &[1 << 20, 32 << 20],
     );
 }
 
 #[test]
 fn delayed_clients_that_left_free_their_slots() {
-    // Only the 1 MiB write can be noticed before its hour is up: the
-    // other's end of stream is behind 31 MiB the delay holds back. So one
-    // slot, one client that leaves.
-    require_tool("qemu-io");
-    let dir = TempDir::new().unwrap();
-    let rules = rules_file(
-        &dir,
+    // A 32 MiB write's end of stream would be behind 31 MiB that the delay
+    // holds back: it is noticed only when its hour is up.
+    held_clients_that_left_free_their_slots(
         "rules:\n  - event: request\n    command: write\n    action: delay\n    duration: 1h\n",
+        &[1 << 20],
     );
-    let p = Nbdfault::start(&[
-        "null",
-        "--listen",
-        "127.0.0.1:0",
-        "--max-connections",
-        "1",
-        "--rules",
-        &rules,
-    ]);
-    write_and_leave(transmitting(p.uri()), 1 << 20);
-    let out = served(p.uri(), &["read 0 4k"]);
-    assert!(out.contains("read 4096/4096 bytes at offset 0"), "{out}");
 }
 
 #[test]
 fn a_paused_connection_whose_client_left_ends() {
-    require_tool("qemu-io");
     require_tool("curl");
     let dir = TempDir::new().unwrap();
-    let ctl = dir.path().join("control.sock");
-    let ctl_s = ctl.display().to_string();
-    let p = Nbdfault::start(&[
-        "null",
-        "--listen",
-        "127.0.0.1:0",
-        "--max-connections",
-        "1",
-        "--control",
-        &ctl_s,
-    ]);
+    let ctl_s = dir.path().join("control.sock").display().to_string();
+    let extra = ["--max-connections", "1", "--control", &ctl_s];
+    let p = null_with(&dir, "rules: []\n", &extra);
     let s = transmitting(p.uri());
     let r = curl(&[
         "--unix-socket",
@@ -299,8 +278,7 @@ fn a_paused_connection_whose_client_left_ends() {
         list.contains("\"connections\": []")
     });
     assert!(gone, "the paused connection outlived its client");
-    let out = served(p.uri(), &["read 0 4k"]);
-    assert!(out.contains("read 4096/4096 bytes at offset 0"), "{out}");
+    assert_served(p.uri());
 }
 
 /// A one-connection NBD server on TCP that answers the first request

@@ -37,12 +37,12 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
     b
 }
 
-fn request(command: u16, cookie: u64, len: u32) -> Vec<u8> {
+fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
     b.extend(0u16.to_be_bytes());
     b.extend(command.to_be_bytes());
     b.extend(cookie.to_be_bytes());
-    b.extend(0u64.to_be_bytes());
+    b.extend(offset.to_be_bytes());
     b.extend(len.to_be_bytes());
     b
 }
@@ -165,7 +165,7 @@ fn answers_to_a_client_that_never_reads_them_hold_up_its_requests_not_memory() {
         &p,
         s,
         4 << 20,
-        |i| request(CMD_WRITE, i, 0),
+        |i| request(CMD_WRITE, i, 0, 0),
         &["read 0 64k", "write 0 4k"],
     );
     assert!(peak < 64, "VmRSS reached {peak} MiB");
@@ -194,7 +194,7 @@ fn option_refusals_to_a_client_that_never_reads_them_stay_bounded() {
 /// second) and goes away.
 fn write_and_leave(mut s: TcpStream, len: u32) {
     s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
-    let mut msg = request(CMD_WRITE, 1, len);
+    let mut msg = request(CMD_WRITE, 1, 0, len);
     msg.resize(msg.len() + len as usize, 0xa5);
     let _ = s.write_all(&msg);
 }
@@ -248,6 +248,28 @@ fn delayed_clients_that_left_free_their_slots() {
         "rules:\n  - event: request\n    command: write\n    action: delay\n    duration: 1h\n",
         &[1 << 20],
     );
+}
+
+/// Replies held for an hour back up the null server, and through it the
+/// client's requests: the flow carrying them is stuck writing, not reading
+/// the client. The client leaving must still be noticed.
+#[test]
+fn a_client_that_left_while_its_replies_were_delayed_frees_its_slot() {
+    let dir = TempDir::new().unwrap();
+    // Only its reads, at 1 GiB: qemu-io's later read at 0 is not delayed.
+    let rules =
+        "rules:\n  - event: reply\n    offset: 1GiB..\n    action: delay\n    duration: 1h\n";
+    let p = null_with(&dir, rules, &["--max-connections", "1"]);
+    let mut s = transmitting(p.uri());
+    // 20,000 64 KiB reads: far more replies than the pipeline holds, and
+    // requests that fit in it and the sockets' buffers.
+    let reads: Vec<u8> = (0..20_000)
+        .flat_map(|i| request(CMD_READ, i, 1 << 30, 64 << 10))
+        .collect();
+    s.set_write_timeout(Some(GUARD)).unwrap();
+    s.write_all(&reads).unwrap();
+    drop(s);
+    assert_served(p.uri());
 }
 
 #[test]
@@ -343,7 +365,7 @@ fn a_server_that_leaves_during_a_stalled_reply_ends_the_connection() {
         &rules,
     ]);
     let mut s = transmitting(p.uri());
-    s.write_all(&request(CMD_READ, 1, 32 << 20)).unwrap();
+    s.write_all(&request(CMD_READ, 1, 0, 32 << 20)).unwrap();
     server.join().unwrap();
     let mut got = Vec::new();
     match s.read_to_end(&mut got) {

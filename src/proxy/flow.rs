@@ -23,7 +23,7 @@ use tracing::{debug, info, trace};
 
 use super::hangup::{HangupWatch, hung_up};
 use super::placement::{Action, Placement};
-use super::splice::{Pipe, RelayError, Spliceable, relay};
+use super::splice::{Pipe, RelayError, Socket, Spliceable, relay};
 use super::{
     ANSWER_QUEUE, Connection, FLOW_BUFFER, FlowError, RESET_CLIENT, RESET_SERVER, log_fault,
 };
@@ -42,6 +42,11 @@ const MIN_READ_SPACE: usize = 64 * 1024;
 /// spliced) rather than in the buffer (to be copied). Big enough for any
 /// header and a small payload in one read.
 const HEADER_READ: usize = 4096;
+
+/// A hold that lasts this long also watches the sink for a hangup: the
+/// other flow, which would notice that peer leaving, may be stuck writing
+/// into what this hold backs up. Shorter holds never pay for the watch.
+const WATCH_SINK_AFTER: Duration = Duration::from_secs(1);
 
 /// Why [`Flow::advance`] stopped.
 enum Stop {
@@ -299,19 +304,25 @@ where
     }
 
     /// Passes nothing on until `done` (then its output), ending early
-    /// (`None`) when the connection ends or the source goes away. Keeps
+    /// (`None`) when the connection ends or a peer goes away. Keeps
     /// reading the source meanwhile while there is room, and once there is
     /// none watches it for a hangup without reading: either way a client
     /// that gives up is noticed, and its leaving ends the other flow's
-    /// holds too.
+    /// holds too. A long hold that keeps what it holds watches the sink as
+    /// well (see [`WATCH_SINK_AFTER`]); a stall for good never blocks the
+    /// other flow, which then sees that peer leave itself.
     async fn hold_until<T>(
         &mut self,
         done: impl std::future::Future<Output = T>,
     ) -> Result<Option<T>, FlowError> {
         tokio::pin!(done);
         let mut ended = self.conn.ended.subscribe();
-        let mut gone = self.conn.source_gone.subscribe();
+        let mut gone = self.conn.peer_gone.subscribe();
         let mut watch = None;
+        let mut sink_watch = None;
+        let long = tokio::time::sleep(WATCH_SINK_AFTER);
+        tokio::pin!(long);
+        let mut long_seen = !self.keep;
         loop {
             let open = !self.src_eof && !self.src_gone;
             if open && !self.keep && self.end == self.buf.len() {
@@ -331,18 +342,28 @@ where
                     match r {
                         Ok(0) => {
                             self.src_eof = true;
-                            self.conn.source_gone.send_replace(true);
+                            self.conn.peer_gone.send_replace(true);
                             return Ok(None);
                         }
                         Ok(n) => self.end += n,
                         Err(e) => return Err(self.io(e)),
                     }
                 }
+                () = &mut long, if !long_seen => {
+                    long_seen = true;
+                    sink_watch = self.dst.splice_socket().and_then(|s| self.watcher(s));
+                }
+                r = hung_up(sink_watch.as_ref()), if sink_watch.is_some() => {
+                    r.map_err(|e| self.io(e))?;
+                    debug!(conn = self.conn.id, "{}: sink hung up during a hold", self.dir);
+                    self.conn.peer_gone.send_replace(true);
+                    return Ok(None);
+                }
                 r = hung_up(watch.as_ref()), if watch.is_some() => {
                     r.map_err(|e| self.io(e))?;
                     debug!(conn = self.conn.id, "{}: peer hung up during a hold", self.dir);
                     self.src_gone = true;
-                    self.conn.source_gone.send_replace(true);
+                    self.conn.peer_gone.send_replace(true);
                     return Ok(None);
                 }
             }
@@ -351,7 +372,10 @@ where
 
     /// A watcher for the source's hangup, where the source is a socket.
     fn watch_source(&self) -> Option<HangupWatch> {
-        let socket = self.src.splice_socket()?;
+        self.watcher(self.src.splice_socket()?)
+    }
+
+    fn watcher(&self, socket: Socket<'_>) -> Option<HangupWatch> {
         match HangupWatch::new(socket) {
             Ok(w) => Some(w),
             Err(e) => {

@@ -115,9 +115,9 @@ pub struct Connection {
     answers_rx: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
     /// Set when either flow has ended: ends stalls.
     ended: watch::Sender<bool>,
-    /// Set when a held flow saw its source go away: ends the other flow's
+    /// Set when a held flow saw a peer go away: ends the other flow's
     /// holds too (stalls, delays, pauses), as its ending would.
-    source_gone: watch::Sender<bool>,
+    peer_gone: watch::Sender<bool>,
     interceptor: Arc<dyn Interceptor>,
     telemetry: Arc<Telemetry>,
     conn_telemetry: ConnTelemetry,
@@ -152,7 +152,7 @@ impl Connection {
             answers,
             answers_rx: Mutex::new(Some(answers_rx)),
             ended: watch::Sender::new(false),
-            source_gone: watch::Sender::new(false),
+            peer_gone: watch::Sender::new(false),
             interceptor,
         })
     }

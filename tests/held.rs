@@ -250,16 +250,14 @@ fn delayed_clients_that_left_free_their_slots() {
     );
 }
 
-/// Replies held for an hour back up the null server, and through it the
-/// client's requests: the flow carrying them is stuck writing, not reading
-/// the client. The client leaving must still be noticed.
-#[test]
-fn a_client_that_left_while_its_replies_were_delayed_frees_its_slot() {
+/// Replies held back (by `action`) back up the null server, and through it
+/// the client's requests: the flow carrying them is stuck writing, not
+/// reading the client. The client leaving must still be noticed.
+fn a_client_that_left_while_its_replies_were_held_frees_its_slot(action: &str) {
     let dir = TempDir::new().unwrap();
-    // Only its reads, at 1 GiB: qemu-io's later read at 0 is not delayed.
-    let rules =
-        "rules:\n  - event: reply\n    offset: 1GiB..\n    action: delay\n    duration: 1h\n";
-    let p = null_with(&dir, rules, &["--max-connections", "1"]);
+    // Only its reads, at 1 GiB: qemu-io's later read at 0 is not held.
+    let rules = format!("rules:\n  - event: reply\n    offset: 1GiB..\n    {action}\n");
+    let p = null_with(&dir, &rules, &["--max-connections", "1"]);
     let mut s = transmitting(p.uri());
     // 20,000 64 KiB reads: far more replies than the pipeline holds, and
     // requests that fit in it and the sockets' buffers.
@@ -270,6 +268,18 @@ fn a_client_that_left_while_its_replies_were_delayed_frees_its_slot() {
     s.write_all(&reads).unwrap();
     drop(s);
     assert_served(p.uri());
+}
+
+#[test]
+fn a_client_that_left_while_its_replies_were_delayed_frees_its_slot() {
+    a_client_that_left_while_its_replies_were_held_frees_its_slot(
+        "action: delay\n    duration: 1h",
+    );
+}
+
+#[test]
+fn a_client_that_left_while_its_replies_were_stalled_frees_its_slot() {
+    a_client_that_left_while_its_replies_were_held_frees_its_slot("action: stall");
 }
 
 #[test]

@@ -80,7 +80,7 @@ pub(super) struct Flow<R: Linger, W: Linger> {
     /// still unread behind the full buffer.
     src_gone: bool,
     /// What a hold reads must be kept for later (false in a stall that
-    /// lasts until the connection ends).
+    /// lasts until the connection ends, on a socket).
     keep: bool,
     /// Both ends are sockets splice(2) can use (and a pipe could be made).
     can_splice: bool,
@@ -278,9 +278,10 @@ where
     /// Holds this flow for `duration` (forever if `None`).
     async fn hold(&mut self, duration: Option<Duration>) -> Result<(), FlowError> {
         // What a stall holds for good is never delivered: past a full
-        // buffer it is read and dropped, so the peer's end of stream comes
-        // through however much it sent.
-        self.keep = duration.is_some();
+        // buffer it is read and dropped, so a socket peer's end of stream
+        // comes through however much it sent. (Not from the null server:
+        // it would then make read data as fast as it can, for nobody.)
+        self.keep = duration.is_some() || self.src.splice_socket().is_none();
         let held = self
             .hold_until(async {
                 match duration {
@@ -309,8 +310,8 @@ where
     /// none watches it for a hangup without reading: either way a client
     /// that gives up is noticed, and its leaving ends the other flow's
     /// holds too. A long hold that keeps what it holds watches the sink as
-    /// well (see [`WATCH_SINK_AFTER`]); a stall for good never blocks the
-    /// other flow, which then sees that peer leave itself.
+    /// well (see [`WATCH_SINK_AFTER`]); a stall for good on a socket never
+    /// blocks the other flow, which then sees that peer leave itself.
     async fn hold_until<T>(
         &mut self,
         done: impl std::future::Future<Output = T>,

@@ -11,8 +11,9 @@
 //! readiness it clears is never the readiness the flow's own reads rely on.
 //!
 //! In-memory streams have no watcher: their far end is the built-in null
-//! server, which closes only after the client's side has ended or failed,
-//! and that the flow on the client's socket notices.
+//! server, which never leaves on its own before the client's side has
+//! ended or failed. A hold on one watches the client's socket, its sink,
+//! instead (see `flow.rs`).
 
 use std::io;
 

@@ -21,9 +21,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, trace};
 
+use super::hangup::{HangupWatch, hung_up};
 use super::placement::{Action, Placement};
-use super::splice::{Pipe, RelayError, Spliceable, relay};
-use super::{Connection, FLOW_BUFFER, FlowError, RESET_CLIENT, RESET_SERVER, log_fault};
+use super::splice::{Pipe, RelayError, Socket, Spliceable, relay};
+use super::{
+    ANSWER_QUEUE, Connection, FLOW_BUFFER, FlowError, RESET_CLIENT, RESET_SERVER, log_fault,
+};
 use crate::intercept::{Fault, Verdict};
 use crate::io::net::{ReadHalf, WriteHalf};
 use crate::protocol::consts;
@@ -39,6 +42,11 @@ const MIN_READ_SPACE: usize = 64 * 1024;
 /// spliced) rather than in the buffer (to be copied). Big enough for any
 /// header and a small payload in one read.
 const HEADER_READ: usize = 4096;
+
+/// A hold that lasts this long also watches the sink for a hangup: the
+/// other flow, which would notice that peer leaving, may be stuck writing
+/// into what this hold backs up. Shorter holds never pay for the watch.
+const WATCH_SINK_AFTER: Duration = Duration::from_secs(1);
 
 /// Why [`Flow::advance`] stopped.
 enum Stop {
@@ -65,9 +73,15 @@ pub(super) struct Flow<R: Linger, W: Linger> {
     place: Placement,
     /// Bytes to write to the client between messages (to-client flow).
     queued: VecDeque<Vec<u8>>,
-    answers: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    answers: Option<mpsc::Receiver<Vec<u8>>>,
     /// The source reached end of stream while a hold was in progress.
     src_eof: bool,
+    /// The source's peer hung up while a hold was in progress, with bytes
+    /// still unread behind the full buffer.
+    src_gone: bool,
+    /// What a hold reads must be kept for later (false in a stall that
+    /// lasts until the connection ends, on a socket).
+    keep: bool,
     /// Both ends are sockets splice(2) can use (and a pipe could be made).
     can_splice: bool,
     /// The pipe payloads are spliced through, made on first use.
@@ -84,7 +98,7 @@ where
         dir: Direction,
         src: R,
         dst: W,
-        answers: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+        answers: Option<mpsc::Receiver<Vec<u8>>>,
     ) -> Self {
         let can_splice = src.splice_socket().is_some() && dst.splice_socket().is_some();
         Self {
@@ -100,6 +114,8 @@ where
             queued: VecDeque::new(),
             answers,
             src_eof: false,
+            src_gone: false,
+            keep: true,
             can_splice,
             pipe: None,
         }
@@ -172,7 +188,7 @@ where
                     }
                 }
                 Action::Cut { reset, fault } => return Err(self.cut(reset, fault).await),
-                Action::Answer(a) => self.send_answer(a),
+                Action::Answer(a) => self.send_answer(a).await?,
                 Action::Forget(cookie) => {
                     self.conn.session().forget(cookie);
                     self.conn.conn_telemetry.forget(cookie);
@@ -261,13 +277,21 @@ where
 
     /// Holds this flow for `duration` (forever if `None`).
     async fn hold(&mut self, duration: Option<Duration>) -> Result<(), FlowError> {
-        self.hold_until(async {
-            match duration {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        })
-        .await
+        // What a stall holds for good is never delivered: past a full
+        // buffer it is read and dropped, so a socket peer's end of stream
+        // comes through however much it sent. (Not from the null server:
+        // it would then make read data as fast as it can, for nobody.)
+        self.keep = duration.is_some() || self.src.splice_socket().is_none();
+        let held = self
+            .hold_until(async {
+                match duration {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            })
+            .await;
+        self.keep = true;
+        held.map(drop)
     }
 
     /// Waits out a pause (control API) between messages.
@@ -277,46 +301,130 @@ where
             let _ = paused.wait_for(|p| !*p).await;
         })
         .await
+        .map(drop)
     }
 
-    /// Passes nothing on until `done`, ending early when the connection
-    /// ends or the source closes. Keeps reading the source meanwhile (while
-    /// there is room), so a client that gives up is noticed.
-    async fn hold_until(
+    /// Passes nothing on until `done` (then its output), ending early
+    /// (`None`) when the connection ends or a peer goes away. Keeps
+    /// reading the source meanwhile while there is room, and once there is
+    /// none watches it for a hangup without reading: either way a client
+    /// that gives up is noticed, and its leaving ends the other flow's
+    /// holds too. A long hold that keeps what it holds watches the sink as
+    /// well (see [`WATCH_SINK_AFTER`]); a stall for good on a socket never
+    /// blocks the other flow, which then sees that peer leave itself.
+    async fn hold_until<T>(
         &mut self,
-        done: impl std::future::Future<Output = ()>,
-    ) -> Result<(), FlowError> {
+        done: impl std::future::Future<Output = T>,
+    ) -> Result<Option<T>, FlowError> {
         tokio::pin!(done);
         let mut ended = self.conn.ended.subscribe();
+        let mut gone = self.conn.peer_gone.subscribe();
+        let mut watch = None;
+        let mut sink_watch = None;
+        let long = tokio::time::sleep(WATCH_SINK_AFTER);
+        tokio::pin!(long);
+        let mut long_seen = !self.keep;
         loop {
-            let room = !self.src_eof && self.end < self.buf.len();
+            let open = !self.src_eof && !self.src_gone;
+            if open && !self.keep && self.end == self.buf.len() {
+                // Everything before the cursor is written (holds flush
+                // first); everything after it is never delivered.
+                (self.start, self.cursor, self.end) = (0, 0, 0);
+            }
+            let room = open && self.end < self.buf.len();
+            if open && !room && watch.is_none() {
+                watch = self.watch_source();
+            }
             tokio::select! {
-                () = &mut done => return Ok(()),
-                _ = ended.wait_for(|e| *e) => return Ok(()),
+                t = &mut done => return Ok(Some(t)),
+                _ = ended.wait_for(|e| *e) => return Ok(None),
+                _ = gone.wait_for(|g| *g) => return Ok(None),
                 r = self.src.read(&mut self.buf[self.end..]), if room => {
                     match r {
                         Ok(0) => {
                             self.src_eof = true;
-                            return Ok(());
+                            self.conn.peer_gone.send_replace(true);
+                            return Ok(None);
                         }
                         Ok(n) => self.end += n,
                         Err(e) => return Err(self.io(e)),
                     }
                 }
+                () = &mut long, if !long_seen => {
+                    long_seen = true;
+                    sink_watch = self.dst.splice_socket().and_then(|s| self.watcher(s));
+                }
+                r = hung_up(sink_watch.as_ref()), if sink_watch.is_some() => {
+                    r.map_err(|e| self.io(e))?;
+                    debug!(conn = self.conn.id, "{}: sink hung up during a hold", self.dir);
+                    self.conn.peer_gone.send_replace(true);
+                    return Ok(None);
+                }
+                r = hung_up(watch.as_ref()), if watch.is_some() => {
+                    r.map_err(|e| self.io(e))?;
+                    debug!(conn = self.conn.id, "{}: peer hung up during a hold", self.dir);
+                    self.src_gone = true;
+                    self.conn.peer_gone.send_replace(true);
+                    return Ok(None);
+                }
             }
         }
     }
 
-    /// Routes a proxy-made answer to the client.
-    fn send_answer(&mut self, answer: Vec<u8>) {
-        match self.dir {
-            Direction::ToClient => self.queued.push_back(answer),
-            Direction::ToServer => {
-                // The to-client flow is gone only if the connection is
-                // closing anyway.
-                let _ = self.conn.answers.send(answer);
+    /// A watcher for the source's hangup, where the source is a socket.
+    fn watch_source(&self) -> Option<HangupWatch> {
+        self.watcher(self.src.splice_socket()?)
+    }
+
+    fn watcher(&self, socket: Socket<'_>) -> Option<HangupWatch> {
+        match HangupWatch::new(socket) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                // Out of descriptors, say: the hold then ends as before,
+                // when the other flow does.
+                debug!(
+                    conn = self.conn.id,
+                    "{}: cannot watch for hangup: {e}", self.dir
+                );
+                None
             }
         }
+    }
+
+    /// Routes a proxy-made answer to the client. Toward the to-client flow
+    /// it waits while that flow's queue is full: the client is not reading
+    /// its answers, so its requests wait too (an answer is never dropped,
+    /// that would desynchronise the client). Meanwhile this flow is held
+    /// like any other, so a client that leaves is noticed.
+    async fn send_answer(&mut self, answer: Vec<u8>) -> Result<(), FlowError> {
+        if self.dir == Direction::ToClient {
+            self.queued.push_back(answer);
+            return Ok(());
+        }
+        let answer = match self.conn.answers.try_send(answer) {
+            Err(mpsc::error::TrySendError::Full(a)) => a,
+            // Sent, or the to-client flow is gone: then the connection is
+            // closing anyway.
+            _ => return Ok(()),
+        };
+        self.flush().await?;
+        // Wait for half the queue to be free, not one slot: the client
+        // reads its answers in bursts, and this flow is held once per
+        // burst rather than once per answer.
+        let conn = self.conn.clone();
+        let permits = match self
+            .hold_until(conn.answers.reserve_many(ANSWER_QUEUE / 2))
+            .await?
+        {
+            Some(p) => p,
+            // The client left, or a flow ended: the to-client flow drains
+            // its queue or is gone (then nothing is waited for).
+            None => conn.answers.reserve_many(1).await,
+        };
+        if let Some(p) = permits.ok().and_then(|mut p| p.next()) {
+            p.send(answer);
+        }
+        Ok(())
     }
 
     /// Writes `[start, cursor)`.

@@ -9,6 +9,7 @@
 //! Payloads no fault acts inside are spliced ([`splice`]).
 
 mod flow;
+mod hangup;
 pub mod placement;
 pub mod splice;
 
@@ -34,6 +35,12 @@ pub use flow::Linger;
 /// Per-flow buffer: big enough that a bulk transfer is a few large writes,
 /// small enough that memory stays flat as connections grow.
 pub const FLOW_BUFFER: usize = 256 * 1024;
+
+/// Answers the proxy made for the client and not yet written: when this
+/// many wait, the to-server flow waits too (and stops reading the client)
+/// rather than queue more. An answer is a reply header and at most a short
+/// message, so this bounds the queue to a few hundred KiB.
+pub const ANSWER_QUEUE: usize = 256;
 
 /// Default bound on what one request may carry or ask for: none. Payloads
 /// stream through [`FLOW_BUFFER`] (or are spliced) and are never held
@@ -119,11 +126,15 @@ pub struct Connection {
     wake_to_server: Notify,
     /// Answers the proxy makes in the server's place (an error for a
     /// request or an option), written by the to-client flow between
-    /// messages.
-    answers: mpsc::UnboundedSender<Vec<u8>>,
-    answers_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>,
+    /// messages. Bounded ([`ANSWER_QUEUE`]): a client that does not read
+    /// them holds up its own requests, never the proxy's memory.
+    answers: mpsc::Sender<Vec<u8>>,
+    answers_rx: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
     /// Set when either flow has ended: ends stalls.
     ended: watch::Sender<bool>,
+    /// Set when a held flow saw a peer go away: ends the other flow's
+    /// holds too (stalls, delays, pauses), as its ending would.
+    peer_gone: watch::Sender<bool>,
     interceptor: Arc<dyn Interceptor>,
     telemetry: Arc<Telemetry>,
     conn_telemetry: ConnTelemetry,
@@ -137,7 +148,7 @@ impl Connection {
         interceptor: Arc<dyn Interceptor>,
         telemetry: Arc<Telemetry>,
     ) -> Arc<Self> {
-        let (answers, answers_rx) = mpsc::unbounded_channel();
+        let (answers, answers_rx) = mpsc::channel(ANSWER_QUEUE);
         let conn_telemetry = telemetry.connection(id);
         Arc::new(Self {
             telemetry,
@@ -160,6 +171,7 @@ impl Connection {
             answers,
             answers_rx: Mutex::new(Some(answers_rx)),
             ended: watch::Sender::new(false),
+            peer_gone: watch::Sender::new(false),
             interceptor,
         })
     }

@@ -18,7 +18,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use tokio::io::Interest;
+use tokio::io::{Interest, Ready};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::io::net::{ReadHalf, WriteHalf};
@@ -57,23 +57,27 @@ pub enum Socket<'a> {
 }
 
 impl Socket<'_> {
-    fn fd(&self) -> BorrowedFd<'_> {
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Socket::Tcp(s) => s.as_fd(),
             Socket::Unix(s) => s.as_fd(),
         }
     }
 
-    async fn ready(&self, interest: Interest) -> io::Result<()> {
+    pub(super) async fn ready(&self, interest: Interest) -> io::Result<Ready> {
         match self {
-            Socket::Tcp(s) => s.ready(interest).await.map(drop),
-            Socket::Unix(s) => s.ready(interest).await.map(drop),
+            Socket::Tcp(s) => s.ready(interest).await,
+            Socket::Unix(s) => s.ready(interest).await,
         }
     }
 
     /// Runs `f` as an I/O operation on this socket: a WouldBlock from it
     /// clears the readiness tokio remembers, so the next `ready` waits.
-    fn try_io<T>(&self, interest: Interest, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    pub(super) fn try_io<T>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
         match self {
             Socket::Tcp(s) => s.try_io(interest, f),
             Socket::Unix(s) => s.try_io(interest, f),

@@ -49,9 +49,16 @@ impl Kind for Delay {
         let d = if self.jitter.is_zero() {
             self.duration
         } else {
-            // Uniform in [duration - jitter, duration + jitter], never negative.
-            let offset = self.jitter.mul_f64(unit(fire.rng) * 2.0);
-            (self.duration + offset).saturating_sub(self.jitter)
+            // Uniform in [duration - jitter, duration + jitter], never
+            // negative. Checked rules keep both at most a day; saturating all
+            // the same, as a panic here would end the connection's task
+            // without its bookkeeping.
+            let offset =
+                Duration::try_from_secs_f64(self.jitter.as_secs_f64() * unit(fire.rng) * 2.0)
+                    .unwrap_or(Duration::MAX);
+            self.duration
+                .saturating_add(offset)
+                .saturating_sub(self.jitter)
         };
         Plan::Hold {
             at: fire.at,
@@ -105,6 +112,74 @@ mod tests {
                 duration: Some(Duration::from_secs(1))
             }
         );
+    }
+
+    /// The sum never overflows, whatever the durations (a rule built by
+    /// hand, not checked).
+    #[test]
+    fn huge_durations_saturate() {
+        let mut rng = 1u64;
+        for _ in 0..100 {
+            let p = plan(0, Duration::MAX, Duration::from_secs(10), &mut rng);
+            let Plan::Hold {
+                duration: Some(d), ..
+            } = p
+            else {
+                panic!("{p:?}")
+            };
+            assert!(d >= Duration::MAX - Duration::from_secs(10), "{d:?}");
+            let p = plan(0, Duration::from_secs(1), Duration::MAX, &mut rng);
+            assert!(
+                matches!(
+                    p,
+                    Plan::Hold {
+                        duration: Some(_),
+                        ..
+                    }
+                ),
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_above_a_day_are_refused() {
+        let ctx = Context {
+            events: EventSet::of(EventKind::Connect),
+        };
+        let e = Delay::check(
+            &Given::of(&[
+                ("duration", Scalar::Str("18446744073709551615s")),
+                ("jitter", Scalar::Str("10s")),
+            ]),
+            &ctx,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "given:2:10: duration must be at most 24h (1 day), found \"18446744073709551615s\""
+        );
+        let e = Delay::check(
+            &Given::of(&[
+                ("duration", Scalar::Str("1s")),
+                ("jitter", Scalar::Str("25h")),
+            ]),
+            &ctx,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "given:3:10: jitter must be at most 24h (1 day), found \"25h\""
+        );
+        let d = Delay::check(
+            &Given::of(&[
+                ("duration", Scalar::Str("24h")),
+                ("jitter", Scalar::Str("1day")),
+            ]),
+            &ctx,
+        )
+        .unwrap();
+        assert_eq!(d.duration, crate::rules::fields::MAX_DURATION);
     }
 
     #[test]

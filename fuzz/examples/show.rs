@@ -35,7 +35,9 @@ fn main() {
             o.mode,
             o.in_transmission,
             o.inflight,
-            o.pending.as_ref().map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1))
+            o.pending
+                .as_ref()
+                .map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1))
         );
     }
     run(&data);

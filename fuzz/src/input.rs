@@ -78,7 +78,11 @@ pub fn split<'a>(data: &'a [u8], sizes: &mut impl Iterator<Item = usize>) -> Vec
     let mut out = Vec::new();
     let mut at = 0;
     while at < data.len() {
-        let n = sizes.next().unwrap_or(data.len()).max(1).min(data.len() - at);
+        let n = sizes
+            .next()
+            .unwrap_or(data.len())
+            .max(1)
+            .min(data.len() - at);
         out.push(&data[at..at + n]);
         at += n;
     }

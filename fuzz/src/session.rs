@@ -83,7 +83,9 @@ fn other(d: Direction) -> Direction {
 }
 
 enum Stepped {
-    Frame { wake: bool },
+    Frame {
+        wake: bool,
+    },
     /// NeedMore, an empty buffer, payload still to come, or an error.
     Stuck,
     Wait,
@@ -340,7 +342,14 @@ pub fn rep(option: u32, reply_type: u32, data: &[u8]) -> Vec<u8> {
     v
 }
 
-pub fn req(extended: bool, command: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
+pub fn req(
+    extended: bool,
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> Vec<u8> {
     let mut b = [0u8; 32];
     let n = Request {
         extended,
@@ -420,10 +429,12 @@ pub const TO_SERVER_STATES: u8 = 6;
 fn to_server_setup(state: u8, cfg: u8) -> Sim {
     let mut sim = Sim::new(max_payload(cfg));
     let reject = cfg & 0x1f;
-    let nf = |flags: u16| NewstyleGreeting {
-        handshake_flags: flags,
-    }
-    .build();
+    let nf = |flags: u16| {
+        NewstyleGreeting {
+            handshake_flags: flags,
+        }
+        .build()
+    };
     match state % TO_SERVER_STATES {
         // Fresh: the peer greets (newstyle; fixed and NO_ZEROES from cfg).
         0 => {
@@ -453,8 +464,13 @@ fn to_server_setup(state: u8, cfg: u8) -> Sim {
             } else {
                 OPT_STRUCTURED_REPLY
             };
-            sim.feed(Direction::ToClient, &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
-            let mut c = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+            sim.feed(
+                Direction::ToClient,
+                &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+            );
+            let mut c = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+                .to_be_bytes()
+                .to_vec();
             c.extend(opt(o, b""));
             c.extend(opt(OPT_GO, &go_data(b"")));
             sim.feed(Direction::ToServer, &c);
@@ -531,10 +547,12 @@ fn to_client_setup(state: u8, cfg: u8) -> Sim {
     let mut sim = Sim::new(max_payload(cfg));
     let flags = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes();
     let meta = meta_context_data(b"", &[b"base:allocation"]);
-    let nf = |flags: u16| NewstyleGreeting {
-        handshake_flags: flags,
-    }
-    .build();
+    let nf = |flags: u16| {
+        NewstyleGreeting {
+            handshake_flags: flags,
+        }
+        .build()
+    };
     // The client's whole conversation is buffered up front: the session
     // holds each option back until the server's final reply to the last.
     let script = |o: Option<u32>, extended: bool| {
@@ -548,8 +566,14 @@ fn to_client_setup(state: u8, cfg: u8) -> Sim {
         c
     };
     match state % TO_CLIENT_STATES {
-        0 => sim.feed(Direction::ToServer, &script(Some(OPT_STRUCTURED_REPLY), false)),
-        1 => sim.feed(Direction::ToServer, &script(Some(OPT_EXTENDED_HEADERS), true)),
+        0 => sim.feed(
+            Direction::ToServer,
+            &script(Some(OPT_STRUCTURED_REPLY), false),
+        ),
+        1 => sim.feed(
+            Direction::ToServer,
+            &script(Some(OPT_EXTENDED_HEADERS), true),
+        ),
         2 => {
             let mut c = 0u32.to_be_bytes().to_vec();
             c.extend(opt(OPT_EXPORT_NAME, b""));
@@ -566,7 +590,10 @@ fn to_client_setup(state: u8, cfg: u8) -> Sim {
                 _ => (Some(OPT_EXTENDED_HEADERS), ReplyMode::Extended),
             };
             sim.feed(Direction::ToServer, &script(o, s == 6));
-            sim.feed(Direction::ToClient, &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+            sim.feed(
+                Direction::ToClient,
+                &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+            );
             let mut r = Vec::new();
             if let Some(o) = o {
                 r.extend(rep(o, REP_ACK, b""));
@@ -584,7 +611,10 @@ fn to_client_setup(state: u8, cfg: u8) -> Sim {
         }
         // Waiting for the replies to LIST.
         _ => {
-            sim.feed(Direction::ToClient, &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+            sim.feed(
+                Direction::ToClient,
+                &nf(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+            );
             sim.feed(Direction::ToServer, &script(Some(OPT_LIST), false));
         }
     }
@@ -659,11 +689,17 @@ fn compare(whole: &Outcome, chunked: &Outcome, cuts: &Cuts) {
             whole.log.get(n),
             whole.log.get(n + 1),
             whole.failed,
-            whole.pending.as_ref().map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1)),
+            whole
+                .pending
+                .as_ref()
+                .map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1)),
             chunked.log.get(n),
             chunked.log.get(n + 1),
             chunked.failed,
-            chunked.pending.as_ref().map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1)),
+            chunked
+                .pending
+                .as_ref()
+                .map(|p| (p[0].0.len(), p[0].1, p[1].0.len(), p[1].1)),
         );
     }
 }

@@ -51,9 +51,13 @@ fn request(b: &[u8]) {
             }
         }
         Ok(None) => {
-            let magic_ok = b.len() >= 4
-                && matches!(be32(b, 0), REQUEST_MAGIC | EXTENDED_REQUEST_MAGIC);
-            assert!(b.len() < 4 || magic_ok && b.len() < 32, "None with {} bytes", b.len());
+            let magic_ok =
+                b.len() >= 4 && matches!(be32(b, 0), REQUEST_MAGIC | EXTENDED_REQUEST_MAGIC);
+            assert!(
+                b.len() < 4 || magic_ok && b.len() < 32,
+                "None with {} bytes",
+                b.len()
+            );
         }
         Err(e) => {
             assert!(b.len() >= 4, "error on {} bytes: {e}", b.len());

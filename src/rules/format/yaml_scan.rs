@@ -129,11 +129,8 @@ fn skip_quoted(quote: char, chars: &mut Chars, line: &mut usize, column: &mut us
                 *line += 1;
                 *column = 0;
             }
-            '\\' if quote == '"' => {
-                if chars.next_if(|&n| n != '\n').is_some() {
-                    *column += 1;
-                }
-            }
+            // The escaped character (a newline is left to count as one).
+            '\\' if quote == '"' && chars.next_if(|&n| n != '\n').is_some() => *column += 1,
             _ if c == quote => {
                 if quote == '\'' && chars.next_if_eq(&'\'').is_some() {
                     *column += 1;

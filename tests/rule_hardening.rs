@@ -102,7 +102,8 @@ fn many_aliases_of_a_big_list_are_refused() {
     assert!(
         o.stderr.contains(
             "invalid YAML: rules[498][1496]: more than 1000000 values (each use of an alias \
-             counts its values again)"
+             counts its values again; a long key or string counts once per 64 characters of it \
+             and of the keys above it)"
         ),
         "{}",
         o.describe()

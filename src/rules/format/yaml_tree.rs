@@ -139,16 +139,24 @@ fn decode(display: &str) -> Option<Node> {
     })
 }
 
-/// Turns an error back into the scalar it carries, or passes a real error on.
-fn recover<E: de::Error>(error: E) -> Result<Node, E> {
-    decode(&error.to_string()).ok_or(error)
-}
-
 /// Most values a document may hold, a value reached through an alias
 /// counting each time: serde_yaml expands every alias in full, so 20,000
 /// aliases of a 2,000-item list (50 KB of text) made 40 million nodes, 4 GB
 /// and 40 s before this. 10,000 rules of a dozen fields fit easily.
+///
+/// A scalar's error also carries serde_yaml's path to it, the keys above
+/// it spelt out, so a long key above many values cost its length for each
+/// (100 KB × 30,000 values took a second, growing with the square of the
+/// text). So a scalar costs one value per [`CHARS_PER_VALUE`] characters of
+/// its error's text, which bounds that work too.
 pub const MAX_VALUES: usize = 1_000_000;
+
+/// See [`MAX_VALUES`].
+const CHARS_PER_VALUE: usize = 64;
+
+const TOO_MANY: &str = "more than 1000000 values (each use of an alias counts its values again; \
+                        a long key or string counts once per 64 characters of it and of the \
+                        keys above it)";
 
 /// Values still allowed, shared by every node of one document.
 #[derive(Clone, Copy)]
@@ -165,22 +173,32 @@ impl<'de> DeserializeSeed<'de> for NodeSeed<'_> {
 /// Builds a [`Node`]. Scalars come back as errors (see [`encode`]): serde_yaml
 /// consumes a scalar before visiting it and stamps the error with its
 /// position, and the caller one level up turns the error back into a node
-/// with [`recover`] and carries on.
+/// with [`NodeVisitor::recover`] and carries on.
 struct NodeVisitor<'b>(&'b Cell<usize>);
 
 impl NodeVisitor<'_> {
-    /// Takes one value from the budget; an error (stamped with where the
+    /// Takes `n` values from the budget; an error (stamped with where the
     /// value is) once it is spent.
-    fn count<E: de::Error>(&self) -> Result<(), E> {
-        match self.0.get().checked_sub(1) {
+    fn take<E: de::Error>(&self, n: usize) -> Result<(), E> {
+        match self.0.get().checked_sub(n) {
             Some(left) => {
                 self.0.set(left);
                 Ok(())
             }
-            None => Err(E::custom(format!(
-                "more than {MAX_VALUES} values (each use of an alias counts its values again)"
-            ))),
+            None => Err(E::custom(TOO_MANY)),
         }
+    }
+
+    fn count<E: de::Error>(&self) -> Result<(), E> {
+        self.take(1)
+    }
+
+    /// Turns an error back into the scalar it carries, or passes a real
+    /// error on; charges the error's length (see [`MAX_VALUES`]).
+    fn recover<E: de::Error>(&self, error: E) -> Result<Node, E> {
+        let display = error.to_string();
+        self.take(display.len() / CHARS_PER_VALUE)?;
+        decode(&display).ok_or(error)
     }
 
     fn scalar<E: de::Error>(&self, value: Value) -> Result<Node, E> {
@@ -239,7 +257,7 @@ impl<'de> Visitor<'de> for NodeVisitor<'_> {
             match seq.next_element_seed(NodeSeed(self.0)) {
                 Ok(Some(node)) => items.push(node),
                 Ok(None) => break,
-                Err(e) => items.push(recover(e)?),
+                Err(e) => items.push(self.recover(e)?),
             }
         }
         Ok(Node {
@@ -255,11 +273,11 @@ impl<'de> Visitor<'de> for NodeVisitor<'_> {
             let key = match map.next_key_seed(NodeSeed(self.0)) {
                 Ok(Some(node)) => node,
                 Ok(None) => break,
-                Err(e) => recover(e)?,
+                Err(e) => self.recover(e)?,
             };
             let value = match map.next_value_seed(NodeSeed(self.0)) {
                 Ok(node) => node,
-                Err(e) => recover(e)?,
+                Err(e) => self.recover(e)?,
             };
             entries.push((key, value));
         }
@@ -285,7 +303,7 @@ pub fn load(text: &str) -> Result<Node, serde_yaml::Error> {
     let budget = Cell::new(MAX_VALUES);
     match NodeSeed(&budget).deserialize(serde_yaml::Deserializer::from_str(text)) {
         Ok(node) => Ok(node),
-        Err(e) => recover(e),
+        Err(e) => NodeVisitor(&budget).recover(e),
     }
 }
 
@@ -305,6 +323,17 @@ pub fn yaml_error(file: &str, e: &serde_yaml::Error) -> RuleError {
 mod tests {
     use super::*;
 
+    /// 100 KB keys above 60,000 values: each value's error spelt the key out.
+    #[test]
+    fn long_keys_count_against_the_value_budget() {
+        let text = format!("? {}\n: [{}]\n", "k".repeat(200_000), "1, ".repeat(60_000));
+        let e = load(&text).unwrap_err();
+        assert!(e.to_string().contains(TOO_MANY), "{e}");
+        // Long strings alone fit: 4 MB of one string is 131,072 values.
+        let text = format!("name: {}\n", "x".repeat(4 << 20));
+        assert!(load(&text).is_ok());
+    }
+
     /// 20,000 aliases of a 2,000-item list: 40 million values from 50 KB,
     /// which took 4 GB and 40 s to build; now refused once the millionth
     /// is reached.
@@ -321,6 +350,8 @@ mod tests {
                 .contains(&format!("more than {MAX_VALUES} values")),
             "{e}"
         );
+        assert!(TOO_MANY.contains(&format!("{MAX_VALUES} values")));
+        assert!(TOO_MANY.contains(&format!("once per {CHARS_PER_VALUE} characters")));
         // Under the budget, aliases expand as before.
         let text = format!(
             "a: &x [{}]\nrules: [{}]\n",

@@ -197,8 +197,9 @@ impl NodeVisitor<'_> {
     /// error on; charges the error's length (see [`MAX_VALUES`]).
     fn recover<E: de::Error>(&self, error: E) -> Result<Node, E> {
         let display = error.to_string();
+        let node = decode(&display).ok_or(error)?;
         self.take(display.len() / CHARS_PER_VALUE)?;
-        decode(&display).ok_or(error)
+        Ok(node)
     }
 
     fn scalar<E: de::Error>(&self, value: Value) -> Result<Node, E> {

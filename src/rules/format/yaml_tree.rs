@@ -317,12 +317,24 @@ pub fn yaml_error(file: &str, e: &serde_yaml::Error) -> RuleError {
     let message = e
         .to_string()
         .replacen(&format!(" at line {line} column {column}"), "", 1);
+    // serde_yaml's path spells out keys as written: escape what a
+    // terminal or a log line must not get raw.
+    let message = crate::rules::check::quotable(&message);
     RuleError::new(file, line, column, format!("invalid YAML: {message}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// serde_yaml's path names the keys above an error as written.
+    #[test]
+    fn errors_escape_control_characters_in_keys() {
+        let e = load("rules:\n  \"a\\e[2J\": !x 1\n").unwrap_err();
+        let e = yaml_error("f", &e);
+        assert!(e.message.contains("a\\u{1b}[2J"), "{e}");
+        assert!(!e.message.contains('\u{1b}'), "{e}");
+    }
 
     /// 100 KB keys above 60,000 values: each value's error spelt the key out.
     #[test]

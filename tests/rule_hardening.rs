@@ -215,10 +215,6 @@ fn hup(pid: u32) {
     assert!(st.success());
 }
 
-fn write_rule(path: &Path, errno: &str) {
-    std::fs::write(path, errno_rule(errno)).unwrap();
-}
-
 fn errno_rule(errno: &str) -> String {
     format!(
         "rules:\n  - name: writes-{errno}\n    event: request\n    command: write\n    \
@@ -249,15 +245,9 @@ fn wait_nth(p: &Nbdfault, needle: &str, count: usize) -> String {
 fn sighup_refuses_files_caught_mid_write_and_loads_an_atomic_rename() {
     require_tool("qemu-io");
     let dir = TempDir::new().unwrap();
-    let rules = dir.path().join("r.yaml");
-    write_rule(&rules, "ENOSPC");
-    let p = Nbdfault::start(&[
-        "null",
-        "--listen",
-        "127.0.0.1:0",
-        "--rules",
-        rules.to_str().unwrap(),
-    ]);
+    let rules = write(&dir, "r.yaml", &errno_rule("ENOSPC"));
+    let args = ["null", "--listen", "127.0.0.1:0", "--rules"];
+    let p = Nbdfault::start(&[&args[..], &[rules.to_str().unwrap()]].concat());
     let nospace = "write failed: No space left on device";
     assert_eq!(qemu_io_write(p.uri()), nospace);
     let keeping = "SIGHUP: keeping the rules in force: ";
@@ -294,8 +284,7 @@ fn sighup_refuses_files_caught_mid_write_and_loads_an_atomic_rename() {
     assert_eq!(qemu_io_write(p.uri()), nospace);
 
     // The way to do it: a temporary file renamed over the rules file.
-    let tmp = dir.path().join("r.yaml.tmp");
-    write_rule(&tmp, "EPERM");
+    let tmp = write(&dir, "r.yaml.tmp", &errno_rule("EPERM"));
     std::fs::rename(&tmp, &rules).unwrap();
     hup(p.pid());
     wait_nth(&p, "SIGHUP: rules reloaded, 1 rule(s) in force", 1);

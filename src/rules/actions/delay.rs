@@ -144,42 +144,35 @@ mod tests {
 
     #[test]
     fn durations_above_a_day_are_refused() {
-        let ctx = Context {
-            events: EventSet::of(EventKind::Connect),
+        let check = |duration: &'static str, jitter: &'static str| {
+            let ctx = Context {
+                events: EventSet::of(EventKind::Connect),
+            };
+            let given = [
+                ("duration", Scalar::Str(duration)),
+                ("jitter", Scalar::Str(jitter)),
+            ];
+            Delay::check(&Given::of(&given), &ctx).map_err(|e| e.to_string())
         };
-        let e = Delay::check(
-            &Given::of(&[
-                ("duration", Scalar::Str("18446744073709551615s")),
-                ("jitter", Scalar::Str("10s")),
-            ]),
-            &ctx,
-        )
-        .unwrap_err();
         assert_eq!(
-            e.to_string(),
-            "given:2:10: duration must be at most 24h (1 day), found \"18446744073709551615s\""
+            check("18446744073709551615s", "10s"),
+            Err(
+                "given:2:10: duration must be at most 24h (1 day), found \"18446744073709551615s\""
+                    .into()
+            )
         );
-        let e = Delay::check(
-            &Given::of(&[
-                ("duration", Scalar::Str("1s")),
-                ("jitter", Scalar::Str("25h")),
-            ]),
-            &ctx,
-        )
-        .unwrap_err();
         assert_eq!(
-            e.to_string(),
-            "given:3:10: jitter must be at most 24h (1 day), found \"25h\""
+            check("1s", "25h"),
+            Err("given:3:10: jitter must be at most 24h (1 day), found \"25h\"".into())
         );
-        let d = Delay::check(
-            &Given::of(&[
-                ("duration", Scalar::Str("24h")),
-                ("jitter", Scalar::Str("1day")),
-            ]),
-            &ctx,
-        )
-        .unwrap();
-        assert_eq!(d.duration, crate::rules::fields::MAX_DURATION);
+        let max = crate::rules::fields::MAX_DURATION;
+        assert_eq!(
+            check("24h", "1day"),
+            Ok(Delay {
+                duration: max,
+                jitter: max
+            })
+        );
     }
 
     #[test]

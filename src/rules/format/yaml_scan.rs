@@ -52,14 +52,7 @@ pub fn too_deep(text: &str) -> Option<Pos> {
             at_indent = false;
             if let Some(b) = block {
                 if indent > b || c == '\r' || c == '\t' {
-                    skip_line(
-                        &mut chars,
-                        &mut line,
-                        &mut column,
-                        &mut prev,
-                        &mut at_indent,
-                    );
-                    indent = 0;
+                    skip_line(&mut chars);
                     continue;
                 }
                 block = None;
@@ -71,14 +64,7 @@ pub fn too_deep(text: &str) -> Option<Pos> {
         };
         match c {
             '#' if token_start => {
-                skip_line(
-                    &mut chars,
-                    &mut line,
-                    &mut column,
-                    &mut prev,
-                    &mut at_indent,
-                );
-                indent = 0;
+                skip_line(&mut chars);
                 continue;
             }
             '"' | '\'' if token_start => {
@@ -101,22 +87,10 @@ pub fn too_deep(text: &str) -> Option<Pos> {
 
 type Chars<'a> = std::iter::Peekable<std::str::Chars<'a>>;
 
-/// Skips to the end of the line (the newline is left for the caller).
-fn skip_line(
-    chars: &mut Chars,
-    line: &mut usize,
-    column: &mut usize,
-    prev: &mut Option<char>,
-    at_indent: &mut bool,
-) {
+/// Skips to the end of the line; the newline is left for the caller's
+/// loop, which starts the next line.
+fn skip_line(chars: &mut Chars) {
     while chars.next_if(|&c| c != '\n').is_some() {}
-    *column = 0;
-    *prev = None;
-    *at_indent = false;
-    if chars.next().is_some() {
-        *line += 1;
-        *at_indent = true;
-    }
 }
 
 /// Skips a quoted scalar up to and including its closing quote: `\` escapes

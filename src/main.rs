@@ -303,7 +303,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }
 
-/// `nbdfault check`: every file on its own, every error reported.
+/// `nbdfault check`: every file on its own, every error reported, and
+/// warnings (no rules, no final newline) on stderr for files that pass.
 fn check(files: &[PathBuf]) -> Result<()> {
     let mut bad = 0;
     for f in files {

@@ -298,8 +298,12 @@ impl Signals {
                     let rules = rules.clone();
                     reloading = Some(tokio::task::spawn_blocking(move || rules.reload()));
                 }
-                done = async { reloading.as_mut().expect("guarded by the condition").await },
-                    if reloading.is_some() =>
+                done = async {
+                    match reloading.as_mut() {
+                        Some(r) => r.await,
+                        None => std::future::pending().await,
+                    }
+                } =>
                 {
                     reloading = None;
                     match done {

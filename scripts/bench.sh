@@ -4,6 +4,7 @@
 #
 #   sudo scripts/bench.sh            # installs its tools as root, like scripts/test.sh
 #   RUNS=7 SIZE=1G scripts/bench.sh  # more runs, another file size
+#   NBDFAULT=/path/to/nbdfault scripts/bench.sh   # another build, not built here
 #
 # Prints, as tables, medians over RUNS alternating runs (the contenders
 # take turns, so drift on a shared machine hits them alike):
@@ -35,8 +36,11 @@ fi
 for t in qemu-nbd nbdkit nbdcopy fio bc; do
     command -v "$t" >/dev/null || { echo "error: $t missing (run as root to install)" >&2; exit 1; }
 done
-cargo build --release --quiet
-NBDFAULT=$PWD/target/release/nbdfault
+# NBDFAULT=PATH measures another build (e.g. an older commit's) instead.
+if [ -z "${NBDFAULT:-}" ]; then
+    cargo build --release --quiet
+    NBDFAULT=$PWD/target/release/nbdfault
+fi
 
 work=$(mktemp -d /dev/shm/nbdfault-bench.XXXXXX)
 pids=()

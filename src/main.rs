@@ -17,7 +17,7 @@ use nbdfault::observe::log;
 use nbdfault::observe::telemetry::Telemetry;
 use nbdfault::observe::trace::TraceTarget;
 use nbdfault::process::{ServeOptions, serve};
-use nbdfault::rules::{self, RuleSet, live::LiveRules};
+use nbdfault::rules::{self, Notice, RuleSet, live::LiveRules};
 use nbdfault::server::Limits;
 use nbdfault::sweep;
 
@@ -140,6 +140,13 @@ struct SweepArgs {
     cmd: Vec<String>,
 }
 
+/// Most connections `--max-connections` may allow: far above any file
+/// limit, and below what a semaphore can count (more panicked).
+const MAX_CONNECTIONS: u64 = 1_000_000;
+
+/// Most `--threads`: each is an OS thread with its own runtime.
+const MAX_THREADS: u64 = 1024;
+
 /// What `proxy` and `null` share.
 #[derive(clap::Args)]
 struct ServeArgs {
@@ -167,10 +174,10 @@ struct ServeArgs {
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     socket_mode: Option<u32>,
     /// Threads serving connections, each connection on one of them
-    /// [default: proxy, one per two cores; null, one per core]; 0: tokio's
-    /// work-stealing runtime.
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
+    /// [default: proxy, one per two cores; null, one per core; at most
+    /// 1024]; 0: tokio's work-stealing runtime.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(..=MAX_THREADS))]
+    threads: Option<u64>,
     /// After traffic, keep each thread polling its sockets this long (like
     /// 50us) instead of sleeping: lower latency for more CPU [default: 0,
     /// off; at most 1ms; needs --threads 1 or more].
@@ -197,9 +204,11 @@ struct LimitArgs {
     /// Give up connecting to the upstream after this long.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     connect_timeout: humantime::Duration,
-    /// Connections served at once; further clients wait to be accepted.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
-    max_connections: usize,
+    /// Connections served at once; further clients wait to be accepted
+    /// [at most 1000000].
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(..=MAX_CONNECTIONS))]
+    max_connections: u64,
 }
 
 impl LimitArgs {
@@ -209,7 +218,7 @@ impl LimitArgs {
             max_payload,
             handshake_timeout: self.handshake_timeout.into(),
             connect_timeout: self.connect_timeout.into(),
-            max_connections: self.max_connections,
+            max_connections: self.max_connections as usize,
         })
     }
 }
@@ -250,7 +259,17 @@ impl RuleArgs {
                 rules: Vec::new(),
             }
         } else {
-            rules::load_files(&self.files, self.seed)?
+            let (set, notices) = rules::load_files_noting(&self.files, self.seed)?;
+            // A file without a final newline is accepted here: it is whole,
+            // just written by its owner (JSON writers often leave the
+            // newline out); only a reload, which may race a rewrite,
+            // refuses one.
+            for n in notices {
+                if let Notice::NoRules { .. } = n {
+                    tracing::warn!("{n}");
+                }
+            }
+            set
         };
         Ok(LiveRules::new(set, self.files.clone(), self.seed))
     }
@@ -347,7 +366,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         )),
         None => None,
     };
-    let threads = args.threads.unwrap_or_else(|| {
+    let threads = args.threads.map(|n| n as usize).unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         match backend {
             // A proxy's client and server run beside it and need cores
@@ -390,12 +409,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }
 
-/// `nbdfault check`: every file on its own, every error reported.
+/// `nbdfault check`: every file on its own, every error reported, and
+/// warnings (no rules, no final newline) on stderr for files that pass.
 fn check(files: &[PathBuf]) -> Result<()> {
     let mut bad = 0;
     for f in files {
-        match rules::load_files(std::slice::from_ref(f), None) {
-            Ok(set) => println!("{}: ok, {} rule(s)", f.display(), set.rules.len()),
+        match rules::load_files_noting(std::slice::from_ref(f), None) {
+            Ok((set, notices)) => {
+                println!("{}: ok, {} rule(s)", f.display(), set.rules.len());
+                // Warnings only: the file is valid.
+                for n in notices {
+                    eprintln!("{n}");
+                }
+            }
             Err(e) => {
                 eprintln!("{e}");
                 bad += 1;

@@ -283,15 +283,44 @@ impl Signals {
 
     /// SIGHUP re-reads the rules files (a bad file keeps the rules in
     /// force); SIGINT or SIGTERM return.
-    async fn serve(mut self, rules: &LiveRules) -> Result<(), ServeError> {
+    ///
+    /// The files are read and parsed on a blocking thread: this loop runs
+    /// on the thread that accepts clients and serves shard 0, which a slow
+    /// parse must not stop. One reload at a time; a SIGHUP meanwhile is
+    /// taken when it ends, so the last one always reads the latest files.
+    async fn serve(mut self, rules: &Arc<LiveRules>) -> Result<(), ServeError> {
+        let mut reloading: Option<tokio::task::JoinHandle<_>> = None;
         loop {
             tokio::select! {
                 _ = self.term.recv() => return Ok(()),
                 _ = self.int.recv() => return Ok(()),
-                _ = self.hup.recv() => match rules.reload() {
-                    Ok(n) => info!(target: CONTROL_LOG, "SIGHUP: rules reloaded, {n} rule(s) in force"),
-                    Err(e) => warn!(target: CONTROL_LOG, "SIGHUP: keeping the rules in force: {e}"),
-                },
+                _ = self.hup.recv(), if reloading.is_none() => {
+                    let rules = rules.clone();
+                    reloading = Some(tokio::task::spawn_blocking(move || rules.reload()));
+                }
+                done = async {
+                    match reloading.as_mut() {
+                        Some(r) => r.await,
+                        None => std::future::pending().await,
+                    }
+                } =>
+                {
+                    reloading = None;
+                    match done {
+                        Ok(Ok((n, notices))) => {
+                            for notice in notices {
+                                warn!(target: CONTROL_LOG, "SIGHUP: {notice}");
+                            }
+                            info!(target: CONTROL_LOG, "SIGHUP: rules reloaded, {n} rule(s) in force");
+                        }
+                        Ok(Err(e)) => {
+                            warn!(target: CONTROL_LOG, "SIGHUP: keeping the rules in force: {e}")
+                        }
+                        Err(e) => {
+                            warn!(target: CONTROL_LOG, "SIGHUP: keeping the rules in force: the reload failed: {e}")
+                        }
+                    }
+                }
             }
         }
     }

@@ -7,13 +7,18 @@
 //! that parsed runs in the engine ("a `RuleSet` that comes out of this
 //! module is one the engine can run as is"): every event kind, both
 //! directions, a few sizes, and every plan a fired rule makes stays inside
-//! the event it was made for.
+//! the event it was made for. Each rule is also fired alone, hundreds of
+//! times on events made to pass its filters (`fire_each`), so counters,
+//! `when`, jitter and random bits all get exercised, and every duration
+//! and flip count stays within what the checks allow.
 
 use nbdfault::intercept::{ConnState, Event, Interceptor, Plan, Verdict};
 use nbdfault::protocol::consts::*;
 use nbdfault::protocol::transmission::{Reply, ReplyMode};
 use nbdfault::protocol::{Direction, EventKind, EventSet, MessageMeta};
+use nbdfault::rules::actions::corrupt::MAX_FLIPS;
 use nbdfault::rules::engine::Engine;
+use nbdfault::rules::fields::MAX_DURATION;
 use nbdfault::rules::ini::parse_ini;
 use nbdfault::rules::{self, Format, RuleSet, detect_format};
 
@@ -128,6 +133,12 @@ fn check_set(set: RuleSet, file: &str, text: &str) {
     let mut names = std::collections::HashSet::new();
     for r in &set.rules {
         assert!(!r.name.is_empty(), "unnamed rule {r:?}");
+        // Names reach log lines and metric labels, whatever the format.
+        assert!(
+            !r.name.chars().any(char::is_control),
+            "rule name {:?}",
+            r.name
+        );
         assert!(
             names.insert(r.name.clone()),
             "duplicate rule name {:?}",
@@ -146,7 +157,68 @@ fn check_set(set: RuleSet, file: &str, text: &str) {
             r.name
         );
     }
+    fire_each(&set);
     run_engine(set);
+}
+
+/// Rules looked at alone, so a rule behind one that always wins still fires.
+const RULES_FIRED_ALONE: usize = 16;
+/// Events offered to each of those rules: enough to get past `after` and
+/// `every` of a few dozen and to fire hundreds of times with jitter, `when`
+/// and random bits drawn afresh each time.
+const FIRINGS: usize = 300;
+
+/// Offers each rule alone events made to pass its filters, many times over,
+/// in every reply mode and at sizes from empty to the largest event: every
+/// plan it makes stays inside its event, and its durations and flips stay
+/// within what the checks allow.
+fn fire_each(set: &RuleSet) {
+    let sizes = [0u64, 1, 28, 4096, LARGEST_EVENT];
+    for rule in set.rules.iter().take(RULES_FIRED_ALONE) {
+        let engine = Engine::new(RuleSet {
+            seed: set.seed,
+            rules: vec![rule.clone()],
+        });
+        let f = &rule.filter;
+        let mut state = ConnState::default();
+        let kinds: Vec<EventKind> = f.events.iter().collect();
+        for (n, &kind) in kinds.iter().cycle().take(FIRINGS).enumerate() {
+            let direction = match kind {
+                EventKind::Connect => None,
+                EventKind::Export | EventKind::ExportName | EventKind::Request => {
+                    Some(Direction::ToServer)
+                }
+                EventKind::Data => Some(f.direction.unwrap_or(Direction::ToClient)),
+                _ => Some(Direction::ToClient),
+            };
+            let offset = f.offset.map_or(n as u64 * 512, |r| r.start.unwrap_or(0));
+            let meta = MessageMeta {
+                command: Some(f.commands.as_ref().map_or(CMD_READ, |c| c[n % c.len()])),
+                option: Some(f.options.as_ref().map_or(OPT_GO, |o| o[n % o.len()])),
+                cookie: Some(n as u64),
+                offset: Some(offset),
+                length: Some(4096),
+                chunk_type: (n % 2 == 0).then_some(REPLY_TYPE_OFFSET_DATA),
+                done: n % 3 == 0,
+                ..MessageMeta::default()
+            };
+            let ev = Event {
+                conn: 1 + (n as u64 % 3),
+                direction,
+                kinds: EventSet::of(kind),
+                meta,
+                size: sizes[n % sizes.len()],
+                mode: match n % 3 {
+                    0 => ReplyMode::Simple,
+                    1 => ReplyMode::Structured,
+                    _ => ReplyMode::Extended,
+                },
+            };
+            if let Verdict::Fault(fault) = engine.on_event(&ev, &mut state) {
+                check_plan(&fault.plan, &ev);
+            }
+        }
+    }
 }
 
 /// Offers the rule set a spread of events, like a few connections would.
@@ -241,10 +313,21 @@ fn run_engine(set: RuleSet) {
 
 fn check_plan(plan: &Plan, ev: &Event) {
     match plan {
-        Plan::Cut { at, .. } | Plan::Hold { at, .. } => {
+        Plan::Cut { at, .. } => {
             assert!(*at <= ev.size, "{plan:?} beyond a {}-byte event", ev.size)
         }
+        Plan::Hold { at, duration } => {
+            assert!(*at <= ev.size, "{plan:?} beyond a {}-byte event", ev.size);
+            // A duration and its jitter, each at most MAX_DURATION.
+            if let Some(d) = duration {
+                assert!(
+                    *d <= 2 * MAX_DURATION,
+                    "{plan:?}: longer than the checks allow"
+                );
+            }
+        }
         Plan::Flip { flips } => {
+            assert!(flips.len() as u64 <= MAX_FLIPS, "{} flips", flips.len());
             for (at, _) in flips {
                 assert!(*at < ev.size, "flip at {at} of a {}-byte event", ev.size);
             }

@@ -250,12 +250,46 @@ pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRul
     })
 }
 
+/// Whether `c` may not appear in a rule name. Names go into log lines,
+/// metric labels and URLs: a control character (a newline, an escape, a
+/// NUL) could forge or garble them, and a line separator or a bidirectional
+/// override could make a line read as something else.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether a rule name is one every format may accept: printable text.
+pub(crate) fn printable_name(name: &str) -> bool {
+    !name.chars().any(unprintable)
+}
+
+/// Text from a rules file as a message may quote it: unchanged when
+/// printable, else with the characters [`printable_name`] refuses escaped,
+/// so an error never writes them to a terminal or a log. Newlines stay: an
+/// INI value continued over lines holds them, and the injector's messages
+/// show it so.
+pub(crate) fn quotable(text: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| c != '\n' && unprintable(c);
+    if !text.chars().any(escaped) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if escaped(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 fn rule_name(f: &dyn Fields) -> Result<Option<String>> {
     match f.value("name") {
         None => Ok(None),
-        // Names go into log lines, metric labels and URLs: a control
-        // character (a newline, an escape) could forge or garble them.
-        Some(Scalar::Str(s)) if s.chars().any(char::is_control) => Err(f.at_value(
+        Some(Scalar::Str(s)) if !printable_name(s) => Err(f.at_value(
             "name",
             format!(
                 "name must be printable text (it appears in logs and URLs), found {s:?} with a \
@@ -703,6 +737,27 @@ mod tests {
         );
         let unknown = refused(&[request, ("action", Scalar::Str("dely"))]);
         assert!(unknown.contains("did you mean \"delay\"?"), "{unknown}");
+    }
+
+    #[test]
+    fn names_must_be_printable() {
+        for bad in [
+            "a\nb",
+            "x\u{1b}[31m",
+            "nul\0",
+            "vt\u{b}",
+            "ls\u{2028}",
+            "rlo\u{202e}",
+        ] {
+            assert!(!printable_name(bad), "{bad:?}");
+        }
+        assert!(printable_name("inject-error \"disconnect-neg1\" é ✓"));
+        assert_eq!(quotable("plain [x]"), "plain [x]");
+        assert_eq!(quotable("two\nlines"), "two\nlines");
+        assert_eq!(
+            quotable("x\u{1b}[31m\0\u{202e}"),
+            "x\\u{1b}[31m\\u{0}\\u{202e}"
+        );
     }
 
     #[test]

@@ -240,7 +240,9 @@ impl Engine {
         l.matched.fetch_add(1, Ordering::Relaxed);
         let c = &l.rule.counters;
         let fire = |counter: &mut RuleCounter| -> Option<Fault> {
-            counter.matched += 1;
+            // Saturating: `after` may be u64::MAX, and a counter that
+            // stops at the top only means "never fires" there.
+            counter.matched = counter.matched.saturating_add(1);
             if counter.matched <= c.after
                 || !(counter.matched - c.after - 1).is_multiple_of(c.every)
             {
@@ -252,7 +254,7 @@ impl Engine {
             if c.probability < 1.0 && unit(&mut counter.rng) >= c.probability {
                 return None;
             }
-            counter.fired += 1;
+            counter.fired = counter.fired.saturating_add(1);
             l.fired.fetch_add(1, Ordering::Relaxed);
             Some(Fault {
                 rule: l.name.clone(),
@@ -480,6 +482,33 @@ mod tests {
         // matches 3 and 6 fire (after 2, every 3rd), then times is used up.
         let expect: Vec<bool> = (1..=15).map(|m| m == 3 || m == 6).collect();
         assert_eq!(pattern, expect);
+    }
+
+    /// A counter at the top stays there: a rule that fires on every match
+    /// goes on firing, where a wrapping counter fell back to "after" 0
+    /// and stopped (or panicked, with overflow checks).
+    #[test]
+    fn counters_saturate() {
+        let mut r = rule("r", EventSet::of(EventKind::Request), Action::Drop(Drop));
+        r.counters.per_connection = true;
+        let e = Engine::new(RuleSet {
+            seed: 0,
+            rules: vec![r],
+        });
+        let mut st = ConnState::default();
+        st.counters.insert(
+            Arc::from("r"),
+            RuleCounter {
+                matched: u64::MAX,
+                fired: u64::MAX,
+                rng: 0,
+            },
+        );
+        for _ in 0..3 {
+            assert!(fired(&e, &request(1, CMD_READ, 0), &mut st).is_some());
+        }
+        let c = &st.counters["r"];
+        assert_eq!((c.matched, c.fired), (u64::MAX, u64::MAX));
     }
 
     #[test]

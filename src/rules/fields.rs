@@ -9,6 +9,11 @@
 
 use std::time::Duration;
 
+/// The longest duration a rule may give (`duration`, `jitter`): a day. A
+/// longer hold is a stall without a duration; with the bound, no sum of
+/// durations in a firing can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Why a rules file was rejected. Displays as `file:line:column: message`;
 /// line and column are 1-based, and 0 when the file could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,7 +187,7 @@ pub trait Fields {
         }
     }
 
-    /// A humantime duration (`200ms`, `1m 30s`).
+    /// A humantime duration (`200ms`, `1m 30s`), at most [`MAX_DURATION`].
     fn duration(&self, field: &str) -> Result<Option<Duration>, RuleError> {
         let Some(v) = self.value(field) else {
             return Ok(None);
@@ -193,17 +198,19 @@ pub trait Fields {
             Scalar::Float(x) => x.to_string(),
             _ => String::new(),
         };
-        humantime::parse_duration(text.trim())
-            .map(Some)
-            .map_err(|e| {
-                self.at_value(
-                    field,
-                    format!(
-                        "invalid duration {}: {e} (a number with a unit, e.g. 200ms, 1s, 1m 30s)",
-                        v.found()
-                    ),
-                )
-            })
+        let d = humantime::parse_duration(text.trim()).map_err(|e| {
+            self.at_value(
+                field,
+                format!(
+                    "invalid duration {}: {e} (a number with a unit, e.g. 200ms, 1s, 1m 30s)",
+                    v.found()
+                ),
+            )
+        })?;
+        if d > MAX_DURATION {
+            return Err(self.must_be(field, "at most 24h (1 day)", v));
+        }
+        Ok(Some(d))
     }
 
     /// A byte mask from 1 to 255, decimal or `0x` hex.

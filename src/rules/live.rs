@@ -17,8 +17,8 @@ use crate::intercept::{ConnState, Event, Interceptor, Verdict};
 
 use super::engine::Engine;
 use super::fields::RuleError;
-use super::load_files;
 use super::model::RuleSet;
+use super::{Notice, load_files_noting};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ChangeError {
@@ -111,12 +111,18 @@ impl LiveRules {
     }
 
     /// Re-reads the rules files given at startup; on error the rules in
-    /// force stay as they are. Returns the number of rules now loaded.
-    pub fn reload(&self) -> Result<usize, RuleError> {
-        let set = load_files(&self.files, self.seed_override)?;
+    /// force stay as they are. A file that looks caught mid-write (blank,
+    /// or its last line without a newline) is an error here: loading its
+    /// valid prefix would run rules nobody wrote (see [`Notice::refusal`]).
+    /// Returns the number of rules now loaded and what deserves a warning.
+    pub fn reload(&self) -> Result<(usize, Vec<Notice>), RuleError> {
+        let (set, notices) = load_files_noting(&self.files, self.seed_override)?;
+        if let Some(refused) = notices.iter().find_map(Notice::refusal) {
+            return Err(refused);
+        }
         let n = set.rules.len();
         self.replace(set);
-        Ok(n)
+        Ok((n, notices))
     }
 }
 
@@ -141,6 +147,45 @@ mod tests {
 
     fn set(text: &str) -> RuleSet {
         parse_str("t.yaml", text).expect("valid rules")
+    }
+
+    /// A reload refuses a blank file and one whose last line is cut short,
+    /// keeping the rules in force; a file with no rules but some text
+    /// (`rules: []`) clears them, with a notice.
+    #[test]
+    fn reload_refuses_files_caught_mid_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.yaml");
+        let good =
+            "rules:\n  - name: slow\n    event: request\n    action: delay\n    duration: 1s\n";
+        std::fs::write(&path, good).unwrap();
+        let live = LiveRules::new(set(good), vec![path.clone()], None);
+        let names = |live: &LiveRules| -> Vec<String> {
+            live.current().stats().into_iter().map(|s| s.name).collect()
+        };
+        // Cut before its action, the delay rule would load as a disconnect.
+        let cut = &good[..good.find("\n    action").unwrap()];
+        for (text, at) in [("", (1, 1)), ("\n  \n", (1, 1)), (cut, (3, 19))] {
+            std::fs::write(&path, text).unwrap();
+            let e = live.reload().unwrap_err();
+            assert_eq!((e.line, e.column), at, "{text:?}: {e}");
+            assert!(e.message.contains("caught mid-write"), "{e}");
+            assert!(e.message.contains("then mv it over"), "{e}");
+            assert_eq!(names(&live), ["slow"]);
+        }
+        std::fs::write(&path, "rules: []\n").unwrap();
+        let (n, notices) = live.reload().unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(
+            notices,
+            [Notice::NoRules {
+                file: path.display().to_string(),
+                blank: false
+            }]
+        );
+        std::fs::write(&path, good).unwrap();
+        assert_eq!(live.reload().unwrap(), (1, vec![]));
+        assert_eq!(names(&live), ["slow"]);
     }
 
     #[test]

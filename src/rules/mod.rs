@@ -68,14 +68,102 @@ pub fn parse_str(file: &str, text: &str) -> Result<RuleSet, RuleError> {
 /// `rule-N` by their 1-based position in the combined list. The seed is
 /// `seed_override`, else the first file's that sets one, else 0.
 pub fn load_files(paths: &[PathBuf], seed_override: Option<u64>) -> Result<RuleSet, RuleError> {
+    load_files_noting(paths, seed_override).map(|(set, _)| set)
+}
+
+/// What a rules file that loaded may still deserve a word about: a file
+/// caught while being rewritten looks like one of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The file holds no rules (it is empty, only comments, `rules: []`).
+    /// `blank`: not a byte but whitespace, as a file just truncated is.
+    NoRules { file: String, blank: bool },
+    /// The last line has no newline at its end, as a file cut short has.
+    NoFinalNewline {
+        file: String,
+        line: usize,
+        column: usize,
+    },
+}
+
+/// How to replace a rules file so a reload never sees it half-written.
+pub const ATOMIC_HINT: &str =
+    "replace a rules file atomically: write a temporary file, then mv it over this one";
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notice::NoRules { file, .. } => write!(f, "{file}: warning: no rules in this file"),
+            Notice::NoFinalNewline { file, line, column } => write!(
+                f,
+                "{file}:{line}:{column}: warning: the last line does not end with a newline; \
+                 SIGHUP refuses such a file as one caught mid-write ({ATOMIC_HINT})"
+            ),
+        }
+    }
+}
+
+impl Notice {
+    /// Why SIGHUP refuses a file with this notice, if it does: a file cut
+    /// short, or one with nothing but whitespace, which is what a rewrite
+    /// looks like between its truncate and its first write.
+    pub fn refusal(&self) -> Option<RuleError> {
+        match self {
+            Notice::NoRules { blank: false, .. } => None,
+            Notice::NoRules { file, blank: true } => Some(RuleError::new(
+                file,
+                1,
+                1,
+                format!(
+                    "the file is empty, as one caught mid-write can be, so it is not loaded (to \
+                     clear the rules, write rules: [] into it; {ATOMIC_HINT})"
+                ),
+            )),
+            Notice::NoFinalNewline { file, line, column } => Some(RuleError::new(
+                file,
+                *line,
+                *column,
+                format!(
+                    "the last line does not end with a newline, as in a file caught mid-write, \
+                     so it is not loaded ({ATOMIC_HINT})"
+                ),
+            )),
+        }
+    }
+}
+
+/// [`load_files`], and what deserves a word about the files that loaded.
+pub fn load_files_noting(
+    paths: &[PathBuf],
+    seed_override: Option<u64>,
+) -> Result<(RuleSet, Vec<Notice>), RuleError> {
     let mut drafts = Vec::with_capacity(paths.len());
+    let mut notices = Vec::new();
     for path in paths {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| RuleError::new(&file, 0, 0, format!("cannot read rules file: {e}")))?;
-        drafts.push(parse_draft(&file, &text)?);
+        let draft = parse_draft(&file, &text)?;
+        if draft.rules.is_empty() {
+            notices.push(Notice::NoRules {
+                file: file.clone(),
+                blank: text.trim().is_empty(),
+            });
+        }
+        if !text.is_empty() && !text.ends_with('\n') {
+            let (line, column) = last_line(&text);
+            notices.push(Notice::NoFinalNewline { file, line, column });
+        }
+        drafts.push(draft);
     }
-    combine(drafts, seed_override)
+    Ok((combine(drafts, seed_override)?, notices))
+}
+
+/// The 1-based line of the end of `text`, and the column just past it.
+fn last_line(text: &str) -> (usize, usize) {
+    let line = text.matches('\n').count() + 1;
+    let start = text.rfind('\n').map_or(0, |i| i + 1);
+    (line, text[start..].chars().count() + 1)
 }
 
 fn parse_draft(file: &str, text: &str) -> Result<Draft, RuleError> {

@@ -49,9 +49,16 @@ impl Kind for Delay {
         let d = if self.jitter.is_zero() {
             self.duration
         } else {
-            // Uniform in [duration - jitter, duration + jitter], never negative.
-            let offset = self.jitter.mul_f64(unit(fire.rng) * 2.0);
-            (self.duration + offset).saturating_sub(self.jitter)
+            // Uniform in [duration - jitter, duration + jitter], never
+            // negative. Checked rules keep both at most a day; saturating all
+            // the same, as a panic here would end the connection's task
+            // without its bookkeeping.
+            let offset =
+                Duration::try_from_secs_f64(self.jitter.as_secs_f64() * unit(fire.rng) * 2.0)
+                    .unwrap_or(Duration::MAX);
+            self.duration
+                .saturating_add(offset)
+                .saturating_sub(self.jitter)
         };
         Plan::Hold {
             at: fire.at,
@@ -104,6 +111,67 @@ mod tests {
                 at: 3,
                 duration: Some(Duration::from_secs(1))
             }
+        );
+    }
+
+    /// The sum never overflows, whatever the durations (a rule built by
+    /// hand, not checked).
+    #[test]
+    fn huge_durations_saturate() {
+        let mut rng = 1u64;
+        for _ in 0..100 {
+            let p = plan(0, Duration::MAX, Duration::from_secs(10), &mut rng);
+            let Plan::Hold {
+                duration: Some(d), ..
+            } = p
+            else {
+                panic!("{p:?}")
+            };
+            assert!(d >= Duration::MAX - Duration::from_secs(10), "{d:?}");
+            let p = plan(0, Duration::from_secs(1), Duration::MAX, &mut rng);
+            assert!(
+                matches!(
+                    p,
+                    Plan::Hold {
+                        duration: Some(_),
+                        ..
+                    }
+                ),
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_above_a_day_are_refused() {
+        let check = |duration: &'static str, jitter: &'static str| {
+            let ctx = Context {
+                events: EventSet::of(EventKind::Connect),
+            };
+            let given = [
+                ("duration", Scalar::Str(duration)),
+                ("jitter", Scalar::Str(jitter)),
+            ];
+            Delay::check(&Given::of(&given), &ctx).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            check("18446744073709551615s", "10s"),
+            Err(
+                "given:2:10: duration must be at most 24h (1 day), found \"18446744073709551615s\""
+                    .into()
+            )
+        );
+        assert_eq!(
+            check("1s", "25h"),
+            Err("given:3:10: jitter must be at most 24h (1 day), found \"25h\"".into())
+        );
+        let max = crate::rules::fields::MAX_DURATION;
+        assert_eq!(
+            check("24h", "1day"),
+            Ok(Delay {
+                duration: max,
+                jitter: max
+            })
         );
     }
 

@@ -13,11 +13,11 @@
 //! way the injector checks them, with the injector's own error messages:
 //! QEMU's test harnesses compare them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::protocol::{Direction, EventKind, EventSet};
 use crate::rules::actions::{self, Context};
-use crate::rules::check::{Draft, DraftRule};
+use crate::rules::check::{self, Draft, DraftRule};
 use crate::rules::fields::{Fields, Pos, RuleError, Scalar};
 use crate::rules::model::{Counters, Filter, Origin, Rule, RuleSet, When};
 
@@ -80,6 +80,18 @@ pub(crate) fn parse_draft(file: &str, text: &str) -> Result<Draft, IniError> {
 /// nbd-fault-injector.py's `parse_inject_error`, check for check.
 fn inject_error(file: &str, section: &Section, defaults: &Section) -> Result<DraftRule, IniError> {
     let name = &section.name;
+    // The name becomes the rule's, which log lines and metric labels carry:
+    // refused as a YAML rule's name is (the injector takes any name).
+    if !check::printable_name(name) {
+        return Err(IniError::new(
+            section.line,
+            section.column,
+            format!(
+                "invalid config section name: {name:?} (a section name must be printable \
+                 text, without control characters: it names the rule in logs and URLs)"
+            ),
+        ));
+    }
     if !name.starts_with("inject-error") {
         return Err(IniError::new(
             section.line,
@@ -106,7 +118,7 @@ fn inject_error(file: &str, section: &Section, defaults: &Section) -> Result<Dra
                 event.column,
                 format!(
                     "invalid \"event\" option value \"{}\" in {name}",
-                    event.value
+                    check::quotable(&event.value)
                 ),
             )
         })?;
@@ -121,7 +133,10 @@ fn inject_error(file: &str, section: &Section, defaults: &Section) -> Result<Dra
                 return Err(IniError::new(
                     io.line,
                     io.column,
-                    format!("invalid \"io\" option value \"{other}\" in {name}"),
+                    format!(
+                        "invalid \"io\" option value \"{}\" in {name}",
+                        check::quotable(other)
+                    ),
                 ));
             }
         },
@@ -145,7 +160,10 @@ fn inject_error(file: &str, section: &Section, defaults: &Section) -> Result<Dra
                 IniError::new(
                     w.line,
                     w.column,
-                    format!("invalid \"when\" option value \"{}\" in {name}", w.value),
+                    format!(
+                        "invalid \"when\" option value \"{}\" in {name}",
+                        check::quotable(&w.value)
+                    ),
                 )
             })?
         }
@@ -265,12 +283,14 @@ struct Section {
     line: usize,
     column: usize,
     options: Vec<Opt>,
+    /// Key (lower-cased, as `optionxform` does) to index in `options`:
+    /// every section looks keys up in
+    /// `[DEFAULT]`, so a scan there would make sections × defaults.
+    index: HashMap<String, usize>,
 }
 
 #[derive(Debug)]
 struct Opt {
-    /// Lower-cased, as `optionxform` does.
-    key: String,
     value: String,
     /// Continuation lines, joined with newlines at the end.
     lines: Vec<String>,
@@ -280,7 +300,7 @@ struct Opt {
 
 impl Section {
     fn get(&self, key: &str) -> Option<&Opt> {
-        self.options.iter().find(|o| o.key == key)
+        self.index.get(key).map(|&i| &self.options[i])
     }
 }
 
@@ -336,7 +356,10 @@ fn read(text: &str) -> Result<Config, IniError> {
                 return Err(IniError::new(
                     lineno,
                     column,
-                    format!("section '{header}' already exists (first at line {first})"),
+                    format!(
+                        "section '{}' already exists (first at line {first})",
+                        check::quotable(header)
+                    ),
                 ));
             }
             if header == "DEFAULT" {
@@ -349,6 +372,7 @@ fn read(text: &str) -> Result<Config, IniError> {
                     line: lineno,
                     column,
                     options: Vec::new(),
+                    index: HashMap::new(),
                 });
                 cursor = Some(Cursor::Section(config.sections.len() - 1));
             }
@@ -397,14 +421,18 @@ fn read(text: &str) -> Result<Config, IniError> {
             return Err(IniError::new(
                 lineno,
                 column,
-                format!("option '{key}' in section '{section_name}' already exists"),
+                format!(
+                    "option '{}' in section '{}' already exists",
+                    check::quotable(&key),
+                    check::quotable(&section_name)
+                ),
             ));
         }
         let section = section_mut(&mut config, c);
         // A key set in [DEFAULT] across two [DEFAULT] headers is caught
         // above; within a section each key is new here.
+        section.index.insert(key, section.options.len());
         section.options.push(Opt {
-            key,
             value,
             lines: Vec::new(),
             line: lineno,
@@ -663,6 +691,65 @@ when=33
             let wrapped = crate::rules::parse_str("q.conf", text).unwrap_err();
             assert_eq!(wrapped.to_string(), format!("q.conf:{line}:1: {message}"));
         }
+    }
+
+    /// Section names become rule names, shown in log lines and metric
+    /// labels: control characters are refused as in YAML names, and no
+    /// message writes them out raw.
+    #[test]
+    fn control_characters_in_names_and_values() {
+        let e = parse_err("[inject-error \"x\u{1b}[31mRED\u{b}\0\"]\nevent=neg1\n");
+        assert_eq!((e.line, e.column), (1, 1));
+        assert_eq!(
+            e.message,
+            "invalid config section name: \"inject-error \\\"x\\u{1b}[31mRED\\u{b}\\0\\\"\" (a \
+             section name must be printable text, without control characters: it names the \
+             rule in logs and URLs)"
+        );
+        let e = parse_err("[other\u{1b}]\nevent=neg1\n");
+        assert!(
+            e.message
+                .starts_with("invalid config section name: \"other\\u{1b}\""),
+            "{e}"
+        );
+        for (text, message) in [
+            (
+                "[inject-error]\nevent=neg\u{1b}[2J\n",
+                "invalid \"event\" option value \"neg\\u{1b}[2J\" in inject-error",
+            ),
+            (
+                "[inject-error]\nevent=neg1\nio=r\u{7}\n",
+                "invalid \"io\" option value \"r\\u{7}\" in inject-error",
+            ),
+            (
+                "[inject-error]\nevent=neg1\nwhen=\u{0}1\n",
+                "invalid \"when\" option value \"\\u{0}1\" in inject-error",
+            ),
+            (
+                "[a\u{1b}]\n[a\u{1b}]\n",
+                "section 'a\\u{1b}' already exists (first at line 1)",
+            ),
+            (
+                "[s]\nk\u{1b}=1\nk\u{1b}=2\n",
+                "option 'k\\u{1b}' in section 's' already exists",
+            ),
+        ] {
+            assert_eq!(parse_err(text).message, message, "{text:?}");
+        }
+    }
+
+    /// Every section looks its keys up in [DEFAULT] too: by key, not by a
+    /// scan, so many sections and many defaults stay linear.
+    #[test]
+    fn many_defaults_and_sections() {
+        let mut text = String::from("[DEFAULT]\n");
+        for i in 0..20_000 {
+            text.push_str(&format!("k{i}=1\n"));
+        }
+        for i in 0..20_000 {
+            text.push_str(&format!("[inject-error \"{i}\"]\nevent=neg1\n"));
+        }
+        assert_eq!(parse_ok(&text).rules.len(), 20_000);
     }
 
     #[test]

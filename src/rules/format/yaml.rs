@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::yaml_scan;
 use super::yaml_tree::{Node, Value, load, yaml_error};
 use crate::rules::check::{self, Draft, DraftRule};
 use crate::rules::fields::{Fields, Pos, RuleError, Scalar};
@@ -31,6 +32,19 @@ pub fn parse(file: &str, text: &str) -> Result<RuleSet, RuleError> {
 }
 
 pub(crate) fn parse_draft(file: &str, text: &str) -> Result<Draft, RuleError> {
+    // Before serde_yaml, whose scanner is slow on deep flow nesting.
+    if let Some(at) = yaml_scan::too_deep(text) {
+        return Err(RuleError::new(
+            file,
+            at.line,
+            at.column,
+            format!(
+                "invalid YAML: flow collections ([...] and {{...}}) nested deeper than {0} \
+                 levels here (at most {0} are allowed)",
+                yaml_scan::MAX_FLOW_DEPTH
+            ),
+        ));
+    }
     let root = load(text).map_err(|e| yaml_error(file, &e))?;
     Checker { file }.document(&root)
 }
@@ -1282,6 +1296,24 @@ rules:
             4,
             &["at must be a whole number from 0", "found -1"],
         );
+    }
+
+    /// 100,000 `[` then 100,000 `]` (200 KB) kept serde_yaml busy for 40 s;
+    /// the pre-scan refuses it at the 65th bracket.
+    #[test]
+    fn deep_flow_nesting_is_refused_before_serde_yaml() {
+        let n = 100_000;
+        let text = format!("rules: {}{}\n", "[".repeat(n), "]".repeat(n));
+        let e = parse_err(&text);
+        assert_eq!(
+            e.to_string(),
+            "t.yaml:1:72: invalid YAML: flow collections ([...] and {...}) nested deeper than \
+             64 levels here (at most 64 are allowed)"
+        );
+        // 64 levels are still read (and refused for what they hold).
+        let text = format!("rules: {}{}\n", "[".repeat(64), "]".repeat(64));
+        let e = parse_err(&text);
+        assert!(e.message.starts_with("rule 1 must be a mapping"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! the message, which serde_yaml then stamps with the scalar's line and
 //! column, and catching that at once (see `NodeVisitor`).
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -138,32 +139,76 @@ fn decode(display: &str) -> Option<Node> {
     })
 }
 
-/// Turns an error back into the scalar it carries, or passes a real error on.
-fn recover<E: de::Error>(error: E) -> Result<Node, E> {
-    decode(&error.to_string()).ok_or(error)
-}
+/// Most values a document may hold, a value reached through an alias
+/// counting each time: serde_yaml expands every alias in full, so 20,000
+/// aliases of a 2,000-item list (50 KB of text) made 40 million nodes, 4 GB
+/// and 40 s before this. 10,000 rules of a dozen fields fit easily.
+///
+/// A scalar's error also carries serde_yaml's path to it, the keys above
+/// it spelt out, so a long key above many values cost its length for each
+/// (100 KB × 30,000 values took a second, growing with the square of the
+/// text). So a scalar costs one value per [`CHARS_PER_VALUE`] characters of
+/// its error's text, which bounds that work too.
+pub const MAX_VALUES: usize = 1_000_000;
 
-struct NodeSeed;
+/// See [`MAX_VALUES`].
+const CHARS_PER_VALUE: usize = 64;
 
-impl<'de> DeserializeSeed<'de> for NodeSeed {
+const TOO_MANY: &str = "more than 1000000 values (each use of an alias counts its values again; \
+                        a long key or string counts once per 64 characters of it and of the \
+                        keys above it)";
+
+/// Values still allowed, shared by every node of one document.
+#[derive(Clone, Copy)]
+struct NodeSeed<'b>(&'b Cell<usize>);
+
+impl<'de> DeserializeSeed<'de> for NodeSeed<'_> {
     type Value = Node;
 
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Node, D::Error> {
-        deserializer.deserialize_any(NodeVisitor)
+        deserializer.deserialize_any(NodeVisitor(self.0))
     }
 }
 
 /// Builds a [`Node`]. Scalars come back as errors (see [`encode`]): serde_yaml
 /// consumes a scalar before visiting it and stamps the error with its
 /// position, and the caller one level up turns the error back into a node
-/// with [`recover`] and carries on.
-struct NodeVisitor;
+/// with [`NodeVisitor::recover`] and carries on.
+struct NodeVisitor<'b>(&'b Cell<usize>);
 
-fn scalar<E: de::Error>(value: Value) -> Result<Node, E> {
-    Err(E::custom(encode(&value)))
+impl NodeVisitor<'_> {
+    /// Takes `n` values from the budget; an error (stamped with where the
+    /// value is) once it is spent.
+    fn take<E: de::Error>(&self, n: usize) -> Result<(), E> {
+        match self.0.get().checked_sub(n) {
+            Some(left) => {
+                self.0.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(TOO_MANY)),
+        }
+    }
+
+    fn count<E: de::Error>(&self) -> Result<(), E> {
+        self.take(1)
+    }
+
+    /// Turns an error back into the scalar it carries, or passes a real
+    /// error on; charges the error's length (see [`MAX_VALUES`]).
+    fn recover<E: de::Error>(&self, error: E) -> Result<Node, E> {
+        let display = error.to_string();
+        let node = decode(&display).ok_or(error)?;
+        self.take(display.len() / CHARS_PER_VALUE)?;
+        Ok(node)
+    }
+
+    fn scalar<E: de::Error>(&self, value: Value) -> Result<Node, E> {
+        self.count()?;
+        Err(E::custom(encode(&value)))
+    }
 }
 
-impl<'de> Visitor<'de> for NodeVisitor {
+impl<'de> Visitor<'de> for NodeVisitor<'_> {
     type Value = Node;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -171,48 +216,49 @@ impl<'de> Visitor<'de> for NodeVisitor {
     }
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Node, E> {
-        scalar(Value::Bool(v))
+        self.scalar(Value::Bool(v))
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
-        scalar(Value::Int(v.into()))
+        self.scalar(Value::Int(v.into()))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
-        scalar(Value::Int(v.into()))
+        self.scalar(Value::Int(v.into()))
     }
 
     fn visit_i128<E: de::Error>(self, v: i128) -> Result<Node, E> {
-        scalar(Value::Int(v))
+        self.scalar(Value::Int(v))
     }
 
     fn visit_u128<E: de::Error>(self, v: u128) -> Result<Node, E> {
-        scalar(Value::Int(i128::try_from(v).unwrap_or(i128::MAX)))
+        self.scalar(Value::Int(i128::try_from(v).unwrap_or(i128::MAX)))
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
-        scalar(Value::Float(v))
+        self.scalar(Value::Float(v))
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
-        scalar(Value::Str(v.to_string()))
+        self.scalar(Value::Str(v.to_string()))
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
-        scalar(Value::Null)
+        self.scalar(Value::Null)
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Node, E> {
-        scalar(Value::Null)
+        self.scalar(Value::Null)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        self.count()?;
         let mut items = Vec::new();
         loop {
-            match seq.next_element_seed(NodeSeed) {
+            match seq.next_element_seed(NodeSeed(self.0)) {
                 Ok(Some(node)) => items.push(node),
                 Ok(None) => break,
-                Err(e) => items.push(recover(e)?),
+                Err(e) => items.push(self.recover(e)?),
             }
         }
         Ok(Node {
@@ -222,16 +268,17 @@ impl<'de> Visitor<'de> for NodeVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        self.count()?;
         let mut entries = Vec::new();
         loop {
-            let key = match map.next_key_seed(NodeSeed) {
+            let key = match map.next_key_seed(NodeSeed(self.0)) {
                 Ok(Some(node)) => node,
                 Ok(None) => break,
-                Err(e) => recover(e)?,
+                Err(e) => self.recover(e)?,
             };
-            let value = match map.next_value_seed(NodeSeed) {
+            let value = match map.next_value_seed(NodeSeed(self.0)) {
                 Ok(node) => node,
-                Err(e) => recover(e)?,
+                Err(e) => self.recover(e)?,
             };
             entries.push((key, value));
         }
@@ -254,9 +301,10 @@ pub fn load(text: &str) -> Result<Node, serde_yaml::Error> {
             value: Value::Null,
         });
     }
-    match NodeSeed.deserialize(serde_yaml::Deserializer::from_str(text)) {
+    let budget = Cell::new(MAX_VALUES);
+    match NodeSeed(&budget).deserialize(serde_yaml::Deserializer::from_str(text)) {
         Ok(node) => Ok(node),
-        Err(e) => recover(e),
+        Err(e) => NodeVisitor(&budget).recover(e),
     }
 }
 
@@ -269,12 +317,62 @@ pub fn yaml_error(file: &str, e: &serde_yaml::Error) -> RuleError {
     let message = e
         .to_string()
         .replacen(&format!(" at line {line} column {column}"), "", 1);
+    // serde_yaml's path spells out keys as written: escape what a
+    // terminal or a log line must not get raw.
+    let message = crate::rules::check::quotable(&message);
     RuleError::new(file, line, column, format!("invalid YAML: {message}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// serde_yaml's path names the keys above an error as written.
+    #[test]
+    fn errors_escape_control_characters_in_keys() {
+        let e = load("rules:\n  \"a\\e[2J\": !x 1\n").unwrap_err();
+        let e = yaml_error("f", &e);
+        assert!(e.message.contains("a\\u{1b}[2J"), "{e}");
+        assert!(!e.message.contains('\u{1b}'), "{e}");
+    }
+
+    /// 100 KB keys above 60,000 values: each value's error spelt the key out.
+    #[test]
+    fn long_keys_count_against_the_value_budget() {
+        let text = format!("? {}\n: [{}]\n", "k".repeat(200_000), "1, ".repeat(60_000));
+        let e = load(&text).unwrap_err();
+        assert!(e.to_string().contains(TOO_MANY), "{e}");
+        // Long strings alone fit: 4 MB of one string is 131,072 values.
+        let text = format!("name: {}\n", "x".repeat(4 << 20));
+        assert!(load(&text).is_ok());
+    }
+
+    /// 20,000 aliases of a 2,000-item list: 40 million values from 50 KB,
+    /// which took 4 GB and 40 s to build; now refused once the millionth
+    /// is reached.
+    #[test]
+    fn aliases_count_against_the_value_budget() {
+        let text = format!(
+            "a: &x [{}]\nrules: [{}]\n",
+            "b, ".repeat(2000),
+            "*x, ".repeat(20_000)
+        );
+        let e = load(&text).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("more than {MAX_VALUES} values")),
+            "{e}"
+        );
+        assert!(TOO_MANY.contains(&format!("{MAX_VALUES} values")));
+        assert!(TOO_MANY.contains(&format!("once per {CHARS_PER_VALUE} characters")));
+        // Under the budget, aliases expand as before.
+        let text = format!(
+            "a: &x [{}]\nrules: [{}]\n",
+            "b, ".repeat(100),
+            "*x, ".repeat(100)
+        );
+        assert!(load(&text).is_ok());
+    }
 
     #[test]
     fn positions_come_from_serde_yaml() {

@@ -192,6 +192,14 @@ fn option_refusals_to_a_client_that_never_reads_them_stay_bounded() {
 
 /// Sends a write of `len` bytes (as much as the proxy lets through in a
 /// second) and goes away.
+/// More than the proxy's 256 KiB flow buffer, so a hold must stop reading
+/// before the client's end of stream; little enough that all of it, and so
+/// the end of stream, still reaches the proxy's socket (its receive window
+/// does not grow while the proxy is not reading: 64 KiB on loopback here).
+/// A client that leaves with more than that unsent has not gone, as far as
+/// TCP can tell: its FIN waits behind data the proxy has no room for.
+const PAST_THE_BUFFER: u32 = 288 << 10;
+
 fn write_and_leave(mut s: TcpStream, len: u32) {
     s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
     let mut msg = request(CMD_WRITE, 1, 0, len);
@@ -232,8 +240,9 @@ fn held_clients_that_left_free_their_slots(rules: &str, writes: &[u32]) {
 
 #[test]
 fn stalled_clients_that_left_free_their_slots() {
-    // 1 MiB fits the sockets' buffers; 32 MiB does not, so its end of
-    // stream queues behind bytes nobody reads unless the proxy reads them.
+    // Neither fits the proxy's buffer and the socket's window, so each end
+    // of stream queues behind bytes nobody reads, unless the proxy reads
+    // (and drops) them, as a stall for good does.
     held_clients_that_left_free_their_slots(
         "rules:\n  - event: request\n    command: write\n    action: stall\n",
         &[1 << 20, 32 << 20],
@@ -242,11 +251,11 @@ fn stalled_clients_that_left_free_their_slots() {
 
 #[test]
 fn delayed_clients_that_left_free_their_slots() {
-    // A 32 MiB write's end of stream would be behind 31 MiB that the delay
+    // A larger write's end of stream would be behind data that the delay
     // holds back: it is noticed only when its hour is up.
     held_clients_that_left_free_their_slots(
         "rules:\n  - event: request\n    command: write\n    action: delay\n    duration: 1h\n",
-        &[1 << 20],
+        &[PAST_THE_BUFFER],
     );
 }
 
@@ -299,7 +308,7 @@ fn a_paused_connection_whose_client_left_ends() {
         "http://localhost/connections/1/pause",
     ]);
     assert!(r.contains("\"paused\": true"), "{r}");
-    write_and_leave(s, 1 << 20);
+    write_and_leave(s, PAST_THE_BUFFER);
     let gone = wait_until(GUARD, || {
         let list = curl(&[
             "--unix-socket",

@@ -516,9 +516,19 @@ where
         }
         let conn = self.conn.clone();
         if self.end == self.buf.len() {
-            // Only bytes held back while waiting can fill the buffer.
-            conn.wake_to_server.notified().await;
-            return Ok(true);
+            // Only bytes held back while waiting can fill the buffer. A
+            // client that leaves meanwhile is noticed without reading on.
+            let watch = self.watch_source();
+            tokio::select! {
+                () = conn.wake_to_server.notified() => return Ok(true),
+                r = hung_up(watch.as_ref()), if watch.is_some() => {
+                    r.map_err(|e| self.io(e))?;
+                    debug!(conn = self.conn.id, "{}: peer hung up while waiting", self.dir);
+                    self.src_gone = true;
+                    self.conn.peer_gone.send_replace(true);
+                    return Ok(false);
+                }
+            }
         }
         let idle = self.place.at_boundary();
         let answers = self.answers.as_mut().filter(|_| idle);

@@ -255,13 +255,14 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     std::fs::create_dir_all(dir).map_err(|e| RunError::Dir(dir.to_path_buf(), e))?;
     let proxy_sock = dir.join("nbd.sock");
     let server_sock = dir.join("server.sock");
-    let mut env: Vec<(&str, String)> = vec![
+    // `--setup` and `--server` see the server's socket as $unixsocket.
+    let server_env: Vec<(&str, String)> = vec![
         ("dir", dir.display().to_string()),
         ("unixsocket", server_sock.display().to_string()),
     ];
     if let Some(line) = &setup.setup {
         let t = Instant::now();
-        let g = Group::spawn(shell(line, &env, dir), "--setup", line)?;
+        let g = Group::spawn(shell(line, &server_env, dir), "--setup", line)?;
         let (exit, output) = finish(g, setup.timeout).await;
         theirs += t.elapsed();
         if exit != Exit::Code(0) {
@@ -275,7 +276,7 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
         ServerMode::Backend(b) => (b.clone(), None),
         ServerMode::Command(line) => {
             let t = Instant::now();
-            let g = start_server(line, &env, dir, &server_sock).await?;
+            let g = start_server(line, &server_env, dir, &server_sock).await?;
             theirs += t.elapsed();
             (
                 Backend::Upstream(Target::Unix(server_sock.clone())),
@@ -294,7 +295,7 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
         None => Arc::new(PassThrough),
     };
     let server = Server::bind(ServerConfig {
-        listen: ListenAddr::Unix(proxy_sock),
+        listen: ListenAddr::Unix(proxy_sock.clone()),
         backend,
         limits: Limits::default(),
         interceptor,
@@ -306,11 +307,15 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     let registry = server.registry();
     let serving = tokio::spawn(server.run());
 
-    // The client: run directly, in a process group of its own.
-    env[1].1 = dir.join("nbd.sock").display().to_string();
-    env.push(("uri", uri.clone()));
-    env.push(("nbd", uri));
-    env.push(("port", String::new()));
+    // The client (and `--verify`) see the proxy, as `--run` gives it: run
+    // directly, in a process group of its own.
+    let env: Vec<(&str, String)> = vec![
+        ("dir", dir.display().to_string()),
+        ("unixsocket", proxy_sock.display().to_string()),
+        ("uri", uri.clone()),
+        ("nbd", uri),
+        ("port", String::new()),
+    ];
     let mut cmd = Command::new(&setup.cmd[0]);
     cmd.args(&setup.cmd[1..]).current_dir(dir);
     for (k, v) in &env {

@@ -22,7 +22,6 @@ const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 const OPT_GO: u32 = 7;
 const OPT_LIST: u32 = 3;
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 
@@ -34,16 +33,6 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
     b.extend(opt.to_be_bytes());
     b.extend((data.len() as u32).to_be_bytes());
     b.extend(data);
-    b
-}
-
-fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-    b.extend(0u16.to_be_bytes());
-    b.extend(command.to_be_bytes());
-    b.extend(cookie.to_be_bytes());
-    b.extend(offset.to_be_bytes());
-    b.extend(len.to_be_bytes());
     b
 }
 

@@ -335,7 +335,6 @@ fn absurd_max_payloads_are_refused_at_startup() {
 // Requests sharing a cookie, from a client of our own (libnbd picks its
 // cookies itself).
 
-const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 /// Fixed newstyle, NBD_OPT_GO for the default export, simple replies.
@@ -363,16 +362,6 @@ fn handshake(s: &mut TcpStream) {
             return;
         }
     }
-}
-
-fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-    b.extend(0u16.to_be_bytes());
-    b.extend(command.to_be_bytes());
-    b.extend(cookie.to_be_bytes());
-    b.extend(offset.to_be_bytes());
-    b.extend(len.to_be_bytes());
-    b
 }
 
 /// A simple reply's header: (error, cookie).

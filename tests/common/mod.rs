@@ -9,7 +9,8 @@
 //! - `nbdfault`: the binary under test, ready at `Listening on URI`;
 //! - `servers`: qemu-nbd and nbdkit as upstreams, NBD URIs;
 //! - `clients`: qemu-io (the one [`QemuIo`] builder), nbdinfo, libnbd/python;
-//! - `data`: images, byte patterns and comparisons of files and outputs.
+//! - `data`: images, byte patterns and comparisons of files and outputs;
+//! - `wire`: raw NBD bytes for the tests' own hostile peers.
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
@@ -18,6 +19,7 @@ mod data;
 mod nbdfault;
 mod process;
 mod servers;
+mod wire;
 
 // A binary that uses nothing of one part would warn of its re-export.
 #[allow(unused_imports)]
@@ -30,3 +32,5 @@ pub use nbdfault::*;
 pub use process::*;
 #[allow(unused_imports)]
 pub use servers::*;
+#[allow(unused_imports)]
+pub use wire::*;

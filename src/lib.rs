@@ -5,26 +5,27 @@
 //!
 //! # Layout
 //!
-//! A connection's bytes travel top to bottom through these folders:
+//! From the process down to the bytes; each module imports only modules
+//! below it here:
 //!
 //! | module | its job |
 //! |---|---|
 //! | [`process`] | the process: runtime, signals, `--run`, shutdown |
 //! | [`sweep`] | `nbdfault sweep`: a client run once per fault point of its session, and what it mishandled |
+//! | [`control`] | the HTTP control API: rules, connections and metrics from outside, at run time |
 //! | [`injector`] | the drop-in for QEMU's `nbd-fault-injector.py` |
 //! | [`server`] | the accept loop, its limits and the registry of live connections |
 //! | [`backend`] | what sits behind the proxy: a socket to a real server, or the built-in null server |
 //! | [`proxy`] | one connection's pipeline: two flows split into events, each offered to the interception point |
-//! | [`intercept`] | the contract between the pipeline and whoever decides about faults: `Event` in, `Verdict` and `Plan` out |
 //! | [`rules`] | the rule engine: rules files parsed and checked into a model, the decision function, one file per action |
+//! | [`observe`] | what the outside sees: log lines, metrics and the trace, written by the data path through queues that never block it |
+//! | [`intercept`] | the contract between the pipeline and whoever decides about faults: `Event` in, `Verdict` and `Plan` out |
 //! | [`protocol`] | the NBD wire format, without I/O: messages, constants, the two-way framing state machine |
-//! | [`control`] | the HTTP control API: rules, connections and metrics from outside, at run time |
-//! | [`observe`] | what the outside sees: metrics and the trace, written by the data path |
-//! | [`io`] | sockets and threads: addresses, streams, the in-memory pipe, runtime shards, busy-polling |
+//! | [`io`] | sockets and threads: addresses, streams, the in-memory pipe, percent-decoding, runtime shards, busy-polling |
 //!
-//! `protocol` depends on nothing else here; `intercept` only on `protocol`;
-//! `rules` only on those two (and `io::addr` for sizes). Everything that
-//! touches a socket is in `io`, `proxy`, `backend`, `server` or `process`.
+//! `tests/layout.rs` checks that order against every import, and that the
+//! files of each folder import each other in no circle. `protocol`,
+//! `intercept` and `rules` do no I/O at all.
 
 pub mod backend;
 pub mod control;

@@ -302,6 +302,35 @@ fn top_level_modules_form_no_circle() {
     );
 }
 
+/// The crate map in `src/lib.rs` lists the modules from the top down: each
+/// may import only those listed after it.
+#[test]
+fn top_level_imports_follow_the_crate_map_downwards() {
+    let lib =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).unwrap();
+    let order: Vec<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! | [`"))
+        .filter_map(|l| l.split('`').next())
+        .map(String::from)
+        .collect();
+    let top = folders().remove(&Vec::new()).unwrap_or_default();
+    for (from, tos) in &top {
+        let Some(a) = order.iter().position(|m| m == from) else {
+            panic!("{from} is missing from the crate map in src/lib.rs");
+        };
+        for to in tos {
+            let b = order.iter().position(|m| m == to);
+            assert!(
+                b.is_some_and(|b| b > a),
+                "{from} imports {to}, which the crate map in src/lib.rs lists above it \
+                 (order: {})",
+                order.join(", ")
+            );
+        }
+    }
+}
+
 #[test]
 fn files_within_a_folder_form_no_circle() {
     for (folder, edges) in folders() {

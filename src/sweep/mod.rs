@@ -198,10 +198,18 @@ async fn sweep(opts: Options) -> i32 {
                 }
             };
             let _ = std::fs::remove_dir_all(&dir);
-            let facts = match result {
+            let mut facts = match result {
                 Ok(f) => f,
                 Err(e) => return Some(Err(e)),
             };
+            // Kept until the report, for every run: only the lines where a
+            // rule fired (all the report uses), not the whole session.
+            facts.trace = facts
+                .trace
+                .lines()
+                .filter(|l| l.contains("\"rule\":"))
+                .map(|l| format!("{l}\n"))
+                .collect();
             let verdict = outcome::classify(facts.exit, facts.fired, &facts.output, || {
                 facts.verified.unwrap_or(true)
             });

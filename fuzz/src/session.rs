@@ -115,7 +115,11 @@ impl Sim {
 
     /// Bytes arrive for `dir`; frame as much as can be framed.
     pub fn feed(&mut self, dir: Direction, bytes: &[u8]) {
-        if self.failed.is_some() {
+        // A read of nothing is the end of the stream to the pipeline, which
+        // never frames on it: driving here would let an empty record wake a
+        // flow that the chunked run (which splits it into no reads) leaves
+        // parked, a difference of the harness, not of the session.
+        if self.failed.is_some() || bytes.is_empty() {
             return;
         }
         self.buf[idx(dir)].extend_from_slice(bytes);

@@ -356,30 +356,27 @@ fn alive(pid: u32) -> bool {
 /// again, its pidfile is gone, and it says why.
 #[test]
 fn exit_with_parent_stops_when_the_parent_shell_is_killed() {
-    use std::io::{BufRead, BufReader, Read};
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("nbdfault.pid");
+    let out = dir.path().join("nbdfault.out");
     let log = dir.path().join("nbdfault.log");
     let mut sh = Command::new("sh")
         .args([
             "-c",
-            "\"$0\" null --listen 127.0.0.1:0 --exit-with-parent --pidfile \"$1\" 2>\"$2\" & wait",
+            "\"$0\" null --listen 127.0.0.1:0 --exit-with-parent --pidfile \"$1\" >\"$2\" 2>\"$3\" & wait",
             nbdfault_bin(),
             pidfile.to_str().unwrap(),
+            out.to_str().unwrap(),
             log.to_str().unwrap(),
         ])
-        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(sh.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let uri = line
-        .trim()
-        .strip_prefix("Listening on ")
-        .expect(&line)
-        .to_string();
-    // Written before the line, so it is there now.
+    // The pidfile appears once nbdfault listens.
+    assert!(
+        wait_until(START_TIMEOUT, || pidfile.exists()),
+        "{}",
+        read_to_string_lossy(&log)
+    );
     let pid: u32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .strip_suffix('\n')
@@ -392,18 +389,10 @@ fn exit_with_parent_stops_when_the_parent_shell_is_killed() {
     let sh_pid = sh.id();
     sh.kill().unwrap();
     sh.wait().unwrap();
-    // nbdfault holds the other end of the pipe until it exits.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = out.read_to_string(&mut rest);
-        let _ = tx.send(rest);
-    });
-    let rest = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("nbdfault still runs 10 s after its parent died");
-    assert_eq!(rest, "");
-    assert!(wait_until(Duration::from_secs(10), || !alive(pid)));
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(pid)),
+        "nbdfault still runs 10 s after its parent died"
+    );
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(
         log.contains(&format!(
@@ -412,7 +401,9 @@ fn exit_with_parent_stops_when_the_parent_shell_is_killed() {
         "{log}"
     );
     assert!(!pidfile.exists(), "pidfile left behind");
-    std::net::TcpListener::bind(tcp_addr(&uri)).expect("the port is free again");
+    let out = std::fs::read_to_string(&out).unwrap();
+    let uri = out.trim().strip_prefix("Listening on ").expect(&out);
+    std::net::TcpListener::bind(tcp_addr(uri)).expect("the port is free again");
 }
 
 /// The parent is the process, not the thread that spawned nbdfault
@@ -440,13 +431,8 @@ fn exit_with_parent_outlives_the_thread_that_started_it() {
 fn pidfile_holds_the_pid_while_serving_and_goes_at_exit() {
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("n.pid");
-    let mut p = Nbdfault::start(&[
-        "null",
-        "--listen",
-        "127.0.0.1:0",
-        "--pidfile",
-        pidfile.to_str().unwrap(),
-    ]);
+    let pf = pidfile.to_str().unwrap();
+    let mut p = Nbdfault::start(&["null", "--listen", "127.0.0.1:0", "--pidfile", pf]);
     assert_eq!(
         std::fs::read_to_string(&pidfile).unwrap(),
         format!("{}\n", p.pid())

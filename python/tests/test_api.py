@@ -166,11 +166,39 @@ def test_a_killed_test_process_leaves_no_nbdfault_running(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
-    assert wait_until(lambda: not alive(pid)), f"nbdfault {pid} still runs"
+    try:
+        assert wait_until(lambda: not alive(pid)), f"nbdfault {pid} still runs"
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
     # nbdfault removes its sockets; the directory was the harness's to
     # remove.
     assert sorted(os.listdir(d)) == ["trace.jsonl"]
     shutil.rmtree(d)
+
+
+def test_a_server_that_dies_during_the_with_block_is_an_error():
+    with pytest.raises(nbdfault.NbdfaultError) as e:
+        with nbdfault.Null() as p:
+            os.kill(p.pid, signal.SIGKILL)
+            assert wait_until(lambda: p._proc.poll() is not None)
+    assert str(e.value).startswith("nbdfault died during the test (status -9):")
+
+
+def test_an_interpreter_that_exits_without_stopping_stops_its_servers():
+    script = (
+        "import nbdfault\n"
+        "p = nbdfault.Null().start()\n"
+        "print(p.pid, p.dir, flush=True)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "python"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert (out.returncode, out.stderr) == (0, "")
+    pid, d = out.stdout.split()
+    # Stopped at exit (atexit), not only by --exit-with-parent: the
+    # directory is gone too.
+    assert not alive(int(pid))
+    assert not os.path.exists(d)
 
 
 def test_a_failed_start_says_why_and_leaves_nothing(tmp_path, monkeypatch):

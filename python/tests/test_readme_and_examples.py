@@ -5,7 +5,6 @@ and the iotest-style example passes."""
 
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest

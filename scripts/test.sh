@@ -5,10 +5,13 @@
 #   scripts/test.sh [CARGO TEST ARGS...]
 #
 # As root it installs the NBD tools the integration tests drive (qemu-utils,
-# nbdkit, libnbd-bin, python3-libnbd, nbd-server, fio, curl); otherwise they
+# nbdkit, libnbd-bin, python3-libnbd, nbd-server, fio, curl) and what the
+# Python package's tests need (python3-pytest, and python3-venv, python3-pip,
+# python3-setuptools and python3-wheel to pip-install it); otherwise they
 # must already be installed. Then it checks formatting, runs clippy with warnings denied and
 # runs every test in release mode (the tests move hundreds of MiB through the
-# proxy). Extra arguments are passed to `cargo test`.
+# proxy), then the Python package's tests against the binary just built.
+# Extra arguments are passed to `cargo test`.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,7 +20,8 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
-packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio curl)
+packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio curl
+    python3-pytest python3-venv python3-pip python3-setuptools python3-wheel)
 
 # Prints the missing tools, one per line (nothing if all are there).
 missing_tools() {
@@ -25,9 +29,12 @@ missing_tools() {
     for tool in qemu-nbd qemu-img qemu-io nbdkit nbdinfo nbdcopy nbd-server fio curl; do
         command -v "$tool" >/dev/null 2>&1 || echo "$tool"
     done
-    if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
-        echo "python3 module nbd (for /usr/bin/python3)"
-    fi
+    local module
+    for module in nbd pytest pip setuptools wheel; do
+        if ! /usr/bin/python3 -c "import $module" >/dev/null 2>&1; then
+            echo "python3 module $module (for /usr/bin/python3)"
+        fi
+    done
 }
 
 if [ "$(id -u)" -eq 0 ]; then
@@ -83,6 +90,14 @@ cargo clippy --all-targets -- -D warnings
 
 step "cargo test --release --all-targets $*"
 cargo test --release --all-targets "$@"
+
+# The Python package (python/) against the release binary the tests built,
+# from the source tree; its tests also pip-install it into a venv.
+if [ "$#" -eq 0 ]; then
+    step "python package: /usr/bin/python3 -m pytest python/tests"
+    NBDFAULT="$(realpath "${CARGO_TARGET_DIR:-target}")/release/nbdfault" \
+        /usr/bin/python3 -m pytest -p no:cacheprovider python/tests
+fi
 
 # The fuzz crate's tests replay every seed and every past finding
 # (fuzz/corpus/, regress-* included) through the fuzz harnesses on stable

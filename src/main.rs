@@ -183,6 +183,15 @@ struct ServeArgs {
     /// off; at most 1ms; needs --threads 1 or more].
     #[arg(long, value_name = "DURATION")]
     busy_poll: Option<humantime::Duration>,
+    /// Stop (as on SIGTERM) when the process that started nbdfault exits,
+    /// as nbdkit's --exit-with-parent: a harness that dies leaves nothing
+    /// running.
+    #[arg(long)]
+    exit_with_parent: bool,
+    /// Write the process id to FILE once clients can connect; removed on
+    /// exit.
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
     #[command(flatten)]
     rules: RuleArgs,
     #[command(flatten)]
@@ -326,6 +335,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // Before anything slow (rules files): the parent may exit any time.
+    let parent = nix::unistd::getppid();
     let (backend, args) = match cli.command {
         Command::Proxy { upstream, serve } => (
             Backend::Upstream(upstream.parse::<Target>().context("--upstream")?),
@@ -405,6 +416,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         socket_mode,
         threads,
         busy_poll,
+        exit_with_parent: args.exit_with_parent.then_some(parent),
+        pidfile: args.pidfile,
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }

@@ -48,6 +48,12 @@ pub struct ServeOptions {
     /// Busy-poll this long after activity on each thread (see
     /// [`crate::io::busypoll`]); zero: never. Needs `threads` ≥ 1.
     pub busy_poll: Duration,
+    /// `--exit-with-parent`: the parent process when this one started
+    /// (taken as early as possible); stop as SIGTERM would once it exits.
+    pub exit_with_parent: Option<nix::unistd::Pid>,
+    /// `--pidfile`: written once clients can connect, removed on the way
+    /// out.
+    pub pidfile: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -66,6 +72,12 @@ pub enum ServeError {
     Control(#[from] ControlError),
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot write the pidfile {}", path.display())]
+    Pidfile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot run {cmd:?}")]
     Run {
         cmd: String,
@@ -157,6 +169,12 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         ),
         None => None,
     };
+    // Once the file exists, clients can connect (it appears whole, by a
+    // rename); removed when dropped, with this function.
+    let pidfile = match &opts.pidfile {
+        Some(path) => Some(Pidfile::write(path)?),
+        None => None,
+    };
     println!("Listening on {uri}");
     if let Some(c) = &control {
         println!("Control on {}", c.url());
@@ -167,6 +185,13 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
 
     let status = {
         let signals = sigs.serve(&opts.rules);
+        let parent = parent_exited(opts.exit_with_parent);
+        let signals = async {
+            tokio::select! {
+                r = signals => r,
+                () = parent => Ok(()),
+            }
+        };
         tokio::pin!(signals);
         match &opts.run {
             None => tokio::select! {
@@ -197,7 +222,71 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         let _ = c.await;
     }
     drop(private);
+    drop(pidfile);
     Ok(status)
+}
+
+/// How often `--exit-with-parent` looks at the parent pid.
+const PARENT_POLL: Duration = Duration::from_millis(100);
+
+/// Resolves once `parent` is no longer this process's parent: it exited
+/// and this process was adopted (by init or a subreaper); never with
+/// `None`.
+///
+/// Why a poll of getppid(), not `PR_SET_PDEATHSIG`: the death signal fires
+/// when the parent *thread* that forked us exits, so a harness that starts
+/// the server from a worker thread (a Python thread pool, a Rust test
+/// thread) would lose it while the harness still runs. A pidfd of the
+/// parent would wake without polling, but needs a raw syscall (unsafe
+/// code, which this crate has none of); one cheap syscall every 100 ms
+/// costs nothing measurable and works on every Unix.
+async fn parent_exited(parent: Option<nix::unistd::Pid>) {
+    let Some(parent) = parent else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(PARENT_POLL);
+    loop {
+        tick.tick().await;
+        if nix::unistd::getppid() != parent {
+            info!(target: CONTROL_LOG, "parent process {parent} exited: stopping (--exit-with-parent)");
+            return;
+        }
+    }
+}
+
+/// The `--pidfile`, removed when dropped.
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    /// Writes this process's pid and a newline to `path`, through a
+    /// temporary file beside it renamed into place, so that a reader never
+    /// sees it empty or half written.
+    fn write(path: &std::path::Path) -> Result<Self, ServeError> {
+        let err = |source| ServeError::Pidfile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| err(std::io::Error::other("not a file name")))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let written = std::fs::write(&tmp, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
+        }
+        Ok(Self(path.to_path_buf()))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Lets the process open as many descriptors as its hard limit allows. A

@@ -328,3 +328,142 @@ fn control_on_a_public_address_needs_a_token() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--control-token is required"), "{err}");
 }
+
+/// Kills a process that is not our child (by pid) when dropped, so that a
+/// failing test leaves nothing running.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Whether `pid` is still a live process (not gone, not a zombie waiting
+/// for a reaper that may not reap).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The harness dies (SIGKILL, no chance to clean up): nbdfault, its
+/// grandchild-turned-orphan, stops cleanly on its own: the port is free
+/// again, its pidfile is gone, and it says why.
+#[test]
+fn exit_with_parent_stops_when_the_parent_shell_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("nbdfault.pid");
+    let out = dir.path().join("nbdfault.out");
+    let log = dir.path().join("nbdfault.log");
+    let mut sh = Command::new("sh")
+        .args([
+            "-c",
+            "\"$0\" null --listen 127.0.0.1:0 --exit-with-parent --pidfile \"$1\" >\"$2\" 2>\"$3\" & wait",
+            nbdfault_bin(),
+            pidfile.to_str().unwrap(),
+            out.to_str().unwrap(),
+            log.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    // The pidfile appears once nbdfault listens.
+    assert!(
+        wait_until(START_TIMEOUT, || pidfile.exists()),
+        "{}",
+        read_to_string_lossy(&log)
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .strip_suffix('\n')
+        .unwrap()
+        .parse()
+        .unwrap();
+    let _guard = KillOnDrop(pid);
+    assert!(alive(pid));
+
+    let sh_pid = sh.id();
+    sh.kill().unwrap();
+    sh.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(pid)),
+        "nbdfault still runs 10 s after its parent died"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains(&format!(
+            "parent process {sh_pid} exited: stopping (--exit-with-parent)"
+        )),
+        "{log}"
+    );
+    assert!(!pidfile.exists(), "pidfile left behind");
+    let out = std::fs::read_to_string(&out).unwrap();
+    let uri = out.trim().strip_prefix("Listening on ").expect(&out);
+    std::net::TcpListener::bind(tcp_addr(uri)).expect("the port is free again");
+}
+
+/// The parent is the process, not the thread that spawned nbdfault
+/// (`PR_SET_PDEATHSIG` would fire when that thread ends): a harness that
+/// starts it from a worker thread keeps it.
+#[test]
+fn exit_with_parent_outlives_the_thread_that_started_it() {
+    require_tool("qemu-io");
+    let mut p = std::thread::spawn(|| {
+        Nbdfault::start(&["null", "--listen", "127.0.0.1:0", "--exit-with-parent"])
+    })
+    .join()
+    .unwrap();
+    QemuIo::new(p.uri()).cmd("read -P 0 0 64k").run_ok();
+    assert!(p.is_running(), "{}", p.stderr());
+    signal(p.pid(), "TERM");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(5)).and_then(|s| s.code()),
+        Some(0)
+    );
+    assert!(!p.stderr().contains("parent process"), "{}", p.stderr());
+}
+
+#[test]
+fn pidfile_holds_the_pid_while_serving_and_goes_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("n.pid");
+    let pf = pidfile.to_str().unwrap();
+    let mut p = Nbdfault::start(&["null", "--listen", "127.0.0.1:0", "--pidfile", pf]);
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap(),
+        format!("{}\n", p.pid())
+    );
+    // Written through a temporary file, which is gone.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    signal(p.pid(), "TERM");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(5)).and_then(|s| s.code()),
+        Some(0)
+    );
+    assert!(!pidfile.exists(), "pidfile left behind");
+
+    let bad = dir.path().join("no-such-dir").join("n.pid");
+    let out = run(
+        nbdfault_bin(),
+        &[
+            "null",
+            "--listen",
+            "127.0.0.1:0",
+            "--pidfile",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.stdout, "", "no server may start");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "nbdfault: cannot write the pidfile {}: No such file or directory (os error 2)\n",
+            bad.display()
+        )
+    );
+}

@@ -253,6 +253,7 @@ impl Interceptor for InjectorRules {
                     plan: Plan::Cut {
                         at: 0,
                         reset: false,
+                        linger: std::time::Duration::ZERO,
                     },
                     ..first
                 })
@@ -297,7 +298,12 @@ mod tests {
         match rules.on_event(&ev, &mut ConnState::default()) {
             Verdict::Fault(Fault {
                 rule,
-                plan: Plan::Cut { at, reset: false },
+                plan:
+                    Plan::Cut {
+                        at,
+                        reset: false,
+                        linger: std::time::Duration::ZERO,
+                    },
                 ..
             }) => Some((rule.to_string(), at)),
             Verdict::Pass => None,

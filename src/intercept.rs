@@ -60,8 +60,13 @@ pub struct Fault {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// Pass `at` bytes of the event on, then close both connections
-    /// (with a TCP reset if `reset`).
-    Cut { at: u64, reset: bool },
+    /// (with a TCP reset if `reset`), after keeping them open, silent in
+    /// this direction, for `linger`.
+    Cut {
+        at: u64,
+        reset: bool,
+        linger: Duration,
+    },
     /// Pass `at` bytes on, then hold this flow for `duration`, or until the
     /// connection ends when `None`. Other flows and connections go on.
     Hold { at: u64, duration: Option<Duration> },
@@ -76,6 +81,15 @@ pub enum Plan {
     ReplaceReply { answer: Vec<u8> },
     /// XOR bytes of the event: (offset within the event, mask).
     Flip { flips: Vec<(u64, u8)> },
+    /// Pass `at` bytes of the event on, then the rest of the event in
+    /// writes of at most `size` bytes, holding the flow `first` before the
+    /// first and `gap` before each later one.
+    Pace {
+        at: u64,
+        size: u64,
+        first: Duration,
+        gap: Duration,
+    },
 }
 
 /// What an interceptor remembers about one connection (counters of
@@ -92,6 +106,10 @@ pub struct RuleCounter {
     pub matched: u64,
     pub fired: u64,
     pub rng: u64,
+    /// Bytes of matching events counted so far (`after-bytes`).
+    pub bytes: u64,
+    /// When the rule's rate allows the next byte through (`throttle`).
+    pub busy_until: Option<std::time::Instant>,
 }
 
 /// Decides, for each event, whether and how to interfere. Called on the data

@@ -470,7 +470,10 @@ fn every_shipped_scenario_is_exercised() {
         "full-disk",
         "lost-reply",
         "no-structured-replies",
+        // In tests/shaping.rs, with the other rate and segment faults.
+        "short-segments",
         "slow-flush",
+        "throttle-64k",
         "torn-write",
         "truncated-request",
     ];

@@ -340,6 +340,20 @@ fn check_plan(plan: &Plan, ev: &Event) {
             }
         }
         Plan::ReplaceReply { answer } => check_answer(answer, ev),
+        Plan::Pace {
+            at,
+            size,
+            first,
+            gap,
+        } => {
+            assert!(*at <= ev.size, "{plan:?} beyond a {}-byte event", ev.size);
+            assert!(*size >= 1, "{plan:?}: empty pieces");
+            // A throttle's wait plus a piece, each at most MAX_DURATION.
+            assert!(
+                *first <= 2 * MAX_DURATION && *gap <= MAX_DURATION,
+                "{plan:?}: longer than the checks allow"
+            );
+        }
     }
 }
 

@@ -325,6 +325,7 @@ mod tests {
             plan: crate::intercept::Plan::Cut {
                 at: 0,
                 reset: false,
+                linger: std::time::Duration::ZERO,
             },
         }
     }

@@ -178,6 +178,8 @@ where
                     }
                     self.place.verdict(verdict);
                 }
+                // Between two pieces of a sliced message: only the write.
+                Action::Hold(Some(Duration::ZERO)) => self.flush().await?,
                 Action::Hold(duration) => {
                     self.flush().await?;
                     self.hold(duration).await?;
@@ -187,7 +189,11 @@ where
                         return Err(FlowError::Stalled { dir: self.dir });
                     }
                 }
-                Action::Cut { reset, fault } => return Err(self.cut(reset, fault).await),
+                Action::Cut {
+                    reset,
+                    linger,
+                    fault,
+                } => return Err(self.cut(reset, linger, fault).await),
                 Action::Answer(a) => self.send_answer(a).await?,
                 Action::Forget(cookie) => {
                     self.conn.session().forget(cookie);
@@ -249,10 +255,19 @@ where
         }
     }
 
-    /// Writes out what was forwarded, then closes both connections.
-    async fn cut(&mut self, reset: bool, fault: Fault) -> FlowError {
+    /// Writes out what was forwarded, waits `linger` (a slow close: the
+    /// connections stay open, nothing more passes this way), then closes
+    /// both connections.
+    async fn cut(&mut self, reset: bool, linger: Duration, fault: Fault) -> FlowError {
         if let Err(e) = self.flush().await {
             return e;
+        }
+        if !linger.is_zero() {
+            // Nothing held here is ever delivered; the connection ending
+            // meanwhile only ends the wait.
+            if let Err(e) = self.hold(Some(linger)).await {
+                return e;
+            }
         }
         // A peer that dies with bytes of ours unread resets the
         // connection (that is what its kernel does): so does a cut

@@ -52,9 +52,14 @@ pub enum Action {
     /// until the connection ends when `None` (then the flow ends: what it
     /// held is never delivered).
     Hold(Option<Duration>),
-    /// Write out what was forwarded, then close both connections (with a
-    /// TCP reset if `reset`). Nothing more comes from this flow.
-    Cut { reset: bool, fault: Fault },
+    /// Write out what was forwarded, keep both connections open for
+    /// `linger` while passing nothing more on, then close both (with a TCP
+    /// reset if `reset`). Nothing more comes from this flow.
+    Cut {
+        reset: bool,
+        linger: Duration,
+        fault: Fault,
+    },
     /// Send these bytes to the client: the proxy answers in the server's
     /// place.
     Answer(Vec<u8>),
@@ -79,15 +84,31 @@ pub enum Action {
 enum Armed {
     Cut {
         reset: bool,
+        linger: Duration,
         fault: Fault,
     },
     Hold {
         duration: Option<Duration>,
     },
+    /// Hand out the rest of the event in paced pieces.
+    Pace(Pacing),
     /// Swallow the rest of the message, then send `answer` to the client.
     Discard {
         answer: Option<Vec<u8>>,
     },
+}
+
+/// The rest of an event handed out in pieces (`slice`, `throttle`): at
+/// most `size` bytes each, the flow held `gap` before each one after the
+/// first. No splicing meanwhile: every piece is its own write.
+#[derive(Debug, Clone, Copy)]
+struct Pacing {
+    size: u64,
+    gap: Duration,
+    /// Bytes the current piece may still take.
+    left: u64,
+    /// The hold owed before the next piece.
+    owed: Option<Duration>,
 }
 
 /// One flow's fault placement. See the module docs.
@@ -117,6 +138,8 @@ pub struct Placement {
     replacing: Option<(u64, Vec<u8>)>,
     /// Pending bit flips: (stream position, mask).
     flips: Vec<(u64, u8)>,
+    /// The current event is handed out in paced pieces.
+    pacing: Option<Pacing>,
     /// Option data being collected for the export name.
     export_data: Option<Vec<u8>>,
     /// The last payload was big enough to splice.
@@ -142,6 +165,7 @@ impl Placement {
             answer_after: None,
             replacing: None,
             flips: Vec::new(),
+            pacing: None,
             export_data: None,
             bulk: false,
             out: VecDeque::new(),
@@ -172,8 +196,22 @@ impl Placement {
                 && let Some((_, armed)) = self.mark.take()
             {
                 match armed {
-                    Armed::Cut { reset, fault } => return Action::Cut { reset, fault },
+                    Armed::Cut {
+                        reset,
+                        linger,
+                        fault,
+                    } => {
+                        return Action::Cut {
+                            reset,
+                            linger,
+                            fault,
+                        };
+                    }
                     Armed::Hold { duration } => return Action::Hold(duration),
+                    Armed::Pace(p) => {
+                        self.pacing = Some(p);
+                        continue;
+                    }
                     Armed::Discard { answer } => {
                         self.discarding = true;
                         self.answer_after = answer;
@@ -210,6 +248,7 @@ impl Placement {
     fn hand_out(&mut self, unsent: &mut [u8]) -> Action {
         if unsent.is_empty() {
             let unseen = self.mark.is_none()
+                && self.pacing.is_none()
                 && self.flips.is_empty()
                 && !self.discarding
                 && self.export_data.is_none()
@@ -221,9 +260,22 @@ impl Placement {
             };
         }
         let mut take = self.seg_left.min(unsent.len() as u64);
+        if let Some(p) = &mut self.pacing {
+            if let Some(d) = p.owed.take() {
+                return Action::Hold(Some(d));
+            }
+            take = take.min(p.left);
+        }
         if let Some((left, _)) = &mut self.mark {
             take = take.min(*left);
             *left -= take;
+        }
+        if let Some(p) = &mut self.pacing {
+            p.left -= take;
+            if p.left == 0 {
+                p.left = p.size;
+                p.owed = Some(p.gap);
+            }
         }
         let bytes = &mut unsent[..take as usize];
         // The name as the client sent it: before any flip.
@@ -235,6 +287,8 @@ impl Placement {
         self.seg_left -= take;
         if self.seg_left == 0 {
             self.note_export();
+            // Pacing covers the event it fired on.
+            self.pacing = None;
         }
         if self.discarding {
             return Action::Discard(take);
@@ -294,8 +348,28 @@ impl Placement {
             return;
         };
         match fault.plan.clone() {
-            Plan::Cut { at, reset } => {
-                self.mark = Some((at.min(seg.len), Armed::Cut { reset, fault }));
+            Plan::Cut { at, reset, linger } => {
+                let armed = Armed::Cut {
+                    reset,
+                    linger,
+                    fault,
+                };
+                self.mark = Some((at.min(seg.len), armed));
+            }
+            Plan::Pace {
+                at,
+                size,
+                first,
+                gap,
+            } => {
+                let size = size.max(1);
+                let pacing = Pacing {
+                    size,
+                    gap,
+                    left: size,
+                    owed: (!first.is_zero()).then_some(first),
+                };
+                self.mark = Some((at.min(seg.len), Armed::Pace(pacing)));
             }
             Plan::Hold { at, duration } => {
                 self.mark = Some((at.min(seg.len), Armed::Hold { duration }));
@@ -635,7 +709,11 @@ mod tests {
     #[test]
     fn a_cut_at_byte_4_of_a_reply_sends_exactly_4_bytes() {
         let stream = read_reply_512();
-        let cut = Plan::Cut { at: 4, reset: true };
+        let cut = Plan::Cut {
+            at: 4,
+            reset: true,
+            linger: std::time::Duration::ZERO,
+        };
         let out = Setup::new(read_in_flight, Direction::ToClient)
             .on(is_reply, cut)
             .out(&stream);
@@ -644,6 +722,7 @@ mod tests {
         let cut = Plan::Cut {
             at: 100,
             reset: false,
+            linger: std::time::Duration::ZERO,
         };
         let out = Setup::new(read_in_flight, Direction::ToClient)
             .on(is_reply, cut)
@@ -854,12 +933,42 @@ mod tests {
         assert!(!sim.place.mid_message());
     }
 
+    #[test]
+    fn a_paced_event_goes_out_in_pieces_with_holds_between() {
+        let stream = read_reply_512();
+        let pace = Plan::Pace {
+            at: 4,
+            size: 5,
+            first: Duration::from_millis(7),
+            gap: Duration::from_millis(2),
+        };
+        let out = Setup::new(read_in_flight, Direction::ToClient)
+            .on(is_reply, pace)
+            .out(&stream);
+        let gap = Out::Hold(Some(Duration::from_millis(2)));
+        // The 16-byte header: 4 bytes, the first hold, then 5 + 5 + 2; the
+        // data that follows is another event, passed on whole.
+        assert_eq!(
+            out,
+            [
+                Out::Bytes(stream[..4].to_vec()),
+                Out::Hold(Some(Duration::from_millis(7))),
+                Out::Bytes(stream[4..9].to_vec()),
+                gap.clone(),
+                Out::Bytes(stream[9..14].to_vec()),
+                gap,
+                Out::Bytes(stream[14..].to_vec()),
+            ]
+        );
+    }
+
     /// A plan for proptest to pick: (kind, a byte count).
     fn plan_of(kind: u8, n: u64, ev: &Event) -> Option<Plan> {
         match kind {
             0 => Some(Plan::Cut {
                 at: n,
                 reset: n.is_multiple_of(2),
+                linger: std::time::Duration::ZERO,
             }),
             1 => Some(Plan::Hold {
                 at: n,
@@ -874,6 +983,12 @@ mod tests {
             }),
             4 if is_reply(ev) => Some(Plan::ReplaceReply {
                 answer: vec![0xee; 4],
+            }),
+            5 => Some(Plan::Pace {
+                at: n,
+                size: n % 5 + 1,
+                first: Duration::from_millis(n % 2),
+                gap: Duration::from_millis(1),
             }),
             _ => None,
         }

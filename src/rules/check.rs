@@ -85,6 +85,7 @@ const RULE_FIELDS: &[&str] = &[
     "connection",
     "when",
     "after",
+    "after-bytes",
     "times",
     "every",
     "probability",
@@ -222,6 +223,20 @@ pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRul
     }
 
     let counters = counters(f)?;
+    if counters.after_bytes.is_some() {
+        // after-bytes says where the rule fires; these would say it too.
+        for other in ["when", "after", "every"] {
+            if f.has(other) {
+                return Err(f.at_key(
+                    other,
+                    format!(
+                        "{other} cannot be combined with after-bytes, which decides where the \
+                         rule fires (the first byte past that many bytes of matching events)"
+                    ),
+                ));
+            }
+        }
+    }
     let ctx = Context { events };
     let action = registered.check(f, &ctx)?;
 
@@ -633,6 +648,7 @@ fn counters(f: &dyn Fields) -> Result<Counters> {
         every: f.uint("every", 1, u64::MAX)?.unwrap_or(d.every),
         probability: f.fraction("probability")?.unwrap_or(d.probability),
         per_connection: f.boolean("per-connection")?.unwrap_or(d.per_connection),
+        after_bytes: f.size("after-bytes")?,
     })
 }
 
@@ -764,8 +780,9 @@ mod tests {
     fn field_names_are_the_rule_fields_then_the_actions() {
         assert_eq!(
             field_names().join(", "),
-            "name, event, direction, command, offset, option, connection, when, after, times, every, \
-             probability, per-connection, action, errno, duration, jitter, reset, at, xor, bits"
+            "name, event, direction, command, offset, option, connection, when, after, after-bytes, \
+             times, every, probability, per-connection, action, errno, duration, jitter, reset, \
+             slow-close, at, xor, bits, rate, size, delay"
         );
     }
 }

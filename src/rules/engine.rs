@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::intercept::{ConnState, Event, Fault, Interceptor, RuleCounter, Verdict};
 use crate::protocol::{Direction, EventKind};
@@ -240,6 +241,23 @@ impl Engine {
         l.matched.fetch_add(1, Ordering::Relaxed);
         let c = &l.rule.counters;
         let fire = |counter: &mut RuleCounter| -> Option<Fault> {
+            let mut at = l.rule.when.bytes(ev.size);
+            if let Some(limit) = c.after_bytes {
+                // The first `limit` bytes of matching events pass; the rule
+                // fires at the first byte past them, inside the event that
+                // crosses the limit when the action can act part-way, at
+                // the next event otherwise.
+                let before = counter.bytes;
+                counter.bytes = before.saturating_add(ev.size);
+                at = 0;
+                if before < limit {
+                    let left = limit - before;
+                    if ev.size <= left || !l.rule.action.spec().partial {
+                        return None;
+                    }
+                    at = left;
+                }
+            }
             // Saturating: `after` may be u64::MAX, and a counter that
             // stops at the top only means "never fires" there.
             counter.matched = counter.matched.saturating_add(1);
@@ -261,9 +279,11 @@ impl Engine {
                 action: l.rule.action.name(),
                 plan: l.rule.action.plan(&mut Firing {
                     rule: &l.rule.name,
-                    at: l.rule.when.bytes(ev.size),
+                    at,
                     ev,
                     rng: &mut counter.rng,
+                    now: Instant::now(),
+                    busy_until: &mut counter.busy_until,
                 }),
             })
         };
@@ -397,6 +417,67 @@ mod tests {
         }
     }
 
+    /// `after-bytes`: events pass while the count stays within the limit;
+    /// the one that crosses it fires at the first byte past it (a partial
+    /// action), or the next one fires at its start (an action that cannot
+    /// act part-way); every later one fires at once.
+    #[test]
+    fn after_bytes_fires_at_the_first_byte_past_the_limit() {
+        let sized = |size: u64| Event {
+            size,
+            ..request(1, CMD_READ, 0)
+        };
+        let fires = |yaml: &str, sizes: &[u64]| -> Vec<Option<Plan>> {
+            let e = Engine::new(crate::rules::parse_str("t.yaml", yaml).unwrap());
+            let mut st = ConnState::default();
+            sizes
+                .iter()
+                .map(|&n| match e.on_event(&sized(n), &mut st) {
+                    Verdict::Pass => None,
+                    Verdict::Fault(f) => Some(f.plan),
+                })
+                .collect()
+        };
+        let cut = |at| {
+            Some(Plan::Cut {
+                at,
+                reset: false,
+                linger: std::time::Duration::ZERO,
+            })
+        };
+        let cuts = fires(
+            "rules:\n  - event: request\n    after-bytes: 100\n",
+            &[40, 60, 28, 28],
+        );
+        // 40 + 60 is exactly the limit: the third event fires at its start.
+        assert_eq!(cuts, [None, None, cut(0), cut(0)]);
+        let cuts = fires(
+            "rules:\n  - event: request\n    after-bytes: 100\n",
+            &[40, 70, 5],
+        );
+        assert_eq!(cuts, [None, cut(60), cut(0)]);
+        // `drop` acts on whole messages: the crossing event passes.
+        let drops = fires(
+            "rules:\n  - event: request\n    action: drop\n    after-bytes: 100\n    times: 1\n",
+            &[40, 70, 5, 5],
+        );
+        assert_eq!(
+            drops,
+            [
+                None,
+                None,
+                Some(Plan::Discard {
+                    keep: 0,
+                    answer: None
+                }),
+                None
+            ]
+        );
+        // A limit of 0 fires on the first event, at its start.
+        let cuts = fires("rules:\n  - event: request\n    after-bytes: 0\n", &[28]);
+        assert_eq!(cuts, [cut(0)]);
+    }
+
     #[test]
     fn connection_filters_pick_connections_by_ordinal() {
         let set = crate::rules::parse_str(
@@ -432,7 +513,7 @@ mod tests {
         let mut reads = rule(
             "reads",
             EventSet::of(EventKind::Request),
-            Action::Disconnect(Disconnect { reset: false }),
+            Action::Disconnect(Disconnect::default()),
         );
         reads.filter.commands = Some(vec![CMD_READ]);
         reads.filter.offset = Some(OffsetRange {
@@ -502,6 +583,7 @@ mod tests {
                 matched: u64::MAX,
                 fired: u64::MAX,
                 rng: 0,
+                ..RuleCounter::default()
             },
         );
         for _ in 0..3 {

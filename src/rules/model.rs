@@ -134,6 +134,9 @@ pub struct Counters {
     pub probability: f64,
     /// Count per connection instead of per process.
     pub per_connection: bool,
+    /// Let this many bytes of matching events pass, then fire at the next
+    /// byte (instead of `after` matches and `when`).
+    pub after_bytes: Option<u64>,
 }
 
 impl Default for Counters {
@@ -144,6 +147,7 @@ impl Default for Counters {
             every: 1,
             probability: 1.0,
             per_connection: false,
+            after_bytes: None,
         }
     }
 }

@@ -177,6 +177,11 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
             Plan::Hold {
                 duration: Some(d), ..
             } => tokio::time::sleep(d).await,
+            // A slow close: accepted, never answered, closed after a while.
+            Plan::Cut { linger, .. } if !linger.is_zero() => {
+                tokio::time::sleep(linger).await;
+                return;
+            }
             // Refused: dropping the stream closes it before a byte is sent.
             _ => return,
         }

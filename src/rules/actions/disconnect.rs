@@ -3,22 +3,27 @@
 //! client that vanishes mid-request. `reset: true` closes with a TCP reset.
 //! The default action, as in QEMU's injector (whose rules all hang up).
 
+use std::time::Duration;
+
 use serde_json::Value;
 
-use super::kind::{Context, Firing, Kind, Spec};
+use super::kind::{Context, Firing, Kind, Spec, shown};
 use crate::intercept::Plan;
 use crate::rules::fields::{Fields, RuleError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Disconnect {
     /// Close with a TCP reset (RST) instead of an orderly FIN.
     pub reset: bool,
+    /// Keep the connections open this long, passing nothing more on this
+    /// way, before closing them (toxiproxy's slow_close).
+    pub slow_close: Duration,
 }
 
 impl Kind for Disconnect {
     const SPEC: Spec = Spec {
         name: "disconnect",
-        fields: &["reset"],
+        fields: &["reset", "slow-close"],
         partial: true,
         connect: true,
         doc: "close both connections after `when` bytes (reset: true for a TCP reset)",
@@ -27,17 +32,24 @@ impl Kind for Disconnect {
     fn check(fields: &dyn Fields, _: &Context) -> Result<Self, RuleError> {
         Ok(Disconnect {
             reset: fields.boolean("reset")?.unwrap_or(false),
+            slow_close: fields.duration("slow-close")?.unwrap_or(Duration::ZERO),
         })
     }
 
     fn describe(&self) -> Vec<(&'static str, Value)> {
-        vec![("reset", Value::Bool(self.reset))]
+        let mut shown_fields = vec![("reset", Value::Bool(self.reset))];
+        // Only when given, so rules without it read as they always have.
+        if !self.slow_close.is_zero() {
+            shown_fields.push(("slow-close", shown(self.slow_close)));
+        }
+        shown_fields
     }
 
     fn plan(&self, fire: &mut Firing) -> Plan {
         Plan::Cut {
             at: fire.at,
             reset: self.reset,
+            linger: self.slow_close,
         }
     }
 }
@@ -53,8 +65,20 @@ mod tests {
     fn cuts_at_the_given_byte() {
         let ev = request();
         assert_eq!(
-            plan_of(&Disconnect { reset: true }, &ev, 4, &mut 0),
-            Plan::Cut { at: 4, reset: true }
+            plan_of(
+                &Disconnect {
+                    reset: true,
+                    slow_close: Duration::from_millis(300)
+                },
+                &ev,
+                4,
+                &mut 0
+            ),
+            Plan::Cut {
+                at: 4,
+                reset: true,
+                linger: Duration::from_millis(300)
+            }
         );
     }
 
@@ -64,7 +88,13 @@ mod tests {
             events: EventSet::of(EventKind::Request),
         };
         let d = Disconnect::check(&Given::of(&[]), &ctx).unwrap();
-        assert_eq!(d, Disconnect { reset: false });
+        assert_eq!(
+            d,
+            Disconnect {
+                reset: false,
+                slow_close: Duration::ZERO
+            }
+        );
         let e = Disconnect::check(&Given::of(&[("reset", Scalar::Int(1))]), &ctx).unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -165,6 +165,7 @@ fn plan(rule: &str, errno: Errno, ev: &Event) -> Plan {
             return Plan::Cut {
                 at: 0,
                 reset: false,
+                linger: std::time::Duration::ZERO,
             };
         }
         let reply_type = match errno {
@@ -336,7 +337,8 @@ mod tests {
             plan("x", Errno::Option(REP_ERR_POLICY), &ev),
             Plan::Cut {
                 at: 0,
-                reset: false
+                reset: false,
+                linger: std::time::Duration::ZERO
             }
         );
     }

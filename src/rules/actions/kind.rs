@@ -3,6 +3,8 @@
 //! a plan see. A leaf, so action files and the registry in `mod.rs` both
 //! depend on it and not on each other.
 
+use std::time::Instant;
+
 use serde_json::Value;
 
 use crate::intercept::{Event, Plan};
@@ -42,6 +44,11 @@ pub struct Firing<'a> {
     pub ev: &'a Event,
     /// The rule's random stream (see `rules::rng`).
     pub rng: &'a mut u64,
+    /// When it fired.
+    pub now: Instant,
+    /// When the rule's rate next lets a byte through (`throttle`): shared
+    /// like its counters, per process or per connection.
+    pub busy_until: &'a mut Option<Instant>,
 }
 
 /// What each action's parameter type implements.
@@ -99,6 +106,8 @@ pub(crate) mod test_support {
             at,
             ev,
             rng,
+            now: std::time::Instant::now(),
+            busy_until: &mut None,
         })
     }
 

@@ -17,7 +17,9 @@ pub mod disconnect;
 pub mod drop;
 pub mod error;
 mod kind;
+pub mod slice;
 pub mod stall;
+pub mod throttle;
 
 use serde_json::Value;
 
@@ -104,6 +106,8 @@ registry! {
     Disconnect(disconnect::Disconnect),
     Drop(drop::Drop),
     Corrupt(corrupt::Corruption),
+    Throttle(throttle::Throttle),
+    Slice(slice::Slice),
 }
 
 /// The action of a rule that names none: hang up, as QEMU's injector does.
@@ -163,14 +167,38 @@ mod tests {
     fn names_and_fields_keep_their_order() {
         assert_eq!(
             names(),
-            ["disconnect", "error", "delay", "stall", "drop", "corrupt"]
+            [
+                "disconnect",
+                "error",
+                "delay",
+                "stall",
+                "drop",
+                "corrupt",
+                "throttle",
+                "slice"
+            ]
         );
         assert_eq!(
             fields(),
-            ["errno", "duration", "jitter", "reset", "at", "xor", "bits"]
+            [
+                "errno",
+                "duration",
+                "jitter",
+                "reset",
+                "slow-close",
+                "at",
+                "xor",
+                "bits",
+                "rate",
+                "size",
+                "delay"
+            ]
         );
         assert_eq!(taking("duration"), ["delay", "stall"]);
-        assert_eq!(names_where(|s| s.partial), ["disconnect", "delay", "stall"]);
+        assert_eq!(
+            names_where(|s| s.partial),
+            ["disconnect", "delay", "stall", "slice"]
+        );
         assert_eq!(names_where(|s| s.connect), ["disconnect", "delay"]);
     }
 
@@ -205,6 +233,9 @@ mod tests {
             ("duration", Scalar::Str("1s")),
             ("reset", Scalar::Bool(true)),
             ("at", Scalar::Int(3)),
+            ("rate", Scalar::Str("1M/s")),
+            ("size", Scalar::Int(1)),
+            ("slow-close", Scalar::Str("1s")),
         ]);
         let ctx = Context {
             events: EventSet::of(EventKind::Request),

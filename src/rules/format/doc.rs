@@ -61,7 +61,7 @@ impl Serialize for RuleDoc {
         let f = &r.filter;
         let c = &r.counters;
         let extra = r.action.describe();
-        let mut m = s.serialize_struct("RuleJson", 18 + extra.len())?;
+        let mut m = s.serialize_struct("RuleJson", 19 + extra.len())?;
         m.serialize_field("name", &r.name)?;
         m.serialize_field("file", &r.origin.file)?;
         m.serialize_field("line", &r.origin.line)?;
@@ -108,6 +108,11 @@ impl Serialize for RuleDoc {
         };
         m.serialize_field("when", &when)?;
         m.serialize_field("after", &c.after)?;
+        // Only when given, like `connection`.
+        match c.after_bytes {
+            Some(n) => m.serialize_field("after-bytes", &n)?,
+            None => m.skip_field("after-bytes")?,
+        }
         m.serialize_field("times", &c.times)?;
         m.serialize_field("every", &c.every)?;
         m.serialize_field("probability", &c.probability)?;

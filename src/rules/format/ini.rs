@@ -508,7 +508,7 @@ mod tests {
             },
             when,
             counters: Counters::default(),
-            action: Action::Disconnect(Disconnect { reset: false }),
+            action: Action::Disconnect(Disconnect::default()),
         }
     }
 

@@ -411,7 +411,7 @@ rules:
         assert_eq!(set.rules[1].name, "rule-2");
         assert_eq!(set.rules[1].origin.line, 3);
         let r = &set.rules[0];
-        assert_eq!(r.action, Action::Disconnect(Disconnect { reset: false }));
+        assert_eq!(r.action, Action::Disconnect(Disconnect::default()));
         assert_eq!(r.when, When::Before);
         assert_eq!(r.counters, Counters::default());
         assert_eq!(
@@ -484,6 +484,7 @@ rules:
                 every: 5,
                 probability: 0.25,
                 per_connection: true,
+                after_bytes: None,
             }
         );
         assert_eq!(
@@ -598,7 +599,10 @@ rules:
         let action = |lines: &[&str]| one(lines).action;
         assert_eq!(
             action(&["event: request", "action: disconnect", "reset: true"]),
-            Action::Disconnect(Disconnect { reset: true })
+            Action::Disconnect(Disconnect {
+                reset: true,
+                ..Disconnect::default()
+            })
         );
         assert_eq!(
             action(&["event: reply", "action: error", "errno: enospc"]),
@@ -678,7 +682,7 @@ rules:
         );
         assert_eq!(
             action(&["event: connect"]),
-            Action::Disconnect(Disconnect { reset: false })
+            Action::Disconnect(Disconnect::default())
         );
     }
 

@@ -1903,11 +1903,9 @@ fn filter_per_connection_and_global_counters() {
                 &out,
             );
         }
-        // The fault log names the connection each fault hit.
-        let conns_hit: Vec<String> = fault_lines(&proxy)
-            .iter()
-            .map(|f| field(f, "conn").to_string())
-            .collect();
+        // The fault log names the connection each fault hit. (Log lines
+        // are written off the data path: the last may come after qemu-io
+        // has exited.)
         let expected_conns: Vec<String> = conns
             .iter()
             .enumerate()
@@ -1916,6 +1914,10 @@ fn filter_per_connection_and_global_counters() {
                     .filter(|o| **o == fail)
                     .map(move |_| (c + 1).to_string())
             })
+            .collect();
+        let conns_hit: Vec<String> = wait_faults(&proxy, expected_conns.len())
+            .iter()
+            .map(|f| field(f, "conn").to_string())
             .collect();
         assert_eq!(conns_hit, expected_conns, "{counters}");
     }

@@ -113,20 +113,24 @@ impl Client {
     }
 }
 
+/// A proxy to `upstream` for `client`, with `extra` arguments.
+fn proxy(dir: &Path, client: Client, upstream: &str, extra: &[&str]) -> Nbdfault {
+    let listen = client.listen(dir);
+    let mut args = vec!["proxy", "--listen", &listen, "--upstream", upstream];
+    args.extend_from_slice(extra);
+    Nbdfault::start(&args)
+}
+
 /// A proxy to `upstream` for `client` with the rules in `yaml`.
 fn proxy_with_rules(dir: &Path, client: Client, upstream: &str, yaml: &str) -> Nbdfault {
     let rules = dir.join("rules.yaml");
     std::fs::write(&rules, yaml).unwrap();
-    let rules = rules.display().to_string();
-    Nbdfault::start(&[
-        "proxy",
-        "--listen",
-        &client.listen(dir),
-        "--upstream",
+    proxy(
+        dir,
+        client,
         upstream,
-        "--rules",
-        &rules,
-    ])
+        &["--rules", &rules.display().to_string()],
+    )
 }
 
 /// The data event of a structured read starts with the chunk's 8-byte
@@ -181,13 +185,7 @@ fn no_rules_tcp_upstream_and_either_client_is_byte_exact() {
     let img = image(dir.path());
     let kit = Nbdkit::start_tcp(&["file", &img.display().to_string()]);
     for client in CLIENTS {
-        let p = Nbdfault::start(&[
-            "proxy",
-            "--listen",
-            &client.listen(dir.path()),
-            "--upstream",
-            &kit.uri(),
-        ]);
+        let p = proxy(dir.path(), client, &kit.uri(), &[]);
         assert_eq!(read_blocks(p.uri(), &img, true), Vec::<String>::new());
         assert_eq!(read_blocks(p.uri(), &img, false), Vec::<String>::new());
     }
@@ -215,15 +213,12 @@ fn a_rule_added_live_applies_from_the_next_payload_on(client: Client) -> u64 {
     require_tool("curl");
     let (dir, img, q) = served_image();
     let ctl = dir.path().join("control.sock");
-    let p = Nbdfault::start(&[
-        "proxy",
-        "--listen",
-        &client.listen(dir.path()),
-        "--upstream",
+    let p = proxy(
+        dir.path(),
+        client,
         &q.uri(),
-        "--control",
-        &ctl.display().to_string(),
-    ]);
+        &["--control", &ctl.display().to_string()],
+    );
     let mut child = Command::new("/usr/bin/python3")
         .args([
             "-c",
@@ -396,10 +391,7 @@ fn every_runtime_flavour_serves_concurrent_clients_exactly() {
         (&["--threads", "2", "--busy-poll", "100us"], Client::Tcp),
         (&["--threads", "2", "--busy-poll", "100us"], Client::Unix),
     ] {
-        let listen = client.listen(dir.path());
-        let mut args = vec!["proxy", "--listen", &listen, "--upstream", &upstream];
-        args.extend_from_slice(flavour);
-        let p = Nbdfault::start(&args);
+        let p = proxy(dir.path(), client, &upstream, flavour);
         let clients: Vec<_> = (0..4)
             .map(|i| {
                 let (uri, img) = (p.uri().to_string(), img.clone());
@@ -423,16 +415,12 @@ fn every_runtime_flavour_serves_concurrent_clients_exactly() {
 fn out_of_descriptors_for_pipes_it_copies_exactly() {
     require_tool("prlimit");
     let (dir, img, q) = served_image();
-    let p = Nbdfault::start(&[
-        "proxy",
-        "-vv",
-        "--threads",
-        "1",
-        "--listen",
-        &Client::Unix.listen(dir.path()),
-        "--upstream",
+    let p = proxy(
+        dir.path(),
+        Client::Unix,
         &q.uri(),
-    ]);
+        &["-vv", "--threads", "1"],
+    );
     // Room for the client's socket and the upstream socket, not for a pipe.
     let open = std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
         .unwrap()

@@ -1,39 +1,48 @@
 #!/usr/bin/env bash
 # The benchmark command of nbdfault: nbdfault side by side with a direct
-# connection and with nbdkit's proxy, on this machine, in one run.
+# connection and with nbdkit, over TCP loopback and over unix sockets, on
+# this machine, in one run.
 #
 #   sudo scripts/bench.sh            # installs its tools as root, like scripts/test.sh
 #   RUNS=7 SIZE=1G scripts/bench.sh  # more runs, another file size
 #   NBDFAULT=/path/to/nbdfault scripts/bench.sh   # another build, not built here
+#   TRANSPORTS=tcp scripts/bench.sh  # one transport only ("tcp unix" by default)
 #
-# Prints, as tables, medians over RUNS alternating runs (the contenders
-# take turns, so drift on a shared machine hits them alike):
+# Prints, as tables, medians over RUNS alternating runs (the contenders and
+# the transports take turns, so drift on a shared machine hits them alike),
+# each with the client's CPU (user + system of the nbdcopy or fio process)
+# beside the proxy's or the server's:
 #   - sequential read: nbdcopy of a SIZE tmpfs file from qemu-nbd, direct,
-#     through nbdfault (default threads, one per two cores; --busy-poll 50us; --threads 0 =
-#     tokio's work-stealing runtime), through nbdkit's nbd plugin;
-#   - 4 KiB random reads, fio's nbd engine, queue depth 1 and 16, same five,
-#     with the CPU each proxy used (busy-polling trades CPU for latency);
-#   - null servers: nbdcopy --no-extents of 4 GiB from nbdkit's null plugin
-#     and from nbdfault null (both runtimes);
-#   - nbdfault with 1,000 rules that match nothing, against no rules;
+#     through nbdfault, through nbdkit's nbd plugin, and through nbdfault
+#     with 1,000 rules that match nothing;
+#   - null servers: nbdcopy --no-extents of NULL_SIZE from nbdkit's null
+#     plugin and from nbdfault null;
+#   - 4 KiB random reads, fio's nbd engine, queue depth 1 and 16, direct,
+#     through nbdfault and through nbdfault --busy-poll 50us (FIO_RUNS
+#     rounds of FIO_SECONDS each);
 #   - nbdfault's resident memory idle and at peak with 1, 4, 16 and 64
-#     clients each reading 256 MiB with 32 MiB requests (a fresh proxy per
-#     count, in front of a separate `nbdfault null`: nbdkit's null plugin
-#     keeps a 32 MiB buffer per request and ran out of 24 GiB at 64 clients).
-# Ratios are against direct (or nbdkit null). Benchmarks are not tests:
-# nothing here fails on a number.
+#     clients each reading 256 MiB with 32 MiB requests over unix sockets
+#     (a fresh proxy per count, in front of a separate `nbdfault null`:
+#     nbdkit's null plugin keeps a 32 MiB buffer per request and ran out of
+#     24 GiB at 64 clients).
+# Over TCP every hop is TCP (client → proxy → server), over unix every hop
+# is a unix socket. Ratios are against direct (or nbdkit null), from the
+# same run. Benchmarks are not tests: nothing here fails on a number.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 RUNS=${RUNS:-5}
 SIZE=${SIZE:-1G}
-FIO_SECONDS=${FIO_SECONDS:-5}
+NULL_SIZE=${NULL_SIZE:-4G}
+FIO_RUNS=${FIO_RUNS:-3}
+FIO_SECONDS=${FIO_SECONDS:-3}
+TRANSPORTS=${TRANSPORTS:-tcp unix}
 
 if [ "$(id -u)" -eq 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update >/dev/null && apt-get install -y qemu-utils nbdkit libnbd-bin fio bc >/dev/null
+    apt-get update >/dev/null && apt-get install -y qemu-utils nbdkit libnbd-bin fio bc time iproute2 >/dev/null
 fi
-for t in qemu-nbd nbdkit nbdcopy fio bc; do
+for t in qemu-nbd nbdkit nbdcopy fio bc ss /usr/bin/time; do
     command -v "$t" >/dev/null || { echo "error: $t missing (run as root to install)" >&2; exit 1; }
 done
 # NBDFAULT=PATH measures another build (e.g. an older commit's) instead.
@@ -51,39 +60,39 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_sock() {
-    for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
-    echo "error: $1 never appeared" >&2
+# Each server gets a unix socket path and a loopback TCP port; ports are
+# taken from a free block so two benchmarks on one machine do not collide.
+declare -A port_of
+next_port=$(( 20000 + RANDOM % 20000 ))
+for t in $TRANSPORTS; do
+    for s in qemu fault faultbp kit rules kitnull null; do
+        while ss -Htan "( sport = :$next_port )" | grep -q .; do next_port=$((next_port + 1)); done
+        port_of[$t-$s]=$next_port
+        next_port=$((next_port + 1))
+    done
+done
+# --listen / --upstream argument, NBD URI, and readiness, per transport.
+addr() { if [ "$1" = tcp ]; then echo "127.0.0.1:${port_of[$1-$2]}"; else echo "$work/$1-$2.sock"; fi; }
+uri() { if [ "$1" = tcp ]; then echo "nbd://127.0.0.1:${port_of[$1-$2]}"; else echo "nbd+unix:///?socket=$work/$1-$2.sock"; fi; }
+wait_up() {
+    for _ in $(seq 200); do
+        if [ "$1" = tcp ]; then
+            ss -Hltn "( sport = :${port_of[$1-$2]} )" | grep -q . && return 0
+        else
+            [ -S "$work/$1-$2.sock" ] && return 0
+        fi
+        sleep 0.05
+    done
+    echo "error: $1 $2 never came up" >&2
     exit 1
 }
-uri() { echo "nbd+unix:///?socket=$1"; }
+declare -A pid_of
+started() { pids+=("$2"); pid_of[$1]=$2; }
 
 echo "preparing a $SIZE file of random data in $work ..."
 head -c "$SIZE" /dev/urandom >"$work/disk.img" 2>/dev/null || \
     { truncate -s "$SIZE" "$work/disk.img"; dd if=/dev/urandom of="$work/disk.img" bs=1M count=$(( $(stat -c %s "$work/disk.img") / 1048576 )) conv=notrunc status=none; }
-
-qemu-nbd -f raw --persistent --shared=64 -k "$work/qemu.sock" "$work/disk.img" &
-pids+=($!)
-wait_sock "$work/qemu.sock"
-"$NBDFAULT" proxy --listen "$work/fault.sock" --upstream "$work/qemu.sock" >/dev/null 2>"$work/fault.log" &
-pids+=($!)
-declare -A pid_of
-pid_of[fault]=$!
-"$NBDFAULT" proxy --threads 0 --listen "$work/fault0.sock" --upstream "$work/qemu.sock" >/dev/null 2>&1 &
-pids+=($!)
-pid_of[fault0]=$!
-"$NBDFAULT" proxy --busy-poll 50us --listen "$work/faultbp.sock" --upstream "$work/qemu.sock" >/dev/null 2>&1 &
-pids+=($!)
-pid_of[faultbp]=$!
-nbdkit -f -U "$work/kit.sock" nbd socket="$work/qemu.sock" &
-pids+=($!)
-pid_of[kit]=$!
-nbdkit -f -U "$work/kitnull.sock" null 4G &
-pids+=($!)
-"$NBDFAULT" null --size 4G --listen "$work/null.sock" >/dev/null 2>&1 &
-pids+=($!)
-"$NBDFAULT" null --threads 0 --size 4G --listen "$work/null0.sock" >/dev/null 2>&1 &
-pids+=($!)
+bytes=$(stat -c %s "$work/disk.img")
 # 1,000 rules that match nothing: reads beyond the end of the disk.
 {
     echo "rules:"
@@ -91,90 +100,111 @@ pids+=($!)
         printf '  - name: never-%d\n    event: request\n    command: read\n    offset: 1000TiB..\n    action: error\n    errno: EIO\n' "$i"
     done
 } >"$work/rules.yaml"
-"$NBDFAULT" proxy --listen "$work/rules.sock" --upstream "$work/qemu.sock" --rules "$work/rules.yaml" >/dev/null 2>&1 &
-pids+=($!)
-pid_of[rules]=$!
-for s in fault faultbp fault0 kit kitnull null null0 rules; do wait_sock "$work/$s.sock"; done
 
-# Seconds (wall) for a command, to 3 decimals.
-seconds() {
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" >/dev/null 2>&1
-    t1=$(date +%s.%N)
-    echo "$t1 - $t0" | bc -l
-}
+for t in $TRANSPORTS; do
+    if [ "$t" = tcp ]; then
+        qemu-nbd -f raw --persistent --shared=64 -b 127.0.0.1 -p "${port_of[$t-qemu]}" "$work/disk.img" &
+        started "$t-qemu" $!
+        kit_listen=(-i 127.0.0.1 -p "${port_of[$t-kit]}")
+        kitnull_listen=(-i 127.0.0.1 -p "${port_of[$t-kitnull]}")
+        kit_upstream=(hostname=127.0.0.1 port="${port_of[$t-qemu]}")
+    else
+        qemu-nbd -f raw --persistent --shared=64 -k "$(addr "$t" qemu)" "$work/disk.img" &
+        started "$t-qemu" $!
+        kit_listen=(-U "$(addr "$t" kit)")
+        kitnull_listen=(-U "$(addr "$t" kitnull)")
+        kit_upstream=(socket="$(addr "$t" qemu)")
+    fi
+    wait_up "$t" qemu
+    up=$(addr "$t" qemu)
+    "$NBDFAULT" proxy --listen "$(addr "$t" fault)" --upstream "$up" >/dev/null 2>&1 &
+    started "$t-fault" $!
+    "$NBDFAULT" proxy --busy-poll 50us --listen "$(addr "$t" faultbp)" --upstream "$up" >/dev/null 2>&1 &
+    started "$t-faultbp" $!
+    "$NBDFAULT" proxy --listen "$(addr "$t" rules)" --upstream "$up" --rules "$work/rules.yaml" >/dev/null 2>&1 &
+    started "$t-rules" $!
+    nbdkit -f "${kit_listen[@]}" nbd "${kit_upstream[@]}" &
+    started "$t-kit" $!
+    nbdkit -f "${kitnull_listen[@]}" null "$NULL_SIZE" &
+    started "$t-kitnull" $!
+    "$NBDFAULT" null --size "$NULL_SIZE" --listen "$(addr "$t" null)" >/dev/null 2>&1 &
+    started "$t-null" $!
+    for s in fault faultbp rules kit kitnull null; do wait_up "$t" "$s"; done
+done
+
 median() { sort -g | awk '{a[NR]=$1} END {m=(NR+1)/2; if (NR%2) print a[m]; else print (a[m-0.5]+a[m+0.5])/2}'; }
-bytes=$(stat -c %s "$work/disk.img")
-
 # CPU time (user + system, in clock ticks) a process has used so far.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
 
-declare -A res cpu
-run_alternating() { # name:sock ... ; fills res[name] with median seconds of nbdcopy
-    local pairs=("$@") name sock r t0
-    declare -A samples
-    for r in $(seq "$RUNS"); do
-        for p in "${pairs[@]}"; do
-            name=${p%%:*}; sock=${p#*:}
-            t0=$([ -n "${pid_of[$sock]:-}" ] && ticks "${pid_of[$sock]}" || echo 0)
-            samples[$name]+="$(seconds nbdcopy ${COPY_ARGS:-} "$(uri "$work/$sock.sock")" null:) "
-            if [ -n "${pid_of[$sock]:-}" ]; then
-                cpu[$name]=$(( ${cpu[$name]:-0} + $(ticks "${pid_of[$sock]}") - t0 ))
-            fi
-        done
-    done
-    for p in "${pairs[@]}"; do
-        name=${p%%:*}
-        res[$name]=$(echo "${samples[$name]}" | tr ' ' '\n' | grep . | median)
-    done
+# Runs a client command once (the rest of the arguments) for key $1,
+# "transport-server" or "transport-server/figure": records its wall seconds
+# in samples[$1], and adds its own CPU seconds, its context switches and the
+# CPU ticks the server (or proxy) process used meanwhile to client_cpu,
+# client_cs and server_cpu.
+declare -A samples client_cpu client_cs server_cpu
+measure() {
+    local key=$1 pid=${pid_of[${1%%/*}]} t0 wall user sys vol invol
+    shift
+    t0=$(ticks "$pid")
+    /usr/bin/time -f '%e %U %S %w %c' -o "$work/time.out" "$@" >/dev/null 2>&1
+    read -r wall user sys vol invol <"$work/time.out"
+    server_cpu[$key]=$(( ${server_cpu[$key]:-0} + $(ticks "$pid") - t0 ))
+    samples[$key]+="$wall "
+    client_cpu[$key]=$(echo "${client_cpu[$key]:-0} + $user + $sys" | bc -l)
+    client_cs[$key]=$(( ${client_cs[$key]:-0} + vol + invol ))
 }
+med() { echo "${samples[$1]}" | tr ' ' '\n' | grep . | median; }
 
-echo "sequential reads (nbdcopy, $RUNS alternating runs) ..."
-run_alternating direct:qemu nbdfault:fault nbdfaultbp:faultbp nbdfault0:fault0 nbdkit:kit rules1000:rules
-echo "null servers (nbdcopy --no-extents of 4 GiB) ..."
-COPY_ARGS=--no-extents run_alternating nbdkit-null:kitnull nbdfault-null:null nbdfault0-null:null0
+echo "sequential reads (nbdcopy of $SIZE, $RUNS alternating runs per transport) ..."
+for _ in $(seq "$RUNS"); do
+    for t in $TRANSPORTS; do
+        for s in qemu fault kit rules; do measure "$t-$s" nbdcopy "$(uri "$t" "$s")" null:; done
+    done
+done
+echo "null servers (nbdcopy --no-extents of $NULL_SIZE, $RUNS alternating runs per transport) ..."
+for _ in $(seq "$RUNS"); do
+    for t in $TRANSPORTS; do
+        for s in kitnull null; do measure "$t-$s" nbdcopy --no-extents "$(uri "$t" "$s")" null:; done
+    done
+done
 
-fio_iops() { # sock iodepth
-    # fio's nbd engine chats on stdout: keep the JSON in a file.
-    fio --name=r --ioengine=nbd --uri="$(uri "$work/$1.sock")" --rw=randread --bs=4k \
-        --iodepth="$2" --time_based --runtime="$FIO_SECONDS" --output-format=json \
-        --output="$work/fio.json" >/dev/null 2>&1
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"])' "$work/fio.json"
-}
-declare -A iops fio_cpu
+declare -A iops
 for qd in 1 16; do
-    echo "4 KiB random reads, queue depth $qd (fio, $FIO_SECONDS s each, $RUNS rounds) ..."
-    declare -A s=()
-    for r in $(seq "$RUNS"); do
-        for n in qemu fault faultbp fault0 kit; do
-            t0=$([ -n "${pid_of[$n]:-}" ] && ticks "${pid_of[$n]}" || echo 0)
-            s[$n]+="$(fio_iops "$n" "$qd") "
-            if [ -n "${pid_of[$n]:-}" ]; then
-                fio_cpu[$n-$qd]=$(( ${fio_cpu[$n-$qd]:-0} + $(ticks "${pid_of[$n]}") - t0 ))
-            fi
+    echo "4 KiB random reads, queue depth $qd (fio, $FIO_SECONDS s each, $FIO_RUNS rounds per transport) ..."
+    for _ in $(seq "$FIO_RUNS"); do
+        for t in $TRANSPORTS; do
+            for s in qemu fault faultbp; do
+                # fio's nbd engine chats on stdout: keep the JSON in a file.
+                measure "$t-$s/qd$qd" fio --name=r --ioengine=nbd --uri="$(uri "$t" "$s")" --rw=randread --bs=4k \
+                    --iodepth="$qd" --time_based --runtime="$FIO_SECONDS" --output-format=json \
+                    --output="$work/fio.json"
+                iops[$t-$s-$qd]+="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"])' "$work/fio.json") "
+            done
         done
     done
-    for n in qemu fault faultbp fault0 kit; do
-        iops[$n-$qd]=$(echo "${s[$n]}" | tr ' ' '\n' | grep . | median)
+    for t in $TRANSPORTS; do
+        for s in qemu fault faultbp; do
+            iops[$t-$s-$qd]=$(echo "${iops[$t-$s-$qd]}" | tr ' ' '\n' | grep . | median)
+        done
     done
 done
 
 echo "resident memory with 1, 4, 16, 64 clients reading with 32 MiB requests ..."
 "$NBDFAULT" null --size 256M --listen "$work/rssnull.sock" >/dev/null 2>&1 &
 pids+=($!)
-wait_sock "$work/rssnull.sock"
+for _ in $(seq 200); do [ -S "$work/rssnull.sock" ] && break; sleep 0.05; done
 declare -A rss_idle rss_peak
 for n in 1 4 16 64; do
     rm -f "$work/rss.sock"
     "$NBDFAULT" proxy --listen "$work/rss.sock" --upstream "$work/rssnull.sock" --max-connections 128 >/dev/null 2>&1 &
     rss_pid=$!
     pids+=($rss_pid)
-    wait_sock "$work/rss.sock"
+    for _ in $(seq 200); do [ -S "$work/rss.sock" ] && break; sleep 0.05; done
     rss_idle[$n]=$(awk '/VmRSS/ {print $2}' "/proc/$rss_pid/status")
     clients=()
     for _ in $(seq "$n"); do
-        nbdcopy --no-extents --request-size=33554432 --requests=1 --connections=1 "$(uri "$work/rss.sock")" null: &
+        nbdcopy --no-extents --request-size=33554432 --requests=1 --connections=1 "nbd+unix:///?socket=$work/rss.sock" null: &
         clients+=($!)
     done
     wait "${clients[@]}" || echo "warning: a client failed with $n clients" >&2
@@ -182,30 +212,52 @@ for n in 1 4 16 64; do
     kill "$rss_pid"; wait "$rss_pid" 2>/dev/null || true
 done
 
-hz=$(getconf CLK_TCK)
-mib() { echo "scale=0; $bytes / $1 / 1048576" | bc -l; }
+mib() { echo "scale=0; $1 / $(med "$2") / 1048576" | bc -l; }
 ratio() { echo "scale=2; $1 / $2" | bc -l | sed 's/^\./0./'; }
+# Seconds per run of the client's CPU, the server's (or proxy's) CPU, and
+# the client's context switches per run.
+ccpu() { echo "scale=2; ${client_cpu[$1]} / $2" | bc -l | sed 's/^\./0./'; }
+scpu() { echo "scale=2; ${server_cpu[$1]} / $hz / $2" | bc -l | sed 's/^\./0./'; }
+ccs() { echo $(( ${client_cs[$1]} / $2 )); }
+name() { if [ "$1" = tcp ]; then echo TCP; else echo unix; fi; }
+null_bytes=$(numfmt --from=iec "$NULL_SIZE")
 echo
 echo "## nbdfault benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'), $(uname -r)"
 echo
-echo "nbdfault: default (proxy: one single-threaded runtime per two cores, here $(( ($(nproc) + 1) / 2 ))), --busy-poll 50us, and --threads 0 (tokio work-stealing); null: one runtime per core."
+echo "RUNS=$RUNS SIZE=$SIZE NULL_SIZE=$NULL_SIZE FIO_RUNS=$FIO_RUNS FIO_SECONDS=$FIO_SECONDS. nbdfault: default (proxy: one single-threaded runtime per two cores, here $(( ($(nproc) + 1) / 2 )); null: one per core). CPU: seconds per run (user + system), the client's and the proxy's; cs: the client's context switches per run."
 echo
-echo "| measurement | direct | nbdfault | nbdfault --busy-poll 50us | nbdfault --threads 0 | nbdkit nbd plugin |"
-echo "|---|---|---|---|---|---|"
-echo "| sequential read, MiB/s (nbdcopy, $SIZE) | $(mib "${res[direct]}") | $(mib "${res[nbdfault]}") ($(ratio "${res[direct]}" "${res[nbdfault]}")x) | $(mib "${res[nbdfaultbp]}") ($(ratio "${res[direct]}" "${res[nbdfaultbp]}")x) | $(mib "${res[nbdfault0]}") ($(ratio "${res[direct]}" "${res[nbdfault0]}")x) | $(mib "${res[nbdkit]}") ($(ratio "${res[direct]}" "${res[nbdkit]}")x) |"
-# Share of one core a proxy used while fio ran against it.
-core() { echo "scale=0; 100 * ${fio_cpu[$1]} / $hz / $RUNS / $FIO_SECONDS" | bc -l; }
-for qd in 1 16; do
-    echo "| 4 KiB random read IOPS, QD $qd (fio) | ${iops[qemu-$qd]%.*} | ${iops[fault-$qd]%.*} ($(ratio "${iops[fault-$qd]}" "${iops[qemu-$qd]}")x) | ${iops[faultbp-$qd]%.*} ($(ratio "${iops[faultbp-$qd]}" "${iops[qemu-$qd]}")x) | ${iops[fault0-$qd]%.*} ($(ratio "${iops[fault0-$qd]}" "${iops[qemu-$qd]}")x) | ${iops[kit-$qd]%.*} ($(ratio "${iops[kit-$qd]}" "${iops[qemu-$qd]}")x) |"
-    echo "| proxy CPU at QD $qd, % of one core | | $(core "fault-$qd") | $(core "faultbp-$qd") | $(core "fault0-$qd") | $(core "kit-$qd") |"
+echo "| sequential read (nbdcopy, $SIZE) | direct | nbdfault | nbdkit nbd plugin | nbdfault, 1,000 non-matching rules |"
+echo "|---|---|---|---|---|"
+for t in $TRANSPORTS; do
+    d=$(med "$t-qemu")
+    echo "| $(name "$t"): MiB/s | $(mib "$bytes" "$t-qemu") | $(mib "$bytes" "$t-fault") ($(ratio "$d" "$(med "$t-fault")")x direct, $(ratio "$(med "$t-kit")" "$(med "$t-fault")")x nbdkit) | $(mib "$bytes" "$t-kit") ($(ratio "$d" "$(med "$t-kit")")x) | $(mib "$bytes" "$t-rules") ($(ratio "$(med "$t-rules")" "$(med "$t-fault")")x of no rules) |"
+    echo "| $(name "$t"): client CPU s, cs | $(ccpu "$t-qemu" "$RUNS"), $(ccs "$t-qemu" "$RUNS") | $(ccpu "$t-fault" "$RUNS"), $(ccs "$t-fault" "$RUNS") | $(ccpu "$t-kit" "$RUNS"), $(ccs "$t-kit" "$RUNS") | $(ccpu "$t-rules" "$RUNS"), $(ccs "$t-rules" "$RUNS") |"
+    echo "| $(name "$t"): proxy CPU s | | $(scpu "$t-fault" "$RUNS") | $(scpu "$t-kit" "$RUNS") | $(scpu "$t-rules" "$RUNS") |"
 done
 echo
-echo "| measurement | value |"
-echo "|---|---|"
-echo "| null server, 4 GiB --no-extents, seconds: nbdkit null / nbdfault null / nbdfault null --threads 0 | ${res[nbdkit-null]} / ${res[nbdfault-null]} / ${res[nbdfault0-null]} (nbdfault at $(ratio "${res[nbdkit-null]}" "${res[nbdfault-null]}")x nbdkit's speed, $(ratio "${res[nbdkit-null]}" "${res[nbdfault0-null]}")x with --threads 0) |"
-per_gib() { echo "scale=3; $1 / $hz / $RUNS / ($bytes / 1073741824)" | bc -l | sed 's/^\./0./'; }
-echo "| 1,000 non-matching rules: sequential throughput vs no rules | $(ratio "${res[nbdfault]}" "${res[rules1000]}")x |"
-echo "| nbdfault CPU per GiB read sequentially: no rules / 1,000 non-matching rules | $(per_gib "${cpu[nbdfault]}") s / $(per_gib "${cpu[rules1000]}") s |"
+echo "| null server (nbdcopy --no-extents, $NULL_SIZE) | nbdkit null | nbdfault null |"
+echo "|---|---|---|"
+for t in $TRANSPORTS; do
+    k=$(med "$t-kitnull")
+    echo "| $(name "$t"): MiB/s | $(mib "$null_bytes" "$t-kitnull") | $(mib "$null_bytes" "$t-null") ($(ratio "$k" "$(med "$t-null")")x nbdkit) |"
+    echo "| $(name "$t"): client CPU s, cs | $(ccpu "$t-kitnull" "$RUNS"), $(ccs "$t-kitnull" "$RUNS") | $(ccpu "$t-null" "$RUNS"), $(ccs "$t-null" "$RUNS") |"
+    echo "| $(name "$t"): server CPU s | $(scpu "$t-kitnull" "$RUNS") | $(scpu "$t-null" "$RUNS") |"
+done
+echo
+# Shares of one core, over the time fio ran.
+core() { echo "scale=0; 100 * $1 / $FIO_RUNS / $FIO_SECONDS" | bc -l; }
+echo "| 4 KiB random read (fio) | direct | nbdfault | nbdfault --busy-poll 50us |"
+echo "|---|---|---|---|"
+for t in $TRANSPORTS; do
+    for qd in 1 16; do
+        d=${iops[$t-qemu-$qd]}
+        echo "| $(name "$t"), QD $qd: IOPS | ${d%.*} | ${iops[$t-fault-$qd]%.*} ($(ratio "${iops[$t-fault-$qd]}" "$d")x) | ${iops[$t-faultbp-$qd]%.*} ($(ratio "${iops[$t-faultbp-$qd]}" "$d")x) |"
+        echo "| $(name "$t"), QD $qd: client / proxy CPU, % of one core | $(core "${client_cpu[$t-qemu/qd$qd]}") | $(core "${client_cpu[$t-fault/qd$qd]}") / $(core "${server_cpu[$t-fault/qd$qd]} / $hz") | $(core "${client_cpu[$t-faultbp/qd$qd]}") / $(core "${server_cpu[$t-faultbp/qd$qd]} / $hz") |"
+    done
+done
+echo
+echo "| nbdfault resident memory (unix, 32 MiB reads) | idle | peak |"
+echo "|---|---|---|"
 for n in 1 4 16 64; do
-    echo "| nbdfault RSS with $n client(s) x 32 MiB reads: idle / peak | $((rss_idle[$n] / 1024)) MiB / $((rss_peak[$n] / 1024)) MiB |"
+    echo "| $n client(s) | $((rss_idle[$n] / 1024)) MiB | $((rss_peak[$n] / 1024)) MiB |"
 done

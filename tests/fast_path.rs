@@ -1,18 +1,23 @@
-//! The spliced fast path is byte-exact, and faults still land on the exact
-//! byte when a rule starts matching in the middle of a spliced stream.
+//! The fast paths are byte-exact, and faults still land on the exact byte
+//! when a rule starts matching in the middle of a fast stream.
 //!
 //! Payloads of 1 MiB between real peers (libnbd's Python binding, qemu-nbd
 //! over a unix socket, nbdkit over TCP) are big enough that the proxy
-//! splices them socket → pipe → socket; a rule that fires on the Nth payload
-//! makes that one go through the buffer instead. Every block is compared
-//! with the disk image, so a byte lost, repeated or moved by switching
-//! between the two paths shows up as a difference.
+//! splices them socket → pipe → socket into a unix socket, and copies them
+//! in one write per read into a TCP socket (splicing loses there, see
+//! `Socket::splice_pays`); a rule that fires on the Nth payload makes that
+//! one go through the rule engine byte by byte instead. Every test runs
+//! with the client on TCP and on a unix socket, so each path is proven on
+//! both kinds of sink. Every block is compared with the disk image, so a
+//! byte lost, repeated or moved by switching between paths shows up as a
+//! difference.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -84,20 +89,48 @@ fn read_blocks(uri: &str, image: &Path, structured: bool) -> Vec<String> {
     lines[..lines.len() - 1].to_vec()
 }
 
-/// A proxy to `upstream` on a TCP port with the rules in `yaml`.
-fn proxy_with_rules(dir: &Path, upstream: &str, yaml: &str) -> Nbdfault {
+/// Where the proxy listens for the client, which makes the client's socket
+/// the sink of every read reply.
+#[derive(Debug, Clone, Copy)]
+enum Client {
+    Tcp,
+    Unix,
+}
+
+const CLIENTS: [Client; 2] = [Client::Tcp, Client::Unix];
+
+impl Client {
+    /// The `--listen` argument, a fresh socket path in `dir` for unix.
+    fn listen(self, dir: &Path) -> String {
+        match self {
+            Client::Tcp => "127.0.0.1:0".to_string(),
+            Client::Unix => {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                dir.join(format!("proxy-{n}.sock")).display().to_string()
+            }
+        }
+    }
+}
+
+/// A proxy to `upstream` for `client`, with `extra` arguments.
+fn proxy(dir: &Path, client: Client, upstream: &str, extra: &[&str]) -> Nbdfault {
+    let listen = client.listen(dir);
+    let mut args = vec!["proxy", "--listen", &listen, "--upstream", upstream];
+    args.extend_from_slice(extra);
+    Nbdfault::start(&args)
+}
+
+/// A proxy to `upstream` for `client` with the rules in `yaml`.
+fn proxy_with_rules(dir: &Path, client: Client, upstream: &str, yaml: &str) -> Nbdfault {
     let rules = dir.join("rules.yaml");
     std::fs::write(&rules, yaml).unwrap();
-    let rules = rules.display().to_string();
-    Nbdfault::start(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
+    proxy(
+        dir,
+        client,
         upstream,
-        "--rules",
-        &rules,
-    ])
+        &["--rules", &rules.display().to_string()],
+    )
 }
 
 /// The data event of a structured read starts with the chunk's 8-byte
@@ -109,22 +142,29 @@ fn data_start(structured: bool) -> usize {
 fn one_flip_in_the_21st_read(structured: bool) {
     let (dir, img, q) = served_image();
     let at = 300_000 + data_start(structured);
-    let p = proxy_with_rules(
-        dir.path(),
-        &q.uri(),
-        &format!(
-            "rules:\n  - name: one-flip\n    event: data\n    direction: to-client\n    \
-             command: read\n    after: 20\n    times: 1\n    action: corrupt\n    at: {at}\n    xor: 0x5a\n"
-        ),
-    );
-    // Blocks 0-19 spliced, block 20 through the buffer with one byte
-    // flipped, blocks 21-23 spliced again.
-    assert_eq!(read_blocks(p.uri(), &img, structured), ["20:300000:90"]);
-    assert!(
-        p.stderr().contains("rule one-flip fires corrupt on data"),
-        "{}",
-        p.stderr()
-    );
+    for client in CLIENTS {
+        let p = proxy_with_rules(
+            dir.path(),
+            client,
+            &q.uri(),
+            &format!(
+                "rules:\n  - name: one-flip\n    event: data\n    direction: to-client\n    \
+                 command: read\n    after: 20\n    times: 1\n    action: corrupt\n    at: {at}\n    xor: 0x5a\n"
+            ),
+        );
+        // Blocks 0-19 on the fast path, block 20 through the rule engine
+        // with one byte flipped, blocks 21-23 on the fast path again.
+        assert_eq!(
+            read_blocks(p.uri(), &img, structured),
+            ["20:300000:90"],
+            "{client:?}"
+        );
+        assert!(
+            p.stderr().contains("rule one-flip fires corrupt on data"),
+            "{}",
+            p.stderr()
+        );
+    }
 }
 
 #[test]
@@ -138,38 +178,47 @@ fn a_flip_in_the_middle_of_spliced_simple_reads_lands_on_its_byte() {
 }
 
 #[test]
-fn no_rules_tcp_upstream_and_unix_client_is_byte_exact() {
+fn no_rules_tcp_upstream_and_either_client_is_byte_exact() {
     require_python_nbd();
     require_tool("nbdkit");
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let kit = Nbdkit::start_tcp(&["file", &img.display().to_string()]);
-    let sock = dir.path().join("proxy.sock");
-    let p = Nbdfault::start(&[
-        "proxy",
-        "--listen",
-        &sock.display().to_string(),
-        "--upstream",
-        &kit.uri(),
-    ]);
-    assert_eq!(read_blocks(p.uri(), &img, true), Vec::<String>::new());
-    assert_eq!(read_blocks(p.uri(), &img, false), Vec::<String>::new());
+    for client in CLIENTS {
+        let p = proxy(dir.path(), client, &kit.uri(), &[]);
+        assert_eq!(read_blocks(p.uri(), &img, true), Vec::<String>::new());
+        assert_eq!(read_blocks(p.uri(), &img, false), Vec::<String>::new());
+    }
+}
+
+/// Toward a unix client, blocks 0-9 were spliced; toward a TCP client,
+/// copied (splicing into TCP loses to copying, see `Socket::splice_pays`).
+#[test]
+fn a_rule_added_live_applies_from_the_next_payload_on_a_unix_client() {
+    let spliced = a_rule_added_live_applies_from_the_next_payload_on(Client::Unix);
+    // At least 9 MiB of read data was spliced (the first bytes of each
+    // payload arrive with its header).
+    assert!(spliced >= 9 * BLOCK as u64, "{spliced} bytes spliced");
 }
 
 #[test]
-fn a_rule_added_live_applies_from_the_next_payload_on() {
+fn a_rule_added_live_applies_from_the_next_payload_on_a_tcp_client() {
+    let spliced = a_rule_added_live_applies_from_the_next_payload_on(Client::Tcp);
+    assert_eq!(spliced, 0, "nothing is spliced into a TCP socket");
+}
+
+/// Reads blocks 0-9, adds a rule through the control API, reads 10-19;
+/// returns how many bytes of read data were spliced.
+fn a_rule_added_live_applies_from_the_next_payload_on(client: Client) -> u64 {
     require_tool("curl");
     let (dir, img, q) = served_image();
     let ctl = dir.path().join("control.sock");
-    let p = Nbdfault::start(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
+    let p = proxy(
+        dir.path(),
+        client,
         &q.uri(),
-        "--control",
-        &ctl.display().to_string(),
-    ]);
+        &["--control", &ctl.display().to_string()],
+    );
     let mut child = Command::new("/usr/bin/python3")
         .args([
             "-c",
@@ -217,8 +266,6 @@ fn a_rule_added_live_applies_from_the_next_payload_on() {
     let want: String = (10..20).map(|b| format!("{b}:1000:1\n")).collect();
     assert_eq!(rest, format!("{want}done\n"));
 
-    // Blocks 0-9 went the fast path: at least 9 MiB of read data was
-    // spliced (the first bytes of each payload arrive with its header).
     let metrics = run_ok(
         "curl",
         &[
@@ -228,34 +275,54 @@ fn a_rule_added_live_applies_from_the_next_payload_on() {
             "http://localhost/metrics",
         ],
     );
-    let spliced: u64 = metrics
+    // A counter that never moved may be left out.
+    metrics
         .lines()
         .find_map(|l| l.strip_prefix(r#"nbdfault_spliced_bytes_total{direction="to-client"} "#))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no spliced bytes metric in\n{metrics}"));
-    assert!(
-        spliced >= 9 * BLOCK as u64,
-        "{spliced} bytes spliced\n{metrics}"
-    );
+        .map_or(0, |v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("bad spliced bytes metric in\n{metrics}"))
+        })
 }
 
 /// Writes 1 MiB blocks of fresh data through the proxy with a rule that
 /// corrupts one byte of the 6th write payload; the image must hold every
-/// block as written but that one byte.
+/// block as written but that one byte. The server's socket is the sink:
+/// qemu-nbd on a unix socket (spliced), nbdkit on TCP (copied).
 #[test]
 fn spliced_writes_land_exact_and_a_midstream_corruption_lands_once() {
-    require_python_nbd();
     require_tool("qemu-nbd");
+    writes_land_exact(|img| {
+        let q = QemuNbd::raw(img);
+        (q.uri(), Box::new(q))
+    });
+}
+
+#[test]
+fn writes_to_a_tcp_server_land_exact_and_a_midstream_corruption_lands_once() {
+    require_tool("nbdkit");
+    writes_land_exact(|img| {
+        let kit = Nbdkit::start_tcp(&["file", &img.display().to_string()]);
+        (kit.uri(), Box::new(kit))
+    });
+}
+
+/// `serve` starts a server on the image and returns its URI and a guard
+/// that stops it when dropped.
+fn writes_land_exact(serve: impl FnOnce(&Path) -> (String, Box<dyn std::any::Any>)) {
+    require_python_nbd();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len((BLOCKS * BLOCK) as u64)
         .unwrap();
-    let q = QemuNbd::raw(&img);
+    let (upstream, q) = serve(&img);
     let p = proxy_with_rules(
         dir.path(),
-        &q.uri(),
+        Client::Tcp,
+        &upstream,
         "rules:\n  - name: bad-write\n    event: data\n    direction: to-server\n    \
          command: write\n    after: 5\n    times: 1\n    action: corrupt\n    at: 777777\n    xor: 0x80\n",
     );
@@ -292,18 +359,21 @@ h.shutdown()
 #[test]
 fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
     let (dir, img, q) = served_image();
-    let p = proxy_with_rules(
-        dir.path(),
-        &q.uri(),
-        "rules:\n  - name: cut\n    event: data\n    direction: to-client\n    \
-         command: read\n    after: 3\n    action: disconnect\n    when: 500000\n",
-    );
-    assert_eq!(read_blocks(p.uri(), &img, true), ["3:error"]);
-    assert!(
-        p.wait_for_stderr("rule cut fires disconnect on data", Duration::from_secs(5)),
-        "{}",
-        p.stderr()
-    );
+    for client in CLIENTS {
+        let p = proxy_with_rules(
+            dir.path(),
+            client,
+            &q.uri(),
+            "rules:\n  - name: cut\n    event: data\n    direction: to-client\n    \
+             command: read\n    after: 3\n    action: disconnect\n    when: 500000\n",
+        );
+        assert_eq!(read_blocks(p.uri(), &img, true), ["3:error"], "{client:?}");
+        assert!(
+            p.wait_for_stderr("rule cut fires disconnect on data", Duration::from_secs(5)),
+            "{}",
+            p.stderr()
+        );
+    }
 }
 
 /// `--threads 0` (tokio's work-stealing runtime), one thread, more
@@ -311,17 +381,17 @@ fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
 /// byte-exact at once.
 #[test]
 fn every_runtime_flavour_serves_concurrent_clients_exactly() {
-    let (_dir, img, q) = served_image();
+    let (dir, img, q) = served_image();
     let upstream = q.uri();
-    for flavour in [
-        &["--threads", "0"][..],
-        &["--threads", "1"],
-        &["--threads", "3"],
-        &["--threads", "2", "--busy-poll", "100us"],
+    for (flavour, client) in [
+        (&["--threads", "0"][..], Client::Tcp),
+        (&["--threads", "0"], Client::Unix),
+        (&["--threads", "1"], Client::Tcp),
+        (&["--threads", "3"], Client::Unix),
+        (&["--threads", "2", "--busy-poll", "100us"], Client::Tcp),
+        (&["--threads", "2", "--busy-poll", "100us"], Client::Unix),
     ] {
-        let mut args = vec!["proxy", "--listen", "127.0.0.1:0", "--upstream", &upstream];
-        args.extend_from_slice(flavour);
-        let p = Nbdfault::start(&args);
+        let p = proxy(dir.path(), client, &upstream, flavour);
         let clients: Vec<_> = (0..4)
             .map(|i| {
                 let (uri, img) = (p.uri().to_string(), img.clone());
@@ -329,27 +399,28 @@ fn every_runtime_flavour_serves_concurrent_clients_exactly() {
             })
             .collect();
         for c in clients {
-            assert_eq!(c.join().unwrap(), Vec::<String>::new(), "{flavour:?}");
+            assert_eq!(
+                c.join().unwrap(),
+                Vec::<String>::new(),
+                "{flavour:?} {client:?}"
+            );
         }
     }
 }
 
 /// A proxy that cannot make a pipe (out of file descriptors) copies
-/// payloads instead, byte-exact.
+/// payloads instead, byte-exact. (Toward a unix client: toward a TCP one
+/// it copies anyway and makes no pipe.)
 #[test]
 fn out_of_descriptors_for_pipes_it_copies_exactly() {
     require_tool("prlimit");
-    let (_dir, img, q) = served_image();
-    let p = Nbdfault::start(&[
-        "proxy",
-        "-vv",
-        "--threads",
-        "1",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
+    let (dir, img, q) = served_image();
+    let p = proxy(
+        dir.path(),
+        Client::Unix,
         &q.uri(),
-    ]);
+        &["-vv", "--threads", "1"],
+    );
     // Room for the client's socket and the upstream socket, not for a pipe.
     let open = std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
         .unwrap()

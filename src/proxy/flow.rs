@@ -82,7 +82,8 @@ pub(super) struct Flow<R: Linger, W: Linger> {
     /// What a hold reads must be kept for later (false in a stall that
     /// lasts until the connection ends, on a socket).
     keep: bool,
-    /// Both ends are sockets splice(2) can use (and a pipe could be made).
+    /// Both ends are sockets splice(2) can use, splicing into the sink pays
+    /// ([`Socket::splice_pays`]), and a pipe could be made.
     can_splice: bool,
     /// The pipe payloads are spliced through, made on first use.
     pipe: Option<Pipe>,
@@ -100,7 +101,8 @@ where
         dst: W,
         answers: Option<mpsc::Receiver<Vec<u8>>>,
     ) -> Self {
-        let can_splice = src.splice_socket().is_some() && dst.splice_socket().is_some();
+        let can_splice =
+            src.splice_socket().is_some() && dst.splice_socket().is_some_and(|s| s.splice_pays());
         Self {
             place: Placement::new(conn.id, dir),
             conn,

@@ -71,6 +71,18 @@ impl Socket<'_> {
         }
     }
 
+    /// Whether splicing into this socket, as a sink, beats copying. Into a
+    /// unix socket it does: it took the proxy's CPU for a 1 GiB sequential
+    /// read from 0.30 s to 0.17 s. Into a TCP socket it does not: on
+    /// loopback, reading 1 GiB from qemu-nbd (two sessions of 6 and 8
+    /// alternating runs), copying took 2.77 s and 3.08 s against 3.10 s and
+    /// 3.54 s spliced, with less CPU in the client (0.42 s and 0.36 s
+    /// against 0.50 s and 0.45 s) and in the proxy too (0.61 s and 0.59 s
+    /// against 0.70 s and 0.67 s).
+    pub(super) fn splice_pays(&self) -> bool {
+        matches!(self, Socket::Unix(_))
+    }
+
     /// Runs `f` as an I/O operation on this socket: a WouldBlock from it
     /// clears the readiness tokio remembers, so the next `ready` waits.
     pub(super) fn try_io<T>(
@@ -324,6 +336,16 @@ mod tests {
         .await;
         assert!(matches!(r, Err(RelayError::Write(_))), "{r:?}");
         drop(w);
+    }
+
+    #[tokio::test]
+    async fn splicing_pays_into_unix_sockets_only() {
+        let (_a, b) = unix_pair().await;
+        let (_c, d) = tcp_pair().await;
+        let (_br, bw) = b.into_split();
+        let (_dr, dw) = d.into_split();
+        assert!(bw.splice_socket().unwrap().splice_pays());
+        assert!(!dw.splice_socket().unwrap().splice_pays());
     }
 
     #[test]

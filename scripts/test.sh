@@ -5,7 +5,7 @@
 #   scripts/test.sh [CARGO TEST ARGS...]
 #
 # As root it installs the NBD tools the integration tests drive (qemu-utils,
-# nbdkit, libnbd-bin, python3-libnbd, nbd-server, fio, curl); otherwise they
+# nbdkit, libnbd-bin, python3-libnbd, nbd-server, fio, curl, tshark); otherwise they
 # must already be installed. Then it checks formatting, runs clippy with warnings denied and
 # runs every test in release mode (the tests move hundreds of MiB through the
 # proxy). Extra arguments are passed to `cargo test`.
@@ -17,12 +17,12 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
-packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio curl)
+packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio curl tshark)
 
 # Prints the missing tools, one per line (nothing if all are there).
 missing_tools() {
     local tool
-    for tool in qemu-nbd qemu-img qemu-io nbdkit nbdinfo nbdcopy nbd-server fio curl; do
+    for tool in qemu-nbd qemu-img qemu-io nbdkit nbdinfo nbdcopy nbd-server fio curl tshark; do
         command -v "$tool" >/dev/null 2>&1 || echo "$tool"
     done
     if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then

@@ -435,8 +435,8 @@ fn trace(summary: bool, file: &std::path::Path) -> Result<ExitCode> {
     if !summary {
         anyhow::bail!("say what to do with the trace: --summary");
     }
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     print!("{}", nbdfault::observe::summary::summarize(&text));
     Ok(ExitCode::SUCCESS)
 }

@@ -91,10 +91,13 @@ fn req(kind: &str, handle: u64, from: u64, len: u64) -> (String, String, String,
 
 /// Frame comments, one per line, in frame order.
 fn comments(file: &Path) -> Vec<String> {
-    tshark(file, &["-Y", "frame.comment", "-T", "fields", "-e", "frame.comment"])
-        .lines()
-        .map(str::to_string)
-        .collect()
+    tshark(
+        file,
+        &["-Y", "frame.comment", "-T", "fields", "-e", "frame.comment"],
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
 }
 
 /// Packets Wireshark's TCP analysis flags (lost, retransmitted, out of
@@ -310,7 +313,9 @@ fn an_nbdsh_session_decodes_with_its_cookies_and_snaplen_cuts_payloads() {
         ],
     );
     assert!(
-        sizes.lines().any(|l| l == format!("140\t{}", 40 + 28 + 8192)),
+        sizes
+            .lines()
+            .any(|l| l == format!("140\t{}", 40 + 28 + 8192)),
         "{sizes}"
     );
     assert_eq!(comments(&pcap), Vec::<String>::new());

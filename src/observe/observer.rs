@@ -109,7 +109,10 @@ impl ConnObserver {
             } else {
                 STRUCTURED_REPLY_LEN
             };
-            if ev.meta.chunk_type.is_some_and(|t| t & REPLY_TYPE_FLAG_ERROR != 0)
+            if ev
+                .meta
+                .chunk_type
+                .is_some_and(|t| t & REPLY_TYPE_FLAG_ERROR != 0)
                 && head.len() >= len + 4
             {
                 extra.chunk_error = Some(be32(head, len));
@@ -140,8 +143,9 @@ impl ConnObserver {
         );
     }
 
-    /// `dir`'s source ended between messages.
-    pub fn source_ended(&self, dir: Direction) {
+    /// Notes that `dir`'s source is the one ending the connection, unless
+    /// the other's already did.
+    fn source_ends_first(&self, dir: Direction) {
         let slot = match dir {
             Direction::ToServer => 1,
             Direction::ToClient => 2,
@@ -149,6 +153,11 @@ impl ConnObserver {
         let _ = self
             .first_eof
             .compare_exchange(0, slot, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// `dir`'s source ended between messages.
+    pub fn source_ended(&self, dir: Direction) {
+        self.source_ends_first(dir);
         if let Some((c, p)) = self.capture() {
             let (leg, way) = src_leg(dir);
             c.close(p, leg, way, false, None);
@@ -307,6 +316,13 @@ impl FlowObserver {
         self.src.message_kept = 0;
         self.dst.message_kept = 0;
         self.comment = None;
+        // A client that says goodbye ended the connection, whichever side
+        // then closes first.
+        if self.dir == Direction::ToServer
+            && (meta.command == Some(CMD_DISC) || meta.option == Some(OPT_ABORT))
+        {
+            conn.source_ends_first(self.dir);
+        }
         if let Some(c) = meta.cookie
             && let Some(f) = self.replacing.get(&c)
         {
@@ -438,7 +454,14 @@ impl FlowObserver {
             (&mut self.dst, dst_leg(self.dir)),
         ] {
             if packet.len > 0 {
-                c.data(p, leg, way, &packet.kept, packet.len, self.comment.as_deref());
+                c.data(
+                    p,
+                    leg,
+                    way,
+                    &packet.kept,
+                    packet.len,
+                    self.comment.as_deref(),
+                );
                 packet.kept.clear();
                 packet.len = 0;
             }
@@ -651,7 +674,11 @@ mod tests {
 
     #[test]
     fn answers_are_read_back() {
-        for mode in [ReplyMode::Simple, ReplyMode::Structured, ReplyMode::Extended] {
+        for mode in [
+            ReplyMode::Simple,
+            ReplyMode::Structured,
+            ReplyMode::Extended,
+        ] {
             let mut buf = [0u8; 200];
             let n = build_error_reply(mode, 0x42, 0, EIO, "no", &mut buf);
             let (d, cookie) = parse_answer(&buf[..n]);

@@ -200,10 +200,7 @@ impl PcapConn {
         let mut ends = lock(&self.ends);
         for leg in [Leg::Client, Leg::Server] {
             let now = SystemTime::now();
-            for (way, flags) in [
-                (Way::ToServer, TCP_SYN),
-                (Way::ToClient, TCP_SYN | TCP_ACK),
-            ] {
+            for (way, flags) in [(Way::ToServer, TCP_SYN), (Way::ToClient, TCP_SYN | TCP_ACK)] {
                 let block = packet(&mut ends, leg, way, flags, &[], 0, None, now);
                 ends[leg as usize][way as usize].seq += 1;
                 pcap.push(block);
@@ -449,7 +446,10 @@ mod tests {
         let ip = &b[28..48];
         assert_eq!(checksum(ip), 0);
         assert_eq!(&ip[12..16], &[10, 0, 0, 1]);
-        assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize, b.len());
+        assert_eq!(
+            u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize,
+            b.len()
+        );
         assert_eq!(b.len() % 4, 0);
     }
 }

@@ -175,7 +175,8 @@ where
                 }
                 Action::Discard(n) => {
                     self.flush().await?;
-                    self.obs.swallowed(&self.buf[self.cursor..self.cursor + n as usize]);
+                    self.obs
+                        .swallowed(&self.buf[self.cursor..self.cursor + n as usize]);
                     self.cursor += n as usize;
                     self.start = self.cursor;
                     self.conn.count(self.dir, n);

@@ -266,6 +266,11 @@ pub struct FlowObserver {
     snaplen: u64,
     /// Stream position of the next byte handed out (capture only).
     pos: u64,
+    /// Bytes of the current message not handed out yet, and how many of
+    /// them the source's packets already have (a hold shows the source's
+    /// bytes when they came, not when they went on).
+    left: u64,
+    ahead: u64,
     src: Packet,
     dst: Packet,
     /// For the next packets of the current message on both legs.
@@ -294,6 +299,8 @@ impl FlowObserver {
             capture: conn.capturing(),
             snaplen: conn.telemetry.pcap().map_or(u64::MAX, |p| p.snaplen()),
             pos: 0,
+            left: 0,
+            ahead: 0,
             src: Packet::default(),
             dst: Packet::default(),
             comment: None,
@@ -306,11 +313,14 @@ impl FlowObserver {
         }
     }
 
-    /// A message was framed at the cursor: the one before it is over.
-    pub fn framed(&mut self, conn: &ConnObserver, meta: &MessageMeta) {
+    /// A message of `len` bytes was framed at the cursor: the one before
+    /// it is over.
+    pub fn framed(&mut self, conn: &ConnObserver, meta: &MessageMeta, len: u64) {
         if !self.on {
             return;
         }
+        self.left = len;
+        self.ahead = 0;
         self.end_swallow(conn);
         self.emit(conn);
         self.src.message_kept = 0;
@@ -422,8 +432,13 @@ impl FlowObserver {
 
     /// The source's packet gets the bytes as the peer sent them.
     fn add_source(&mut self, bytes: &[u8]) {
-        let from = self.pos;
-        self.pos += bytes.len() as u64;
+        let n = bytes.len() as u64;
+        self.left = self.left.saturating_sub(n);
+        let skip = self.ahead.min(n);
+        self.ahead -= skip;
+        let bytes = &bytes[skip as usize..];
+        let from = self.pos + skip;
+        self.pos += n;
         let to = self.pos;
         if !self.flips.iter().any(|&(p, _)| p >= from && p < to) {
             self.src.add(bytes, self.snaplen);
@@ -471,7 +486,27 @@ impl FlowObserver {
 
     /// A hold (delay, stall) starts: the flow passes nothing on for
     /// `duration` (`None`: until the connection ends).
-    pub fn hold(&mut self, conn: &ConnObserver, duration: Option<std::time::Duration>) {
+    /// `unsent`: the buffered bytes not handed out yet; those of the held
+    /// message go into the source's packets now.
+    pub fn hold(
+        &mut self,
+        conn: &ConnObserver,
+        duration: Option<std::time::Duration>,
+        unsent: &[u8],
+    ) {
+        if self.capture {
+            let to = unsent.len().min(self.left.min(usize::MAX as u64) as usize);
+            let from = (self.ahead as usize).min(to);
+            // Not handed out, so not flipped yet: as the peer sent them.
+            self.src.add(&unsent[from..to], self.snaplen);
+            self.ahead += (to - from) as u64;
+            let (skip_from, skip_to) = (self.pos + from as u64, self.pos + to as u64);
+            self.flips.retain(|&(p, _)| p < skip_from || p >= skip_to);
+            // The comment goes on the held message's sink packet too.
+            let note = self.comment.clone();
+            self.emit(conn);
+            self.comment = note;
+        }
         let Some((fired, at)) = self.armed.take().filter(|_| self.on) else {
             return;
         };

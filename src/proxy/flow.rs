@@ -198,7 +198,8 @@ where
                 Action::Hold(duration) => {
                     self.obs.emit(&self.conn.observer);
                     self.flush().await?;
-                    self.obs.hold(&self.conn.observer, duration);
+                    let unsent = &self.buf[self.cursor..self.end];
+                    self.obs.hold(&self.conn.observer, duration, unsent);
                     self.hold(duration).await?;
                     self.obs.resumed(&self.conn.observer);
                     if duration.is_none() {
@@ -250,7 +251,7 @@ where
             );
         }
         self.observe_timing(&f.meta);
-        self.obs.framed(&self.conn.observer, &f.meta);
+        self.obs.framed(&self.conn.observer, &f.meta, f.len());
         let segs = f.segments();
         trace!(conn = self.conn.id, "{}: {segs:?} {:?}", self.dir, f.meta);
         self.place.framed(f, mode);

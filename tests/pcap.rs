@@ -121,6 +121,23 @@ fn assert_tcp_clean(file: &Path) {
     assert_eq!(syn, 4, "a SYN and a SYN-ACK on each leg");
 }
 
+/// `nbdfault proxy` in front of `kit`, capturing to `pcap`, with `more`
+/// arguments.
+fn capturing(kit: &Nbdkit, pcap: &Path, more: &[&str]) -> Nbdfault {
+    let upstream = kit.uri();
+    let mut args = vec![
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--pcap",
+        pcap.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    Nbdfault::start(&args)
+}
+
 /// Stops nbdfault the way a user does (SIGTERM), so the capture and the
 /// trace are written out.
 fn stop(mut p: Nbdfault) {
@@ -161,17 +178,7 @@ fn a_qemu_io_session_with_faults_decodes_on_both_legs() {
     .unwrap();
     let pcap = dir.path().join("c.pcapng");
     let kit = Nbdkit::start(&["--no-sr", "memory", "1M"]);
-    let p = Nbdfault::start(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &kit.uri(),
-        "--rules",
-        rules.to_str().unwrap(),
-        "--pcap",
-        pcap.to_str().unwrap(),
-    ]);
+    let p = capturing(&kit, &pcap, &["--rules", rules.to_str().unwrap()]);
     let out = QemuIo::new(&p.uri)
         .cache("writeback")
         .cmds(&[
@@ -261,17 +268,7 @@ fn an_nbdsh_session_decodes_with_its_cookies_and_snaplen_cuts_payloads() {
     let dir = TempDir::new().unwrap();
     let pcap = dir.path().join("c.pcapng");
     let kit = Nbdkit::start(&["--no-sr", "memory", "1M"]);
-    let p = Nbdfault::start(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &kit.uri(),
-        "--pcap",
-        pcap.to_str().unwrap(),
-        "--pcap-snaplen",
-        "100",
-    ]);
+    let p = capturing(&kit, &pcap, &["--pcap-snaplen", "100"]);
     let out = nbdsh(
         &p.uri,
         "h.pwrite(b'z' * 8192, 4096)\n\

@@ -607,6 +607,14 @@ mod tests {
         // Key order is fixed: ts first.
         let raw = std::fs::read_to_string(&path).unwrap();
         assert!(raw.lines().all(|l| l.starts_with(r#"{"ts":""#)), "{raw}");
+        // The fields lines have always had keep their order (scripts grep
+        // for runs of them); newer ones come after.
+        assert!(
+            raw.contains(
+                r#","event":"request","direction":"to-server","command":"read","cookie":4660,"offset":4096,"length":512,"bytes":28,"rule":"#
+            ),
+            "{raw}"
+        );
     }
 
     #[test]

@@ -197,7 +197,9 @@ pub(super) struct Extra {
     pub chunk_error: Option<u32>,
 }
 
-/// One message line.
+/// One message line. The fields before `stream_offset` are in the order
+/// lines have always had them (scripts grep for runs of them); what came
+/// later follows.
 #[derive(Serialize)]
 struct Record<'a> {
     ts: Rfc3339,
@@ -206,11 +208,7 @@ struct Record<'a> {
     event: Names,
     direction: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    stream_offset: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     command: Option<NameOrNumber>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    flags: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cookie: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -219,17 +217,21 @@ struct Record<'a> {
     length: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     option: Option<NameOrNumber>,
+    bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flags: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reply_type: Option<NameOrNumber>,
     #[serde(skip_serializing_if = "Option::is_none")]
     chunk_type: Option<NameOrNumber>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<Errno>,
-    bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rule: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    action: Option<&'static str>,
 }
 
 impl<'a> Record<'a> {

@@ -5,7 +5,7 @@
 #   scripts/test.sh [CARGO TEST ARGS...]
 #
 # As root it installs the NBD tools the integration tests drive (qemu-utils,
-# nbdkit, libnbd-bin, python3-libnbd, nbd-server, fio, curl) and what the
+# nbdkit, libnbd-bin, python3-libnbd, nbd-server, fio, curl, tshark) and what the
 # Python package's tests need (python3-pytest, and python3-venv, python3-pip,
 # python3-setuptools and python3-wheel to pip-install it); otherwise they
 # must already be installed. Then it checks formatting, runs clippy with warnings denied and
@@ -20,13 +20,13 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
-packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio curl
+packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio curl tshark
     python3-pytest python3-venv python3-pip python3-setuptools python3-wheel)
 
 # Prints the missing tools, one per line (nothing if all are there).
 missing_tools() {
     local tool
-    for tool in qemu-nbd qemu-img qemu-io nbdkit nbdinfo nbdcopy nbd-server fio curl; do
+    for tool in qemu-nbd qemu-img qemu-io nbdkit nbdinfo nbdcopy nbd-server fio curl tshark; do
         command -v "$tool" >/dev/null 2>&1 || echo "$tool"
     done
     local module

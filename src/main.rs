@@ -66,6 +66,15 @@ enum Command {
     /// into the background (nbdkit without -f) escapes the run: it is
     /// detected and refused.
     Sweep(Box<SweepArgs>),
+    /// Read an event trace back: nbdfault trace --summary FILE
+    Trace {
+        /// Per connection: messages by kind, bytes each way, faults, and
+        /// how it ended.
+        #[arg(long)]
+        summary: bool,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Validate rule files without serving; exit 0 when all are good.
     Check {
         #[arg(value_name = "FILE", required = true)]
@@ -161,6 +170,13 @@ struct ServeArgs {
     /// Write one JSON line per event to FILE (`-` for stderr).
     #[arg(long, value_name = "FILE")]
     trace: Option<String>,
+    /// Capture both legs of every connection (client <-> nbdfault <->
+    /// server) to FILE as pcapng, for Wireshark or tshark.
+    #[arg(long, value_name = "FILE")]
+    pcap: Option<PathBuf>,
+    /// Keep at most BYTES of each message in the capture [default: all].
+    #[arg(long, value_name = "BYTES", requires = "pcap")]
+    pcap_snaplen: Option<u64>,
     /// Serve the HTTP control API (metrics, rules, connections) on ADDR:
     /// HOST:PORT or a unix socket path. Off unless asked for.
     #[arg(long, value_name = "ADDR")]
@@ -354,6 +370,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             serve,
         ),
         Command::Check { files } => return check(&files).map(|()| ExitCode::SUCCESS),
+        Command::Trace { summary, file } => return trace(summary, &file),
         // Dispatched in main, before the runtime and logging are set up.
         Command::Legacy { .. } | Command::Sweep(_) => {
             anyhow::bail!("legacy and sweep are handled in main")
@@ -399,17 +416,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     // A bad rules file never starts a server.
     let rules = Arc::new(args.rules.live()?);
+    let mut telemetry = Telemetry::new(
+        control.is_some(),
+        args.trace.as_deref().map(TraceTarget::from_arg),
+    )
+    .context("--trace")?;
+    if let Some(path) = &args.pcap {
+        telemetry = telemetry
+            .with_pcap(path, args.pcap_snaplen)
+            .context("--pcap")?;
+    }
     let status = serve(ServeOptions {
         listen,
         backend,
         rules,
-        telemetry: Arc::new(
-            Telemetry::new(
-                control.is_some(),
-                args.trace.as_deref().map(TraceTarget::from_arg),
-            )
-            .context("--trace")?,
-        ),
+        telemetry: Arc::new(telemetry),
         run: args.run,
         limits: args.limits.limits()?,
         control,
@@ -420,6 +441,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         pidfile: args.pidfile,
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
+}
+
+/// `nbdfault trace`: reads a trace back.
+fn trace(summary: bool, file: &std::path::Path) -> Result<ExitCode> {
+    if !summary {
+        anyhow::bail!("say what to do with the trace: --summary");
+    }
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    print!("{}", nbdfault::observe::summary::summarize(&text));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `nbdfault check`: every file on its own, every error reported, and

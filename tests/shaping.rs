@@ -206,7 +206,17 @@ fn scenario_short_segments() {
 fn a_sliced_greeting_arrives_in_many_reads() {
     let dir = TempDir::new().unwrap();
     let yaml = "rules:\n  - event: neg1\n    action: slice\n    size: 1\n    delay: 20ms\n";
-    let p = null_with(&dir, yaml, "1M");
+    let rules = rules_file(&dir, yaml);
+    let trace = dir.path().join("trace.jsonl");
+    let p = Nbdfault::start(&[
+        "null",
+        "--listen",
+        "127.0.0.1:0",
+        "--rules",
+        &rules,
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
     let mut s = TcpStream::connect(tcp_addr(p.uri())).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let (mut got, mut reads) = (Vec::new(), 0);
@@ -221,6 +231,16 @@ fn a_sliced_greeting_arrives_in_many_reads() {
     // Unsliced, the greeting is one read. 18 reads are expected; a loaded
     // machine may merge a few.
     assert!(reads >= 6, "the greeting came in {reads} reads");
+    // The trace says what the slice did, once, not once a piece.
+    let want = "\"rule\":\"rule-1\",\"action\":\"slice\",\"result\":\"pace\",\"at\":0,\"piece\":1,\
+                \"wait_us\":0,\"gap_us\":20000}";
+    let mut paces = 0;
+    wait_until(Duration::from_secs(10), || {
+        paces = read_to_string_lossy(&trace).matches(want).count();
+        paces > 0
+    });
+    assert_eq!(paces, 1, "{}", read_to_string_lossy(&trace));
+    drop(p);
 }
 
 /// `after-bytes` counts the bytes of matching events across messages and

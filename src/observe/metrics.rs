@@ -31,6 +31,7 @@ pub const UPSTREAM_ERRORS_TOTAL: &str = "nbdfault_upstream_errors_total";
 pub const REQUEST_DURATION_SECONDS: &str = "nbdfault_request_duration_seconds";
 pub const LOG_LINES_DROPPED_TOTAL: &str = "nbdfault_log_lines_dropped_total";
 pub const TRACE_LINES_DROPPED_TOTAL: &str = "nbdfault_trace_lines_dropped_total";
+pub const PCAP_PACKETS_DROPPED_TOTAL: &str = "nbdfault_pcap_packets_dropped_total";
 
 /// Buckets of `nbdfault_request_duration_seconds`: from a fast local
 /// server (100 µs) to requests held by `delay`/`stall` rules (a minute).
@@ -74,6 +75,7 @@ pub(super) struct Metrics {
     /// Set from their own counters when metrics are rendered.
     pub(super) log_lines_dropped: Counter,
     pub(super) trace_lines_dropped: Counter,
+    pub(super) pcap_packets_dropped: Counter,
     /// Indexed by event kind × direction slot; the pairs that cannot happen
     /// (connect with a direction, other events without) are no-ops.
     pub(super) events: Vec<Counter>,
@@ -134,6 +136,7 @@ impl Metrics {
             upstream_errors: counter(UPSTREAM_ERRORS_TOTAL, vec![]),
             log_lines_dropped: counter(LOG_LINES_DROPPED_TOTAL, vec![]),
             trace_lines_dropped: counter(TRACE_LINES_DROPPED_TOTAL, vec![]),
+            pcap_packets_dropped: counter(PCAP_PACKETS_DROPPED_TOTAL, vec![]),
             events,
             bytes,
             spliced,
@@ -237,6 +240,11 @@ fn describe(r: &PrometheusRecorder) {
         KeyName::from_const_str(TRACE_LINES_DROPPED_TOTAL),
         None,
         text("Trace lines dropped because the trace's reader was not keeping up."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(PCAP_PACKETS_DROPPED_TOTAL),
+        None,
+        text("Captured packets dropped because the capture's writer was not keeping up."),
     );
     r.describe_histogram(
         KeyName::from_const_str(REQUEST_DURATION_SECONDS),

@@ -1,11 +1,14 @@
-//! What the outside sees of a running proxy: log lines, metrics and the
-//! trace. The
+//! What the outside sees of a running proxy: log lines, metrics, the
+//! trace and the packet capture. The
 //! data path writes to them, so nothing here knows about connections or
 //! rules (the control API, which steers those, is [`crate::control`]).
 
 pub mod log;
 pub mod metrics;
+pub mod observer;
+mod pcap;
 mod queue;
+pub mod summary;
 pub mod telemetry;
 pub mod time;
 pub mod trace;

@@ -17,7 +17,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::lock;
 use super::metrics::{Metrics, dir_slot};
-use super::trace::{Trace, TraceTarget};
+use super::pcap::Pcap;
+use super::trace::{Extra, Trace, TraceTarget};
 use crate::intercept::{ConnId, Event, Fault};
 use crate::protocol::Direction;
 
@@ -30,6 +31,7 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 pub struct Telemetry {
     metrics: Option<Box<Metrics>>,
     trace: Option<Trace>,
+    pcap: Option<Pcap>,
     worker: Option<Worker>,
 }
 
@@ -38,6 +40,7 @@ impl fmt::Debug for Telemetry {
         f.debug_struct("Telemetry")
             .field("metrics", &self.metrics.is_some())
             .field("trace", &self.trace.is_some())
+            .field("pcap", &self.pcap.is_some())
             .finish()
     }
 }
@@ -63,8 +66,30 @@ impl Telemetry {
         Ok(Self {
             metrics,
             trace,
+            pcap: None,
             worker,
         })
+    }
+
+    /// Adds a packet capture of every connection to `path` (created or
+    /// truncated here), keeping at most `snaplen` payload bytes of each
+    /// message (`None`: all of them).
+    pub fn with_pcap(mut self, path: &std::path::Path, snaplen: Option<u64>) -> io::Result<Self> {
+        self.pcap = Some(Pcap::open(path, snaplen)?);
+        Ok(self)
+    }
+
+    /// Whether connections are captured (`--pcap`).
+    pub fn pcap_enabled(&self) -> bool {
+        self.pcap.is_some()
+    }
+
+    pub(super) fn trace(&self) -> Option<&Trace> {
+        self.trace.as_ref()
+    }
+
+    pub(super) fn pcap(&self) -> Option<&Pcap> {
+        self.pcap.as_ref()
     }
 
     /// Whether metrics are being recorded.
@@ -108,11 +133,17 @@ impl Telemetry {
 
     /// An event passed the interception point; `fault` if a rule fired.
     pub fn event(&self, ev: &Event, fault: Option<&Fault>) {
+        self.message(ev, fault, &Extra::default());
+    }
+
+    /// [`Telemetry::event`] with what the data path knows beyond the
+    /// event, for the trace.
+    pub(super) fn message(&self, ev: &Event, fault: Option<&Fault>, extra: &Extra) {
         if let Some(m) = &self.metrics {
             m.event(ev, fault);
         }
         if let Some(t) = &self.trace {
-            t.write(ev, fault);
+            t.write(ev, fault, extra);
         }
     }
 
@@ -142,6 +173,8 @@ impl Telemetry {
         m.log_lines_dropped.absolute(super::log::dropped_lines());
         m.trace_lines_dropped
             .absolute(self.trace.as_ref().map_or(0, Trace::dropped));
+        m.pcap_packets_dropped
+            .absolute(self.pcap.as_ref().map_or(0, Pcap::dropped));
         m.handle.render()
     }
 
@@ -151,6 +184,9 @@ impl Telemetry {
     pub fn flush_trace(&self) {
         if let Some(t) = &self.trace {
             t.flush();
+        }
+        if let Some(p) = &self.pcap {
+            p.flush();
         }
     }
 
@@ -543,20 +579,23 @@ mod tests {
         assert_eq!(
             v[0],
             serde_json::json!({
-                "ts": ts, "conn": 7, "event": "connect", "direction": null, "bytes": 0
+                "ts": ts, "conn": 7, "record": "message", "event": "connect",
+                "direction": null, "bytes": 0
             })
         );
         assert_eq!(
             v[1],
             serde_json::json!({
-                "ts": v[1]["ts"], "conn": 7, "event": "option-reply+neg2",
+                "ts": v[1]["ts"], "conn": 7, "record": "message",
+                "event": ["option-reply", "neg2"],
                 "direction": "to-client", "option": "go", "bytes": 32
             })
         );
         assert_eq!(
             v[2],
             serde_json::json!({
-                "ts": v[2]["ts"], "conn": 7, "event": "request", "direction": "to-server",
+                "ts": v[2]["ts"], "conn": 7, "record": "message", "event": "request",
+                "direction": "to-server",
                 "command": "read", "cookie": 0x1234, "offset": 4096, "length": 512,
                 "bytes": 28, "rule": "rule \"x\"\n", "action": "error"
             })
@@ -569,6 +608,14 @@ mod tests {
         // Key order is fixed: ts first.
         let raw = std::fs::read_to_string(&path).unwrap();
         assert!(raw.lines().all(|l| l.starts_with(r#"{"ts":""#)), "{raw}");
+        // The fields lines have always had keep their order (scripts grep
+        // for runs of them); newer ones come after.
+        assert!(
+            raw.contains(
+                r#","event":"request","direction":"to-server","command":"read","cookie":4660,"offset":4096,"length":512,"bytes":28,"rule":"#
+            ),
+            "{raw}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use nix::errno::Errno;
+use nix::errno::Errno as NixErrno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use serde::{Serialize, Serializer};
 
@@ -23,8 +23,8 @@ use super::lock;
 use super::queue::{LineQueue, Writer};
 use super::time::Rfc3339;
 use crate::intercept::{ConnId, Event, Fault};
-use crate::protocol::consts::{command_name, option_name};
-use crate::protocol::{Direction, EventSet};
+use crate::protocol::consts::*;
+use crate::protocol::{Direction, EventKind, EventSet};
 
 /// Capacity of the trace file's write buffer.
 const TRACE_BUFFER: usize = 64 << 10;
@@ -125,10 +125,15 @@ impl Trace {
         })
     }
 
-    pub(super) fn write(&self, ev: &Event, fault: Option<&Fault>) {
+    pub(super) fn write(&self, ev: &Event, fault: Option<&Fault>, extra: &Extra) {
+        self.record(|ts| Record::new(ts, ev, fault, extra));
+    }
+
+    /// Stamps and queues one line made by `make` from the time.
+    pub(super) fn record<R: Serialize>(&self, make: impl FnOnce(Rfc3339) -> R) {
         let mut line = Vec::with_capacity(256);
         let _order = lock(&self.order);
-        let rec = Record::new(SystemTime::now(), ev, fault);
+        let rec = make(Rfc3339(SystemTime::now()));
         if let Err(e) = serde_json::to_writer(&mut line, &rec) {
             tracing::warn!("cannot format a trace line: {e}");
             return;
@@ -163,7 +168,7 @@ fn open_fifo(path: &Path) -> io::Result<File> {
         .custom_flags(OFlag::O_NONBLOCK.bits())
         .open(path)
         .map_err(|e| {
-            if e.raw_os_error() == Some(Errno::ENXIO as i32) {
+            if e.raw_os_error() == Some(NixErrno::ENXIO as i32) {
                 io::Error::new(
                     e.kind(),
                     "it is a FIFO with no reader; start the reader first \
@@ -181,11 +186,25 @@ fn open_fifo(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// One trace line.
+/// What a message line knows beyond the event: where it is in its stream,
+/// and what only its bytes say.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Extra {
+    pub stream_offset: Option<u64>,
+    /// A chunk header's flags.
+    pub chunk_flags: Option<u16>,
+    /// An error chunk's errno, when its payload came with its header.
+    pub chunk_error: Option<u32>,
+}
+
+/// One message line. The fields before `stream_offset` are in the order
+/// lines have always had them (scripts grep for runs of them); what came
+/// later follows.
 #[derive(Serialize)]
 struct Record<'a> {
     ts: Rfc3339,
     conn: ConnId,
+    record: &'static str,
     event: Names,
     direction: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,23 +222,56 @@ struct Record<'a> {
     rule: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     action: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flags: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_type: Option<NameOrNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_type: Option<NameOrNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<Errno>,
 }
 
 impl<'a> Record<'a> {
-    fn new(now: SystemTime, ev: &Event, fault: Option<&'a Fault>) -> Self {
+    fn new(ts: Rfc3339, ev: &Event, fault: Option<&'a Fault>, extra: &Extra) -> Self {
         let m = &ev.meta;
+        let reply = ev.kinds.contains(EventKind::Reply);
+        let chunk = m.chunk_type.is_some();
         Self {
-            ts: Rfc3339(now),
+            ts,
             conn: ev.conn,
+            record: "message",
             event: Names(ev.kinds),
             direction: ev.direction.map(Direction::name),
+            stream_offset: extra.stream_offset,
             command: m
                 .command
                 .map(|c| NameOrNumber::of(command_name(c), c.into())),
+            flags: if ev.kinds.contains(EventKind::Request) {
+                m.flags
+            } else if reply && chunk {
+                extra.chunk_flags
+            } else {
+                None
+            },
             cookie: m.cookie,
             offset: m.offset,
             length: m.length,
             option: m.option.map(|o| NameOrNumber::of(option_name(o), o)),
+            reply_type: m
+                .reply_type
+                .filter(|_| ev.kinds.contains(EventKind::OptionReply))
+                .map(reply_type),
+            chunk_type: m.chunk_type.map(chunk_type),
+            error: if reply && !chunk {
+                m.error.map(Errno)
+            } else if reply {
+                extra.chunk_error.map(Errno)
+            } else {
+                None
+            },
             bytes: ev.size,
             rule: fault.map(|f| &*f.rule),
             action: fault.map(|f| f.action),
@@ -227,26 +279,144 @@ impl<'a> Record<'a> {
     }
 }
 
+/// A `fault` line: what a fired rule did, when it took effect. The fields
+/// after `result` are those of its kind (README "Event trace").
+#[derive(Serialize)]
+pub(super) struct FaultLine<'a> {
+    pub ts: Rfc3339,
+    pub conn: ConnId,
+    pub record: &'static str,
+    pub direction: Option<&'static str>,
+    pub stream_offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<u64>,
+    pub rule: &'a str,
+    pub action: &'static str,
+    pub result: &'static str,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+/// The result-specific fields of a [`FaultLine`].
+#[derive(Default, Serialize)]
+pub(super) struct Detail {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Errno>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_type: Option<NameOrNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub option: Option<NameOrNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_type: Option<NameOrNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits: Option<Vec<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<u64>,
+    /// `Some(None)`: until the connection ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<Option<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<bool>,
+    /// A paced event: bytes a piece, and the waits before the first piece
+    /// and before each later one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub piece: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap_us: Option<u64>,
+}
+
+/// A `close` line: how a connection ended.
+#[derive(Serialize)]
+pub(super) struct CloseLine<'a> {
+    pub ts: Rfc3339,
+    pub conn: ConnId,
+    pub record: &'static str,
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a str>,
+    pub to_server_bytes: u64,
+    pub to_client_bytes: u64,
+}
+
+/// An option reply's type by name: `ack`, `info`, an error as rule files
+/// spell it, or its number.
+pub(super) fn reply_type(t: u32) -> NameOrNumber {
+    let name = match t {
+        REP_ACK => Some("ack"),
+        REP_SERVER => Some("server"),
+        REP_INFO => Some("info"),
+        REP_META_CONTEXT => Some("meta-context"),
+        _ => name_in(OPTION_ERRORS, t),
+    };
+    NameOrNumber::of(name, t)
+}
+
+/// A chunk type by the name the spec gives it, lower case, or its number.
+pub(super) fn chunk_type(t: u16) -> NameOrNumber {
+    let name = match t {
+        REPLY_TYPE_NONE => Some("none"),
+        REPLY_TYPE_OFFSET_DATA => Some("offset-data"),
+        REPLY_TYPE_OFFSET_HOLE => Some("offset-hole"),
+        REPLY_TYPE_BLOCK_STATUS => Some("block-status"),
+        REPLY_TYPE_BLOCK_STATUS_EXT => Some("block-status-ext"),
+        REPLY_TYPE_ERROR => Some("error"),
+        REPLY_TYPE_ERROR_OFFSET => Some("error-offset"),
+        _ => None,
+    };
+    NameOrNumber::of(name, t.into())
+}
+
+/// A reply's error: 0, an errno's name, or its number.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Errno(pub u32);
+
+impl Serialize for Errno {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match name_in(TRANSMISSION_ERRNOS, self.0) {
+            Some(name) if self.0 != 0 => s.serialize_str(name),
+            _ => s.serialize_u32(self.0),
+        }
+    }
+}
+
 /// A command or option: its name, or its number when it has none.
 #[derive(Serialize)]
 #[serde(untagged)]
-enum NameOrNumber {
+pub(super) enum NameOrNumber {
     Name(&'static str),
     Number(u32),
 }
 
 impl NameOrNumber {
-    fn of(name: Option<&'static str>, n: u32) -> Self {
+    pub(super) fn of(name: Option<&'static str>, n: u32) -> Self {
         name.map_or(NameOrNumber::Number(n), NameOrNumber::Name)
     }
 }
 
-/// Event names joined with `+`, written without allocating.
-struct Names(EventSet);
+/// A message's event name, or the list of them when it has several.
+pub(super) struct Names(pub EventSet);
 
 impl Serialize for Names {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+        let mut names = self.0.iter();
+        match (names.next(), names.next()) {
+            (Some(one), None) => s.serialize_str(one.name()),
+            _ => s.collect_seq(self.0.iter().map(EventKind::name)),
+        }
     }
 }
 

@@ -29,6 +29,7 @@ use super::{
 };
 use crate::intercept::{Fault, Verdict};
 use crate::io::net::{ReadHalf, WriteHalf};
+use crate::observe::observer::FlowObserver;
 use crate::protocol::consts;
 use crate::protocol::{Direction, MessageMeta, Step};
 
@@ -87,6 +88,8 @@ pub(super) struct Flow<R: Linger, W: Linger> {
     can_splice: bool,
     /// The pipe payloads are spliced through, made on first use.
     pipe: Option<Pipe>,
+    /// This flow's part of the trace and the packet capture.
+    obs: FlowObserver,
 }
 
 impl<R, W> Flow<R, W>
@@ -101,9 +104,12 @@ where
         dst: W,
         answers: Option<mpsc::Receiver<Vec<u8>>>,
     ) -> Self {
-        let can_splice =
-            src.splice_socket().is_some() && dst.splice_socket().is_some_and(|s| s.splice_pays());
+        // A capture must see every byte, so nothing is spliced past it.
+        let can_splice = src.splice_socket().is_some()
+            && dst.splice_socket().is_some_and(|s| s.splice_pays())
+            && !conn.observer.capturing();
         Self {
+            obs: FlowObserver::new(&conn.observer, dir),
             place: Placement::new(conn.id, dir),
             conn,
             dir,
@@ -125,6 +131,7 @@ where
 
     pub(super) async fn run(mut self) -> Result<(), FlowError> {
         let result = self.pump().await;
+        self.obs.ended(&self.conn.observer);
         // Either flow ending ends any stall in the other.
         self.conn.ended.send_replace(true);
         result
@@ -140,6 +147,7 @@ where
     async fn pump(&mut self) -> Result<(), FlowError> {
         loop {
             let stop = self.advance().await?;
+            self.obs.emit(&self.conn.observer);
             self.flush().await?;
             if self.place.at_boundary() {
                 self.write_queued().await?;
@@ -161,9 +169,15 @@ where
     async fn advance(&mut self) -> Result<Stop, FlowError> {
         loop {
             match self.place.poll(&mut self.buf[self.cursor..self.end]) {
-                Action::Forward(n) => self.cursor += n as usize,
+                Action::Forward(n) => {
+                    let to = self.cursor + n as usize;
+                    self.obs.forward(&self.buf[self.cursor..to]);
+                    self.cursor = to;
+                }
                 Action::Discard(n) => {
                     self.flush().await?;
+                    self.obs
+                        .swallowed(&self.buf[self.cursor..self.cursor + n as usize]);
                     self.cursor += n as usize;
                     self.start = self.cursor;
                     self.conn.count(self.dir, n);
@@ -174,17 +188,30 @@ where
                     }
                 }
                 Action::Offer { event, offset } => {
-                    let verdict = self.conn.offer(&event);
+                    let head = &self.buf[self.cursor..self.end];
+                    let verdict = self.conn.offer_at(&event, Some(offset), head);
                     if let Verdict::Fault(f) = &verdict {
                         log_fault(&event, f, offset);
+                        self.obs.fault(&self.conn.observer, &event, offset, f);
                     }
                     self.place.verdict(verdict);
                 }
-                // Between two pieces of a sliced message: only the write.
-                Action::Hold(Some(Duration::ZERO)) => self.flush().await?,
-                Action::Hold(duration) => {
+                // Before a piece of a paced event: its own write, then the
+                // gap (the fault itself was recorded when it fired).
+                Action::Gap(gap) => {
+                    self.obs.emit(&self.conn.observer);
                     self.flush().await?;
+                    if !gap.is_zero() {
+                        self.hold(Some(gap)).await?;
+                    }
+                }
+                Action::Hold(duration) => {
+                    self.obs.emit(&self.conn.observer);
+                    self.flush().await?;
+                    let unsent = &self.buf[self.cursor..self.end];
+                    self.obs.hold(&self.conn.observer, duration, unsent);
                     self.hold(duration).await?;
+                    self.obs.resumed(&self.conn.observer);
                     if duration.is_none() {
                         // A stall "until the connection ends" has seen it end:
                         // what it held is never delivered.
@@ -196,7 +223,10 @@ where
                     linger,
                     fault,
                 } => return Err(self.cut(reset, linger, fault).await),
-                Action::Answer(a) => self.send_answer(a).await?,
+                Action::Answer(a) => {
+                    self.obs.answer(&self.conn.observer, &a);
+                    self.send_answer(a).await?
+                }
                 Action::Forget(cookie) => {
                     self.conn.session().forget(cookie);
                     self.conn.conn_telemetry.forget(cookie);
@@ -235,6 +265,7 @@ where
             );
         }
         self.observe_timing(&f.meta);
+        self.obs.framed(&self.conn.observer, &f.meta, f.len());
         let segs = f.segments();
         trace!(conn = self.conn.id, "{}: {segs:?} {:?}", self.dir, f.meta);
         self.place.framed(f, mode);
@@ -271,6 +302,7 @@ where
                 return e;
             }
         }
+        self.obs.cut(&self.conn.observer, &fault);
         // A peer that dies with bytes of ours unread resets the
         // connection (that is what its kernel does): so does a cut
         // toward the server with client bytes still unread.
@@ -466,6 +498,7 @@ where
             }
         }
         while let Some(a) = self.queued.pop_front() {
+            self.conn.observer.answer_sent(&a);
             if let Err(e) = self.dst.write_all(&a).await {
                 return Err(self.io(e));
             }
@@ -590,11 +623,14 @@ where
         if !self.place.is_opaque() && (self.place.mid_message() || self.end > self.start) {
             return Err(FlowError::Truncated { dir: self.dir });
         }
+        self.obs.ended(&self.conn.observer);
+        self.conn.observer.source_ended(self.dir);
         self.write_queued().await?;
         debug!(conn = self.conn.id, "{}: end of stream", self.dir);
         if let Err(e) = self.dst.shutdown().await {
             debug!(conn = self.conn.id, "{}: shutdown: {e}", self.dir);
         }
+        self.conn.observer.sink_shut(self.dir);
         Ok(())
     }
 }

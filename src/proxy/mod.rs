@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::intercept::{ConnId, ConnState, Event, Fault, Interceptor, Plan, Verdict};
 use crate::io::net::{ReadHalf, WriteHalf};
+use crate::observe::observer::{ConnObserver, End};
 use crate::observe::telemetry::{ConnTelemetry, Telemetry};
 use crate::protocol::EventKind;
 use crate::protocol::consts::CMD_WRITE;
@@ -138,6 +139,8 @@ pub struct Connection {
     interceptor: Arc<dyn Interceptor>,
     telemetry: Arc<Telemetry>,
     conn_telemetry: ConnTelemetry,
+    /// What the trace and the packet capture see of this connection.
+    observer: ConnObserver,
 }
 
 impl Connection {
@@ -150,7 +153,9 @@ impl Connection {
     ) -> Arc<Self> {
         let (answers, answers_rx) = mpsc::channel(ANSWER_QUEUE);
         let conn_telemetry = telemetry.connection(id);
+        let observer = ConnObserver::new(&telemetry, id, &peer);
         Arc::new(Self {
+            observer,
             telemetry,
             conn_telemetry,
             id,
@@ -180,6 +185,13 @@ impl Connection {
     /// flow panicked while holding them; the state inside is plain data, so
     /// carry on with it.
     pub fn offer(&self, ev: &Event) -> Verdict {
+        self.offer_at(ev, None, &[])
+    }
+
+    /// [`Connection::offer`] for an event of a flow: it starts at
+    /// `stream_offset` of its stream, and `head` holds its buffered bytes
+    /// (what the trace reads a chunk's flags and error from).
+    fn offer_at(&self, ev: &Event, stream_offset: Option<u64>, head: &[u8]) -> Verdict {
         // One load per event when nothing is refused.
         if self.refuse.load(Ordering::Relaxed) != 0
             && ev.direction == Some(Direction::ToServer)
@@ -187,7 +199,7 @@ impl Connection {
         {
             let error = self.refuse.swap(0, Ordering::Relaxed);
             let fault = self.refusal(ev, error);
-            self.telemetry.event(ev, Some(&fault));
+            self.observer.message(ev, Some(&fault), stream_offset, head);
             return Verdict::Fault(fault);
         }
         let verdict = if self.interceptor.is_idle() {
@@ -200,7 +212,7 @@ impl Connection {
             Verdict::Pass => None,
             Verdict::Fault(f) => Some(f),
         };
-        self.telemetry.event(ev, fault);
+        self.observer.message(ev, fault, stream_offset, head);
         verdict
     }
 
@@ -348,6 +360,56 @@ impl Connection {
 /// fails (then both sides are closed at once). Returns the first failure.
 /// A client still negotiating after `handshake_timeout` is closed.
 pub async fn run(
+    conn: Arc<Connection>,
+    client: (ReadHalf, WriteHalf),
+    upstream: (ReadHalf, WriteHalf),
+    handshake_timeout: Option<Duration>,
+) -> Result<(), FlowError> {
+    conn.observer.connected();
+    let result = run_flows(conn.clone(), client, upstream, handshake_timeout).await;
+    conn.observer.closed(&end_of(&conn, &result));
+    result
+}
+
+/// How the connection ended, for the trace's `close` line and the capture.
+fn end_of<'a>(conn: &Connection, result: &'a Result<(), FlowError>) -> End<'a> {
+    let reset = conn.reset.load(Ordering::Relaxed);
+    let mut end = End {
+        message: result.as_ref().err().map(ToString::to_string),
+        reset_client: reset & RESET_CLIENT != 0,
+        reset_server: reset & RESET_SERVER != 0,
+        to_server_bytes: conn.bytes(Direction::ToServer),
+        to_client_bytes: conn.bytes(Direction::ToClient),
+        ..End::default()
+    };
+    (end.reason, end.direction) = match result {
+        Ok(()) => match conn.observer.first_eof() {
+            Some(Direction::ToClient) => ("upstream-eof", Some(Direction::ToClient)),
+            _ => ("client-eof", Some(Direction::ToServer)),
+        },
+        Err(FlowError::Protocol { dir, .. }) => ("protocol", Some(*dir)),
+        Err(FlowError::Truncated { dir }) => ("truncated", Some(*dir)),
+        Err(FlowError::Cut { dir, rule }) => {
+            end.rule = Some(rule);
+            ("fault", Some(*dir))
+        }
+        Err(FlowError::Stalled { dir }) => ("fault", Some(*dir)),
+        Err(FlowError::HandshakeTimeout(_)) => ("timeout", None),
+        Err(FlowError::Killed) => ("killed", None),
+        Err(FlowError::ShutDown) => ("shutdown", None),
+        Err(FlowError::Task(_)) => ("error", None),
+        Err(FlowError::Io { dir, source }) => {
+            use std::io::ErrorKind::*;
+            match source.kind() {
+                ConnectionReset | BrokenPipe | ConnectionAborted => ("reset", Some(*dir)),
+                _ => ("error", Some(*dir)),
+            }
+        }
+    };
+    end
+}
+
+async fn run_flows(
     conn: Arc<Connection>,
     client: (ReadHalf, WriteHalf),
     upstream: (ReadHalf, WriteHalf),

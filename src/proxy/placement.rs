@@ -52,6 +52,10 @@ pub enum Action {
     /// until the connection ends when `None` (then the flow ends: what it
     /// held is never delivered).
     Hold(Option<Duration>),
+    /// Write out what was forwarded, then wait this long before handing
+    /// out the next piece of a paced event (`slice`, `throttle`; zero: only
+    /// the write, so each piece is its own).
+    Gap(Duration),
     /// Write out what was forwarded, keep both connections open for
     /// `linger` while passing nothing more on, then close both (with a TCP
     /// reset if `reset`). Nothing more comes from this flow.
@@ -262,7 +266,7 @@ impl Placement {
         let mut take = self.seg_left.min(unsent.len() as u64);
         if let Some(p) = &mut self.pacing {
             if let Some(d) = p.owed.take() {
-                return Action::Hold(Some(d));
+                return Action::Gap(d);
             }
             take = take.min(p.left);
         }
@@ -479,6 +483,7 @@ mod tests {
         Bytes(Vec<u8>),
         Swallowed(u64),
         Hold(Option<Duration>),
+        Gap(Duration),
         Cut(bool),
         Answer(Vec<u8>),
         Forget(u64),
@@ -545,6 +550,7 @@ mod tests {
                         self.place.verdict(verdict);
                     }
                     Action::Hold(d) => self.push(Out::Hold(d)),
+                    Action::Gap(d) => self.push(Out::Gap(d)),
                     Action::Cut { reset, .. } => {
                         self.push(Out::Cut(reset));
                         self.cut = true;
@@ -945,14 +951,14 @@ mod tests {
         let out = Setup::new(read_in_flight, Direction::ToClient)
             .on(is_reply, pace)
             .out(&stream);
-        let gap = Out::Hold(Some(Duration::from_millis(2)));
+        let gap = Out::Gap(Duration::from_millis(2));
         // The 16-byte header: 4 bytes, the first hold, then 5 + 5 + 2; the
         // data that follows is another event, passed on whole.
         assert_eq!(
             out,
             [
                 Out::Bytes(stream[..4].to_vec()),
-                Out::Hold(Some(Duration::from_millis(7))),
+                Out::Gap(Duration::from_millis(7)),
                 Out::Bytes(stream[4..9].to_vec()),
                 gap.clone(),
                 Out::Bytes(stream[9..14].to_vec()),

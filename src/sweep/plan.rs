@@ -26,7 +26,8 @@ pub const DEFAULT_FAULTS: &[&str] = &["disconnect", "error", "drop", "corrupt"];
 #[derive(Debug, Clone, Deserialize)]
 pub struct TraceLine {
     pub conn: u64,
-    /// One name, or several joined with `+`.
+    /// One name, or several joined with `+` (the trace lists them).
+    #[serde(deserialize_with = "joined_names")]
     pub event: String,
     pub direction: Option<String>,
     #[serde(default)]
@@ -39,6 +40,20 @@ pub struct TraceLine {
     pub rule: Option<String>,
     #[serde(default)]
     pub action: Option<String>,
+}
+
+/// A trace's `event`: one name, or a list of them.
+fn joined_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Names::deserialize(d)? {
+        Names::One(s) => s,
+        Names::Many(v) => v.join("+"),
+    })
 }
 
 impl TraceLine {

@@ -1,0 +1,751 @@
+//! The one observation point of a connection, which the event trace and
+//! the packet capture both read: every message of each flow with its bytes,
+//! every fault's result as it takes effect, and how the connection ended.
+//!
+//! The proxy calls it where bytes pass and where faults are carried out;
+//! each call is a branch or two when neither the trace nor the capture is
+//! on, and no payload byte is copied unless the capture is. A flow's part
+//! ([`FlowObserver`]) holds what only that flow knows (the message being
+//! passed on, the fault acting on it); [`ConnObserver`] what both share.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::lock;
+use super::pcap::{Leg, PcapConn, Way};
+use super::telemetry::Telemetry;
+use super::trace::{
+    CloseLine, Detail, Errno, Extra, FaultLine, NameOrNumber, chunk_type, reply_type,
+};
+use crate::intercept::{ConnId, Event, Fault, Plan};
+use crate::protocol::bytes::{be16, be32, be64};
+use crate::protocol::consts::*;
+use crate::protocol::{Direction, MessageMeta};
+
+/// How a connection ended, as the proxy says it.
+#[derive(Debug, Clone, Default)]
+pub struct End<'a> {
+    /// One of the reasons README "Event trace" lists.
+    pub reason: &'static str,
+    pub message: Option<String>,
+    pub direction: Option<Direction>,
+    pub rule: Option<&'a str>,
+    /// The client's / the server's socket was closed with a reset.
+    pub reset_client: bool,
+    pub reset_server: bool,
+    pub to_server_bytes: u64,
+    pub to_client_bytes: u64,
+}
+
+/// A connection's observation point. See the module docs.
+pub struct ConnObserver {
+    id: ConnId,
+    telemetry: Arc<Telemetry>,
+    capture: Option<PcapConn>,
+    /// The flow whose source ended first, cleanly: 0 none yet, 1
+    /// to-server (the client closed), 2 to-client (the server did).
+    first_eof: AtomicU8,
+    /// What each answer made and not yet written is, by cookie, for its
+    /// packet's comment (capture only).
+    notes: Mutex<Vec<(Option<u64>, String)>>,
+}
+
+impl ConnObserver {
+    pub fn new(telemetry: &Arc<Telemetry>, id: ConnId, peer: &str) -> Self {
+        Self {
+            id,
+            telemetry: telemetry.clone(),
+            capture: telemetry.pcap().map(|_| PcapConn::new(id, peer)),
+            first_eof: AtomicU8::new(0),
+            notes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether the bytes are captured: then payloads must pass through the
+    /// process (not be spliced) to be seen.
+    pub fn capturing(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    fn tracing(&self) -> bool {
+        self.telemetry.trace_enabled()
+    }
+
+    fn capture(&self) -> Option<(&PcapConn, &super::pcap::Pcap)> {
+        Some((self.capture.as_ref()?, self.telemetry.pcap()?))
+    }
+
+    /// Both sides are connected.
+    pub fn connected(&self) {
+        if let Some((c, p)) = self.capture() {
+            c.connected(p);
+        }
+    }
+
+    /// An event was offered; `fault` if a rule fired. `stream_offset` is
+    /// where it starts in its flow (`None` for `connect`); `head` the bytes
+    /// from its start that are buffered (its header at least).
+    pub fn message(
+        &self,
+        ev: &Event,
+        fault: Option<&Fault>,
+        stream_offset: Option<u64>,
+        head: &[u8],
+    ) {
+        let mut extra = Extra {
+            stream_offset,
+            ..Extra::default()
+        };
+        if self.tracing()
+            && ev.meta.chunk_type.is_some()
+            && ev.kinds.contains(crate::protocol::EventKind::Reply)
+            && head.len() >= 8
+        {
+            extra.chunk_flags = Some(be16(head, 4));
+            let len = if be32(head, 0) == EXTENDED_REPLY_MAGIC {
+                EXTENDED_REPLY_LEN
+            } else {
+                STRUCTURED_REPLY_LEN
+            };
+            if ev
+                .meta
+                .chunk_type
+                .is_some_and(|t| t & REPLY_TYPE_FLAG_ERROR != 0)
+                && head.len() >= len + 4
+            {
+                extra.chunk_error = Some(be32(head, len));
+            }
+        }
+        self.telemetry.message(ev, fault, &extra);
+    }
+
+    /// The to-client flow wrote an answer nbdfault made.
+    pub fn answer_sent(&self, bytes: &[u8]) {
+        let Some((c, p)) = self.capture() else {
+            return;
+        };
+        let cookie = parse_answer(bytes).1;
+        let note = {
+            let mut notes = lock(&self.notes);
+            let i = notes.iter().position(|(k, _)| *k == cookie);
+            i.map(|i| notes.remove(i).1)
+        };
+        let note = note.unwrap_or_else(|| "nbdfault's own answer".to_string());
+        c.data(
+            p,
+            Leg::Client,
+            Way::ToClient,
+            bytes,
+            bytes.len() as u64,
+            Some(&note),
+        );
+    }
+
+    /// Notes that `dir`'s source is the one ending the connection, unless
+    /// the other's already did.
+    fn source_ends_first(&self, dir: Direction) {
+        let slot = match dir {
+            Direction::ToServer => 1,
+            Direction::ToClient => 2,
+        };
+        let _ = self
+            .first_eof
+            .compare_exchange(0, slot, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// `dir`'s source ended between messages.
+    pub fn source_ended(&self, dir: Direction) {
+        self.source_ends_first(dir);
+        if let Some((c, p)) = self.capture() {
+            let (leg, way) = src_leg(dir);
+            c.close(p, leg, way, false, None);
+        }
+    }
+
+    /// `dir`'s end of stream was passed on to its sink.
+    pub fn sink_shut(&self, dir: Direction) {
+        if let Some((c, p)) = self.capture() {
+            let (leg, way) = dst_leg(dir);
+            c.close(p, leg, way, false, None);
+        }
+    }
+
+    /// Which side closed first, cleanly (for a connection that ended well).
+    pub fn first_eof(&self) -> Option<Direction> {
+        match self.first_eof.load(Ordering::Relaxed) {
+            1 => Some(Direction::ToServer),
+            2 => Some(Direction::ToClient),
+            _ => None,
+        }
+    }
+
+    /// The connection is over: both sockets are closed (or closing).
+    pub fn closed(&self, end: &End<'_>) {
+        if let Some(t) = self.telemetry.trace() {
+            t.record(|ts| CloseLine {
+                ts,
+                conn: self.id,
+                record: "close",
+                reason: end.reason,
+                message: end.message.as_deref(),
+                direction: end.direction.map(Direction::name),
+                rule: end.rule,
+                to_server_bytes: end.to_server_bytes,
+                to_client_bytes: end.to_client_bytes,
+            });
+        }
+        if let Some((c, p)) = self.capture() {
+            let why = format!("nbdfault closes: {}", end.reason);
+            c.close(p, Leg::Client, Way::ToClient, end.reset_client, Some(&why));
+            c.close(p, Leg::Server, Way::ToServer, end.reset_server, Some(&why));
+        }
+    }
+}
+
+/// Where a flow's source bytes travel: the client leg toward nbdfault for
+/// the to-server flow, the server leg toward nbdfault for the other.
+fn src_leg(dir: Direction) -> (Leg, Way) {
+    match dir {
+        Direction::ToServer => (Leg::Client, Way::ToServer),
+        Direction::ToClient => (Leg::Server, Way::ToClient),
+    }
+}
+
+/// Where a flow's sink bytes travel.
+fn dst_leg(dir: Direction) -> (Leg, Way) {
+    match dir {
+        Direction::ToServer => (Leg::Server, Way::ToServer),
+        Direction::ToClient => (Leg::Client, Way::ToClient),
+    }
+}
+
+/// A fault that fired, as its later results name it.
+#[derive(Debug, Clone)]
+struct Fired {
+    rule: Arc<str>,
+    action: &'static str,
+    stream_offset: u64,
+    cookie: Option<u64>,
+}
+
+/// One message's bytes on a leg, not yet made a packet.
+#[derive(Debug, Default)]
+struct Packet {
+    kept: Vec<u8>,
+    len: u64,
+    /// Bytes of the current message kept so far, against the snap length.
+    message_kept: u64,
+}
+
+impl Packet {
+    fn add(&mut self, bytes: &[u8], snaplen: u64) {
+        let room = snaplen.saturating_sub(self.message_kept) as usize;
+        let keep = &bytes[..bytes.len().min(room)];
+        self.kept.extend_from_slice(keep);
+        self.message_kept += keep.len() as u64;
+        self.len += bytes.len() as u64;
+    }
+}
+
+/// A message being swallowed by a fault.
+#[derive(Debug)]
+struct Swallow {
+    fired: Fired,
+    kept: u64,
+    bytes: u64,
+}
+
+/// One flow's part of the observation point. See the module docs.
+#[derive(Debug)]
+pub struct FlowObserver {
+    dir: Direction,
+    on: bool,
+    capture: bool,
+    snaplen: u64,
+    /// Stream position of the next byte handed out (capture only).
+    pos: u64,
+    /// Bytes of the current message not handed out yet, and how many of
+    /// them the source's packets already have (a hold shows the source's
+    /// bytes when they came, not when they went on).
+    left: u64,
+    ahead: u64,
+    src: Packet,
+    dst: Packet,
+    /// For the next packets of the current message on both legs.
+    comment: Option<String>,
+    /// Bits flipped in the sink's bytes, (stream position, mask): undone
+    /// for the source's packets, which show what the peer sent.
+    flips: Vec<(u64, u8)>,
+    /// A fault whose result comes later (a hold, a cut), and its plan's
+    /// parameters.
+    armed: Option<(Fired, u64)>,
+    held: Option<(Fired, Instant)>,
+    swallow: Option<Swallow>,
+    /// Replies being replaced, by cookie: their further chunks are
+    /// swallowed under the same fault.
+    replacing: HashMap<u64, Fired>,
+    /// Faults whose answer is still to be made, by cookie (`None` for an
+    /// option).
+    answering: HashMap<Option<u64>, Fired>,
+}
+
+impl FlowObserver {
+    pub fn new(conn: &ConnObserver, dir: Direction) -> Self {
+        Self {
+            dir,
+            on: conn.tracing() || conn.capturing(),
+            capture: conn.capturing(),
+            snaplen: conn.telemetry.pcap().map_or(u64::MAX, |p| p.snaplen()),
+            pos: 0,
+            left: 0,
+            ahead: 0,
+            src: Packet::default(),
+            dst: Packet::default(),
+            comment: None,
+            flips: Vec::new(),
+            armed: None,
+            held: None,
+            swallow: None,
+            replacing: HashMap::new(),
+            answering: HashMap::new(),
+        }
+    }
+
+    /// A message of `len` bytes was framed at the cursor: the one before
+    /// it is over.
+    pub fn framed(&mut self, conn: &ConnObserver, meta: &MessageMeta, len: u64) {
+        if !self.on {
+            return;
+        }
+        self.left = len;
+        self.ahead = 0;
+        self.end_swallow(conn);
+        self.emit(conn);
+        self.src.message_kept = 0;
+        self.dst.message_kept = 0;
+        self.comment = None;
+        // A client that says goodbye ended the connection, whichever side
+        // then closes first.
+        if self.dir == Direction::ToServer
+            && (meta.command == Some(CMD_DISC) || meta.option == Some(OPT_ABORT))
+        {
+            conn.source_ends_first(self.dir);
+        }
+        if let Some(c) = meta.cookie
+            && let Some(f) = self.replacing.get(&c)
+        {
+            // A further chunk of a replaced reply.
+            self.swallow = Some(Swallow {
+                fired: f.clone(),
+                kept: 0,
+                bytes: 0,
+            });
+            if meta.done {
+                self.replacing.remove(&c);
+            }
+        }
+    }
+
+    /// A rule fired on `ev`, which starts at `stream_offset` of this flow.
+    pub fn fault(&mut self, conn: &ConnObserver, ev: &Event, stream_offset: u64, f: &Fault) {
+        if !self.on {
+            return;
+        }
+        let fired = Fired {
+            rule: f.rule.clone(),
+            action: f.action,
+            stream_offset,
+            cookie: ev.meta.cookie,
+        };
+        if self.capture {
+            self.comment = Some(format!(
+                "nbdfault: rule {:?} fires {} on {} ({})",
+                &*f.rule,
+                f.action,
+                ev.kinds,
+                describe(&f.plan)
+            ));
+        }
+        match &f.plan {
+            Plan::Flip { flips } => {
+                let bits = flips
+                    .iter()
+                    .flat_map(|&(off, mask)| {
+                        (0..8u64)
+                            .filter(move |b| mask & (0x80 >> b) != 0)
+                            .map(move |b| off * 8 + b)
+                    })
+                    .collect();
+                self.line(conn, &fired, "flip", |d| d.bits = Some(bits));
+                if self.capture {
+                    self.flips
+                        .extend(flips.iter().map(|&(off, m)| (stream_offset + off, m)));
+                }
+            }
+            Plan::Hold { at, .. } | Plan::Cut { at, .. } => self.armed = Some((fired, *at)),
+            &Plan::Pace {
+                at,
+                size,
+                first,
+                gap,
+            } => self.line(conn, &fired, "pace", |d| {
+                d.at = Some(at);
+                d.piece = Some(size);
+                d.wait_us = Some(first.as_micros() as u64);
+                d.gap_us = Some(gap.as_micros() as u64);
+            }),
+            Plan::Discard { keep, answer } => {
+                if answer.is_some() {
+                    self.answering.insert(ev.meta.cookie, fired.clone());
+                }
+                self.swallow = Some(Swallow {
+                    fired,
+                    kept: (*keep).min(ev.size),
+                    bytes: 0,
+                });
+            }
+            Plan::ReplaceReply { .. } => {
+                if let Some(c) = ev.meta.cookie {
+                    self.answering.insert(Some(c), fired.clone());
+                    if !ev.meta.done {
+                        self.replacing.insert(c, fired.clone());
+                    }
+                }
+                self.swallow = Some(Swallow {
+                    fired,
+                    kept: 0,
+                    bytes: 0,
+                });
+            }
+        }
+    }
+
+    /// `bytes` were handed out to be passed on (after any flips).
+    pub fn forward(&mut self, bytes: &[u8]) {
+        if !self.capture {
+            return;
+        }
+        self.dst.add(bytes, self.snaplen);
+        self.add_source(bytes);
+    }
+
+    /// `bytes` were swallowed.
+    pub fn swallowed(&mut self, bytes: &[u8]) {
+        if let Some(s) = &mut self.swallow {
+            s.bytes += bytes.len() as u64;
+        }
+        if self.capture {
+            self.add_source(bytes);
+        }
+    }
+
+    /// The source's packet gets the bytes as the peer sent them.
+    fn add_source(&mut self, bytes: &[u8]) {
+        let n = bytes.len() as u64;
+        self.left = self.left.saturating_sub(n);
+        let skip = self.ahead.min(n);
+        self.ahead -= skip;
+        let bytes = &bytes[skip as usize..];
+        let from = self.pos + skip;
+        self.pos += n;
+        let to = self.pos;
+        if !self.flips.iter().any(|&(p, _)| p >= from && p < to) {
+            self.src.add(bytes, self.snaplen);
+            return;
+        }
+        let mut sent = bytes.to_vec();
+        self.flips.retain(|&(p, mask)| {
+            if p >= from && p < to {
+                sent[(p - from) as usize] ^= mask;
+                false
+            } else {
+                true
+            }
+        });
+        self.src.add(&sent, self.snaplen);
+    }
+
+    /// Makes packets of what was handed out so far (before it is written).
+    pub fn emit(&mut self, conn: &ConnObserver) {
+        if !self.capture || (self.src.len == 0 && self.dst.len == 0) {
+            return;
+        }
+        let Some((c, p)) = conn.capture() else {
+            return;
+        };
+        for (packet, (leg, way)) in [
+            (&mut self.src, src_leg(self.dir)),
+            (&mut self.dst, dst_leg(self.dir)),
+        ] {
+            if packet.len > 0 {
+                c.data(
+                    p,
+                    leg,
+                    way,
+                    &packet.kept,
+                    packet.len,
+                    self.comment.as_deref(),
+                );
+                packet.kept.clear();
+                packet.len = 0;
+            }
+        }
+        self.comment = None;
+    }
+
+    /// A hold (delay, stall) starts: the flow passes nothing on for
+    /// `duration` (`None`: until the connection ends).
+    /// `unsent`: the buffered bytes not handed out yet; those of the held
+    /// message go into the source's packets now.
+    pub fn hold(
+        &mut self,
+        conn: &ConnObserver,
+        duration: Option<std::time::Duration>,
+        unsent: &[u8],
+    ) {
+        if self.capture {
+            let to = unsent.len().min(self.left.min(usize::MAX as u64) as usize);
+            let from = (self.ahead as usize).min(to);
+            // Not handed out, so not flipped yet: as the peer sent them.
+            self.src.add(&unsent[from..to], self.snaplen);
+            self.ahead += (to - from) as u64;
+            let (skip_from, skip_to) = (self.pos + from as u64, self.pos + to as u64);
+            self.flips.retain(|&(p, _)| p < skip_from || p >= skip_to);
+            // The comment goes on the held message's sink packet too.
+            let note = self.comment.clone();
+            self.emit(conn);
+            self.comment = note;
+        }
+        let Some((fired, at)) = self.armed.take().filter(|_| self.on) else {
+            return;
+        };
+        self.line(conn, &fired, "hold", |d| {
+            d.at = Some(at);
+            d.duration_ms = Some(duration.map(|d| d.as_millis() as u64));
+        });
+        self.held = Some((fired, Instant::now()));
+    }
+
+    /// The held flow goes on.
+    pub fn resumed(&mut self, conn: &ConnObserver) {
+        if let Some((fired, since)) = self.held.take() {
+            let us = since.elapsed().as_micros() as u64;
+            self.line(conn, &fired, "resume", |d| d.held_us = Some(us));
+        }
+    }
+
+    /// A `disconnect` closes both sides.
+    pub fn cut(&mut self, conn: &ConnObserver, fault: &Fault) {
+        if !self.on {
+            return;
+        }
+        self.emit(conn);
+        let fired = self.armed.take().map(|(f, _)| f).unwrap_or(Fired {
+            rule: fault.rule.clone(),
+            action: fault.action,
+            stream_offset: self.pos,
+            cookie: None,
+        });
+        let (at, reset) = match fault.plan {
+            Plan::Cut { at, reset, .. } => (at, reset),
+            _ => (0, false),
+        };
+        self.line(conn, &fired, "cut", |d| {
+            d.at = Some(at);
+            d.reset = Some(reset);
+        });
+    }
+
+    /// nbdfault makes `bytes` as its answer to the client.
+    pub fn answer(&mut self, conn: &ConnObserver, bytes: &[u8]) {
+        if !self.on {
+            return;
+        }
+        self.end_swallow(conn);
+        let (detail, cookie) = parse_answer(bytes);
+        let Some(fired) = self.answering.remove(&cookie) else {
+            return;
+        };
+        if self.capture {
+            let note = format!(
+                "nbdfault's answer for rule {:?} ({}): {}",
+                &*fired.rule,
+                fired.action,
+                describe_answer(bytes)
+            );
+            lock(&conn.notes).push((cookie, note));
+        }
+        self.line(conn, &fired, "answer", |d| *d = detail);
+    }
+
+    /// The flow is over: what it handed out last becomes packets.
+    pub fn ended(&mut self, conn: &ConnObserver) {
+        if self.on {
+            self.end_swallow(conn);
+            self.emit(conn);
+        }
+    }
+
+    fn end_swallow(&mut self, conn: &ConnObserver) {
+        if let Some(s) = self.swallow.take() {
+            self.line(conn, &s.fired, "swallow", |d| {
+                d.kept = Some(s.kept);
+                d.bytes = Some(s.bytes);
+            });
+        }
+    }
+
+    /// Writes a `fault` line of `result` for `fired`.
+    fn line(
+        &self,
+        conn: &ConnObserver,
+        fired: &Fired,
+        result: &'static str,
+        fill: impl FnOnce(&mut Detail),
+    ) {
+        let Some(t) = conn.telemetry.trace() else {
+            return;
+        };
+        let mut detail = Detail::default();
+        fill(&mut detail);
+        t.record(|ts| FaultLine {
+            ts,
+            conn: conn.id,
+            record: "fault",
+            direction: Some(self.dir.name()),
+            stream_offset: fired.stream_offset,
+            cookie: fired.cookie,
+            rule: &fired.rule,
+            action: fired.action,
+            result,
+            detail,
+        });
+    }
+}
+
+/// A plan in a few words, for a packet comment.
+fn describe(plan: &Plan) -> String {
+    match plan {
+        Plan::Cut { at, reset, linger } => format!(
+            "closes both sides after {at} bytes{}{}",
+            if linger.is_zero() {
+                String::new()
+            } else {
+                format!(" and {linger:?}")
+            },
+            if *reset { " with a reset" } else { "" }
+        ),
+        Plan::Pace {
+            at,
+            size,
+            first,
+            gap,
+        } => format!(
+            "passes the event on after {at} bytes in pieces of {size} bytes, {first:?} before \
+             the first and {gap:?} before each later one"
+        ),
+        Plan::Hold { at, duration } => match duration {
+            Some(d) => format!("holds the flow {d:?} after {at} bytes"),
+            None => format!("holds the flow after {at} bytes until the end"),
+        },
+        Plan::Discard { keep, answer } => format!(
+            "swallows the message after {keep} bytes{}",
+            match answer {
+                Some(a) => format!(", answers {}", describe_answer(a)),
+                None => String::new(),
+            }
+        ),
+        Plan::ReplaceReply { answer } => {
+            format!("swallows the reply, answers {}", describe_answer(answer))
+        }
+        Plan::Flip { flips } => {
+            let list: Vec<String> = flips
+                .iter()
+                .map(|(off, mask)| format!("byte {off} ^ {mask:#04x}"))
+                .collect();
+            format!("flips {}", list.join(", "))
+        }
+    }
+}
+
+/// An answer in a few words: its form, cookie and error.
+fn describe_answer(bytes: &[u8]) -> String {
+    let (d, cookie) = parse_answer(bytes);
+    let mut s = format!("{} reply", d.reply.unwrap_or("unknown"));
+    if let Some(c) = cookie {
+        s += &format!(" cookie {c:#x}");
+    }
+    if let Some(Errno(e)) = d.error {
+        match name_in(TRANSMISSION_ERRNOS, e) {
+            Some(n) => s += &format!(" error {n}"),
+            None => s += &format!(" error {e}"),
+        }
+    }
+    if d.reply == Some("option") && bytes.len() >= 16 {
+        let t = be32(bytes, 12);
+        s += &format!(" type {t:#x}");
+    }
+    s
+}
+
+/// What an answer nbdfault made says, for its `fault` line, and its cookie
+/// (`None` for an option reply).
+fn parse_answer(bytes: &[u8]) -> (Detail, Option<u64>) {
+    let mut d = Detail {
+        bytes: Some(bytes.len() as u64),
+        ..Detail::default()
+    };
+    if bytes.len() >= 20 && be64(bytes, 0) == OPTION_REPLY_MAGIC {
+        d.reply = Some("option");
+        let option = be32(bytes, 8);
+        d.option = Some(NameOrNumber::of(option_name(option), option));
+        d.reply_type = Some(reply_type(be32(bytes, 12)));
+        return (d, None);
+    }
+    if bytes.len() < 16 {
+        return (d, None);
+    }
+    let cookie = be64(bytes, 8);
+    let (form, len) = match be32(bytes, 0) {
+        SIMPLE_REPLY_MAGIC => {
+            d.reply = Some("simple");
+            d.error = Some(Errno(be32(bytes, 4)));
+            return (d, Some(cookie));
+        }
+        STRUCTURED_REPLY_MAGIC => ("structured", STRUCTURED_REPLY_LEN),
+        EXTENDED_REPLY_MAGIC => ("extended", EXTENDED_REPLY_LEN),
+        _ => return (d, Some(cookie)),
+    };
+    d.reply = Some(form);
+    let t = be16(bytes, 6);
+    d.chunk_type = Some(chunk_type(t));
+    if t & REPLY_TYPE_FLAG_ERROR != 0 && bytes.len() >= len + 4 {
+        d.error = Some(Errno(be32(bytes, len)));
+    }
+    (d, Some(cookie))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::transmission::{ReplyMode, build_error_reply};
+
+    #[test]
+    fn answers_are_read_back() {
+        for mode in [
+            ReplyMode::Simple,
+            ReplyMode::Structured,
+            ReplyMode::Extended,
+        ] {
+            let mut buf = [0u8; 200];
+            let n = build_error_reply(mode, 0x42, 0, EIO, "no", &mut buf);
+            let (d, cookie) = parse_answer(&buf[..n]);
+            assert_eq!(cookie, Some(0x42));
+            assert!(matches!(d.error, Some(Errno(EIO))), "{mode:?}");
+            let text = describe_answer(&buf[..n]);
+            assert!(text.ends_with("cookie 0x42 error EIO"), "{text}");
+        }
+    }
+}

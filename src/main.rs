@@ -256,7 +256,7 @@ impl RuleArgs {
         let set = if self.files.is_empty() {
             RuleSet {
                 seed: self.seed.unwrap_or(0),
-                rules: Vec::new(),
+                ..RuleSet::default()
             }
         } else {
             let (set, notices) = rules::load_files_noting(&self.files, self.seed)?;

@@ -178,6 +178,7 @@ fn fire_each(set: &RuleSet) {
         let engine = Engine::new(RuleSet {
             seed: set.seed,
             rules: vec![rule.clone()],
+            ..RuleSet::default()
         });
         let f = &rule.filter;
         let mut state = ConnState::default();
@@ -340,6 +341,15 @@ fn check_plan(plan: &Plan, ev: &Event) {
             }
         }
         Plan::ReplaceReply { answer } => check_answer(answer, ev),
+        Plan::Outage { duration, .. } => {
+            assert!(ev.kinds.contains(EventKind::Connect), "{plan:?} on {ev:?}");
+            if let Some(d) = duration {
+                assert!(*d <= MAX_DURATION, "{plan:?}: longer than the checks allow");
+            }
+        }
+        Plan::SetAside { .. } => {
+            assert!(ev.kinds.contains(EventKind::Request), "{plan:?} on {ev:?}")
+        }
     }
 }
 

@@ -231,6 +231,8 @@ impl Connection {
     }
 
     fn set_export(&self, name: String) {
+        // The rules see it too, for their `export:` filters.
+        self.rules.lock().unwrap_or_else(|p| p.into_inner()).export = Some(name.as_str().into());
         *self.export.lock().unwrap_or_else(|p| p.into_inner()) = Some(name);
     }
 

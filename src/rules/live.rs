@@ -78,8 +78,10 @@ impl LiveRules {
         }
         let mut rules = cur.rules().to_vec();
         rules.extend(self.loaded(cur.seed(), set));
+        // The state machine in force goes on (a `state:` in `set` is
+        // for a replace).
         self.engine
-            .store(Arc::new(Engine::from_loaded(cur.seed(), rules)));
+            .store(Arc::new(Engine::from_loaded(cur.seed(), rules).sharing_state(&cur)));
         Ok(())
     }
 
@@ -87,9 +89,10 @@ impl LiveRules {
     pub fn replace(&self, set: RuleSet) {
         let _g = self.lock();
         let seed = self.seed_override.unwrap_or(set.seed);
+        let state = set.state;
         let rules = self.loaded(seed, set);
         self.engine
-            .store(Arc::new(Engine::from_loaded(seed, rules)));
+            .store(Arc::new(Engine::from_loaded(seed, rules).starting_in(state)));
     }
 
     /// Removes the rule named `name`; false if there is none.
@@ -106,7 +109,7 @@ impl LiveRules {
             return false;
         }
         self.engine
-            .store(Arc::new(Engine::from_loaded(cur.seed(), rules)));
+            .store(Arc::new(Engine::from_loaded(cur.seed(), rules).sharing_state(&cur)));
         true
     }
 

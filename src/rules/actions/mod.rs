@@ -11,12 +11,16 @@
 //! lists the checks and messages use, and the dispatch come from that line.
 //! (The `mod` lines stay outside the macro so rustfmt still sees the files.)
 
+pub mod blackhole;
+pub mod r#break;
 pub mod corrupt;
 pub mod delay;
 pub mod disconnect;
 pub mod drop;
 pub mod error;
 mod kind;
+pub mod none;
+pub mod refuse;
 pub mod stall;
 
 use serde_json::Value;
@@ -104,6 +108,10 @@ registry! {
     Disconnect(disconnect::Disconnect),
     Drop(drop::Drop),
     Corrupt(corrupt::Corruption),
+    Refuse(refuse::Refuse),
+    Blackhole(blackhole::Blackhole),
+    Nothing(none::Nothing),
+    Break(r#break::Break),
 }
 
 /// The action of a rule that names none: hang up, as QEMU's injector does.
@@ -163,15 +171,29 @@ mod tests {
     fn names_and_fields_keep_their_order() {
         assert_eq!(
             names(),
-            ["disconnect", "error", "delay", "stall", "drop", "corrupt"]
+            [
+                "disconnect",
+                "error",
+                "delay",
+                "stall",
+                "drop",
+                "corrupt",
+                "refuse",
+                "blackhole",
+                "none",
+                "break"
+            ]
         );
         assert_eq!(
             fields(),
-            ["errno", "duration", "jitter", "reset", "at", "xor", "bits"]
+            ["errno", "duration", "jitter", "reset", "at", "xor", "bits", "tag"]
         );
-        assert_eq!(taking("duration"), ["delay", "stall"]);
+        assert_eq!(taking("duration"), ["delay", "stall", "refuse", "blackhole"]);
         assert_eq!(names_where(|s| s.partial), ["disconnect", "delay", "stall"]);
-        assert_eq!(names_where(|s| s.connect), ["disconnect", "delay"]);
+        assert_eq!(
+            names_where(|s| s.connect),
+            ["disconnect", "delay", "refuse", "blackhole", "none"]
+        );
     }
 
     #[test]
@@ -205,12 +227,20 @@ mod tests {
             ("duration", Scalar::Str("1s")),
             ("reset", Scalar::Bool(true)),
             ("at", Scalar::Int(3)),
+            ("tag", Scalar::Str("t")),
+            ("set-state", Scalar::Int(1)),
         ]);
-        let ctx = Context {
-            events: EventSet::of(EventKind::Request),
-        };
         for r in REGISTRY {
             let s = r.spec;
+            // The outages apply to connect alone.
+            let only_connect = matches!(s.name, "refuse" | "blackhole");
+            let ctx = Context {
+                events: EventSet::of(if only_connect {
+                    EventKind::Connect
+                } else {
+                    EventKind::Request
+                }),
+            };
             let a = r
                 .check(&given, &ctx)
                 .unwrap_or_else(|e| panic!("{} refused: {e}", s.name));

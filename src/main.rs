@@ -209,6 +209,11 @@ struct LimitArgs {
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(..=MAX_CONNECTIONS))]
     max_connections: u64,
+    /// Start listening this long after starting (the "Listening on" line
+    /// comes at once): until then connecting fails, as with a server that
+    /// appears after its client.
+    #[arg(long, value_name = "DURATION", default_value = "0s")]
+    listen_delay: humantime::Duration,
 }
 
 impl LimitArgs {
@@ -219,6 +224,7 @@ impl LimitArgs {
             handshake_timeout: self.handshake_timeout.into(),
             connect_timeout: self.connect_timeout.into(),
             max_connections: self.max_connections as usize,
+            listen_delay: self.listen_delay.into(),
         })
     }
 }

@@ -8,6 +8,7 @@
 //! each byte goes: forwarded, held, cut, swallowed and answered, flipped.
 //! Payloads no fault acts inside are spliced ([`splice`]).
 
+pub mod breaks;
 mod flow;
 mod hangup;
 pub mod placement;

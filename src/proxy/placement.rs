@@ -326,7 +326,13 @@ impl Placement {
             }
             Plan::Outage { .. } => {
                 // Only ever planned on `connect`, which no flow offers.
-                self.mark = Some((0, Armed::Cut { reset: false, fault }));
+                self.mark = Some((
+                    0,
+                    Armed::Cut {
+                        reset: false,
+                        fault,
+                    },
+                ));
             }
             Plan::Flip { flips } => {
                 let here = self.offset;

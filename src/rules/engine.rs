@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::intercept::{ConnState, Event, Fault, Interceptor, RuleCounter, Verdict};
-use crate::rules::model::StateInit;
 use crate::protocol::{Direction, EventKind};
+use crate::rules::model::StateInit;
 
 use super::actions::Firing;
 use super::model::{Action, Filter, OffsetRange, Rule, RuleSet};
@@ -286,7 +286,11 @@ impl Engine {
     ) -> Option<Fault> {
         let l = &self.rules[i];
         if !filter_matches(&l.rule.filter, ev, state.export.as_deref())
-            || l.rule.filter.states.as_ref().is_some_and(|s| !s.contains(&now))
+            || l.rule
+                .filter
+                .states
+                .as_ref()
+                .is_some_and(|s| !s.contains(&now))
         {
             return None;
         }

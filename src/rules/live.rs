@@ -80,8 +80,9 @@ impl LiveRules {
         rules.extend(self.loaded(cur.seed(), set));
         // The state machine in force goes on (a `state:` in `set` is
         // for a replace).
-        self.engine
-            .store(Arc::new(Engine::from_loaded(cur.seed(), rules).sharing_state(&cur)));
+        self.engine.store(Arc::new(
+            Engine::from_loaded(cur.seed(), rules).sharing_state(&cur),
+        ));
         Ok(())
     }
 
@@ -91,8 +92,9 @@ impl LiveRules {
         let seed = self.seed_override.unwrap_or(set.seed);
         let state = set.state;
         let rules = self.loaded(seed, set);
-        self.engine
-            .store(Arc::new(Engine::from_loaded(seed, rules).starting_in(state)));
+        self.engine.store(Arc::new(
+            Engine::from_loaded(seed, rules).starting_in(state),
+        ));
     }
 
     /// Removes the rule named `name`; false if there is none.
@@ -108,8 +110,9 @@ impl LiveRules {
         if rules.len() == cur.rules().len() {
             return false;
         }
-        self.engine
-            .store(Arc::new(Engine::from_loaded(cur.seed(), rules).sharing_state(&cur)));
+        self.engine.store(Arc::new(
+            Engine::from_loaded(cur.seed(), rules).sharing_state(&cur),
+        ));
         true
     }
 

@@ -32,8 +32,9 @@ impl Kind for Break {
         only_on(fields, ctx, Self::SPEC.name, EventKind::Request)?;
         const ALLOWED: &str = "a tag names held requests in /breaks/TAG";
         let Some(tag) = fields.name("tag", ALLOWED)? else {
-            return Err(fields
-                .at_action("action break needs a tag (e.g. tag: third-write)".to_string()));
+            return Err(
+                fields.at_action("action break needs a tag (e.g. tag: third-write)".to_string())
+            );
         };
         // Tags go into URLs, log lines and JSON, like rule names.
         if tag.trim().is_empty() || !printable_name(tag) || tag.contains('/') {
@@ -86,6 +87,10 @@ mod tests {
             events: EventSet::of(EventKind::Reply),
         };
         let e = Break::check(&Given::of(&[("tag", Scalar::Str("t"))]), &reply).unwrap_err();
-        assert!(e.message.starts_with("action break applies only to event request"), "{e}");
+        assert!(
+            e.message
+                .starts_with("action break applies only to event request"),
+            "{e}"
+        );
     }
 }

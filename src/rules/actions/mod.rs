@@ -186,9 +186,14 @@ mod tests {
         );
         assert_eq!(
             fields(),
-            ["errno", "duration", "jitter", "reset", "at", "xor", "bits", "tag"]
+            [
+                "errno", "duration", "jitter", "reset", "at", "xor", "bits", "tag"
+            ]
         );
-        assert_eq!(taking("duration"), ["delay", "stall", "refuse", "blackhole"]);
+        assert_eq!(
+            taking("duration"),
+            ["delay", "stall", "refuse", "blackhole"]
+        );
         assert_eq!(names_where(|s| s.partial), ["disconnect", "delay", "stall"]);
         assert_eq!(
             names_where(|s| s.connect),

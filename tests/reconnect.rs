@@ -59,6 +59,20 @@ impl Lab {
         Nbdfault::start(&args)
     }
 
+    /// A proxy with the control API on and these rules; its API's URL.
+    fn proxy_with_rules(&self, rules: &str) -> (Nbdfault, String) {
+        let file = self.dir.path().join("rules.yaml");
+        std::fs::write(&file, rules).unwrap();
+        let p = self.proxy(&[
+            "--control",
+            "127.0.0.1:0",
+            "--rules",
+            file.to_str().unwrap(),
+        ]);
+        let url = control_url(&p);
+        (p, url)
+    }
+
     /// What qemu-io reads back from the disk itself, not through the proxy.
     fn read_direct(&self, cmd: &str) -> String {
         run_ok(
@@ -93,6 +107,18 @@ fn qemu_io_opts(sock: &Path, opts: &str, cmds: &[&str]) -> (bool, String, Durati
     let start = Instant::now();
     let (status, out) = run_merged("qemu-io", &args, Duration::from_secs(60));
     (status.success(), mask_qemu_io_timing(&out), start.elapsed())
+}
+
+/// `read 0 4k` through the proxy `p` with image options `opts`, which
+/// must succeed; how long it took.
+fn read_4k(sock: &Path, opts: &str, p: &Nbdfault) -> Duration {
+    let (ok, out, took) = qemu_io_opts(sock, opts, &["read 0 4k"]);
+    assert!(ok, "{out}\n{}", p.stderr());
+    assert_eq!(
+        out,
+        "read 4096/4096 bytes at offset 0\n4 KiB, 1 ops; <timing>"
+    );
+    took
 }
 
 /// The control API's URL of a proxy started with `--control 127.0.0.1:0`.
@@ -168,12 +194,7 @@ fn open_timeout_against_a_listen_delay() {
         out.contains("Failed to connect to") && out.contains("No such file or directory"),
         "{out}"
     );
-    let (ok, out, took) = qemu_io_opts(&lab.sock(), ",open-timeout=30", &["read 0 4k"]);
-    assert!(ok, "{out}\n{}", p.stderr());
-    assert_eq!(
-        out,
-        "read 4096/4096 bytes at offset 0\n4 KiB, 1 ops; <timing>"
-    );
+    let took = read_4k(&lab.sock(), ",open-timeout=30", &p);
     assert!(took >= Duration::from_secs(1), "{took:?}");
     assert!(p.stderr().contains("--listen-delay: listening on"));
 }
@@ -185,12 +206,7 @@ fn open_timeout_outlasts_a_refusing_outage_from_the_rules() {
     let lab = Lab::new();
     let rules = shipped("outage-1s.yaml");
     let p = lab.proxy(&["--rules", &rules]);
-    let (ok, out, took) = qemu_io_opts(&lab.sock(), ",open-timeout=30", &["read 0 4k"]);
-    assert!(ok, "{out}\n{}", p.stderr());
-    assert_eq!(
-        out,
-        "read 4096/4096 bytes at offset 0\n4 KiB, 1 ops; <timing>"
-    );
+    let took = read_4k(&lab.sock(), ",open-timeout=30", &p);
     assert!(took >= Duration::from_millis(500), "{took:?}");
     let log = p.stderr();
     assert!(
@@ -226,8 +242,7 @@ fn outages_and_cuts_through_the_control_api() {
     );
     assert_eq!(api("DELETE", &format!("{url}/outage"), None).1, 204);
     assert_eq!(api("DELETE", &format!("{url}/outage"), None).1, 404);
-    let (ok, out, _) = qemu_io_opts(&lab.sock(), ",open-timeout=0", &["read 0 4k"]);
-    assert!(ok, "{out}");
+    read_4k(&lab.sock(), ",open-timeout=0", &p);
 
     // A blackhole until ended: the client waits in its handshake.
     let (_, code) = api(
@@ -261,8 +276,7 @@ fn outages_and_cuts_through_the_control_api() {
     );
     assert_eq!((code, parse_json(&body)["closed"].as_u64()), (200, Some(0)));
     kill_child(&mut idle);
-    let (ok, out, _) = qemu_io_opts(&lab.sock(), ",open-timeout=30", &["read 0 4k"]);
-    assert!(ok, "{out}");
+    read_4k(&lab.sock(), ",open-timeout=30", &p);
 }
 
 /// A bad `POST /outage` is refused with what is wrong, and starts nothing.
@@ -377,21 +391,10 @@ h.shutdown()
 #[test]
 fn a_break_holds_one_write_while_the_connection_goes_on() {
     let lab = Lab::new();
-    let dir = TempDir::new().unwrap();
-    let rules = dir.path().join("break.yaml");
-    std::fs::write(
-        &rules,
+    let (p, url) = lab.proxy_with_rules(
         "rules:\n  - name: third-write\n    event: request\n    command: write\n    after: 2\n    \
          times: 1\n    action: break\n    tag: third\n",
-    )
-    .unwrap();
-    let p = lab.proxy(&[
-        "--control",
-        "127.0.0.1:0",
-        "--rules",
-        rules.to_str().unwrap(),
-    ]);
-    let url = control_url(&p);
+    );
     let uri = unix_uri(&lab.sock());
     let out = python(
         &format!("import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n{BREAK_SCRIPT}"),
@@ -418,20 +421,9 @@ fn a_break_holds_one_write_while_the_connection_goes_on() {
 #[test]
 fn a_break_whose_client_leaves_is_released() {
     let lab = Lab::new();
-    let dir = TempDir::new().unwrap();
-    let rules = dir.path().join("break.yaml");
-    std::fs::write(
-        &rules,
+    let (p, url) = lab.proxy_with_rules(
         "rules:\n  - event: request\n    command: write\n    action: break\n    tag: any\n",
-    )
-    .unwrap();
-    let p = lab.proxy(&[
-        "--control",
-        "127.0.0.1:0",
-        "--rules",
-        rules.to_str().unwrap(),
-    ]);
-    let url = control_url(&p);
+    );
     let out = python(
         "import nbd, sys, urllib.request\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
          h.aio_pwrite(bytearray(512), 0)\n\

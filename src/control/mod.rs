@@ -362,7 +362,9 @@ async fn handle(
         },
         Route::Breaks => json(
             StatusCode::OK,
-            &serde_json::json!({ "breaks": breaks().list().iter().map(held_json).collect::<Vec<_>>() }),
+            &BreaksJson {
+                breaks: breaks().list().iter().map(held_json).collect(),
+            },
         ),
         Route::Break(tag, op) => {
             let tag = match percent_decode(tag) {
@@ -411,7 +413,7 @@ async fn handle(
                             .filter(|h| *h.tag == *tag)
                             .map(held_json)
                             .collect();
-                        json(StatusCode::OK, &serde_json::json!({ "breaks": held }))
+                        json(StatusCode::OK, &BreaksJson { breaks: held })
                     } else {
                         error(
                             StatusCode::REQUEST_TIMEOUT,
@@ -712,34 +714,70 @@ fn start_outage(state: &ControlState, o: &OutageRequest) -> Reply {
     json(StatusCode::OK, &body)
 }
 
+/// An outage in `GET /outage` and `POST /outage`.
+#[derive(Serialize)]
+struct OutageJson {
+    mode: &'static str,
+    reset: bool,
+    by: String,
+    /// `null`: until `DELETE /outage`.
+    remaining: Option<String>,
+}
+
 fn outage_json(o: &Outage) -> serde_json::Value {
     let (mode, reset) = match o.mode {
         OutageMode::Refuse { reset } => ("refuse", reset),
         OutageMode::Blackhole => ("blackhole", false),
     };
-    let left = o
-        .until
-        .map(|u| u.saturating_duration_since(tokio::time::Instant::now()));
-    serde_json::json!({
-        "mode": mode,
-        "reset": reset,
-        "by": o.by,
-        "remaining": left.map(|d| humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()),
+    // Whole milliseconds: the nanoseconds would only be noise.
+    let remaining = o.until.map(|u| {
+        let left = u.saturating_duration_since(tokio::time::Instant::now());
+        humantime::format_duration(Duration::from_millis(left.as_millis() as u64)).to_string()
+    });
+    serde_json::to_value(OutageJson {
+        mode,
+        reset,
+        by: o.by.clone(),
+        remaining,
     })
+    .unwrap_or_default()
 }
 
-fn held_json(h: &HeldInfo) -> serde_json::Value {
-    serde_json::json!({
-        "tag": &*h.tag,
-        "connection": h.conn,
-        "event": "request",
-        "command": h.meta.command.map(|c| command_name(c).map_or(c.to_string(), str::to_string)),
-        "cookie": h.meta.cookie,
-        "offset": h.meta.offset,
-        "length": h.meta.length,
-        "bytes": h.bytes,
-        "since": Rfc3339(h.since).to_string(),
-    })
+/// `GET /breaks` and `GET /breaks/TAG/wait`: held requests, oldest first.
+#[derive(Serialize)]
+struct BreaksJson {
+    breaks: Vec<HeldJson>,
+}
+
+/// A held request in `GET /breaks`, its fields in this order.
+#[derive(Serialize)]
+struct HeldJson {
+    tag: String,
+    connection: u64,
+    event: &'static str,
+    command: Option<String>,
+    cookie: Option<u64>,
+    offset: Option<u64>,
+    length: Option<u64>,
+    bytes: u64,
+    since: String,
+}
+
+fn held_json(h: &HeldInfo) -> HeldJson {
+    HeldJson {
+        tag: h.tag.to_string(),
+        connection: h.conn,
+        event: "request",
+        command: h
+            .meta
+            .command
+            .map(|c| command_name(c).map_or(c.to_string(), str::to_string)),
+        cookie: h.meta.cookie,
+        offset: h.meta.offset,
+        length: h.meta.length,
+        bytes: h.bytes,
+        since: Rfc3339(h.since).to_string(),
+    }
 }
 
 /// The value of `key` in a query string (`a=1&b=2`), as written.

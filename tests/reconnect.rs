@@ -421,7 +421,7 @@ fn a_break_holds_one_write_while_the_connection_goes_on() {
 #[test]
 fn a_break_whose_client_leaves_is_released() {
     let lab = Lab::new();
-    let (p, url) = lab.proxy_with_rules(
+    let (_p, url) = lab.proxy_with_rules(
         "rules:\n  - event: request\n    command: write\n    action: break\n    tag: any\n",
     );
     let out = python(

@@ -92,6 +92,15 @@ fn shipped_files_are_all_there() {
     assert_eq!(ini, 27, "{all:?}");
 }
 
+/// How many rules a shipped file holds: its YAML list items, or its INI
+/// sections (most hold one; a state machine holds more).
+fn rules_in(f: &Path) -> usize {
+    let text = std::fs::read_to_string(f).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("  - ") || l.starts_with('['))
+        .count()
+}
+
 #[test]
 fn every_shipped_file_passes_alone() {
     for f in shipped() {
@@ -99,7 +108,7 @@ fn every_shipped_file_passes_alone() {
         assert!(o.success(), "{}", o.describe());
         assert_eq!(
             o.stdout,
-            format!("{}: ok, 1 rule(s)\n", f.display()),
+            format!("{}: ok, {} rule(s)\n", f.display(), rules_in(&f)),
             "{}",
             o.describe()
         );
@@ -115,7 +124,7 @@ fn every_shipped_file_passes_together_one_ok_line_each() {
     assert!(o.success(), "{}", o.describe());
     let expected: String = all
         .iter()
-        .map(|f| format!("{}: ok, 1 rule(s)\n", f.display()))
+        .map(|f| format!("{}: ok, {} rule(s)\n", f.display(), rules_in(f)))
         .collect();
     assert_same_lines("check of every shipped file", &expected, &o.stdout);
     assert_eq!(o.stderr, "", "{}", o.describe());
@@ -322,7 +331,7 @@ fn other_mistakes_are_located() {
     let line = rejected(&f);
     assert_located(&line, &f, 3, 5);
     assert!(
-        line.contains("duration applies only to action delay or stall, but this rule's action is disconnect (the default)"),
+        line.contains("duration applies only to action delay or stall or refuse or blackhole, but this rule's action is disconnect (the default)"),
         "{line}"
     );
     // A probability out of range.

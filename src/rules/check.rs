@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 
 use super::actions::{self, Context, joined};
-use super::fields::{Fields, Pos, RuleError, Scalar};
+pub(crate) use super::fields::printable_name;
+use super::fields::{Fields, Pos, RuleError, Scalar, unprintable};
 use super::model::{
     ConnRange, Counters, Filter, OffsetRange, Origin, Rule, RuleSet, StateInit, When,
 };
@@ -280,20 +281,6 @@ pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRul
         name_line: name_pos.line,
         name_column: name_pos.column,
     })
-}
-
-/// Whether `c` may not appear in a rule name. Names go into log lines,
-/// metric labels and URLs: a control character (a newline, an escape, a
-/// NUL) could forge or garble them, and a line separator or a bidirectional
-/// override could make a line read as something else.
-fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-/// Whether a rule name is one every format may accept: printable text.
-pub(crate) fn printable_name(name: &str) -> bool {
-    !name.chars().any(unprintable)
 }
 
 /// Text from a rules file as a message may quote it: unchanged when

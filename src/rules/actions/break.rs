@@ -11,8 +11,7 @@ use serde_json::Value;
 use super::kind::{Context, Firing, Kind, Spec, only_on};
 use crate::intercept::Plan;
 use crate::protocol::EventKind;
-use crate::rules::check::printable_name;
-use crate::rules::fields::{Fields, RuleError};
+use crate::rules::fields::{Fields, RuleError, printable_name};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Break {

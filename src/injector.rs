@@ -216,10 +216,15 @@ impl InjectorRules {
             .cloned()
             .collect();
         InjectorRules {
-            all: Engine::new(RuleSet { seed: 0, rules }),
+            all: Engine::new(RuleSet {
+                seed: 0,
+                rules,
+                ..RuleSet::default()
+            }),
             deciding: Engine::new(RuleSet {
                 seed: 0,
                 rules: deciding,
+                ..RuleSet::default()
             }),
         }
     }

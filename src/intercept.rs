@@ -90,6 +90,27 @@ pub enum Plan {
         first: Duration,
         gap: Duration,
     },
+    /// `connect` only: start an outage of the listener. This connection
+    /// and every new one for `duration` (this one alone when `None`) are
+    /// refused or blackholed; live connections go on.
+    Outage {
+        mode: OutageMode,
+        duration: Option<Duration>,
+    },
+    /// Requests only: take the whole message (header and payload) out of
+    /// the flow and keep it aside under `tag` until it is resumed, while
+    /// the connection's other messages go on (see `proxy::breaks`).
+    SetAside { tag: Arc<str> },
+}
+
+/// What an outage does to a connection that arrives during it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageMode {
+    /// Closed at once, with a TCP reset if `reset`.
+    Refuse { reset: bool },
+    /// Accepted and never answered: no handshake, no upstream, until the
+    /// outage ends (then closed) or the client leaves.
+    Blackhole,
 }
 
 /// What an interceptor remembers about one connection (counters of
@@ -98,6 +119,11 @@ pub enum Plan {
 #[derive(Debug, Default)]
 pub struct ConnState {
     pub counters: HashMap<Arc<str>, RuleCounter>,
+    /// The rules' state for this connection, when states are kept per
+    /// connection (`None` until the first event reads it).
+    pub state: Option<u64>,
+    /// The export the client named, once it has (for `export:` filters).
+    pub export: Option<Arc<str>>,
 }
 
 /// How often a rule matched and fired, and its random stream.

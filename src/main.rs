@@ -234,6 +234,11 @@ struct LimitArgs {
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(..=MAX_CONNECTIONS))]
     max_connections: u64,
+    /// Start listening this long after starting (the "Listening on" line
+    /// comes at once): until then connecting fails, as with a server that
+    /// appears after its client.
+    #[arg(long, value_name = "DURATION", default_value = "0s")]
+    listen_delay: humantime::Duration,
 }
 
 impl LimitArgs {
@@ -244,6 +249,7 @@ impl LimitArgs {
             handshake_timeout: self.handshake_timeout.into(),
             connect_timeout: self.connect_timeout.into(),
             max_connections: self.max_connections as usize,
+            listen_delay: self.listen_delay.into(),
         })
     }
 }
@@ -281,7 +287,7 @@ impl RuleArgs {
         let set = if self.files.is_empty() {
             RuleSet {
                 seed: self.seed.unwrap_or(0),
-                rules: Vec::new(),
+                ..RuleSet::default()
             }
         } else {
             let (set, notices) = rules::load_files_noting(&self.files, self.seed)?;

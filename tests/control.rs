@@ -452,7 +452,7 @@ async fn metrics_rules_and_connections_are_listed() {
         ("POST", "/metrics", "GET"),
         ("DELETE", "/rules", "GET, POST, PUT"),
         ("GET", "/rules/slow-flush", "DELETE"),
-        ("PUT", "/connections", "GET"),
+        ("PUT", "/connections", "GET, DELETE"),
         ("POST", "/connections/1", "GET, DELETE"),
         ("GET", "/connections/1/pause", "POST"),
         ("DELETE", "/connections/1/resume", "POST"),

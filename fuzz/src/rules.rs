@@ -178,6 +178,7 @@ fn fire_each(set: &RuleSet) {
         let engine = Engine::new(RuleSet {
             seed: set.seed,
             rules: vec![rule.clone()],
+            ..RuleSet::default()
         });
         let f = &rule.filter;
         let mut state = ConnState::default();
@@ -353,6 +354,15 @@ fn check_plan(plan: &Plan, ev: &Event) {
                 *first <= 2 * MAX_DURATION && *gap <= MAX_DURATION,
                 "{plan:?}: longer than the checks allow"
             );
+        }
+        Plan::Outage { duration, .. } => {
+            assert!(ev.kinds.contains(EventKind::Connect), "{plan:?} on {ev:?}");
+            if let Some(d) = duration {
+                assert!(*d <= MAX_DURATION, "{plan:?}: longer than the checks allow");
+            }
+        }
+        Plan::SetAside { .. } => {
+            assert!(ev.kinds.contains(EventKind::Request), "{plan:?} on {ev:?}")
         }
     }
 }

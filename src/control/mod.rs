@@ -9,6 +9,10 @@
 //!
 //! Anyone who can reach the API can cut connections and inject faults, so it
 //! serves only loopback and unix sockets unless a bearer token is set.
+//!
+//! Besides rules and connections it starts and ends outages of the
+//! listener (`/outage`) and lists, waits for and resumes requests held by
+//! `break` rules (`/breaks`, kept in `proxy::breaks`).
 
 use std::convert::Infallible;
 use std::io;
@@ -32,17 +36,20 @@ pub mod guard;
 
 use guard::{Budget, Site};
 
+use crate::intercept::OutageMode;
 use crate::io::addr::ListenAddr;
 use crate::io::net::Listener;
 use crate::io::percent;
 use crate::observe::telemetry::Telemetry;
 use crate::observe::time::Rfc3339;
 use crate::protocol::Direction;
+use crate::protocol::consts::command_name;
 use crate::proxy::Connection;
+use crate::proxy::breaks::{HeldInfo, breaks};
 use crate::rules;
 use crate::rules::format::doc::{self, RulesDoc};
 use crate::rules::live::{ChangeError, LiveRules};
-use crate::server::registry::Registry;
+use crate::server::registry::{Outage, Registry};
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY: usize = 1 << 20;
@@ -229,7 +236,8 @@ async fn handle(
     budget: &Budget,
     req: Request<Incoming>,
 ) -> Reply {
-    let body = req.uri().path() == "/rules" && matches!(*req.method(), Method::POST | Method::PUT);
+    let body = matches!(req.uri().path(), "/rules" | "/outage")
+        && matches!(*req.method(), Method::POST | Method::PUT);
     if let Err(r) = site.check(req.method(), req.headers(), body) {
         info!(
             "control: refused {} {}: {}",
@@ -256,7 +264,8 @@ async fn handle(
             StatusCode::NOT_FOUND,
             &format!(
                 "no such endpoint {path:?} (endpoints: /metrics, /rules, /rules/NAME, \
-                 /connections, /connections/ID, /connections/ID/pause, /connections/ID/resume)"
+                 /connections, /connections/ID, /connections/ID/pause, /connections/ID/resume, \
+                 /outage, /breaks, /breaks/TAG/resume, /breaks/TAG/wait)"
             ),
         );
     };
@@ -280,7 +289,7 @@ async fn handle(
         return r;
     }
     match route {
-        Route::Metrics => text(StatusCode::OK, state.telemetry.render_metrics()),
+        Route::Metrics => text(StatusCode::OK, metrics(state)),
         Route::Rules => match *req.method() {
             Method::GET => json(StatusCode::OK, &rules_body(&state.rules)),
             ref m => {
@@ -318,9 +327,104 @@ async fn handle(
                 )
             }
         }
+        Route::Connections if req.method() == Method::DELETE => {
+            let n = state.registry.kill_all();
+            info!("control: closed all {n} connections");
+            json(StatusCode::OK, &serde_json::json!({ "closed": n }))
+        }
         Route::Connections => {
             let list: Vec<ConnJson> = state.registry.list().iter().map(|c| conn_json(c)).collect();
             json(StatusCode::OK, &serde_json::json!({ "connections": list }))
+        }
+        Route::Outage => match *req.method() {
+            Method::GET => json(
+                StatusCode::OK,
+                &serde_json::json!({ "outage": state.registry.outage().map(|o| outage_json(&o)) }),
+            ),
+            Method::DELETE => {
+                if state.registry.end_outage() {
+                    info!("control: ended the outage");
+                    empty(StatusCode::NO_CONTENT)
+                } else {
+                    error(StatusCode::NOT_FOUND, "no outage is in force")
+                }
+            }
+            _ => {
+                let text = match body_text(req, budget).await {
+                    Ok(t) => t,
+                    Err(r) => return r,
+                };
+                match outage_request(&text) {
+                    Ok(o) => start_outage(state, &o),
+                    Err(msg) => error(StatusCode::BAD_REQUEST, &format!("{BODY_FILE}: {msg}")),
+                }
+            }
+        },
+        Route::Breaks => json(
+            StatusCode::OK,
+            &BreaksJson {
+                breaks: breaks().list().iter().map(held_json).collect(),
+            },
+        ),
+        Route::Break(tag, op) => {
+            let tag = match percent_decode(tag) {
+                Ok(t) => t,
+                Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
+            };
+            let query = req.uri().query().unwrap_or("");
+            match op {
+                BreakOp::Resume => {
+                    let all = match query_value(query, "all") {
+                        None => false,
+                        Some("1" | "true") => true,
+                        Some("0" | "false") => false,
+                        Some(v) => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                &format!("all must be 1 or 0, found {v:?}"),
+                            );
+                        }
+                    };
+                    match breaks().resume(&tag, all) {
+                        0 => error(
+                            StatusCode::NOT_FOUND,
+                            &format!(
+                                "no request is held under tag {tag:?} (GET /breaks lists them)"
+                            ),
+                        ),
+                        n => {
+                            info!("control: resumed {n} request(s) held under tag {tag:?}");
+                            json(StatusCode::OK, &serde_json::json!({ "resumed": n }))
+                        }
+                    }
+                }
+                BreakOp::Wait => {
+                    let timeout = match query_value(query, "timeout") {
+                        None => Duration::from_secs(5),
+                        Some(t) => match wait_timeout(t) {
+                            Ok(d) => d,
+                            Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
+                        },
+                    };
+                    if breaks().wait(&tag, timeout).await {
+                        let held: Vec<_> = breaks()
+                            .list()
+                            .iter()
+                            .filter(|h| *h.tag == *tag)
+                            .map(held_json)
+                            .collect();
+                        json(StatusCode::OK, &BreaksJson { breaks: held })
+                    } else {
+                        error(
+                            StatusCode::REQUEST_TIMEOUT,
+                            &format!(
+                                "no request was held under tag {tag:?} within {}",
+                                humantime::format_duration(timeout)
+                            ),
+                        )
+                    }
+                }
+            }
         }
         Route::Connection(id, op) => {
             let Some(conn) = id.parse().ok().and_then(|id| state.registry.get(id)) else {
@@ -359,6 +463,16 @@ enum Route<'a> {
     Connections,
     /// The id as given (404 unless it is a live connection's).
     Connection(&'a str, ConnOp),
+    Outage,
+    Breaks,
+    /// The still percent-encoded tag.
+    Break(&'a str, BreakOp),
+}
+
+#[derive(Clone, Copy)]
+enum BreakOp {
+    Resume,
+    Wait,
 }
 
 #[derive(Clone, Copy)]
@@ -374,7 +488,18 @@ impl<'a> Route<'a> {
             "/metrics" => return Some(Route::Metrics),
             "/rules" => return Some(Route::Rules),
             "/connections" => return Some(Route::Connections),
+            "/outage" => return Some(Route::Outage),
+            "/breaks" => return Some(Route::Breaks),
             _ => {}
+        }
+        if let Some(rest) = path.strip_prefix("/breaks/") {
+            return match rest.rsplit_once('/') {
+                Some((tag, "resume")) if !tag.is_empty() => {
+                    Some(Route::Break(tag, BreakOp::Resume))
+                }
+                Some((tag, "wait")) if !tag.is_empty() => Some(Route::Break(tag, BreakOp::Wait)),
+                _ => None,
+            };
         }
         if let Some(name) = path.strip_prefix("/rules/") {
             return Some(Route::Rule(name));
@@ -391,7 +516,11 @@ impl<'a> Route<'a> {
 
     fn methods(&self) -> &'static [Method] {
         match self {
-            Route::Metrics | Route::Connections => &[Method::GET],
+            Route::Metrics | Route::Breaks => &[Method::GET],
+            Route::Connections => &[Method::GET, Method::DELETE],
+            Route::Outage => &[Method::GET, Method::POST, Method::DELETE],
+            Route::Break(_, BreakOp::Resume) => &[Method::POST],
+            Route::Break(_, BreakOp::Wait) => &[Method::GET],
             Route::Rules => &[Method::GET, Method::POST, Method::PUT],
             Route::Rule(_) => &[Method::DELETE],
             Route::Connection(_, ConnOp::Itself) => &[Method::GET, Method::DELETE],
@@ -498,6 +627,226 @@ fn change_rules(state: &ControlState, set: rules::RuleSet, replace: bool) -> Rep
             Err(e @ ChangeError::Duplicate(_)) => error(StatusCode::CONFLICT, &e.to_string()),
         }
     }
+}
+
+/// What `POST /outage` asks for.
+#[derive(Debug, Clone, PartialEq)]
+struct OutageRequest {
+    mode: OutageMode,
+    duration: Option<Duration>,
+    kill: bool,
+}
+
+/// Reads a `POST /outage` body: `{"duration": "1s", "mode": "refuse" |
+/// "blackhole", "reset": false, "kill": false}`, each optional (the
+/// default: refuse until `DELETE /outage`).
+fn outage_request(text: &str) -> Result<OutageRequest, String> {
+    const KEYS: &str = "keys: duration, mode, reset, kill";
+    let v: serde_json::Value = if text.trim().is_empty() {
+        serde_json::Value::Object(Default::default())
+    } else {
+        serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?
+    };
+    let serde_json::Value::Object(map) = v else {
+        return Err(format!("an outage is a JSON object ({KEYS}), found {v}"));
+    };
+    if let Some(k) = map
+        .keys()
+        .find(|k| !matches!(k.as_str(), "duration" | "mode" | "reset" | "kill"))
+    {
+        return Err(format!("unknown key {k:?} ({KEYS})"));
+    }
+    let flag = |key: &str| match map.get(key) {
+        None => Ok(false),
+        Some(serde_json::Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(format!("{key} must be true or false, found {v}")),
+    };
+    let reset = flag("reset")?;
+    let mode = match map.get("mode").map(|m| m.as_str().ok_or(m)) {
+        None | Some(Ok("refuse")) => OutageMode::Refuse { reset },
+        Some(Ok("blackhole")) if !reset => OutageMode::Blackhole,
+        Some(Ok("blackhole")) => {
+            return Err("reset applies only to mode refuse (a blackhole closes nothing)".into());
+        }
+        Some(Ok(m)) => return Err(format!("mode must be refuse or blackhole, found {m:?}")),
+        Some(Err(m)) => return Err(format!("mode must be refuse or blackhole, found {m}")),
+    };
+    let duration = match map.get("duration") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(d)) => {
+            let parsed = humantime::parse_duration(d.trim()).map_err(|e| {
+                format!("invalid duration {d:?}: {e} (a number with a unit, e.g. 200ms, 1s)")
+            })?;
+            if parsed > rules::fields::MAX_DURATION {
+                return Err(format!("duration must be at most 24h (1 day), found {d:?}"));
+            }
+            Some(parsed)
+        }
+        Some(v) => {
+            return Err(format!(
+                "duration must be a string such as \"1s\" (or null: until DELETE /outage), found {v}"
+            ));
+        }
+    };
+    Ok(OutageRequest {
+        mode,
+        duration,
+        kill: flag("kill")?,
+    })
+}
+
+fn start_outage(state: &ControlState, o: &OutageRequest) -> Reply {
+    state
+        .registry
+        .start_outage(o.mode, o.duration, "POST /outage");
+    let killed = if o.kill { state.registry.kill_all() } else { 0 };
+    let until = o.duration.map_or("until DELETE /outage".to_string(), |d| {
+        format!("for {}", humantime::format_duration(d))
+    });
+    info!("control: outage started {until}, {killed} connection(s) closed");
+    let mut body = state
+        .registry
+        .outage()
+        .map_or(serde_json::Value::Null, |o| outage_json(&o));
+    if let serde_json::Value::Object(m) = &mut body {
+        m.insert("closed".into(), killed.into());
+    }
+    json(StatusCode::OK, &body)
+}
+
+/// An outage in `GET /outage` and `POST /outage`.
+#[derive(Serialize)]
+struct OutageJson {
+    mode: &'static str,
+    reset: bool,
+    by: String,
+    /// `null`: until `DELETE /outage`.
+    remaining: Option<String>,
+}
+
+fn outage_json(o: &Outage) -> serde_json::Value {
+    let (mode, reset) = match o.mode {
+        OutageMode::Refuse { reset } => ("refuse", reset),
+        OutageMode::Blackhole => ("blackhole", false),
+    };
+    // Whole milliseconds: the nanoseconds would only be noise.
+    let remaining = o.until.map(|u| {
+        let left = u.saturating_duration_since(tokio::time::Instant::now());
+        humantime::format_duration(Duration::from_millis(left.as_millis() as u64)).to_string()
+    });
+    serde_json::to_value(OutageJson {
+        mode,
+        reset,
+        by: o.by.clone(),
+        remaining,
+    })
+    .unwrap_or_default()
+}
+
+/// `GET /breaks` and `GET /breaks/TAG/wait`: held requests, oldest first.
+#[derive(Serialize)]
+struct BreaksJson {
+    breaks: Vec<HeldJson>,
+}
+
+/// A held request in `GET /breaks`, its fields in this order.
+#[derive(Serialize)]
+struct HeldJson {
+    tag: String,
+    connection: u64,
+    event: &'static str,
+    command: Option<String>,
+    cookie: Option<u64>,
+    offset: Option<u64>,
+    length: Option<u64>,
+    bytes: u64,
+    since: String,
+}
+
+fn held_json(h: &HeldInfo) -> HeldJson {
+    HeldJson {
+        tag: h.tag.to_string(),
+        connection: h.conn,
+        event: "request",
+        command: h
+            .meta
+            .command
+            .map(|c| command_name(c).map_or(c.to_string(), str::to_string)),
+        cookie: h.meta.cookie,
+        offset: h.meta.offset,
+        length: h.meta.length,
+        bytes: h.bytes,
+        since: Rfc3339(h.since).to_string(),
+    }
+}
+
+/// The value of `key` in a query string (`a=1&b=2`), as written.
+fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// `?timeout=` of `/breaks/TAG/wait`: a duration up to an hour.
+fn wait_timeout(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("invalid timeout {text:?}: {e} (e.g. timeout=5s)"))?;
+    if d > Duration::from_secs(3600) {
+        return Err(format!("timeout must be at most 1h, found {text:?}"));
+    }
+    Ok(d)
+}
+
+/// The metrics, with the outages' and breaks' counts after the rest.
+fn metrics(state: &ControlState) -> String {
+    let mut text = state.telemetry.render_metrics();
+    let (refused, blackholed) = state.registry.outage_counts();
+    let b = breaks().counts();
+    for (name, kind, help, value) in [
+        (
+            "nbdfault_outage_refused_total",
+            "counter",
+            "Connections refused by outages.",
+            refused,
+        ),
+        (
+            "nbdfault_outage_blackholed_total",
+            "counter",
+            "Connections held unanswered by outages.",
+            blackholed,
+        ),
+        (
+            "nbdfault_breaks_held",
+            "gauge",
+            "Requests held by break rules now.",
+            b.held,
+        ),
+        (
+            "nbdfault_breaks_resumed_total",
+            "counter",
+            "Held requests resumed.",
+            b.resumed,
+        ),
+        (
+            "nbdfault_breaks_abandoned_total",
+            "counter",
+            "Held requests released because their connection ended.",
+            b.abandoned,
+        ),
+        (
+            "nbdfault_breaks_refused_total",
+            "counter",
+            "Requests passed on unheld: over the break size limits.",
+            b.refused,
+        ),
+    ] {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    text
 }
 
 /// `/rules/NAME` with `%XX` escapes decoded (by the one strict decoder the

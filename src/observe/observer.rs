@@ -385,6 +385,11 @@ impl FlowObserver {
                 }
             }
             Plan::Hold { at, .. } | Plan::Cut { at, .. } => self.armed = Some((fired, *at)),
+            // The request's bytes go on when it is resumed; the trace
+            // shows them then, as a message.
+            Plan::SetAside { .. } => self.line(conn, &fired, "break", |_| {}),
+            // Only ever on `connect`, which no flow offers.
+            Plan::Outage { .. } => {}
             &Plan::Pace {
                 at,
                 size,
@@ -637,6 +642,8 @@ fn describe(plan: &Plan) -> String {
             },
             if *reset { " with a reset" } else { "" }
         ),
+        Plan::SetAside { tag } => format!("sets the request aside under break {tag:?}"),
+        Plan::Outage { mode, duration } => format!("starts an outage ({mode:?}, {duration:?})"),
         Plan::Pace {
             at,
             size,

@@ -19,15 +19,16 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tracing::{debug, info, trace};
+use tracing::{debug, info, trace, warn};
 
+use super::breaks::{HeldInfo, breaks};
 use super::hangup::{HangupWatch, hung_up};
 use super::placement::{Action, Placement};
 use super::splice::{Pipe, RelayError, Socket, Spliceable, relay};
 use super::{
     ANSWER_QUEUE, Connection, FLOW_BUFFER, FlowError, RESET_CLIENT, RESET_SERVER, log_fault,
 };
-use crate::intercept::{Fault, Verdict};
+use crate::intercept::{Event, Fault, Plan, Verdict};
 use crate::io::net::{ReadHalf, WriteHalf};
 use crate::observe::observer::FlowObserver;
 use crate::protocol::consts;
@@ -90,6 +91,18 @@ pub(super) struct Flow<R: Linger, W: Linger> {
     pipe: Option<Pipe>,
     /// This flow's part of the trace and the packet capture.
     obs: FlowObserver,
+    /// A request a break is setting aside, as its bytes come.
+    capture: Option<(HeldInfo, Vec<u8>)>,
+    /// Where resumed requests come back, made at the first break.
+    aside: Option<Aside>,
+}
+
+/// A flow's end of the breaks registry (`super::breaks`).
+struct Aside {
+    key: u64,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Taken while [`Flow::fill`] waits on it.
+    rx: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
 }
 
 impl<R, W> Flow<R, W>
@@ -126,6 +139,8 @@ where
             keep: true,
             can_splice,
             pipe: None,
+            capture: None,
+            aside: None,
         }
     }
 
@@ -178,6 +193,9 @@ where
                     self.flush().await?;
                     self.obs
                         .swallowed(&self.buf[self.cursor..self.cursor + n as usize]);
+                    if self.capture.is_some() {
+                        self.set_aside(n as usize);
+                    }
                     self.cursor += n as usize;
                     self.start = self.cursor;
                     self.conn.count(self.dir, n);
@@ -189,9 +207,16 @@ where
                 }
                 Action::Offer { event, offset } => {
                     let head = &self.buf[self.cursor..self.end];
-                    let verdict = self.conn.offer_at(&event, Some(offset), head);
+                    let mut verdict = self.conn.offer_at(&event, Some(offset), head);
                     if let Verdict::Fault(f) = &verdict {
                         log_fault(&event, f, offset);
+                        if let Plan::SetAside { tag } = &f.plan
+                            && !self.begin_aside(&event, tag)
+                        {
+                            verdict = Verdict::Pass;
+                        }
+                    }
+                    if let Verdict::Fault(f) = &verdict {
                         self.obs.fault(&self.conn.observer, &event, offset, f);
                     }
                     self.place.verdict(verdict);
@@ -270,6 +295,66 @@ where
         trace!(conn = self.conn.id, "{}: {segs:?} {:?}", self.dir, f.meta);
         self.place.framed(f, mode);
         Ok(None)
+    }
+
+    /// Starts setting aside the request `ev` begins under `tag`; false
+    /// (with a warning) when it may not be held, and then it passes on.
+    fn begin_aside(&mut self, ev: &Event, tag: &Arc<str>) -> bool {
+        let payload = match ev.meta.command {
+            Some(consts::CMD_WRITE) => ev.meta.length.unwrap_or(0),
+            _ => 0,
+        };
+        let size = ev.size.saturating_add(payload);
+        if let Err(why) = breaks().admit(size) {
+            warn!(
+                conn = self.conn.id,
+                "break {tag}: {why}; passing the request on without holding it"
+            );
+            return false;
+        }
+        self.capture = Some((
+            HeldInfo {
+                tag: tag.clone(),
+                conn: self.conn.id,
+                meta: ev.meta,
+                bytes: size,
+                since: std::time::SystemTime::now(),
+            },
+            Vec::with_capacity(size.min(FLOW_BUFFER as u64) as usize),
+        ));
+        true
+    }
+
+    /// Keeps the next `n` buffered bytes of the request being set aside;
+    /// once it has all of it, hands it to the breaks registry.
+    fn set_aside(&mut self, n: usize) {
+        let Some((_, data)) = &mut self.capture else {
+            return;
+        };
+        data.extend_from_slice(&self.buf[self.cursor..self.cursor + n]);
+        if self.place.mid_message() {
+            return;
+        }
+        let Some((mut info, data)) = self.capture.take() else {
+            return;
+        };
+        let aside = self.aside.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            Aside {
+                key: breaks().flow_key(),
+                tx,
+                rx: Some(rx),
+            }
+        });
+        info.bytes = data.len() as u64;
+        info!(
+            conn = self.conn.id,
+            "break {}: holding request {:#x} ({} bytes) until resumed",
+            info.tag,
+            info.meta.cookie.unwrap_or(0),
+            info.bytes
+        );
+        breaks().hold(info, aside.key, data, aside.tx.clone());
     }
 
     /// Request timing for the duration histogram: from the request being
@@ -561,6 +646,29 @@ where
     /// for the other flow, also wakes up when it moves on; between
     /// messages, also wakes up for answers to send.
     async fn fill(&mut self, waiting: bool) -> Result<bool, FlowError> {
+        // A resumed request wakes the flow, to be written at the boundary.
+        let Some(mut rx) = self.aside.as_mut().and_then(|a| a.rx.take()) else {
+            return self.fill_src(waiting).await;
+        };
+        let got = tokio::select! {
+            biased;
+            m = rx.recv() => Err(m),
+            r = self.fill_src(waiting) => Ok(r),
+        };
+        if let Some(a) = &mut self.aside {
+            a.rx = Some(rx);
+        }
+        match got {
+            Ok(r) => r,
+            Err(m) => {
+                self.queued.extend(m);
+                Ok(true)
+            }
+        }
+    }
+
+    /// [`Flow::fill`] from the source alone.
+    async fn fill_src(&mut self, waiting: bool) -> Result<bool, FlowError> {
         if self.src_eof {
             return Ok(false);
         }
@@ -639,6 +747,15 @@ impl<R: Linger, W: Linger> Drop for Flow<R, W> {
     /// Ending (or aborted with the connection): close the sockets the way
     /// a fault asked, with a reset where it must be one.
     fn drop(&mut self) {
+        if let Some(a) = &self.aside {
+            let n = breaks().abandon(a.key);
+            if n > 0 {
+                info!(
+                    conn = self.conn.id,
+                    "{n} request(s) held by breaks released: the connection ended"
+                );
+            }
+        }
         let reset = self.conn.reset.load(Ordering::Relaxed);
         if reset == 0 {
             return;

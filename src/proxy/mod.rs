@@ -8,6 +8,7 @@
 //! each byte goes: forwarded, held, cut, swallowed and answered, flipped.
 //! Payloads no fault acts inside are spliced ([`splice`]).
 
+pub mod breaks;
 mod flow;
 mod hangup;
 pub mod placement;
@@ -243,6 +244,8 @@ impl Connection {
     }
 
     fn set_export(&self, name: String) {
+        // The rules see it too, for their `export:` filters.
+        self.rules.lock().unwrap_or_else(|p| p.into_inner()).export = Some(name.as_str().into());
         *self.export.lock().unwrap_or_else(|p| p.into_inner()) = Some(name);
     }
 

@@ -396,6 +396,23 @@ impl Placement {
                     None => {}
                 }
             }
+            Plan::SetAside { .. } => {
+                // Swallowed here like a discarded request, but not
+                // forgotten: the flow keeps the bytes and sends them on
+                // later, and the server's reply is still awaited.
+                self.mark = Some((0, Armed::Discard { answer: None }));
+            }
+            Plan::Outage { .. } => {
+                // Only ever planned on `connect`, which no flow offers.
+                self.mark = Some((
+                    0,
+                    Armed::Cut {
+                        reset: false,
+                        linger: Duration::ZERO,
+                        fault,
+                    },
+                ));
+            }
             Plan::Flip { flips } => {
                 let here = self.offset;
                 self.flips

@@ -9,8 +9,11 @@
 use std::collections::HashMap;
 
 use super::actions::{self, Context, joined};
-use super::fields::{Fields, Pos, RuleError, Scalar};
-use super::model::{ConnRange, Counters, Filter, OffsetRange, Origin, Rule, RuleSet, When};
+pub(crate) use super::fields::printable_name;
+use super::fields::{Fields, Pos, RuleError, Scalar, unprintable};
+use super::model::{
+    ConnRange, Counters, Filter, OffsetRange, Origin, Rule, RuleSet, StateInit, When,
+};
 use super::suggest;
 use crate::protocol::{Direction, EventKind, EventSet, consts};
 
@@ -21,6 +24,8 @@ type Result<T, E = RuleError> = std::result::Result<T, E>;
 pub(crate) struct Draft {
     pub seed: Option<u64>,
     pub rules: Vec<DraftRule>,
+    /// The document's `state:`, if it sets one.
+    pub state: Option<StateInit>,
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +43,8 @@ pub(crate) fn combine(drafts: Vec<Draft>, seed_override: Option<u64>) -> Result<
     let seed = seed_override
         .or_else(|| drafts.iter().find_map(|d| d.seed))
         .unwrap_or(0);
+    // Like the seed: the first document that sets one.
+    let state = drafts.iter().find_map(|d| d.state).unwrap_or_default();
     let mut rules = Vec::new();
     let mut seen: HashMap<String, Origin> = HashMap::new();
     for draft in drafts {
@@ -67,7 +74,7 @@ pub(crate) fn combine(drafts: Vec<Draft>, seed_override: Option<u64>) -> Result<
             rules.push(rule);
         }
     }
-    Ok(RuleSet { seed, rules })
+    Ok(RuleSet { seed, rules, state })
 }
 
 // ---------------------------------------------------------------------------
@@ -83,6 +90,8 @@ const RULE_FIELDS: &[&str] = &[
     "offset",
     "option",
     "connection",
+    "export",
+    "state",
     "when",
     "after",
     "after-bytes",
@@ -90,6 +99,7 @@ const RULE_FIELDS: &[&str] = &[
     "every",
     "probability",
     "per-connection",
+    "set-state",
     "action",
 ];
 
@@ -128,6 +138,19 @@ fn transmission_events() -> EventSet {
         .with(EventKind::Reply)
         .with(EventKind::Data)
 }
+
+/// The events `export` can apply to: every one but `connect` (the client
+/// has named nothing yet when it connects).
+fn exported_events() -> EventSet {
+    EventKind::ALL
+        .iter()
+        .filter(|&&k| k != EventKind::Connect)
+        .fold(EventSet::EMPTY, |s, &k| s.with(k))
+}
+
+/// The largest state a rule may name: states are small numbers, and a
+/// bound keeps the messages short.
+pub const MAX_STATE: u64 = 1 << 20;
 
 /// The events `option` can apply to.
 fn handshake_option_events() -> EventSet {
@@ -178,6 +201,13 @@ pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRul
     } else {
         None
     };
+    let exports = filter(f, "export", events, exported_events(), exports)?;
+    let states = if f.has("state") {
+        Some(states(f)?)
+    } else {
+        None
+    };
+    let set_state = f.uint("set-state", 0, MAX_STATE)?;
 
     let (registered, explicit) = match action_name(f)? {
         Some(a) => (a, true),
@@ -254,29 +284,18 @@ pub(crate) fn rule(f: &dyn Fields, index: usize, empty: bool) -> Result<DraftRul
                 offset,
                 options,
                 connections,
+                exports,
+                states,
             },
             when,
             counters,
             action,
+            set_state,
         },
         named,
         name_line: name_pos.line,
         name_column: name_pos.column,
     })
-}
-
-/// Whether `c` may not appear in a rule name. Names go into log lines,
-/// metric labels and URLs: a control character (a newline, an escape, a
-/// NUL) could forge or garble them, and a line separator or a bidirectional
-/// override could make a line read as something else.
-fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-/// Whether a rule name is one every format may accept: printable text.
-pub(crate) fn printable_name(name: &str) -> bool {
-    !name.chars().any(unprintable)
 }
 
 /// Text from a rules file as a message may quote it: unchanged when
@@ -543,6 +562,61 @@ fn connections(f: &dyn Fields) -> Result<Vec<ConnRange>> {
     }
 }
 
+/// `export: NAME` or a list of names, each once.
+fn exports(f: &dyn Fields) -> Result<Vec<String>> {
+    let mut all: Vec<String> = Vec::new();
+    for (name, _) in names(f, "export", "exports", &["any name a client asks for"])? {
+        if !all.iter().any(|n| n == name) {
+            all.push(name.to_string());
+        }
+    }
+    Ok(all)
+}
+
+/// `state: N` or a list of states.
+fn states(f: &dyn Fields) -> Result<Vec<u64>> {
+    let one = |v: Scalar, pos: Pos| match v {
+        Scalar::Int(n) if (0..=i128::from(MAX_STATE)).contains(&n) => Ok(n as u64),
+        _ => Err(f.at(
+            pos,
+            format!(
+                "state must be a whole number from 0 to {MAX_STATE} or a list of them, found {}",
+                v.found()
+            ),
+        )),
+    };
+    match f.value("state") {
+        Some(Scalar::List) => {
+            let items = f.items("state").unwrap_or_default();
+            if items.is_empty() {
+                return Err(f.at_value(
+                    "state",
+                    "state list is empty; name at least one state".to_string(),
+                ));
+            }
+            let mut all = Vec::new();
+            for (v, pos) in items {
+                let n = one(v, pos)?;
+                if !all.contains(&n) {
+                    all.push(n);
+                }
+            }
+            Ok(all)
+        }
+        Some(v) => Ok(vec![one(v, f.value_pos("state"))?]),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A document's top-level `state:`: its `state` (the initial value) and
+/// `per-connection` fields, as the format read them.
+pub(crate) fn state_init(f: &dyn Fields) -> Result<StateInit> {
+    Ok(StateInit {
+        initial: f.uint("state", 0, MAX_STATE)?.unwrap_or(0),
+        per_connection: f.boolean("per-connection")?.unwrap_or(false),
+    })
+}
+
 fn commands(f: &dyn Fields) -> Result<Vec<u16>> {
     named(f, "command", "commands", consts::COMMANDS)
 }
@@ -737,7 +811,7 @@ mod tests {
                 ("action", Scalar::Str("drop"))
             ]),
             "given:3:10: action drop cannot apply to event connect (connect allows only: \
-             disconnect, delay)"
+             disconnect, delay, refuse, blackhole, none)"
         );
         let when = refused(&[
             request,
@@ -753,6 +827,66 @@ mod tests {
         );
         let unknown = refused(&[request, ("action", Scalar::Str("dely"))]);
         assert!(unknown.contains("did you mean \"delay\"?"), "{unknown}");
+    }
+
+    /// The spellings of issue 16, each refused where it is wrong.
+    #[test]
+    fn outage_state_export_and_break_spellings() {
+        let err = |rule: &str| {
+            crate::rules::parse_str("t.yaml", &format!("rules:\n  - {rule}\n"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("event: request\n    action: refuse"),
+            "t.yaml:3:13: action refuse applies only to event connect, but this rule names \
+             request (use event: connect)"
+        );
+        assert_eq!(
+            err("event: connect\n    export: x"),
+            "t.yaml:3:5: event connect takes no filters, but this rule has export"
+        );
+        assert_eq!(
+            err("event: request\n    export: [a, 2]"),
+            "t.yaml:3:17: export list items must be names, found 2 (exports: any name a client \
+             asks for)"
+        );
+        assert_eq!(
+            err("event: request\n    state: [1, x]"),
+            "t.yaml:3:16: state must be a whole number from 0 to 1048576 or a list of them, \
+             found \"x\""
+        );
+        assert_eq!(
+            err("event: request\n    set-state: -2\n    action: drop"),
+            "t.yaml:3:16: set-state must be a whole number from 0 to 1048576, found -2"
+        );
+        assert_eq!(
+            err("event: request\n    action: none"),
+            "t.yaml:3:13: action none does nothing but change the state: give it a set-state \
+             (e.g. set-state: 2)"
+        );
+        assert_eq!(
+            err("event: request\n    action: break"),
+            "t.yaml:3:13: action break needs a tag (e.g. tag: third-write)"
+        );
+        assert_eq!(
+            err("event: connect\n    action: blackhole\n    duration: 2 days"),
+            "t.yaml:4:15: duration must be at most 24h (1 day), found \"2 days\""
+        );
+        assert_eq!(
+            err("event: connect\n    action: refuse\n    tag: x"),
+            "t.yaml:4:5: tag applies only to action break, but this rule's action is refuse"
+        );
+        let ok = crate::rules::parse_str(
+            "t.yaml",
+            "rules:\n  - event: connect\n    state: [0, 1]\n    set-state: 1\n    action: refuse\n    \
+             duration: 1s\n    reset: true\n  - event: request\n    export: disk\n    action: break\n    \
+             tag: w\n",
+        )
+        .unwrap();
+        assert_eq!(ok.rules[0].filter.states, Some(vec![0, 1]));
+        assert_eq!(ok.rules[0].set_state, Some(1));
+        assert_eq!(ok.rules[1].filter.exports, Some(vec!["disk".to_string()]));
     }
 
     #[test]
@@ -780,9 +914,9 @@ mod tests {
     fn field_names_are_the_rule_fields_then_the_actions() {
         assert_eq!(
             field_names().join(", "),
-            "name, event, direction, command, offset, option, connection, when, after, after-bytes, \
-             times, every, probability, per-connection, action, errno, duration, jitter, reset, \
-             slow-close, at, xor, bits, rate, size, delay"
+            "name, event, direction, command, offset, option, connection, export, state, when, \
+             after, after-bytes, times, every, probability, per-connection, set-state, action, \
+             errno, duration, jitter, reset, slow-close, at, xor, bits, rate, size, delay, tag"
         );
     }
 }

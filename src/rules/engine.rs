@@ -6,6 +6,13 @@
 //! event name so that rules which cannot match an event cost nothing on it.
 //! Counters are per process (one small lock per rule, taken only when the
 //! rule's filters match) or per connection (in the connection's own state).
+//!
+//! The rules' state (`state:` filters, `set-state`) is read once per event,
+//! before any rule is tried: every rule looking at an event sees the state
+//! it arrived in, and a `set-state` takes effect from the next event on (when
+//! several firing rules set it, the last one in rule order wins). A rule
+//! whose action is `none` fires without ending the search, so the rules
+//! after it still get the event; any other firing rule ends it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,9 +20,10 @@ use std::time::Instant;
 
 use crate::intercept::{ConnState, Event, Fault, Interceptor, RuleCounter, Verdict};
 use crate::protocol::{Direction, EventKind};
+use crate::rules::model::StateInit;
 
 use super::actions::Firing;
-use super::model::{Filter, OffsetRange, Rule, RuleSet};
+use super::model::{Action, Filter, OffsetRange, Rule, RuleSet};
 use super::rng::{stream_seed, unit};
 
 /// A rule as the engine runs it. Shared between engines, so a rule kept
@@ -62,6 +70,12 @@ pub struct RuleStats {
 pub struct Engine {
     seed: u64,
     rules: Vec<Arc<Loaded>>,
+    /// Where the state starts, and the process's state (kept across live
+    /// changes that keep the rule set: see [`Engine::sharing_state`]).
+    state_init: StateInit,
+    state: Arc<AtomicU64>,
+    /// Some rule reads or sets the state, so events must look it up.
+    stateful: bool,
     /// Per event kind, the rules naming it, in rule order.
     by_kind: [KindIndex; EventKind::ALL.len()],
 }
@@ -178,13 +192,35 @@ impl Quick {
 impl Engine {
     pub fn new(set: RuleSet) -> Self {
         let seed = set.seed;
+        let state = set.state;
         let loaded = set
             .rules
             .into_iter()
             .enumerate()
             .map(|(i, rule)| Self::load(seed, i as u64, rule))
             .collect();
-        Self::from_loaded(seed, loaded)
+        Self::from_loaded(seed, loaded).starting_in(state)
+    }
+
+    /// This engine with its state starting as `init` says.
+    pub fn starting_in(mut self, init: StateInit) -> Self {
+        self.state_init = init;
+        self.state = Arc::new(AtomicU64::new(init.initial));
+        self
+    }
+
+    /// This engine with `other`'s state, where it is now: a live change
+    /// that adds or removes rules does not restart the state machine.
+    pub fn sharing_state(mut self, other: &Engine) -> Self {
+        self.state_init = other.state_init;
+        self.state = other.state.clone();
+        self
+    }
+
+    /// The process's state now (per-connection states are the
+    /// connections' own).
+    pub fn state(&self) -> (StateInit, u64) {
+        (self.state_init, self.state.load(Ordering::Relaxed))
     }
 
     /// Prepares one rule; `ordinal` seeds its random streams.
@@ -210,10 +246,16 @@ impl Engine {
                 by_kind[k as usize].push(Quick::new(i, &l.rule.filter));
             }
         }
+        let stateful = rules
+            .iter()
+            .any(|l| l.rule.filter.states.is_some() || l.rule.set_state.is_some());
         Self {
             seed,
             rules,
             by_kind,
+            state_init: StateInit::default(),
+            state: Arc::new(AtomicU64::new(0)),
+            stateful,
         }
     }
 
@@ -233,14 +275,29 @@ impl Engine {
         self.rules.iter().map(|l| l.stats()).collect()
     }
 
-    fn try_rule(&self, i: usize, ev: &Event, state: &mut ConnState) -> Option<Fault> {
+    /// Tries rule `i` on `ev` in rule state `now`. A firing rule with a
+    /// `set-state` writes it into `next`.
+    fn try_rule(
+        &self,
+        i: usize,
+        ev: &Event,
+        state: &mut ConnState,
+        now: u64,
+        next: &mut Option<u64>,
+    ) -> Option<Fault> {
         let l = &self.rules[i];
-        if !filter_matches(&l.rule.filter, ev) {
+        if !filter_matches(&l.rule.filter, ev, state.export.as_deref())
+            || l.rule
+                .filter
+                .states
+                .as_ref()
+                .is_some_and(|s| !s.contains(&now))
+        {
             return None;
         }
         l.matched.fetch_add(1, Ordering::Relaxed);
         let c = &l.rule.counters;
-        let fire = |counter: &mut RuleCounter| -> Option<Fault> {
+        let mut fire = |counter: &mut RuleCounter| -> Option<Fault> {
             let mut at = l.rule.when.bytes(ev.size);
             if let Some(limit) = c.after_bytes {
                 // The first `limit` bytes of matching events pass; the rule
@@ -274,6 +331,13 @@ impl Engine {
             }
             counter.fired = counter.fired.saturating_add(1);
             l.fired.fetch_add(1, Ordering::Relaxed);
+            if l.rule.set_state.is_some() {
+                *next = l.rule.set_state;
+            }
+            if matches!(l.rule.action, Action::Nothing(_)) {
+                // Fired, and done: the search goes on.
+                return None;
+            }
             Some(Fault {
                 rule: l.name.clone(),
                 action: l.rule.action.name(),
@@ -304,35 +368,58 @@ impl Engine {
     }
 }
 
+impl Engine {
+    fn first_fault(
+        &self,
+        ev: &Event,
+        state: &mut ConnState,
+        now: u64,
+        next: &mut Option<u64>,
+    ) -> Option<Fault> {
+        let mut kinds = ev.kinds.iter();
+        let first = kinds.next()?;
+        if kinds.next().is_none() {
+            return self.by_kind[first as usize]
+                .first(ev, |i| self.try_rule(i, ev, state, now, next));
+        }
+        // A message answering to several names (option-reply + neg2): try
+        // every rule naming any of them, still in rule order.
+        self.rules.iter().enumerate().find_map(|(i, l)| {
+            if l.rule.filter.events.iter().any(|k| ev.kinds.contains(k)) {
+                self.try_rule(i, ev, state, now, next)
+            } else {
+                None
+            }
+        })
+    }
+}
+
 impl Interceptor for Engine {
     fn on_event(&self, ev: &Event, state: &mut ConnState) -> Verdict {
-        let mut kinds = ev.kinds.iter();
-        let Some(first) = kinds.next() else {
-            return Verdict::Pass;
-        };
-        if kinds.next().is_none() {
-            if let Some(f) = self.by_kind[first as usize].first(ev, |i| self.try_rule(i, ev, state))
-            {
-                return Verdict::Fault(f);
-            }
+        let now = if !self.stateful {
+            0
+        } else if self.state_init.per_connection {
+            *state.state.get_or_insert(self.state_init.initial)
         } else {
-            // A message answering to several names (option-reply + neg2):
-            // try every rule naming any of them, still in rule order.
-            for (i, l) in self.rules.iter().enumerate() {
-                if l.rule.filter.events.iter().any(|k| ev.kinds.contains(k))
-                    && let Some(f) = self.try_rule(i, ev, state)
-                {
-                    return Verdict::Fault(f);
-                }
+            self.state.load(Ordering::Relaxed)
+        };
+        let mut next = None;
+        let fault = self.first_fault(ev, state, now, &mut next);
+        if let Some(n) = next {
+            if self.state_init.per_connection {
+                state.state = Some(n);
+            } else {
+                self.state.store(n, Ordering::Relaxed);
             }
         }
-        Verdict::Pass
+        fault.map_or(Verdict::Pass, Verdict::Fault)
     }
 }
 
 /// Whether an event passes a rule's filters (the event name was checked by
-/// the index).
-fn filter_matches(f: &Filter, ev: &Event) -> bool {
+/// the index; the state is checked by the caller). `export`: the one the
+/// connection's client named, if it has.
+fn filter_matches(f: &Filter, ev: &Event, export: Option<&str>) -> bool {
     if f.direction.is_some() && f.direction != ev.direction {
         return false;
     }
@@ -358,6 +445,12 @@ fn filter_matches(f: &Filter, ev: &Event) -> bool {
         && !conns.iter().any(|r| r.contains(ev.conn))
     {
         return false;
+    }
+    if let Some(names) = &f.exports {
+        match export {
+            Some(e) if names.iter().any(|n| n == e) => {}
+            _ => return false,
+        }
     }
     true
 }
@@ -386,10 +479,13 @@ mod tests {
                 offset: None,
                 options: None,
                 connections: None,
+                exports: None,
+                states: None,
             },
             when: When::Before,
             counters: Counters::default(),
             action,
+            set_state: None,
         }
     }
 
@@ -508,6 +604,70 @@ mod tests {
         );
     }
 
+    /// blkdebug's two states: the first flush fails and moves to state 2,
+    /// where flushes pass; a `none` rule changes state without ending the
+    /// search, and every rule sees the state the event arrived in.
+    #[test]
+    fn states_and_set_state() {
+        let set = crate::rules::parse_str(
+            "t.yaml",
+            "state: 1\nrules:\n  - name: first-flush\n    event: request\n    command: flush\n    \
+             state: 1\n    set-state: 2\n    action: error\n    errno: EIO\n  \
+             - name: mark\n    event: request\n    command: read\n    set-state: 7\n    action: none\n  \
+             - name: in-seven\n    event: request\n    state: [7]\n    action: drop\n  \
+             - name: reads-in-one\n    event: request\n    command: read\n    state: 1\n    action: drop\n",
+        )
+        .unwrap();
+        let e = Engine::new(set);
+        let mut st = ConnState::default();
+        let flush = request(1, CMD_FLUSH, 0);
+        assert_eq!(fired(&e, &flush, &mut st).as_deref(), Some("first-flush"));
+        assert_eq!(e.state().1, 2);
+        assert_eq!(fired(&e, &flush, &mut st), None);
+        assert_eq!(fired(&e, &flush, &mut st), None);
+        // In state 2: `mark` fires (state 7 from the next event on) and
+        // the search goes on, but reads-in-one is for state 1.
+        let read = request(1, CMD_READ, 0);
+        assert_eq!(fired(&e, &read, &mut st), None);
+        assert_eq!(e.state().1, 7);
+        assert_eq!(fired(&e, &flush, &mut st).as_deref(), Some("in-seven"));
+        let stats = e.stats();
+        assert_eq!((stats[0].matched, stats[0].fired), (1, 1));
+        assert_eq!((stats[1].matched, stats[1].fired), (1, 1));
+    }
+
+    #[test]
+    fn per_connection_states_and_live_changes() {
+        let text = "state: {initial: 1, per-connection: true}\nrules:\n  - name: once\n    \
+                    event: request\n    state: 1\n    set-state: 2\n    action: drop\n";
+        let e = Engine::new(crate::rules::parse_str("t.yaml", text).unwrap());
+        let (mut a, mut b) = (ConnState::default(), ConnState::default());
+        let ev = request(1, CMD_FLUSH, 0);
+        assert!(fired(&e, &ev, &mut a).is_some());
+        assert!(fired(&e, &ev, &mut a).is_none());
+        assert!(fired(&e, &ev, &mut b).is_some());
+        assert_eq!((a.state, b.state), (Some(2), Some(2)));
+        // A process-wide state survives rules being added.
+        let text = "rules:\n  - name: go\n    event: request\n    set-state: 3\n    action: none\n";
+        let e = Engine::new(crate::rules::parse_str("t.yaml", text).unwrap());
+        e.on_event(&ev, &mut a);
+        let more = Engine::from_loaded(0, e.rules().to_vec()).sharing_state(&e);
+        assert_eq!(more.state().1, 3);
+    }
+
+    #[test]
+    fn export_filters_need_the_export_named() {
+        let text = "rules:\n  - name: big\n    event: request\n    export: [big, huge]\n    action: drop\n";
+        let e = Engine::new(crate::rules::parse_str("t.yaml", text).unwrap());
+        let ev = request(1, CMD_READ, 0);
+        let mut st = ConnState::default();
+        assert!(fired(&e, &ev, &mut st).is_none());
+        st.export = Some("small".into());
+        assert!(fired(&e, &ev, &mut st).is_none());
+        st.export = Some("huge".into());
+        assert_eq!(fired(&e, &ev, &mut st).as_deref(), Some("big"));
+    }
+
     #[test]
     fn first_matching_rule_wins_and_filters_apply() {
         let mut reads = rule(
@@ -524,6 +684,7 @@ mod tests {
         let e = Engine::new(RuleSet {
             seed: 0,
             rules: vec![reads, any],
+            ..RuleSet::default()
         });
         let mut st = ConnState::default();
         assert_eq!(
@@ -555,6 +716,7 @@ mod tests {
         let e = Engine::new(RuleSet {
             seed: 0,
             rules: vec![r],
+            ..RuleSet::default()
         });
         let mut st = ConnState::default();
         let pattern: Vec<bool> = (0..15)
@@ -575,6 +737,7 @@ mod tests {
         let e = Engine::new(RuleSet {
             seed: 0,
             rules: vec![r],
+            ..RuleSet::default()
         });
         let mut st = ConnState::default();
         st.counters.insert(
@@ -605,6 +768,7 @@ mod tests {
         let e = Engine::new(RuleSet {
             seed: 0,
             rules: vec![r],
+            ..RuleSet::default()
         });
         let (mut a, mut b) = (ConnState::default(), ConnState::default());
         assert!(fired(&e, &request(1, CMD_READ, 0), &mut a).is_some());
@@ -620,6 +784,7 @@ mod tests {
             let e = Engine::new(RuleSet {
                 seed,
                 rules: vec![r],
+                ..RuleSet::default()
             });
             let mut st = ConnState::default();
             (0..2000)
@@ -640,6 +805,7 @@ mod tests {
         let e = Engine::new(RuleSet {
             seed: 0,
             rules: vec![neg2],
+            ..RuleSet::default()
         });
         let mut ev = request(1, CMD_READ, 0);
         ev.kinds = EventSet::of(EventKind::OptionReply).with(EventKind::Neg2);
@@ -684,6 +850,8 @@ mod tests {
                     offset: range.map(|(start, end)| OffsetRange { start, end }),
                     options: None,
                     connections: None,
+                    exports: None,
+                    states: None,
                 })
                 .collect();
             let mut index = KindIndex::default();
@@ -695,8 +863,8 @@ mod tests {
             ev.meta.command = ev_cmd;
             ev.meta.offset = ev_off.map(|(o, _)| o);
             ev.meta.length = ev_off.map(|(_, l)| l);
-            let scan = (0..filters.len()).find(|&i| filter_matches(&filters[i], &ev));
-            let indexed = index.first(&ev, |i| filter_matches(&filters[i], &ev).then_some(i));
+            let scan = (0..filters.len()).find(|&i| filter_matches(&filters[i], &ev, None));
+            let indexed = index.first(&ev, |i| filter_matches(&filters[i], &ev, None).then_some(i));
             proptest::prop_assert_eq!(indexed, scan);
         }
 
@@ -724,13 +892,15 @@ mod tests {
                 offset: range.map(|(start, end)| OffsetRange { start, end }),
                 options: None,
                 connections: None,
+                exports: None,
+                states: None,
             };
             let mut ev = request(1, 0, 0);
             ev.direction = d(ev_dir);
             ev.meta.command = ev_cmd;
             ev.meta.offset = ev_off.map(|(o, _)| o);
             ev.meta.length = ev_off.map(|(_, l)| l);
-            let full = filter_matches(&filter, &ev);
+            let full = filter_matches(&filter, &ev, None);
             let quick = Quick::new(0, &filter).may_match(&ev);
             // Never says no to a match; says yes to a non-match only for
             // large command numbers sharing bit 63.

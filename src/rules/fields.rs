@@ -14,6 +14,20 @@ use std::time::Duration;
 /// durations in a firing can overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Whether `c` may not appear in a rule name. Names go into log lines,
+/// metric labels and URLs: a control character (a newline, an escape, a
+/// NUL) could forge or garble them, and a line separator or a bidirectional
+/// override could make a line read as something else.
+pub(crate) fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether a rule name is one every format may accept: printable text.
+pub(crate) fn printable_name(name: &str) -> bool {
+    !name.chars().any(unprintable)
+}
+
 /// Why a rules file was rejected. Displays as `file:line:column: message`;
 /// line and column are 1-based, and 0 when the file could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -78,8 +78,11 @@ impl LiveRules {
         }
         let mut rules = cur.rules().to_vec();
         rules.extend(self.loaded(cur.seed(), set));
-        self.engine
-            .store(Arc::new(Engine::from_loaded(cur.seed(), rules)));
+        // The state machine in force goes on (a `state:` in `set` is
+        // for a replace).
+        self.engine.store(Arc::new(
+            Engine::from_loaded(cur.seed(), rules).sharing_state(&cur),
+        ));
         Ok(())
     }
 
@@ -87,9 +90,11 @@ impl LiveRules {
     pub fn replace(&self, set: RuleSet) {
         let _g = self.lock();
         let seed = self.seed_override.unwrap_or(set.seed);
+        let state = set.state;
         let rules = self.loaded(seed, set);
-        self.engine
-            .store(Arc::new(Engine::from_loaded(seed, rules)));
+        self.engine.store(Arc::new(
+            Engine::from_loaded(seed, rules).starting_in(state),
+        ));
     }
 
     /// Removes the rule named `name`; false if there is none.
@@ -105,8 +110,9 @@ impl LiveRules {
         if rules.len() == cur.rules().len() {
             return false;
         }
-        self.engine
-            .store(Arc::new(Engine::from_loaded(cur.seed(), rules)));
+        self.engine.store(Arc::new(
+            Engine::from_loaded(cur.seed(), rules).sharing_state(&cur),
+        ));
         true
     }
 

@@ -259,7 +259,8 @@ mod tests {
             set,
             RuleSet {
                 seed: 0,
-                rules: vec![]
+                rules: vec![],
+                ..RuleSet::default()
             }
         );
     }

@@ -13,12 +13,25 @@ pub use super::actions::Action;
 pub use super::actions::corrupt::Corruption;
 pub use super::actions::error::Errno;
 
-/// A whole rules document: the rules in order, and the seed that makes
-/// probabilities and random corruption reproducible.
-#[derive(Debug, Clone, PartialEq)]
+/// A whole rules document: the rules in order, the seed that makes
+/// probabilities and random corruption reproducible, and where the rules'
+/// state starts.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RuleSet {
     pub seed: u64,
     pub rules: Vec<Rule>,
+    pub state: StateInit,
+}
+
+/// The rules' state (blkdebug's): a number that `state:` filters read and
+/// `set-state` changes. Every rule set has one, starting at `initial`
+/// (0 unless the document sets `state:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateInit {
+    pub initial: u64,
+    /// One state per connection (each starting at `initial`) instead of
+    /// one for the process.
+    pub per_connection: bool,
 }
 
 /// Where a rule came from, for messages and `GET /rules`.
@@ -38,6 +51,9 @@ pub struct Rule {
     pub when: When,
     pub counters: Counters,
     pub action: Action,
+    /// When the rule fires, the state becomes this (after the event: see
+    /// `rules::engine`).
+    pub set_state: Option<u64>,
 }
 
 /// Which events a rule looks at. Every filter given can apply to every
@@ -56,6 +72,11 @@ pub struct Filter {
     /// Connections by ordinal (1-based, since the server started); `None`:
     /// any.
     pub connections: Option<Vec<ConnRange>>,
+    /// Connections by the export the client named; `None`: any (a rule
+    /// with names never matches before the client has named one).
+    pub exports: Option<Vec<String>>,
+    /// The rules' state the rule applies in; `None`: any.
+    pub states: Option<Vec<u64>>,
 }
 
 /// Connection ordinals `first..=last` (`last` open when `None`).

@@ -9,21 +9,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub mod registry;
 
 use crate::backend::Backend;
-use crate::intercept::{ConnId, Event, Interceptor, Plan, Verdict};
+use crate::intercept::{ConnId, Event, Interceptor, OutageMode, Plan, Verdict};
 use crate::io::addr::ListenAddr;
 use crate::io::net::{Listener, Stream};
 use crate::io::shards::Shards;
 use crate::observe::telemetry::Telemetry;
 use crate::protocol::transmission::ReplyMode;
 use crate::protocol::{EventKind, EventSet, MessageMeta};
-use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD};
-use crate::server::registry::Registry;
+use crate::proxy::{self, Connection, DEFAULT_MAX_PAYLOAD, Linger};
+use crate::server::registry::{Outage, Registry};
 
 /// Everything a server needs to run.
 #[derive(Clone)]
@@ -49,6 +50,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Connections served at once; further clients wait to be accepted.
     pub max_connections: usize,
+    /// Start listening this long after starting (`--listen-delay`): until
+    /// then the address refuses connections.
+    pub listen_delay: Duration,
 }
 
 impl Default for Limits {
@@ -58,6 +62,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            listen_delay: Duration::ZERO,
         }
     }
 }
@@ -117,7 +122,11 @@ impl Server {
 
     /// Accepts and serves clients until the future is dropped. Dropping it
     /// (and so the listener) removes a unix socket file.
-    pub async fn run(self) {
+    pub async fn run(mut self) {
+        let delay = self.shared.limits.listen_delay;
+        if !delay.is_zero() {
+            self.listener = listen_late(self.listener, delay).await;
+        }
         let max = self.shared.limits.max_connections.max(1);
         let slots = Arc::new(Semaphore::new(max));
         loop {
@@ -155,7 +164,107 @@ impl Server {
     }
 }
 
+/// Closes `listener` and listens again on the same address after `delay`,
+/// so that meanwhile connecting fails as with no server there. Closed at
+/// once when the loop starts: only a client that knew the address before
+/// it was announced can have been queued, and it sees its connection
+/// reset. A unix socket keeps its file mode (`--socket-mode`).
+async fn listen_late(listener: Listener, delay: Duration) -> Listener {
+    let addr = match &listener {
+        Listener::Tcp(l) => match l.local_addr() {
+            Ok(a) => ListenAddr::Tcp {
+                host: a.ip().to_string(),
+                port: a.port(),
+            },
+            Err(e) => {
+                warn!("--listen-delay: cannot tell the listening address ({e}); listening at once");
+                return listener;
+            }
+        },
+        Listener::Unix { path, .. } => ListenAddr::Unix(path.clone()),
+    };
+    let mode = match &addr {
+        ListenAddr::Unix(path) => std::fs::metadata(path).ok().map(|m| m.permissions()),
+        ListenAddr::Tcp { .. } => None,
+    };
+    drop(listener);
+    info!(
+        "--listen-delay: not listening on {addr} for {}",
+        humantime::format_duration(delay)
+    );
+    tokio::time::sleep(delay).await;
+    loop {
+        match Listener::bind(&addr).await {
+            Ok(l) => {
+                if let (Some(mode), ListenAddr::Unix(path)) = (mode.clone(), &addr)
+                    && let Err(e) = std::fs::set_permissions(path, mode)
+                {
+                    warn!(
+                        "--listen-delay: cannot set the mode of {}: {e}",
+                        path.display()
+                    );
+                }
+                info!("--listen-delay: listening on {addr} now");
+                return l;
+            }
+            Err(e) => {
+                // Taken meanwhile, say: keep trying, the server has
+                // nothing else to do.
+                warn!("--listen-delay: cannot listen on {addr} again: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Carries out `outage` on a connection that arrived during it.
+/// `over` resolves when a blackhole ends.
+async fn suffer_outage(
+    id: ConnId,
+    client: Stream,
+    peer: &str,
+    outage: &Outage,
+    registry: &Registry,
+    over: impl std::future::Future<Output = ()>,
+) {
+    registry.count_outage(outage.mode);
+    match outage.mode {
+        OutageMode::Refuse { reset } => {
+            info!(conn = id, %peer, "outage ({}): refusing the connection", outage.by);
+            if reset {
+                let (r, _w) = client.into_split();
+                r.set_linger_zero();
+            }
+        }
+        OutageMode::Blackhole => {
+            info!(conn = id, %peer, "outage ({}): holding the connection unanswered", outage.by);
+            // Nothing is sent; what the client sends is read and dropped,
+            // so its leaving is noticed at once.
+            let mut client = client;
+            let mut sink = [0u8; 4096];
+            let gone = async {
+                while let Ok(n) = client.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                () = gone => debug!(conn = id, "blackholed client left"),
+                () = over => {
+                    debug!(conn = id, "outage over: closing the blackholed connection")
+                }
+            }
+        }
+    }
+}
+
 async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared) {
+    if let Some(outage) = shared.registry.outage() {
+        let over = shared.registry.outage_over(&outage);
+        suffer_outage(id, client, &peer, &outage, &shared.registry, over).await;
+        return;
+    }
     let conn = Connection::new(
         id,
         peer,
@@ -180,6 +289,30 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
             // A slow close: accepted, never answered, closed after a while.
             Plan::Cut { linger, .. } if !linger.is_zero() => {
                 tokio::time::sleep(linger).await;
+                return;
+            }
+            Plan::Outage { mode, duration } => {
+                let by = format!("rule {}", f.rule);
+                let r = &shared.registry;
+                match duration.and_then(|d| {
+                    r.start_outage(mode, Some(d), &by);
+                    r.outage()
+                }) {
+                    Some(outage) => {
+                        let over = r.outage_over(&outage);
+                        suffer_outage(id, client, &conn.peer, &outage, r, over).await;
+                    }
+                    None => {
+                        // This connection alone, for as long as it stays.
+                        let outage = Outage {
+                            mode,
+                            until: None,
+                            by,
+                        };
+                        let over = std::future::pending();
+                        suffer_outage(id, client, &conn.peer, &outage, r, over).await;
+                    }
+                }
                 return;
             }
             // Refused: dropping the stream closes it before a byte is sent.

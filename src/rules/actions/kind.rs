@@ -76,6 +76,23 @@ pub(crate) fn joined(set: EventSet) -> String {
         .join(", ")
 }
 
+/// Refuses a rule naming any event but `only` for `action` (which makes
+/// sense on that one event alone).
+pub(super) fn only_on(
+    fields: &dyn Fields,
+    ctx: &Context,
+    action: &str,
+    only: EventKind,
+) -> Result<(), RuleError> {
+    match ctx.events.iter().find(|&k| k != only) {
+        None => Ok(()),
+        Some(k) => Err(fields.at_action(format!(
+            "action {action} applies only to event {only}, but this rule names {k} (use \
+             event: {only})"
+        ))),
+    }
+}
+
 /// Bytes at the front of a swallowed message that must still reach the
 /// server: the client flags in front of the first option, which the server
 /// needs whatever happens to the option.

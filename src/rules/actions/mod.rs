@@ -11,12 +11,16 @@
 //! lists the checks and messages use, and the dispatch come from that line.
 //! (The `mod` lines stay outside the macro so rustfmt still sees the files.)
 
+pub mod blackhole;
+pub mod r#break;
 pub mod corrupt;
 pub mod delay;
 pub mod disconnect;
 pub mod drop;
 pub mod error;
 mod kind;
+pub mod none;
+pub mod refuse;
 pub mod slice;
 pub mod stall;
 pub mod throttle;
@@ -108,6 +112,10 @@ registry! {
     Corrupt(corrupt::Corruption),
     Throttle(throttle::Throttle),
     Slice(slice::Slice),
+    Refuse(refuse::Refuse),
+    Blackhole(blackhole::Blackhole),
+    Nothing(none::Nothing),
+    Break(r#break::Break),
 }
 
 /// The action of a rule that names none: hang up, as QEMU's injector does.
@@ -175,7 +183,11 @@ mod tests {
                 "drop",
                 "corrupt",
                 "throttle",
-                "slice"
+                "slice",
+                "refuse",
+                "blackhole",
+                "none",
+                "break"
             ]
         );
         assert_eq!(
@@ -191,15 +203,22 @@ mod tests {
                 "bits",
                 "rate",
                 "size",
-                "delay"
+                "delay",
+                "tag"
             ]
         );
-        assert_eq!(taking("duration"), ["delay", "stall"]);
+        assert_eq!(
+            taking("duration"),
+            ["delay", "stall", "refuse", "blackhole"]
+        );
         assert_eq!(
             names_where(|s| s.partial),
             ["disconnect", "delay", "stall", "slice"]
         );
-        assert_eq!(names_where(|s| s.connect), ["disconnect", "delay"]);
+        assert_eq!(
+            names_where(|s| s.connect),
+            ["disconnect", "delay", "refuse", "blackhole", "none"]
+        );
     }
 
     #[test]
@@ -236,12 +255,20 @@ mod tests {
             ("rate", Scalar::Str("1M/s")),
             ("size", Scalar::Int(1)),
             ("slow-close", Scalar::Str("1s")),
+            ("tag", Scalar::Str("t")),
+            ("set-state", Scalar::Int(1)),
         ]);
-        let ctx = Context {
-            events: EventSet::of(EventKind::Request),
-        };
         for r in REGISTRY {
             let s = r.spec;
+            // The outages apply to connect alone.
+            let only_connect = matches!(s.name, "refuse" | "blackhole");
+            let ctx = Context {
+                events: EventSet::of(if only_connect {
+                    EventKind::Connect
+                } else {
+                    EventKind::Request
+                }),
+            };
             let a = r
                 .check(&given, &ctx)
                 .unwrap_or_else(|e| panic!("{} refused: {e}", s.name));

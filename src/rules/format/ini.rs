@@ -54,6 +54,7 @@ pub fn parse_ini(file: &str, text: &str) -> Result<RuleSet, IniError> {
     Ok(RuleSet {
         seed: 0,
         rules: draft.rules.into_iter().map(|d| d.rule).collect(),
+        ..RuleSet::default()
     })
 }
 
@@ -74,7 +75,11 @@ pub(crate) fn parse_draft(file: &str, text: &str) -> Result<Draft, IniError> {
     for section in &config.sections {
         rules.push(inject_error(file, section, &config.defaults)?);
     }
-    Ok(Draft { seed: None, rules })
+    Ok(Draft {
+        seed: None,
+        rules,
+        state: None,
+    })
 }
 
 /// nbd-fault-injector.py's `parse_inject_error`, check for check.
@@ -203,10 +208,13 @@ fn inject_error(file: &str, section: &Section, defaults: &Section) -> Result<Dra
                 offset: None,
                 options: None,
                 connections: None,
+                exports: None,
+                states: None,
             },
             when,
             counters: Counters::default(),
             action,
+            set_state: None,
         },
         named: true,
         name_line: section.line,
@@ -505,10 +513,13 @@ mod tests {
                 offset: None,
                 options: None,
                 connections: None,
+                exports: None,
+                states: None,
             },
             when,
             counters: Counters::default(),
             action: Action::Disconnect(Disconnect::default()),
+            set_state: None,
         }
     }
 
@@ -526,7 +537,8 @@ mod tests {
                     EventKind::Neg1,
                     None,
                     When::Before
-                )]
+                )],
+                ..RuleSet::default()
             }
         );
     }

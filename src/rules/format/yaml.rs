@@ -49,7 +49,10 @@ pub(crate) fn parse_draft(file: &str, text: &str) -> Result<Draft, RuleError> {
     Checker { file }.document(&root)
 }
 
-const TOP_KEYS: &[&str] = &["seed", "rules"];
+const TOP_KEYS: &[&str] = &["seed", "state", "rules"];
+
+/// The keys of a top-level `state:` given as a mapping.
+const STATE_KEYS: &[&str] = &["initial", "per-connection"];
 
 /// One field of a rule: where its key is, and its value.
 #[derive(Clone, Copy)]
@@ -125,6 +128,7 @@ impl Checker<'_> {
                 return Ok(Draft {
                     seed: None,
                     rules: Vec::new(),
+                    state: None,
                 });
             }
             Value::Map(entries) => entries,
@@ -139,6 +143,7 @@ impl Checker<'_> {
             }
         };
         let mut seed = None;
+        let mut state = None;
         let mut rules = Vec::new();
         let mut seen = HashSet::new();
         for (k, v) in entries {
@@ -161,10 +166,36 @@ impl Checker<'_> {
                     };
                     seed = top.uint("seed", 0, u64::MAX)?;
                 }
+                "state" => state = Some(self.state(field)?),
                 _ => rules = self.rules(field)?,
             }
         }
-        Ok(Draft { seed, rules })
+        Ok(Draft { seed, rules, state })
+    }
+
+    /// `state: N`, or `state: {initial: N, per-connection: true}`.
+    fn state(&self, field: Field) -> Result<crate::rules::model::StateInit> {
+        let mut fields = FieldMap::new();
+        match &field.value.value {
+            Value::Map(entries) => {
+                for (k, v) in entries {
+                    let key = k.at(field.key);
+                    let name = self.key_name(k, key, "state key", "state keys", STATE_KEYS)?;
+                    // The check reads the initial value as `state`, so its
+                    // messages name the field a reader knows.
+                    let name = if name == "initial" { "state" } else { name };
+                    fields.insert(name, Field { key, value: v });
+                }
+            }
+            _ => {
+                fields.insert("state", field);
+            }
+        }
+        check::state_init(&RuleFields {
+            file: self.file,
+            pos: field.key,
+            fields,
+        })
     }
 
     /// A key's name, which must be one of `allowed`.
@@ -391,12 +422,15 @@ rules:
                     }),
                     options: None,
                     connections: None,
+                    exports: None,
+                    states: None,
                 },
                 when: When::Before,
                 counters: Counters::default(),
                 action: Action::Error(Error {
                     errno: Errno::Transmission(EIO)
                 }),
+                set_state: None,
             }]
         );
     }
@@ -423,6 +457,8 @@ rules:
                 offset: None,
                 options: None,
                 connections: None,
+                exports: None,
+                states: None,
             }
         );
         assert_eq!(
@@ -733,7 +769,7 @@ rules:
             &[
                 "unknown key \"rule\"",
                 "did you mean \"rules\"",
-                "keys: seed, rules",
+                "keys: seed, state, rules",
             ],
         );
         check(
@@ -744,8 +780,31 @@ rules:
         check(
             &parse_err("[1]: 2\n"),
             1,
-            &["keys are names", "seed, rules"],
+            &["keys are names", "seed, state, rules"],
         );
+        // The top-level state: a number, or a mapping.
+        assert_eq!(
+            parse_err("state: -1\n").to_string(),
+            "t.yaml:1:8: state must be a whole number from 0 to 1048576, found -1"
+        );
+        assert_eq!(
+            parse_err("state: {initial: 2, per-conection: true}\n").to_string(),
+            "t.yaml:1:21: unknown state key \"per-conection\" — did you mean \
+             \"per-connection\"? (state keys: initial, per-connection)"
+        );
+        assert_eq!(
+            parse_err("state:\n  per-connection: 1\n").to_string(),
+            "t.yaml:2:19: per-connection must be true or false, found 1"
+        );
+        let set = parse_ok("state: {initial: 2, per-connection: true}\n");
+        assert_eq!(
+            set.state,
+            crate::rules::model::StateInit {
+                initial: 2,
+                per_connection: true
+            }
+        );
+        assert_eq!(parse_ok("state: 3\n").state.initial, 3);
         for bad in ["-1", "abc", "1.5", "18446744073709551616", "[1]"] {
             let e = parse_err(&format!("rules: []\nseed: {bad}\n"));
             check(

@@ -19,21 +19,15 @@ pub fn figure(v: &View, id: &str) -> String {
     let s = v.session;
     let mut out = String::from("<figure class=\"chart\" style=\"margin:1em 0\">\n");
     out += &chart(v, id);
-    let _ = writeln!(
-        out,
-        "<figcaption>connection {}{}: {}</figcaption>\n</figure>",
-        s.conn,
-        if s.started.is_empty() {
-            String::new()
-        } else {
-            format!(" (from {})", esc(&s.started))
-        },
-        esc(&if s.end.inferred {
-            format!("{} (no close record)", s.end.reason)
-        } else {
-            format!("closed: {}", s.end.reason)
-        })
-    );
+    if !s.started.is_empty() {
+        let _ = writeln!(
+            out,
+            "<figcaption>connection {} from {}</figcaption>",
+            s.conn,
+            esc(&s.started)
+        );
+    }
+    out.push_str("</figure>\n");
     out
 }
 

@@ -603,7 +603,9 @@ impl Builder {
                 m.to = Lane::Proxy;
                 self.cut = Some(format!("cut by rule {rule} (disconnect)"));
             }
-            "drop" => m.to = Lane::Proxy,
+            // A stall holds the message until the connection ends: it
+            // never arrives.
+            "drop" | "stall" => m.to = Lane::Proxy,
             "error" => {
                 m.to = Lane::Proxy;
                 // The trace before answer records: nbdfault answered in

@@ -48,6 +48,12 @@ fn message(out: &mut String, m: &Message, y: u32, id: &str) {
     let faulty = !m.faults.is_empty() || m.made;
     let colour = if faulty { RED } else { INK };
     let (a, b) = (x(m.from), x(m.to));
+    // A swallowed message stops short of the ✕ drawn on the lane.
+    let b = match (m.stopped(), b > a) {
+        (true, true) => b - 9,
+        (true, false) => b + 9,
+        (false, _) => b,
+    };
     let line_y = y + 6;
     let _ = write!(
         out,

@@ -158,15 +158,21 @@ impl Kind {
                 data,
             } => {
                 let mut s = format!("reply{}", cookie(c));
+                // Chunk types by what they mean to a reader of the chart.
+                let chunk = chunk.as_deref().map(|ch| match ch {
+                    "none" => "OK".to_string(),
+                    "offset-data" => "DATA".to_string(),
+                    "offset-hole" => "HOLE".to_string(),
+                    "block-status" | "block-status-ext" => "BLOCK_STATUS".to_string(),
+                    "error" => String::new(),
+                    other => upper(other),
+                });
                 match (chunk, error) {
-                    (_, Some(e)) => {
-                        if let Some(ch) = chunk.as_deref().filter(|c| *c != "error") {
-                            s += &format!(" {}", upper(ch));
-                        }
-                        s += &format!(" {e}");
-                    }
-                    (Some(ch), None) if ch != "none" => s += &format!(" {}", upper(ch)),
-                    _ => s += " OK",
+                    (Some(ch), Some(e)) if !ch.is_empty() => s += &format!(" {ch} {e}"),
+                    (_, Some(e)) => s += &format!(" {e}"),
+                    (Some(ch), None) if !ch.is_empty() => s += &format!(" {ch}"),
+                    (Some(_), None) => s += " ERROR",
+                    (None, None) => s += " OK",
                 }
                 if let Some(d) = data {
                     s += &format!(" {}", size(*d));
@@ -317,21 +323,8 @@ fn error_of(v: &Value) -> Option<String> {
     }
 }
 
-/// What a fault record says it did, for the mark's note.
-fn fault_note(v: &Value) -> Option<String> {
-    let mut parts = Vec::new();
-    if let Some(e) = text(v, "errno") {
-        parts.push(e);
-    }
-    if let Some(Value::Array(bits)) = v.get("bits") {
-        let b: Vec<String> = bits.iter().map(ToString::to_string).collect();
-        parts.push(format!("bits {}", b.join(",")));
-    }
-    if let Some(ms) = text(v, "delay_ms") {
-        parts.push(format!("{ms} ms"));
-    }
-    (!parts.is_empty()).then(|| parts.join(" "))
-}
+/// The tooltip of an answer drawn before (or without) its `fault` record.
+const GUESSED: &str = "nbdfault's own answer (the trace does not say what)";
 
 /// Builds one connection's session, a record at a time.
 struct Builder {
@@ -413,11 +406,18 @@ impl Builder {
         let mark = v.get("rule").and_then(Value::as_str).map(|r| Mark {
             rule: r.to_string(),
             action: text(v, "action").unwrap_or_else(|| "fault".into()),
-            note: fault_note(v),
+            note: None,
         });
         let option = text(v, "option").unwrap_or_else(|| "option".into());
         let has = |n: &str| names.iter().any(|x| x == n);
 
+        match v.get("record").and_then(Value::as_str) {
+            Some("fault") => return self.fault_record(v, at_us, detail),
+            Some("close") => return self.close(v, at_us),
+            // Older traces have no `record`: every line is a message.
+            Some("message") | None => {}
+            Some(_) => return,
+        }
         match first {
             "skipped" => {
                 self.gaps.push(Gap {
@@ -426,19 +426,7 @@ impl Builder {
                 });
                 return;
             }
-            "close" => {
-                let reason = text(v, "reason").unwrap_or_else(|| "closed".into());
-                let reason = match text(v, "message").or_else(|| text(v, "detail")) {
-                    Some(m) => format!("{reason}: {m}"),
-                    None => reason,
-                };
-                self.end = Some(End {
-                    at_us,
-                    reason,
-                    inferred: false,
-                });
-                return;
-            }
+            "close" => return self.close(v, at_us),
             _ => {}
         }
 
@@ -512,30 +500,10 @@ impl Builder {
         } else if has("data") || has("export-name") {
             Kind::Data { bytes }
         } else {
-            // A record of what nbdfault did, or a newer event: a fault
-            // record notes its rule's arrow; answers are drawn below.
-            if self.answer(v, at_us, &detail).is_some() {
-                return;
+            // A newer kind of event: drawn by its name.
+            Kind::Other {
+                name: first.to_string(),
             }
-            if let Some(mark) = mark
-                && let Some(i) = self
-                    .messages
-                    .iter()
-                    .rposition(|m| m.faults.iter().any(|f| f.rule == mark.rule))
-            {
-                let note = mark.note.clone().unwrap_or_else(|| first.to_string());
-                if let Some(f) = self.messages[i]
-                    .faults
-                    .iter_mut()
-                    .rfind(|f| f.rule == mark.rule)
-                {
-                    f.note = Some(match f.note.take() {
-                        Some(n) => format!("{n}, {note}"),
-                        None => note,
-                    });
-                }
-            }
-            return;
         };
         let payload_follows = matches!(
             kind,
@@ -550,45 +518,108 @@ impl Builder {
         }
     }
 
-    /// An answer record (nbdfault sent bytes of its own): drawn from the
-    /// nbdfault lane, in place of one this builder guessed.
-    fn answer(&mut self, v: &Value, at_us: u64, detail: &str) -> Option<usize> {
-        let names = names(v);
-        if !names.iter().any(|n| n == "answer" || n == "fault-reply") {
-            return None;
+    fn close(&mut self, v: &Value, at_us: u64) {
+        let reason = text(v, "reason").unwrap_or_else(|| "closed".into());
+        let reason = match text(v, "message") {
+            Some(m) => format!("{reason}: {m}"),
+            None => reason,
+        };
+        self.end = Some(End {
+            at_us,
+            reason,
+            inferred: false,
+        });
+    }
+
+    /// A `fault` record: what a fired rule did, noted on the arrow it
+    /// changed; an answer is an arrow of its own, from the nbdfault lane.
+    fn fault_record(&mut self, v: &Value, at_us: u64, detail: String) {
+        let result = text(v, "result").unwrap_or_default();
+        let rule = text(v, "rule");
+        let target = self.messages.iter().rposition(|m| {
+            m.faults
+                .iter()
+                .any(|f| Some(&f.rule) == rule.as_ref())
+        });
+        if result == "answer" {
+            self.answer(v, at_us, detail);
+            return;
         }
-        let kind = match text(v, "option") {
-            Some(option) if v.get("command").is_none() => Kind::OptionReply {
-                option,
-                reply: text(v, "reply_type").or_else(|| error_of(v)),
-                export: false,
+        let Some(i) = target else { return };
+        let m = &mut self.messages[i];
+        let note = match result.as_str() {
+            "flip" => match v.get("bits") {
+                Some(Value::Array(bits)) => {
+                    let b: Vec<String> = bits.iter().take(4).map(ToString::to_string).collect();
+                    let more = if bits.len() > 4 { ",…" } else { "" };
+                    Some(format!("bits {}{more}", b.join(",")))
+                }
+                _ => None,
             },
-            _ => Kind::Reply {
+            "hold" => v
+                .get("duration_ms")
+                .is_some_and(Value::is_null)
+                .then(|| "held until the end".to_string()),
+            "resume" => {
+                number(v, "held_us").map(|us| format!("went on after {} ms", super::view::millis(us)))
+            }
+            "swallow" => {
+                m.to = Lane::Proxy;
+                None
+            }
+            "cut" => {
+                m.to = Lane::Proxy;
+                let at = number(v, "at").filter(|a| *a > 0);
+                let reset = v.get("reset").and_then(Value::as_bool) == Some(true);
+                match (at, reset) {
+                    (Some(a), true) => Some(format!("after {a} bytes, reset")),
+                    (Some(a), false) => Some(format!("after {a} bytes")),
+                    (None, true) => Some("reset".into()),
+                    (None, false) => None,
+                }
+            }
+            _ => None,
+        };
+        m.detail += &format!("; fault {result}: {detail}");
+        if let Some(note) = note
+            && let Some(f) = m.faults.iter_mut().rfind(|f| Some(&f.rule) == rule.as_ref())
+        {
+            f.note = Some(match f.note.take() {
+                Some(n) => format!("{n}, {note}"),
+                None => note,
+            });
+        }
+    }
+
+    /// nbdfault sent a reply of its own: drawn from the nbdfault lane, in
+    /// place of the one guessed when the rule fired.
+    fn answer(&mut self, v: &Value, at_us: u64, detail: String) {
+        let kind = if text(v, "reply").as_deref() == Some("option") {
+            Kind::OptionReply {
+                option: text(v, "option").unwrap_or_else(|| "option".into()),
+                reply: text(v, "reply_type"),
+                export: false,
+            }
+        } else {
+            Kind::Reply {
                 cookie: number(v, "cookie"),
                 chunk: text(v, "chunk_type"),
-                error: error_of(v).or_else(|| text(v, "errno")),
+                error: error_of(v),
                 data: None,
-            },
+            }
         };
-        // Replace the guess made when the fault fired.
         let guessed = self
             .messages
             .iter()
-            .rposition(|m| m.made && m.detail.starts_with("guessed"));
+            .rposition(|m| m.made && m.detail.starts_with(GUESSED));
         let i = match guessed {
-            Some(i) => {
-                let m = &mut self.messages[i];
-                m.kind = kind;
-                m.detail = detail.to_string();
-                i
-            }
-            None => {
-                let i = self.push(at_us, Lane::Proxy, Lane::Client, kind, detail.to_string());
-                self.messages[i].made = true;
-                i
-            }
+            Some(i) => i,
+            None => self.push(at_us, Lane::Proxy, Lane::Client, kind.clone(), String::new()),
         };
-        Some(i)
+        let m = &mut self.messages[i];
+        m.kind = kind;
+        m.detail = format!("fault answer: {detail}");
+        m.made = true;
     }
 
     /// A fault fired on message `i`: mark it and draw what it did.
@@ -631,7 +662,7 @@ impl Builder {
                     Lane::Proxy,
                     Lane::Client,
                     kind,
-                    "guessed: nbdfault's own answer".into(),
+                    GUESSED.into(),
                 );
                 self.messages[j].made = true;
             }
@@ -756,15 +787,17 @@ mod tests {
         let t = parse(concat!(
             r#"{"conn":2,"event":"request","direction":"to-server","command":"read","cookie":4,"bytes":32,"rule":"eio","action":"error"}"#,
             "\n",
-            r#"{"conn":2,"event":"answer","direction":"to-client","command":"read","cookie":4,"error":5,"bytes":16,"rule":"eio","action":"error"}"#,
+            r#"{"conn":2,"record":"fault","direction":"to-server","cookie":4,"rule":"eio","action":"error","result":"swallow","kept":0,"bytes":32}"#,
             "\n",
-            r#"{"conn":2,"event":"close","reason":"client EOF"}"#,
+            r#"{"conn":2,"record":"fault","direction":"to-server","cookie":4,"rule":"eio","action":"error","result":"answer","reply":"simple","error":5,"bytes":16}"#,
+            "\n",
+            r#"{"conn":2,"record":"close","reason":"client-eof"}"#,
             "\n",
         ));
         let s = &t.sessions[0];
         assert_eq!(s.messages.len(), 2);
         assert_eq!(s.messages[1].kind.label(), "reply #4 EIO");
-        assert_eq!(s.end.reason, "client EOF");
+        assert_eq!(s.end.reason, "client-eof");
         assert!(!s.end.inferred);
     }
 }

@@ -159,6 +159,7 @@ impl<'a> View<'a> {
                 }
             }
         }
+        rows.extend(gaps.map(|g| Row::Skipped { lines: g.lines }));
         let after = shown
             .last()
             .map_or(0, |m| session.messages.len() - m.index);

@@ -437,3 +437,84 @@ pub fn html(s: &Summary) -> String {
     h.push_str("</body></html>\n");
     h
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::plan::{Point, Trial};
+    use crate::sweep::run::Facts;
+
+    fn line(conn: u64, event: &str, rule: bool) -> String {
+        let fault = if rule {
+            r#","rule":"sweep-1","action":"stall""#
+        } else {
+            ""
+        };
+        format!(
+            r#"{{"conn":{conn},"record":"message","event":"{event}","direction":"to-client","cookie":1,"bytes":16{fault}}}"#
+        )
+    }
+
+    fn finished(trace: String) -> Finished {
+        Finished {
+            id: 7,
+            trial: Trial {
+                point: Point {
+                    connection: 2,
+                    event: "reply".into(),
+                    direction: Some("to-client".into()),
+                    occurrence: 3,
+                    what: Some("read".into()),
+                    bytes: 16,
+                },
+                kind: "stall",
+                variant: String::new(),
+                action: vec!["action: stall".into()],
+            },
+            rules: String::new(),
+            outcome: Outcome::Hang,
+            facts: Facts {
+                exit: Exit::TimedOut,
+                duration: Duration::from_secs(1),
+                fired: true,
+                verified: None,
+                output: String::new(),
+                trace,
+                own: Duration::ZERO,
+            },
+        }
+    }
+
+    #[test]
+    fn a_finding_keeps_its_connection_bounded_and_others_their_fault_lines() {
+        let mut trace = String::new();
+        trace += &line(1, "reply", false);
+        trace.push('\n');
+        for i in 0..3000 {
+            trace += &line(2, "reply", i == 1200);
+            trace.push('\n');
+        }
+        let kept = keep_trace(&trace, true);
+        let lines: Vec<&str> = kept.lines().collect();
+        assert_eq!(lines.len(), FINDING_TRACE_LINES + 2);
+        assert_eq!(lines[0], r#"{"conn":2,"event":"skipped","lines":200}"#);
+        assert_eq!(lines[1001], line(2, "reply", true));
+        assert_eq!(
+            lines[FINDING_TRACE_LINES + 1],
+            r#"{"conn":2,"event":"skipped","lines":800}"#
+        );
+        assert_eq!(keep_trace(&trace, false), line(2, "reply", true) + "\n");
+        assert_eq!(keep_trace(&line(1, "reply", false), true), "");
+    }
+
+    #[test]
+    fn a_finding_is_drawn_from_its_connection() {
+        let trace = [line(1, "reply", false), line(2, "reply", false), line(2, "reply", true)]
+            .join("\n");
+        let chart = finding_chart(&finished(keep_trace(&trace, true))).unwrap();
+        assert!(chart.contains("connection 2: 2 messages, 1 faults"), "{chart}");
+        assert!(chart.contains("sweep-1: stall"), "{chart}");
+        assert_eq!(chart.matches("class=\"arrow\"").count(), 2);
+        assert!(finding_chart(&finished(String::new())).is_none());
+    }
+}

@@ -396,7 +396,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     use std::io::Write as _;
                     let mut stdout = std::io::stdout().lock();
                     // A closed pipe (| head) is the reader's choice, not an error.
-                    let _ = stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush());
+                    let _ = stdout
+                        .write_all(out.as_bytes())
+                        .and_then(|()| stdout.flush());
                 }
             }
             return Ok(ExitCode::SUCCESS);

@@ -126,10 +126,12 @@ impl Kind {
                 reply,
                 export,
             } => {
-                let mut s = format!("reply {}", upper(option));
-                if let Some(r) = reply {
-                    s.push(' ');
-                    s.push_str(&upper(r));
+                // `GO: INFO`: the option answered, then what the answer is.
+                let mut s = format!("{}:", upper(option));
+                match reply.as_deref() {
+                    Some("meta-context") => s.push_str(" CONTEXT"),
+                    Some(r) => s += &format!(" {}", upper(r)),
+                    None => s.push_str(" reply"),
                 }
                 if *export {
                     s.push_str(" (export)");
@@ -536,11 +538,10 @@ impl Builder {
     fn fault_record(&mut self, v: &Value, at_us: u64, detail: String) {
         let result = text(v, "result").unwrap_or_default();
         let rule = text(v, "rule");
-        let target = self.messages.iter().rposition(|m| {
-            m.faults
-                .iter()
-                .any(|f| Some(&f.rule) == rule.as_ref())
-        });
+        let target = self
+            .messages
+            .iter()
+            .rposition(|m| m.faults.iter().any(|f| Some(&f.rule) == rule.as_ref()));
         if result == "answer" {
             self.answer(v, at_us, detail);
             return;
@@ -561,7 +562,7 @@ impl Builder {
                 .is_some_and(Value::is_null)
                 .then(|| "held until the end".to_string()),
             "resume" => {
-                number(v, "held_us").map(|us| format!("went on after {} ms", super::view::millis(us)))
+                number(v, "held_us").map(|us| format!("held {} ms", super::view::millis(us)))
             }
             "swallow" => {
                 m.to = Lane::Proxy;
@@ -582,7 +583,10 @@ impl Builder {
         };
         m.detail += &format!("; fault {result}: {detail}");
         if let Some(note) = note
-            && let Some(f) = m.faults.iter_mut().rfind(|f| Some(&f.rule) == rule.as_ref())
+            && let Some(f) = m
+                .faults
+                .iter_mut()
+                .rfind(|f| Some(&f.rule) == rule.as_ref())
         {
             f.note = Some(match f.note.take() {
                 Some(n) => format!("{n}, {note}"),
@@ -614,7 +618,13 @@ impl Builder {
             .rposition(|m| m.made && m.detail.starts_with(GUESSED));
         let i = match guessed {
             Some(i) => i,
-            None => self.push(at_us, Lane::Proxy, Lane::Client, kind.clone(), String::new()),
+            None => self.push(
+                at_us,
+                Lane::Proxy,
+                Lane::Client,
+                kind.clone(),
+                String::new(),
+            ),
         };
         let m = &mut self.messages[i];
         m.kind = kind;
@@ -657,13 +667,7 @@ impl Builder {
                     },
                     _ => return,
                 };
-                let j = self.push(
-                    at_us,
-                    Lane::Proxy,
-                    Lane::Client,
-                    kind,
-                    GUESSED.into(),
-                );
+                let j = self.push(at_us, Lane::Proxy, Lane::Client, kind, GUESSED.into());
                 self.messages[j].made = true;
             }
             _ => {}
@@ -671,6 +675,8 @@ impl Builder {
     }
 
     fn finish(mut self) -> Session {
+        // A close record says why in its own words; without one, what came
+        // last does.
         let end = self.end.take().unwrap_or_else(|| {
             let disc = self.messages.iter().rev().find_map(|m| match &m.kind {
                 Kind::Request { command, .. } if command == "disc" => Some(()),
@@ -687,13 +693,6 @@ impl Builder {
                 inferred: true,
             }
         });
-        let end = match (&self.cut, end.inferred) {
-            (Some(c), false) if !end.reason.contains(c.as_str()) => End {
-                reason: format!("{} ({c})", end.reason),
-                ..end
-            },
-            _ => end,
-        };
         Session {
             conn: self.conn,
             started: self.started,

@@ -217,9 +217,12 @@ pub fn chart(v: &View, id: &str) -> String {
                     format!("… {count} messages after --to …")
                 },
             ),
-            Row::Skipped { lines } => {
-                note_row(&mut out, y, None, &format!("… {lines} trace lines not kept …"))
-            }
+            Row::Skipped { lines } => note_row(
+                &mut out,
+                y,
+                None,
+                &format!("… {lines} trace lines not kept …"),
+            ),
         }
     }
     y += ROW;

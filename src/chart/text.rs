@@ -9,7 +9,7 @@ pub const WIDTH: usize = 100;
 const TIME: usize = 9;
 const INDEX: usize = 5;
 const CLIENT: usize = TIME + 1 + INDEX + 2;
-const GAP: usize = 28;
+const GAP: usize = 30;
 const PROXY: usize = CLIENT + GAP;
 const SERVER: usize = PROXY + GAP;
 const NOTE: usize = SERVER + 2;
@@ -100,8 +100,46 @@ fn arrow(m: &Message) -> String {
     if m.made {
         notes.push("sent by nbdfault".into());
     }
-    l.put(NOTE, &fit(&notes.join("; "), WIDTH - NOTE));
-    l.done()
+    // An arrow that ends at nbdfault leaves the server's side free for its
+    // notes; others' notes too long for their column go on under it.
+    let at = if m.crosses_proxy() { NOTE } else { PROXY + 3 };
+    let mut lines = vec![l];
+    for (i, part) in wrap(&notes.join("; "), WIDTH - at).into_iter().enumerate() {
+        if i > 0 {
+            lines.push(Line::new('|'));
+        }
+        lines[i].put(at, &part);
+    }
+    lines
+        .into_iter()
+        .map(Line::done)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `s` in lines of at most `n` characters, broken at spaces where it can.
+fn wrap(s: &str, n: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for word in s.split(' ') {
+        let extra = usize::from(!cur.is_empty());
+        if cur.chars().count() + extra + word.chars().count() > n && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+        while cur.chars().count() > n {
+            let rest: String = cur.chars().skip(n).collect();
+            out.push(cur.chars().take(n).collect());
+            cur = rest;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 /// Every row, with a heading that says which connection and how it ended.

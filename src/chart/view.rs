@@ -71,9 +71,14 @@ pub enum Row<'a> {
         at_us: u64,
     },
     /// Messages left out by `--from`/`--to`.
-    Hidden { count: usize, before: bool },
+    Hidden {
+        count: usize,
+        before: bool,
+    },
     /// Trace lines the trace's writer did not keep.
-    Skipped { lines: u64 },
+    Skipped {
+        lines: u64,
+    },
 }
 
 /// What one chart draws.
@@ -97,9 +102,7 @@ fn run_at(ms: &[&Message]) -> Option<(usize, usize)> {
     let mut best: Option<(usize, usize)> = None;
     for p in 1..=LONGEST_GROUP.min(ms.len()) {
         let mut reps = 1;
-        while (reps + 1) * p <= ms.len()
-            && (0..p).all(|k| alike(ms[k], ms[reps * p + k]))
-        {
+        while (reps + 1) * p <= ms.len() && (0..p).all(|k| alike(ms[k], ms[reps * p + k])) {
             reps += 1;
         }
         if reps >= COLLAPSE_AT && best.is_none_or(|(bp, br)| reps * p > bp * br) {
@@ -160,9 +163,7 @@ impl<'a> View<'a> {
             }
         }
         rows.extend(gaps.map(|g| Row::Skipped { lines: g.lines }));
-        let after = shown
-            .last()
-            .map_or(0, |m| session.messages.len() - m.index);
+        let after = shown.last().map_or(0, |m| session.messages.len() - m.index);
         if after > 0 {
             rows.push(Row::Hidden {
                 count: after,
@@ -183,10 +184,7 @@ impl<'a> View<'a> {
 
 /// `… 248 × READ 64K / reply OK 64K …` and the messages it stands for.
 pub fn collapsed_text(count: usize, keys: &[String], first: usize, last: usize) -> String {
-    format!(
-        "… {count} × {} … (#{first}–#{last})",
-        keys.join(" / ")
-    )
+    format!("… {count} × {} … (#{first}–#{last})", keys.join(" / "))
 }
 
 /// `12.345` (milliseconds, to the microsecond).
@@ -228,7 +226,10 @@ mod tests {
             } => {
                 assert_eq!(*count, 248);
                 assert_eq!(keys, &["READ 64K", "reply OK"]);
-                assert_eq!(collapsed_text(*count, keys, *first, *last), "… 248 × READ 64K / reply OK … (#4–#499)");
+                assert_eq!(
+                    collapsed_text(*count, keys, *first, *last),
+                    "… 248 × READ 64K / reply OK … (#4–#499)"
+                );
             }
             r => panic!("{r:?}"),
         }

@@ -509,10 +509,17 @@ mod tests {
 
     #[test]
     fn a_finding_is_drawn_from_its_connection() {
-        let trace = [line(1, "reply", false), line(2, "reply", false), line(2, "reply", true)]
-            .join("\n");
+        let trace = [
+            line(1, "reply", false),
+            line(2, "reply", false),
+            line(2, "reply", true),
+        ]
+        .join("\n");
         let chart = finding_chart(&finished(keep_trace(&trace, true))).unwrap();
-        assert!(chart.contains("connection 2: 2 messages, 1 faults"), "{chart}");
+        assert!(
+            chart.contains("connection 2: 2 messages, 1 faults"),
+            "{chart}"
+        );
         assert!(chart.contains("sweep-1: stall"), "{chart}");
         assert_eq!(chart.matches("class=\"arrow\"").count(), 2);
         assert!(finding_chart(&finished(String::new())).is_none());

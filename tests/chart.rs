@@ -97,9 +97,12 @@ fn zoomed_and_uncollapsed_text() {
     assert_eq!(arrows, messages);
 }
 
+/// An element's name and attributes.
+type Element = (String, Vec<(String, String)>);
+
 /// A small XML well-formedness check: balanced tags, quoted attributes,
 /// known entities, one root. Returns each element's name and attributes.
-fn elements(xml: &str) -> Result<Vec<(String, Vec<(String, String)>)>, String> {
+fn elements(xml: &str) -> Result<Vec<Element>, String> {
     fn entities(text: &str) -> Result<(), String> {
         let mut rest = text;
         while let Some(i) = rest.find('&') {
@@ -184,7 +187,7 @@ fn elements(xml: &str) -> Result<Vec<(String, Vec<(String, String)>)>, String> {
     Ok(out)
 }
 
-fn arrows(els: &[(String, Vec<(String, String)>)]) -> usize {
+fn arrows(els: &[Element]) -> usize {
     els.iter()
         .filter(|(_, a)| a.iter().any(|(k, v)| k == "class" && v == "arrow"))
         .count()

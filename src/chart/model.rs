@@ -82,6 +82,11 @@ pub enum Kind {
     },
 }
 
+/// `12.345` (milliseconds, to the microsecond).
+pub fn millis(us: u64) -> String {
+    format!("{}.{:03}", us / 1000, us % 1000)
+}
+
 /// `64K`, `1M`, `512`: binary units where they are exact.
 pub fn size(n: u64) -> String {
     for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
@@ -561,9 +566,7 @@ impl Builder {
                 .get("duration_ms")
                 .is_some_and(Value::is_null)
                 .then(|| "held until the end".to_string()),
-            "resume" => {
-                number(v, "held_us").map(|us| format!("held {} ms", super::view::millis(us)))
-            }
+            "resume" => number(v, "held_us").map(|us| format!("held {} ms", millis(us))),
             "swallow" => {
                 m.to = Lane::Proxy;
                 None

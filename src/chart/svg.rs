@@ -5,9 +5,9 @@
 use std::fmt::Write as _;
 
 use super::model::{Lane, Message};
-use super::view::{Row, View, collapsed_text, millis};
+use super::view::{Row, View, end_text, millis};
 
-pub const WIDTH: u32 = 1000;
+pub const WIDTH: u32 = 1100;
 const ROW: u32 = 24;
 const TOP: u32 = 62;
 const TIME_X: u32 = 70;
@@ -114,9 +114,15 @@ fn message(out: &mut String, m: &Message, y: u32, id: &str) {
         notes.push("sent by nbdfault".into());
     }
     if !notes.is_empty() {
+        // An arrow that ends at nbdfault leaves the server's side free.
+        let nx = if m.crosses_proxy() {
+            NOTE_X
+        } else {
+            PROXY_X + 16
+        };
         let _ = write!(
             out,
-            "<text x=\"{NOTE_X}\" y=\"{line_y}\" fill=\"{RED}\" font-weight=\"bold\">{}</text>",
+            "<text x=\"{nx}\" y=\"{line_y}\" fill=\"{RED}\" font-weight=\"bold\">{}</text>",
             esc(&notes.join("; "))
         );
     }
@@ -193,44 +199,14 @@ pub fn chart(v: &View, id: &str) -> String {
     let mut y = TOP;
     for row in &v.rows {
         y += ROW;
-        match row {
-            Row::Message(m) => message(&mut out, m, y, id),
-            Row::Collapsed {
-                count,
-                keys,
-                first,
-                last,
-                at_us,
-            } => note_row(
-                &mut out,
-                y,
-                Some(*at_us),
-                &collapsed_text(*count, keys, *first, *last),
-            ),
-            Row::Hidden { count, before } => note_row(
-                &mut out,
-                y,
-                None,
-                &if *before {
-                    format!("… {count} messages before --from …")
-                } else {
-                    format!("… {count} messages after --to …")
-                },
-            ),
-            Row::Skipped { lines } => note_row(
-                &mut out,
-                y,
-                None,
-                &format!("… {lines} trace lines not kept …"),
-            ),
+        match (row, row.note()) {
+            (Row::Message(m), _) => message(&mut out, m, y, id),
+            (_, Some((at, note))) => note_row(&mut out, y, at, &note),
+            (_, None) => {}
         }
     }
     y += ROW;
-    let reason = if s.end.inferred {
-        format!("{} (no close record)", s.end.reason)
-    } else {
-        format!("closed: {}", s.end.reason)
-    };
+    let reason = end_text(s);
     let _ = writeln!(
         out,
         "<g class=\"end\"><text x=\"{TIME_X}\" y=\"{}\" text-anchor=\"end\" fill=\"#777\">{}</text>\

@@ -2,7 +2,7 @@
 //! terminals: one line per row, lanes as `|`, faults noted on the right.
 
 use super::model::{Lane, Message};
-use super::view::{Row, View, collapsed_text, millis};
+use super::view::{Row, View, end_text, millis};
 
 /// No line is wider than this (in characters).
 pub const WIDTH: usize = 100;
@@ -168,50 +168,22 @@ pub fn render(v: &View) -> String {
     out += &head.done();
     out.push('\n');
     for row in &v.rows {
-        let line = match row {
-            Row::Message(m) => arrow(m),
-            Row::Collapsed {
-                count,
-                keys,
-                first,
-                last,
-                at_us,
-            } => {
+        let line = match (row, row.note()) {
+            (Row::Message(m), _) => arrow(m),
+            (_, Some((at, note))) => {
                 let mut l = Line::new(':');
-                l.left(&time(*at_us), "");
-                let t = fit(
-                    &collapsed_text(*count, keys, *first, *last),
-                    WIDTH - CLIENT - 3,
-                );
-                l.put(CLIENT + 2, &format!(" {t} "));
+                l.left(&at.map(time).unwrap_or_default(), "");
+                l.put(CLIENT + 2, &format!(" {} ", fit(&note, WIDTH - CLIENT - 4)));
                 l.done()
             }
-            Row::Hidden { count, before } => {
-                let mut l = Line::new(':');
-                let t = if *before {
-                    format!(" … {count} messages before --from … ")
-                } else {
-                    format!(" … {count} messages after --to … ")
-                };
-                l.put(CLIENT + 2, &t);
-                l.done()
-            }
-            Row::Skipped { lines } => {
-                let mut l = Line::new(':');
-                l.put(CLIENT + 2, &format!(" … {lines} trace lines not kept … "));
-                l.done()
-            }
+            (_, None) => continue,
         };
         out += &line;
         out.push('\n');
     }
     let mut end = Line(vec![' '; WIDTH]);
     end.left(&time(s.end.at_us), "end");
-    let reason = if s.end.inferred {
-        format!(" {} (no close record) ", s.end.reason)
-    } else {
-        format!(" closed: {} ", s.end.reason)
-    };
+    let reason = format!(" {} ", end_text(s));
     let reason = fit(&reason, WIDTH - CLIENT - 4);
     end.put(CLIENT, &format!("=={reason}"));
     let used = CLIENT + 2 + reason.chars().count();

@@ -4,6 +4,7 @@
 
 use std::str::FromStr;
 
+pub use super::model::millis;
 use super::model::{Message, Session};
 use super::{ChartError, Options};
 
@@ -187,9 +188,39 @@ pub fn collapsed_text(count: usize, keys: &[String], first: usize, last: usize) 
     format!("… {count} × {} … (#{first}–#{last})", keys.join(" / "))
 }
 
-/// `12.345` (milliseconds, to the microsecond).
-pub fn millis(us: u64) -> String {
-    format!("{}.{:03}", us / 1000, us % 1000)
+impl Row<'_> {
+    /// A row that is not an arrow: its time, where it has one, and what it
+    /// says.
+    pub fn note(&self) -> Option<(Option<u64>, String)> {
+        match self {
+            Row::Message(_) => None,
+            Row::Collapsed {
+                count,
+                keys,
+                first,
+                last,
+                at_us,
+            } => Some((Some(*at_us), collapsed_text(*count, keys, *first, *last))),
+            Row::Hidden {
+                count,
+                before: true,
+            } => Some((None, format!("… {count} messages before --from …"))),
+            Row::Hidden {
+                count,
+                before: false,
+            } => Some((None, format!("… {count} messages after --to …"))),
+            Row::Skipped { lines } => Some((None, format!("… {lines} trace lines not kept …"))),
+        }
+    }
+}
+
+/// How the session ended, as the last row says it.
+pub fn end_text(s: &Session) -> String {
+    if s.end.inferred {
+        format!("{} (no close record)", s.end.reason)
+    } else {
+        format!("closed: {}", s.end.reason)
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ pub const LEGEND: &str = "<p class=\"chart-legend\">Time (ms since the connectio
 pub fn figure(v: &View, id: &str) -> String {
     let s = v.session;
     let mut out = String::from("<figure class=\"chart\" style=\"margin:1em 0\">\n");
-    out += &chart(v, id);
+    // Inline SVG in HTML needs no namespace: the page names no URL at all.
+    out += &chart(v, id).replacen(" xmlns=\"http://www.w3.org/2000/svg\"", "", 1);
     if !s.started.is_empty() {
         let _ = writeln!(
             out,

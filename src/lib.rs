@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`process`] | the process: runtime, signals, `--run`, shutdown |
 //! | [`sweep`] | `nbdfault sweep`: a client run once per fault point of its session, and what it mishandled |
+//! | [`chart`] | `nbdfault chart`: a trace drawn as a sequence chart (text, SVG, HTML), without I/O |
 //! | [`control`] | the HTTP control API: rules, connections and metrics from outside, at run time |
 //! | [`injector`] | the drop-in for QEMU's `nbd-fault-injector.py` |
 //! | [`server`] | the accept loop, its limits and the registry of live connections |
@@ -28,6 +29,7 @@
 //! `intercept` and `rules` do no I/O at all.
 
 pub mod backend;
+pub mod chart;
 pub mod control;
 pub mod injector;
 pub mod intercept;

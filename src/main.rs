@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use nbdfault::backend::Backend;
 use nbdfault::backend::null::NullConfig;
+use nbdfault::chart;
 use nbdfault::injector;
 use nbdfault::io::addr::{ListenAddr, Target, parse_size};
 use nbdfault::observe::log;
@@ -74,6 +75,32 @@ enum Command {
         summary: bool,
         #[arg(value_name = "FILE")]
         file: PathBuf,
+    },
+    /// Draw a --trace file as a sequence chart: client | nbdfault | server,
+    /// an arrow per message, faults in red, each connection's end.
+    Chart {
+        /// The JSON-lines trace of proxy, null or sweep (--trace FILE).
+        #[arg(value_name = "TRACE")]
+        trace: PathBuf,
+        /// Only this connection [default: each in turn].
+        #[arg(long, value_name = "N")]
+        conn: Option<u64>,
+        /// text (100 columns, for CI logs), svg or html (self-contained).
+        #[arg(long, value_name = "FORMAT", default_value = "text")]
+        format: String,
+        /// Write here instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Start at this message number (the # column), or at this time
+        /// since the connection's start (1.5s, 250ms, 40us).
+        #[arg(long, value_name = "N|TIME")]
+        from: Option<String>,
+        /// End at this message number or time (included).
+        #[arg(long, value_name = "N|TIME")]
+        to: Option<String>,
+        /// Draw every message, even in long runs of alike ones.
+        #[arg(long)]
+        no_collapse: bool,
     },
     /// Validate rule files without serving; exit 0 when all are good.
     Check {
@@ -377,6 +404,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
         Command::Check { files } => return check(&files).map(|()| ExitCode::SUCCESS),
         Command::Trace { summary, file } => return trace(summary, &file),
+        Command::Chart {
+            trace,
+            conn,
+            format,
+            output,
+            from,
+            to,
+            no_collapse,
+        } => {
+            let opts = chart::Options {
+                conn,
+                from: from.map(|f| f.parse()).transpose().context("--from")?,
+                to: to.map(|t| t.parse()).transpose().context("--to")?,
+                no_collapse,
+            };
+            let format: chart::Format = format.parse().context("--format")?;
+            let input = std::fs::read_to_string(&trace)
+                .with_context(|| format!("cannot read {}", trace.display()))?;
+            let out = chart::render(&input, format, &opts)?;
+            match output {
+                Some(path) => std::fs::write(&path, out)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => {
+                    use std::io::Write as _;
+                    let mut stdout = std::io::stdout().lock();
+                    // A closed pipe (| head) is the reader's choice, not an error.
+                    let _ = stdout
+                        .write_all(out.as_bytes())
+                        .and_then(|()| stdout.flush());
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         // Dispatched in main, before the runtime and logging are set up.
         Command::Legacy { .. } | Command::Sweep(_) => {
             anyhow::bail!("legacy and sweep are handled in main")

@@ -202,17 +202,11 @@ async fn sweep(opts: Options) -> i32 {
                 Ok(f) => f,
                 Err(e) => return Some(Err(e)),
             };
-            // Kept until the report, for every run: only the lines where a
-            // rule fired (all the report uses), not the whole session.
-            facts.trace = facts
-                .trace
-                .lines()
-                .filter(|l| l.contains("\"rule\":"))
-                .map(|l| format!("{l}\n"))
-                .collect();
             let verdict = outcome::classify(facts.exit, facts.fired, &facts.output, || {
                 facts.verified.unwrap_or(true)
             });
+            // Kept until the report: what it uses of the trace, bounded.
+            facts.trace = report::keep_trace(&facts.trace, opts.fail_on.contains(&verdict));
             progress.done(opts.fail_on.contains(&verdict));
             Some(Ok(Finished {
                 id: id + 1,

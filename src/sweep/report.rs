@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::outcome::{ALL, Exit, Outcome};
 use super::{Finished, Options};
+use crate::chart;
 
 /// Outcome counts per (row, fault kind).
 type Cells = BTreeMap<(String, &'static str), [usize; 6]>;
@@ -231,6 +232,63 @@ struct RunJson<'a> {
     rules: &'a str,
 }
 
+/// A finding keeps at most this many trace lines of the connection where
+/// its rule fired, around the first such line, for its chart; a report of
+/// many findings of long sessions stays bounded.
+pub const FINDING_TRACE_LINES: usize = 2000;
+
+fn fired(line: &str) -> bool {
+    line.contains("\"rule\":")
+}
+
+/// The part of a finished run's trace the report needs, kept until the end
+/// of the sweep: for a finding, the lines of the connection where a rule
+/// fired (at most [`FINDING_TRACE_LINES`] around the first fault, the rest
+/// said by a `skipped` record the chart draws); for any other run, only its
+/// lines where a rule fired (`runs.json`'s `fault_lines`).
+pub fn keep_trace(trace: &str, finding: bool) -> String {
+    let line_of = |l: &str| format!("{l}\n");
+    if !finding {
+        return trace.lines().filter(|l| fired(l)).map(line_of).collect();
+    }
+    let conn_of = |l: &str| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v.get("conn").and_then(serde_json::Value::as_u64))
+    };
+    let Some(conn) = trace.lines().find(|l| fired(l)).and_then(conn_of) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = trace.lines().filter(|l| conn_of(l) == Some(conn)).collect();
+    let at = lines.iter().position(|l| fired(l)).unwrap_or(0);
+    let start = at.saturating_sub(FINDING_TRACE_LINES / 2);
+    let end = (start + FINDING_TRACE_LINES).min(lines.len());
+    let skipped = |n: usize| format!("{{\"conn\":{conn},\"event\":\"skipped\",\"lines\":{n}}}\n");
+    let mut out = String::new();
+    if start > 0 {
+        out += &skipped(start);
+    }
+    out.extend(lines[start..end].iter().map(|l| line_of(l)));
+    if end < lines.len() {
+        out += &skipped(lines.len() - end);
+    }
+    out
+}
+
+/// A finding's sequence chart: the connection its rule targeted (or the
+/// one where a rule fired), fault marked; `None` without a trace.
+fn finding_chart(f: &Finished) -> Option<String> {
+    let trace = chart::parse(&f.facts.trace);
+    let session = trace
+        .sessions
+        .iter()
+        .find(|s| s.conn == f.trial.point.connection && s.faults() > 0)
+        .or_else(|| trace.sessions.iter().find(|s| s.faults() > 0))
+        .or_else(|| trace.sessions.first())?;
+    let view = chart::View::new(session, &chart::Options::default());
+    Some(chart::html::figure(&view, &format!("f{}-", f.id)))
+}
+
 /// `runs.json`, `repro/NNN.yaml` and `index.html` in `dir`.
 pub fn write_dir(dir: &Path, s: &Summary) -> std::io::Result<()> {
     std::fs::create_dir_all(dir.join("repro"))?;
@@ -248,12 +306,7 @@ pub fn write_dir(dir: &Path, s: &Summary) -> std::io::Result<()> {
             sweep_us: f.facts.own.as_micros(),
             fired: f.facts.fired,
             verified: f.facts.verified,
-            fault_lines: f
-                .facts
-                .trace
-                .lines()
-                .filter(|l| l.contains("\"rule\":"))
-                .collect(),
+            fault_lines: f.facts.trace.lines().filter(|l| fired(l)).collect(),
             output_tail: &f.facts.output,
             rules: &f.rules,
         })
@@ -356,6 +409,9 @@ pub fn html(s: &Summary) -> String {
     h.push_str("</table>\n<h2>Findings</h2>\n");
     let mut any = false;
     for f in s.findings() {
+        if !any {
+            h.push_str(chart::html::LEGEND);
+        }
         any = true;
         let _ = writeln!(
             h,
@@ -371,10 +427,101 @@ pub fn html(s: &Summary) -> String {
             f.id,
             esc(&f.facts.output)
         );
+        if let Some(c) = finding_chart(f) {
+            h.push_str(&c);
+        }
     }
     if !any {
         h.push_str("<p>none</p>\n");
     }
     h.push_str("</body></html>\n");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::plan::{Point, Trial};
+    use crate::sweep::run::Facts;
+
+    fn line(conn: u64, event: &str, rule: bool) -> String {
+        let fault = if rule {
+            r#","rule":"sweep-1","action":"stall""#
+        } else {
+            ""
+        };
+        format!(
+            r#"{{"conn":{conn},"record":"message","event":"{event}","direction":"to-client","cookie":1,"bytes":16{fault}}}"#
+        )
+    }
+
+    fn finished(trace: String) -> Finished {
+        Finished {
+            id: 7,
+            trial: Trial {
+                point: Point {
+                    connection: 2,
+                    event: "reply".into(),
+                    direction: Some("to-client".into()),
+                    occurrence: 3,
+                    what: Some("read".into()),
+                    bytes: 16,
+                },
+                kind: "stall",
+                variant: String::new(),
+                action: vec!["action: stall".into()],
+            },
+            rules: String::new(),
+            outcome: Outcome::Hang,
+            facts: Facts {
+                exit: Exit::TimedOut,
+                duration: Duration::from_secs(1),
+                fired: true,
+                verified: None,
+                output: String::new(),
+                trace,
+                own: Duration::ZERO,
+            },
+        }
+    }
+
+    #[test]
+    fn a_finding_keeps_its_connection_bounded_and_others_their_fault_lines() {
+        let mut trace = String::new();
+        trace += &line(1, "reply", false);
+        trace.push('\n');
+        for i in 0..3000 {
+            trace += &line(2, "reply", i == 1200);
+            trace.push('\n');
+        }
+        let kept = keep_trace(&trace, true);
+        let lines: Vec<&str> = kept.lines().collect();
+        assert_eq!(lines.len(), FINDING_TRACE_LINES + 2);
+        assert_eq!(lines[0], r#"{"conn":2,"event":"skipped","lines":200}"#);
+        assert_eq!(lines[1001], line(2, "reply", true));
+        assert_eq!(
+            lines[FINDING_TRACE_LINES + 1],
+            r#"{"conn":2,"event":"skipped","lines":800}"#
+        );
+        assert_eq!(keep_trace(&trace, false), line(2, "reply", true) + "\n");
+        assert_eq!(keep_trace(&line(1, "reply", false), true), "");
+    }
+
+    #[test]
+    fn a_finding_is_drawn_from_its_connection() {
+        let trace = [
+            line(1, "reply", false),
+            line(2, "reply", false),
+            line(2, "reply", true),
+        ]
+        .join("\n");
+        let chart = finding_chart(&finished(keep_trace(&trace, true))).unwrap();
+        assert!(
+            chart.contains("connection 2: 2 messages, 1 faults"),
+            "{chart}"
+        );
+        assert!(chart.contains("sweep-1: stall"), "{chart}");
+        assert_eq!(chart.matches("class=\"arrow\"").count(), 2);
+        assert!(finding_chart(&finished(String::new())).is_none());
+    }
 }

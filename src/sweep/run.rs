@@ -62,7 +62,7 @@ pub struct Facts {
     /// The tail of the client's stdout and stderr, interleaved as read.
     pub output: String,
     /// The run's event trace (JSON lines); for a fault run, once finished,
-    /// only its lines where a rule fired.
+    /// what the report keeps of it (`report::keep_trace`).
     pub trace: String,
     /// The sweep's own part of the run: its whole time less the client's,
     /// `--setup`'s, the server's start and `--verify`'s.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::lock;
-use super::pcap::{Leg, PcapConn, Way};
+use super::pcap::{Leg, MAX_SEGMENT, PcapConn, Way};
 use super::telemetry::Telemetry;
 use super::trace::{
     CloseLine, Detail, Errno, Extra, FaultLine, NameOrNumber, chunk_type, reply_type,
@@ -230,7 +230,7 @@ struct Fired {
     cookie: Option<u64>,
 }
 
-/// One message's bytes on a leg, not yet made a packet.
+/// One message's bytes on a leg, not yet made packets.
 #[derive(Debug, Default)]
 struct Packet {
     kept: Vec<u8>,
@@ -246,6 +246,31 @@ impl Packet {
         self.kept.extend_from_slice(keep);
         self.message_kept += keep.len() as u64;
         self.len += bytes.len() as u64;
+    }
+
+    /// What is ready to be packets: all of it if `all`, else only whole
+    /// segments. A message is one packet (or full segments and one
+    /// packet) however its bytes came: split where a read ended, with a
+    /// snap length, it would be a whole first part and a truncated rest,
+    /// which TCP reassembly cannot join, so the dissector never sees it.
+    /// `(kept, len)`, the kept bytes a prefix of the `len`.
+    fn take(&mut self, all: bool) -> Option<(Vec<u8>, u64)> {
+        let len = if all {
+            self.len
+        } else {
+            self.len - self.len % MAX_SEGMENT
+        };
+        if len == 0 {
+            return None;
+        }
+        let k = (len.min(self.kept.len() as u64)) as usize;
+        let kept = if k == self.kept.len() {
+            std::mem::take(&mut self.kept)
+        } else {
+            self.kept.drain(..k).collect()
+        };
+        self.len -= len;
+        Some((kept, len))
     }
 }
 
@@ -275,6 +300,9 @@ pub struct FlowObserver {
     dst: Packet,
     /// For the next packets of the current message on both legs.
     comment: Option<String>,
+    /// The current message is paced: each piece is its own packets, as it
+    /// went.
+    paced: bool,
     /// Bits flipped in the sink's bytes, (stream position, mask): undone
     /// for the source's packets, which show what the peer sent.
     flips: Vec<(u64, u8)>,
@@ -293,17 +321,28 @@ pub struct FlowObserver {
 
 impl FlowObserver {
     pub fn new(conn: &ConnObserver, dir: Direction) -> Self {
+        let snaplen = conn.telemetry.pcap().map_or(u64::MAX, |p| p.snaplen());
+        Self::with(
+            dir,
+            conn.tracing() || conn.capturing(),
+            conn.capturing(),
+            snaplen,
+        )
+    }
+
+    fn with(dir: Direction, on: bool, capture: bool, snaplen: u64) -> Self {
         Self {
             dir,
-            on: conn.tracing() || conn.capturing(),
-            capture: conn.capturing(),
-            snaplen: conn.telemetry.pcap().map_or(u64::MAX, |p| p.snaplen()),
+            on,
+            capture,
+            snaplen,
             pos: 0,
             left: 0,
             ahead: 0,
             src: Packet::default(),
             dst: Packet::default(),
             comment: None,
+            paced: false,
             flips: Vec::new(),
             armed: None,
             held: None,
@@ -322,10 +361,11 @@ impl FlowObserver {
         self.left = len;
         self.ahead = 0;
         self.end_swallow(conn);
-        self.emit(conn);
+        self.emit_all(conn);
         self.src.message_kept = 0;
         self.dst.message_kept = 0;
         self.comment = None;
+        self.paced = false;
         // A client that says goodbye ended the connection, whichever side
         // then closes first.
         if self.dir == Direction::ToServer
@@ -395,12 +435,15 @@ impl FlowObserver {
                 size,
                 first,
                 gap,
-            } => self.line(conn, &fired, "pace", |d| {
-                d.at = Some(at);
-                d.piece = Some(size);
-                d.wait_us = Some(first.as_micros() as u64);
-                d.gap_us = Some(gap.as_micros() as u64);
-            }),
+            } => {
+                self.paced = true;
+                self.line(conn, &fired, "pace", |d| {
+                    d.at = Some(at);
+                    d.piece = Some(size);
+                    d.wait_us = Some(first.as_micros() as u64);
+                    d.gap_us = Some(gap.as_micros() as u64);
+                })
+            }
             Plan::Discard { keep, answer } => {
                 if answer.is_some() {
                     self.answering.insert(ev.meta.cookie, fired.clone());
@@ -472,32 +515,49 @@ impl FlowObserver {
         self.src.add(&sent, self.snaplen);
     }
 
-    /// Makes packets of what was handed out so far (before it is written).
+    /// Makes packets of what was handed out so far (before it is written),
+    /// once the message is all there: a message is not cut where a read
+    /// ended (see [`Packet::take`]).
     pub fn emit(&mut self, conn: &ConnObserver) {
-        if !self.capture || (self.src.len == 0 && self.dst.len == 0) {
+        let all = self.left == 0 || self.paced;
+        self.emit_ready(conn, all);
+    }
+
+    /// Makes packets of all that was handed out: the message ends, or the
+    /// flow stops within it (a hold, a cut, its end).
+    fn emit_all(&mut self, conn: &ConnObserver) {
+        self.emit_ready(conn, true);
+    }
+
+    fn emit_ready(&mut self, conn: &ConnObserver, all: bool) {
+        if !self.capture {
+            return;
+        }
+        let ready = self.ready(all);
+        if ready.is_empty() {
             return;
         }
         let Some((c, p)) = conn.capture() else {
             return;
         };
+        for (leg, way, kept, len) in ready {
+            c.data(p, leg, way, &kept, len, self.comment.as_deref());
+        }
+        self.comment = None;
+    }
+
+    /// The packets' contents ready on both legs: (leg, way, kept, len).
+    fn ready(&mut self, all: bool) -> Vec<(Leg, Way, Vec<u8>, u64)> {
+        let mut out = Vec::new();
         for (packet, (leg, way)) in [
             (&mut self.src, src_leg(self.dir)),
             (&mut self.dst, dst_leg(self.dir)),
         ] {
-            if packet.len > 0 {
-                c.data(
-                    p,
-                    leg,
-                    way,
-                    &packet.kept,
-                    packet.len,
-                    self.comment.as_deref(),
-                );
-                packet.kept.clear();
-                packet.len = 0;
+            if let Some((kept, len)) = packet.take(all) {
+                out.push((leg, way, kept, len));
             }
         }
-        self.comment = None;
+        out
     }
 
     /// A hold (delay, stall) starts: the flow passes nothing on for
@@ -520,7 +580,7 @@ impl FlowObserver {
             self.flips.retain(|&(p, _)| p < skip_from || p >= skip_to);
             // The comment goes on the held message's sink packet too.
             let note = self.comment.clone();
-            self.emit(conn);
+            self.emit_all(conn);
             self.comment = note;
         }
         let Some((fired, at)) = self.armed.take().filter(|_| self.on) else {
@@ -546,7 +606,7 @@ impl FlowObserver {
         if !self.on {
             return;
         }
-        self.emit(conn);
+        self.emit_all(conn);
         let fired = self.armed.take().map(|(f, _)| f).unwrap_or(Fired {
             rule: fault.rule.clone(),
             action: fault.action,
@@ -589,7 +649,7 @@ impl FlowObserver {
     pub fn ended(&mut self, conn: &ConnObserver) {
         if self.on {
             self.end_swallow(conn);
-            self.emit(conn);
+            self.emit_all(conn);
         }
     }
 
@@ -753,6 +813,68 @@ mod tests {
             assert!(matches!(d.error, Some(Errno(EIO))), "{mode:?}");
             let text = describe_answer(&buf[..n]);
             assert!(text.ends_with("cookie 0x42 error EIO"), "{text}");
+        }
+    }
+
+    /// The packets of one message of `len` bytes handed out in `reads`,
+    /// made where the flow makes them (after each read), leg by leg.
+    fn packets(snaplen: u64, len: u64, reads: &[&[u8]]) -> Vec<(Leg, Way, Vec<u8>, u16)> {
+        let mut obs = FlowObserver::with(Direction::ToClient, true, true, snaplen);
+        obs.left = len;
+        let mut out = Vec::new();
+        for read in reads {
+            obs.forward(read);
+            out.extend(obs.ready(obs.left == 0));
+        }
+        out.extend(obs.ready(true));
+        // Each leg is a stream of its own: how the two interleave is not
+        // the point.
+        out.sort_by_key(|(leg, way, ..)| (*leg as u8, *way as u8));
+        out.iter()
+            .flat_map(|(leg, way, kept, len)| {
+                super::super::pcap::segments(kept, *len).map(|(k, n)| (*leg, *way, k.to_vec(), n))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_message_is_the_same_packets_however_its_bytes_came() {
+        // A simple read reply, header and data: the second read of
+        // nbdsh's session, as it came whole or split after the header.
+        let mut reply = vec![0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        reply.extend((0..8192u32).map(|i| i as u8));
+        for snaplen in [100, 16, 17, u64::MAX] {
+            let whole = packets(snaplen, reply.len() as u64, &[&reply]);
+            assert_eq!(whole.len(), 2, "one packet on each leg");
+            for cut in [1, 15, 16, 17, 99, 100, 101, 4000, reply.len() - 1] {
+                let (a, b) = reply.split_at(cut);
+                assert_eq!(
+                    packets(snaplen, reply.len() as u64, &[a, b]),
+                    whole,
+                    "{snaplen} {cut}"
+                );
+            }
+            let bytes: Vec<&[u8]> = reply.chunks(7).collect();
+            assert_eq!(
+                packets(snaplen, reply.len() as u64, &bytes),
+                whole,
+                "{snaplen}"
+            );
+        }
+        // Longer than a segment: full segments as they fill, the same as
+        // the whole message's.
+        let big: Vec<u8> = (0..3 * MAX_SEGMENT + 5).map(|i| i as u8).collect();
+        for snaplen in [100, u64::MAX] {
+            let whole = packets(snaplen, big.len() as u64, &[&big]);
+            let pieces: Vec<&[u8]> = big.chunks(4096).collect();
+            let split = packets(snaplen, big.len() as u64, &pieces);
+            let sizes = |p: &[(Leg, Way, Vec<u8>, u16)]| {
+                p.iter()
+                    .map(|(l, w, k, n)| (*l, *w, k.len(), *n))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(sizes(&split), sizes(&whole), "{snaplen}");
+            assert_eq!(split, whole, "{snaplen}");
         }
     }
 }

@@ -33,7 +33,7 @@ pub const PCAP_QUEUE_PACKETS: usize = 2048;
 /// The port the server side of both legs shows.
 pub const NBD_PORT: u16 = 10809;
 /// Largest TCP payload in one made-up IPv4 packet (total length is 16 bits).
-const MAX_SEGMENT: u64 = 65535 - 40;
+pub(super) const MAX_SEGMENT: u64 = 65535 - 40;
 /// Advertised window (65535 << 14, about 1 GiB): a capture never shows a
 /// full window, since nothing here acknowledges bytes on its own.
 const WINDOW: u16 = 65535;
@@ -234,26 +234,21 @@ impl PcapConn {
             return;
         }
         let now = SystemTime::now();
-        let mut at = 0u64;
         let mut comment = comment;
-        while at < len {
-            let n = (len - at).min(MAX_SEGMENT);
-            let from = (at as usize).min(kept.len());
-            let to = ((at + n) as usize).min(kept.len());
+        for (kept, n) in segments(kept, len) {
             let block = packet(
                 &mut ends,
                 leg,
                 way,
                 TCP_ACK | TCP_PSH,
-                &kept[from..to],
-                n as u16,
+                kept,
+                n,
                 comment.take(),
                 now,
             );
             let e = &mut ends[leg as usize][way as usize];
-            e.seq = e.seq.wrapping_add(n as u32);
+            e.seq = e.seq.wrapping_add(u32::from(n));
             pcap.push(block);
-            at += n;
         }
     }
 
@@ -297,6 +292,17 @@ impl PcapConn {
         }
         pcap.push(block);
     }
+}
+
+/// The packets of `len` bytes of which `kept` (a prefix) are captured:
+/// (captured bytes, payload length) each.
+pub(super) fn segments(kept: &[u8], len: u64) -> impl Iterator<Item = (&[u8], u16)> {
+    (0..len).step_by(MAX_SEGMENT as usize).map(move |at| {
+        let n = (len - at).min(MAX_SEGMENT);
+        let from = (at as usize).min(kept.len());
+        let to = ((at + n) as usize).min(kept.len());
+        (&kept[from..to], n as u16)
+    })
 }
 
 fn pad4(n: usize) -> usize {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
 pub mod registry;
 
@@ -141,7 +141,8 @@ impl Server {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
             let serve = move |stream| async move {
-                debug!(conn = id, %peer, "accepted");
+                // At -v (info), as `--help` promises: connections come and go.
+                info!(conn = id, %peer, "accepted");
                 shared.telemetry.connection_opened();
                 serve_client(id, stream, peer, &shared).await;
                 shared.telemetry.connection_closed();

@@ -36,7 +36,11 @@ pub struct ServeOptions {
     pub rules: Arc<LiveRules>,
     pub telemetry: Arc<Telemetry>,
     /// Captive mode: run this through `sh -c`, exit with its status.
+    /// Stdout is then the command's alone, as with nbdkit's `--run`.
     pub run: Option<String>,
+    /// Print the URI alone once listening, instead of `Listening on URI`
+    /// (and, in captive mode, instead of nothing): nbdkit's `--print-uri`.
+    pub print_uri: bool,
     pub limits: Limits,
     /// The HTTP control API's address, and the token it requires.
     pub control: Option<(ListenAddr, Option<String>)>,
@@ -76,7 +80,7 @@ pub enum ServeError {
 
 /// Serves until SIGINT/SIGTERM (exit status 0) or, in captive mode, until
 /// the command exits (its status). Prints `Listening on URI` once clients
-/// can connect.
+/// can connect (not in captive mode; see [`ServeOptions::print_uri`]).
 pub fn serve(opts: ServeOptions) -> Result<i32, ServeError> {
     raise_fd_limit();
     let rt = match opts.threads {
@@ -157,8 +161,12 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         ),
         None => None,
     };
-    println!("Listening on {uri}");
-    if let Some(c) = &control {
+    match (opts.print_uri, &opts.run) {
+        (true, _) => println!("{uri}"),
+        (false, None) => println!("Listening on {uri}"),
+        (false, Some(_)) => {}
+    }
+    if let (Some(c), None) = (&control, &opts.run) {
         println!("Control on {}", c.url());
     }
     let _ = std::io::stdout().flush();

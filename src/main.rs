@@ -11,13 +11,12 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use nbdfault::backend::Backend;
 use nbdfault::backend::null::NullConfig;
-use nbdfault::backend::upstream;
 use nbdfault::injector;
 use nbdfault::io::addr::{ListenAddr, Target, parse_size};
 use nbdfault::observe::log;
 use nbdfault::observe::telemetry::Telemetry;
 use nbdfault::observe::trace::TraceTarget;
-use nbdfault::process::{ServeOptions, serve};
+use nbdfault::process::{ServeOptions, UpstreamCheck, serve};
 use nbdfault::rules::{self, Notice, RuleSet, live::LiveRules};
 use nbdfault::server::Limits;
 use nbdfault::sweep;
@@ -466,9 +465,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     // A bad rules file never starts a server.
     let rules = Arc::new(args.rules.live()?);
     let limits = args.limits.limits()?;
-    if let Backend::Upstream(target) = &backend {
-        probe_upstream(target, limits.connect_timeout, check_upstream)?;
-    }
+    let upstream_check = match (&backend, check_upstream) {
+        (Backend::Null(_), _) => UpstreamCheck::Skip,
+        (Backend::Upstream(_), false) => UpstreamCheck::Warn,
+        (Backend::Upstream(_), true) => UpstreamCheck::Refuse,
+    };
     let status = serve(ServeOptions {
         listen,
         backend,
@@ -482,6 +483,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
         run: args.run,
         print_uri: args.print_uri,
+        upstream_check,
         limits,
         control,
         socket_mode,
@@ -501,28 +503,6 @@ fn export_size(s: &str) -> Result<u64> {
         anyhow::bail!("--size {s}: must be between 0 and {MAX_EXPORT_SIZE} bytes, as in qemu-img");
     }
     Ok(n)
-}
-
-/// Connects to the upstream once before listening, so a typo shows at
-/// start, naming the address and the OS error, rather than as every
-/// client's `Failed to read initial magic`. The connection is closed at
-/// once, before the handshake; the upstream sees one client come and go.
-fn probe_upstream(target: &Target, timeout: Duration, fatal: bool) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let Err(e) = rt.block_on(async { upstream::connect(target, timeout).await.map(drop) }) else {
-        return Ok(());
-    };
-    if fatal {
-        anyhow::bail!("cannot reach upstream {target}: {e} (--check-upstream)");
-    }
-    tracing::warn!(
-        "cannot reach upstream {target} at start: {e}; every client will fail until it \
-         answers (--check-upstream makes this fatal)"
-    );
-    Ok(())
 }
 
 /// The man pages, from the clap definitions: one per command into `dir`,

@@ -41,6 +41,8 @@ pub struct ServeOptions {
     /// Print the URI alone once listening, instead of `Listening on URI`
     /// (and, in captive mode, instead of nothing): nbdkit's `--print-uri`.
     pub print_uri: bool,
+    /// Whether to try a [`Backend::Upstream`] once at start.
+    pub upstream_check: UpstreamCheck,
     pub limits: Limits,
     /// The HTTP control API's address, and the token it requires.
     pub control: Option<(ListenAddr, Option<String>)>,
@@ -52,6 +54,17 @@ pub struct ServeOptions {
     /// Busy-poll this long after activity on each thread (see
     /// [`crate::io::busypoll`]); zero: never. Needs `threads` ≥ 1.
     pub busy_poll: Duration,
+}
+
+/// Trying the upstream once at start ([`crate::backend::upstream::probe`]),
+/// so a typo'd address shows then, not as every client's failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamCheck {
+    Skip,
+    /// Once listening: a warning naming the address and the OS error.
+    Warn,
+    /// Before listening: a startup error (`--check-upstream`).
+    Refuse,
 }
 
 #[derive(Debug, Error)]
@@ -70,6 +83,12 @@ pub enum ServeError {
     Control(#[from] ControlError),
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot reach upstream {target} (--check-upstream)")]
+    Upstream {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot run {cmd:?}")]
     Run {
         cmd: String,
@@ -109,6 +128,20 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
             .parse()
             .expect("the default address parses"),
     };
+    let probe = match (&opts.backend, opts.upstream_check) {
+        (Backend::Upstream(t), check) if check != UpstreamCheck::Skip => {
+            Some((t.clone(), check, opts.limits.connect_timeout))
+        }
+        _ => None,
+    };
+    if let Some((target, UpstreamCheck::Refuse, timeout)) = &probe {
+        crate::backend::upstream::probe(target, *timeout)
+            .await
+            .map_err(|source| ServeError::Upstream {
+                target: target.to_string(),
+                source,
+            })?;
+    }
     let interceptor: Arc<dyn Interceptor> = opts.rules.clone();
     let server = Server::bind(ServerConfig {
         listen: listen.clone(),
@@ -140,6 +173,15 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     if opts.threads >= 1 {
         // The accepting thread serves connections too (shard 0).
         crate::io::busypoll::start(opts.busy_poll);
+    }
+    // After the bind, so a startup error stays the only line.
+    if let Some((target, UpstreamCheck::Warn, timeout)) = &probe
+        && let Err(e) = crate::backend::upstream::probe(target, *timeout).await
+    {
+        warn!(
+            "cannot reach upstream {target} at start: {e}; every client will fail until it \
+             answers (--check-upstream makes this fatal)"
+        );
     }
     let uri = server.uri();
     let registry = server.registry();

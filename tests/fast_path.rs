@@ -121,7 +121,8 @@ fn one_flip_in_the_21st_read(structured: bool) {
     // flipped, blocks 21-23 spliced again.
     assert_eq!(read_blocks(p.uri(), &img, structured), ["20:300000:90"]);
     assert!(
-        p.stderr().contains("rule one-flip fires corrupt on data"),
+        p.stderr()
+            .contains("rule=one-flip action=corrupt event=data"),
         "{}",
         p.stderr()
     );
@@ -300,7 +301,10 @@ fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
     );
     assert_eq!(read_blocks(p.uri(), &img, true), ["3:error"]);
     assert!(
-        p.wait_for_stderr("rule cut fires disconnect on data", Duration::from_secs(5)),
+        p.wait_for_stderr(
+            "rule=cut action=disconnect event=data",
+            Duration::from_secs(5)
+        ),
         "{}",
         p.stderr()
     );

@@ -16,3 +16,16 @@ pub async fn connect(target: &Target, timeout: Duration) -> std::io::Result<Stre
         )),
     }
 }
+
+/// Tries the upstream once, as at start: connects, waits a moment for the
+/// greeting (so the close is a clean end of stream, not a reset of unread
+/// bytes) and closes before the handshake. The upstream sees a client come
+/// and go; only the connection can fail here.
+pub async fn probe(target: &Target, timeout: Duration) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let (mut r, _w) = connect(target, timeout).await?.into_split();
+    let mut greeting = [0u8; 256];
+    let wait = timeout.min(Duration::from_secs(1));
+    let _ = tokio::time::timeout(wait, r.read(&mut greeting)).await;
+    Ok(())
+}

@@ -1301,7 +1301,7 @@ fn error_on_option_go_unsup() {
         lab.qemu.log()
     );
     for f in wait_faults(&proxy, 3) {
-        assert!(is_fault(f, "no-go", "error", "export"), "{f}");
+        assert!(is_fault(&f, "no-go", "error", "export"), "{f}");
     }
     assert!(proxy.is_running());
 

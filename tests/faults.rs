@@ -479,6 +479,157 @@ fn assert_sockets_back_to(p: &Nbdfault, n: usize) {
 // The shipped scenarios, rules/*.yaml, each exercised as its header says.
 // ---------------------------------------------------------------------------
 
+/// One command of a scenario's comment and what the comment says it
+/// prints (the `>` lines after it).
+struct Said {
+    cmd: String,
+    expect: Vec<String>,
+}
+
+/// The `#   CMD` and `#   > OUTPUT` lines of a rules file's comment.
+fn comment_commands(text: &str) -> Vec<Said> {
+    let mut said: Vec<Said> = Vec::new();
+    for line in text.lines().take_while(|l| l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix("#   ") else {
+            continue;
+        };
+        match (rest.strip_prefix("> "), said.last_mut()) {
+            (Some(out), Some(last)) => last.expect.push(out.to_string()),
+            (Some(_), None) => panic!("output before any command: {line:?}"),
+            (None, _) => said.push(Said {
+                cmd: rest.to_string(),
+                expect: Vec::new(),
+            }),
+        }
+    }
+    said
+}
+
+/// Whether an output line is what the comment says, where `<N>` stands for
+/// a number and qemu-io's timings (`00.00 sec (...)`) for any.
+fn line_matches(expect: &str, got: &str) -> bool {
+    let (expect, got) = (mask_qemu_io_timing(expect), mask_qemu_io_timing(got));
+    let mut parts = expect.split("<N>");
+    let Some(first) = parts.next() else {
+        return false;
+    };
+    let Some(mut rest) = got.strip_prefix(first) else {
+        return false;
+    };
+    for part in parts {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return false;
+        }
+        match rest[digits..].strip_prefix(part) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+/// Runs one scenario's comment as the README's reader would: `qemu-img
+/// create` a sparse 1G raw disk, qemu-nbd on it, the comment's proxy
+/// command (on a free port instead of 10809, so tests run side by side),
+/// then each command with the proxy's URI and a private /tmp, checking
+/// its merged output line by line against the `>` lines (`...`: the rest
+/// is not checked), its exit status against `(exit status N)` and its
+/// duration against `(at least N s)`.
+fn check_comment(file: &Path) {
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let said = comment_commands(&std::fs::read_to_string(file).unwrap());
+    assert!(said.len() >= 2, "{name}: no commands in its comment");
+    let dir = TempDir::new().unwrap();
+    let tmp = format!("{}/", dir.path().display());
+    let disk = dir.path().join("disk.img");
+    run_ok(
+        "qemu-img",
+        &["create", "-f", "raw", disk.to_str().unwrap(), "1G"],
+    );
+    let sock = dir.path().join("qemu-nbd.sock");
+    let _qemu = QemuNbd::start_at(&sock, "raw", &disk, &[]);
+    let rules = format!("{}/rules/", env!("CARGO_MANIFEST_DIR"));
+    let proxy_cmd = said[0]
+        .cmd
+        .strip_suffix(" &")
+        .unwrap_or_else(|| panic!("{name}: the proxy goes into the background"))
+        .replace("/tmp/qemu-nbd.sock", sock.to_str().unwrap())
+        .replace("rules/", &rules);
+    let args: Vec<&str> = proxy_cmd
+        .strip_prefix("nbdfault ")
+        .unwrap_or_else(|| panic!("{name}: the first command is not nbdfault"))
+        .split_whitespace()
+        .chain(["--listen", "127.0.0.1:0"])
+        .collect();
+    let proxy = Nbdfault::start(&args);
+    for s in &said[1..] {
+        let cmd = s
+            .cmd
+            .replace("nbd://127.0.0.1:10809", proxy.uri())
+            .replace("/tmp/", &tmp);
+        let start = Instant::now();
+        let (status, out) = run_merged("sh", &["-c", &cmd], Duration::from_secs(60));
+        let took = start.elapsed();
+        let what = format!(
+            "{name}: `{}`\n--- output ---\n{out}--- proxy stderr ---\n{}",
+            s.cmd,
+            proxy.stderr()
+        );
+        let mut lines = out.lines();
+        let mut rest_free = false;
+        for e in &s.expect {
+            if let Some(n) = e
+                .strip_prefix("(exit status ")
+                .and_then(|r| r.strip_suffix(')'))
+            {
+                assert_eq!(status.code(), n.parse().ok(), "{what}");
+            } else if let Some(n) = e
+                .strip_prefix("(at least ")
+                .and_then(|r| r.strip_suffix(" s)"))
+            {
+                let n: u64 = n.parse().unwrap();
+                assert!(took >= Duration::from_secs(n), "took {took:?}\n{what}");
+            } else if e == "..." {
+                rest_free = true;
+            } else {
+                let got = lines.next().unwrap_or("(nothing)");
+                assert!(line_matches(e, got), "expected {e:?}, got {got:?}\n{what}");
+            }
+        }
+        if !rest_free {
+            assert_eq!(
+                lines.next(),
+                None,
+                "more output than the comment says\n{what}"
+            );
+        }
+    }
+}
+
+/// Every rules/*.yaml comment holds: its commands, run as written on the
+/// README's disk, print what it says.
+#[test]
+fn scenario_comments_hold_on_the_readme_disk() {
+    require_tool("qemu-img");
+    require_tool("qemu-io");
+    require_tool("nbdcopy");
+    require_tool("nbdinfo");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    // Side by side: the slow ones (a held flush, a lost reply) set the pace.
+    std::thread::scope(|scope| {
+        for f in &files {
+            scope.spawn(move || check_comment(f));
+        }
+    });
+}
+
 /// Every scenario in rules/ has a test here.
 #[test]
 fn every_shipped_scenario_is_exercised() {

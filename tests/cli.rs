@@ -397,17 +397,18 @@ fn default_threads_per_mode() {
 // Issue 18: a new user's friction.
 // ---------------------------------------------------------------------------
 
-/// The `Control on URL` line that follows `Listening on`.
-fn control_url(p: &Nbdfault) -> String {
-    let mut url = None;
-    assert!(wait_until(Duration::from_secs(5), || {
-        url = p
-            .more_stdout()
-            .into_iter()
-            .find_map(|l| l.strip_prefix("Control on ").map(str::to_string));
-        url.is_some()
-    }));
-    url.unwrap_or_default()
+/// The first stderr line containing `needle`, waiting up to 10 s for it.
+fn stderr_line(p: &Nbdfault, needle: &str) -> String {
+    assert!(
+        p.wait_for_stderr(needle, Duration::from_secs(10)),
+        "no {needle:?} on stderr\n{}",
+        p.stderr()
+    );
+    let err = p.stderr();
+    err.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// `-v` logs each connection's accept and close (INFO), as `--help` says;
@@ -417,16 +418,8 @@ fn verbose_logs_connections() {
     require_tool("nbdinfo");
     let p = Nbdfault::start(&["-v", "null", "--listen", "127.0.0.1:0"]);
     run_ok("nbdinfo", &["--size", p.uri()]);
-    assert!(
-        p.wait_for_stderr("connection closed conn=1", Duration::from_secs(10)),
-        "{}",
-        p.stderr()
-    );
-    let err = p.stderr();
-    let accepted = err
-        .lines()
-        .find(|l| l.contains(" accepted conn=1 peer=127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no accept line\n{err}"));
+    stderr_line(&p, "connection closed conn=1");
+    let accepted = stderr_line(&p, " accepted conn=1 peer=127.0.0.1:");
     assert!(accepted.contains(" INFO nbdfault::server: "), "{accepted}");
 
     let quiet = Nbdfault::start(&["null", "--listen", "127.0.0.1:0"]);
@@ -707,19 +700,10 @@ fn ini_rule_names_are_log_and_url_safe() {
         "--rules",
         ini.to_str().unwrap(),
     ]);
-    let url = control_url(&p);
+    let url = p.control_url();
     let o = run("nbdinfo", &[p.uri()]);
     assert!(!o.success(), "{}", o.describe());
-    assert!(
-        p.wait_for_stderr(" fault conn=1 ", Duration::from_secs(10)),
-        "{}",
-        p.stderr()
-    );
-    let err = p.stderr();
-    let line = err
-        .lines()
-        .find(|l| l.contains(" fault conn=1 "))
-        .unwrap_or_default();
+    let line = stderr_line(&p, " fault conn=1 ");
     let fields: Vec<&str> = line
         .split(" fault ")
         .nth(1)
@@ -760,7 +744,7 @@ fn metrics_and_connection_listings() {
         "--control",
         "127.0.0.1:0",
     ]);
-    let url = control_url(&p);
+    let url = p.control_url();
     let mut idle = QemuIo::new(p.uri()).spawn_idle();
     assert!(wait_until(Duration::from_secs(10), || curl(&[&format!(
         "{url}/connections"

@@ -262,18 +262,6 @@ fn trace_records_every_event_of_a_qemu_io_session() {
     }
 }
 
-fn control_url(p: &Nbdfault) -> String {
-    let mut url = None;
-    assert!(wait_until(Duration::from_secs(5), || {
-        url = p
-            .more_stdout()
-            .into_iter()
-            .find_map(|l| l.strip_prefix("Control on ").map(str::to_string));
-        url.is_some()
-    }));
-    url.unwrap()
-}
-
 #[test]
 fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
     require_tool("qemu-io");
@@ -286,7 +274,7 @@ fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
         "--control-token",
         "s3cret",
     ]);
-    let url = control_url(&p);
+    let url = p.control_url();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     QemuIo::new(p.uri()).cmd("write -P 7 0 64k").run_ok();
 

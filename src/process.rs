@@ -61,9 +61,11 @@ pub struct ServeOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamCheck {
     Skip,
-    /// Once listening: a warning naming the address and the OS error.
+    /// Once listening, a look that spends no connection (see
+    /// [`crate::backend::upstream::look`]): a warning naming the address
+    /// and the OS error.
     Warn,
-    /// Before listening: a startup error (`--check-upstream`).
+    /// Before listening, a connection: a startup error (`--check-upstream`).
     Refuse,
 }
 
@@ -175,12 +177,12 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         crate::io::busypoll::start(opts.busy_poll);
     }
     // After the bind, so a startup error stays the only line.
-    if let Some((target, UpstreamCheck::Warn, timeout)) = &probe
-        && let Err(e) = crate::backend::upstream::probe(target, *timeout).await
+    if let Some((target, UpstreamCheck::Warn, _)) = &probe
+        && let Err(e) = crate::backend::upstream::look(target).await
     {
         warn!(
-            "cannot reach upstream {target} at start: {e}; every client will fail until it \
-             answers (--check-upstream makes this fatal)"
+            "upstream {target} is not there at start: {e}; every client will fail until it \
+             is (--check-upstream connects to it and refuses to start without it)"
         );
     }
     let uri = server.uri();

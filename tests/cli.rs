@@ -428,9 +428,10 @@ fn verbose_logs_connections() {
     assert_eq!(quiet.stderr(), "", "nothing logged without -v");
 }
 
-/// The upstream is tried once at start: unreachable, a warning names it
-/// and the OS error; with `--check-upstream` it is a startup error (one
-/// line, exit 1, nothing listening). A reachable one: neither.
+/// The upstream is looked at once at start: a socket path that is not
+/// there, a warning names it and the OS error; with `--check-upstream` it
+/// is connected to, and a failure is a startup error (one line, exit 1,
+/// nothing listening). A reachable one: neither.
 #[test]
 fn upstream_is_tried_at_start() {
     let dir = TempDir::new().unwrap();
@@ -438,9 +439,9 @@ fn upstream_is_tried_at_start() {
     let s = sock.to_str().unwrap();
     let p = Nbdfault::proxy(s);
     let warning = format!(
-        "WARN nbdfault::process: cannot reach upstream unix:{s} at start: No such file or directory \
-         (os error 2); every client will fail until it answers (--check-upstream makes this \
-         fatal)"
+        "WARN nbdfault::process: upstream unix:{s} is not there at start: No such file or \
+         directory (os error 2); every client will fail until it is (--check-upstream connects \
+         to it and refuses to start without it)"
     );
     assert!(
         p.wait_for_stderr(&warning, Duration::from_secs(5)),

@@ -374,22 +374,15 @@ impl Recorder {
         self.sock.to_str().unwrap().to_string()
     }
 
-    /// Waits for the first client's connection to end; returns its record.
-    /// The proxy's start-up probe of the upstream comes first and ends in
-    /// the handshake: it is skipped.
+    /// Waits for the first connection to end; returns its record.
     fn first(&self) -> String {
-        let mut first = None;
+        let mut text = String::new();
         let ok = wait_until(Duration::from_secs(10), || {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            first = text
-                .split_inclusive('\n')
-                .filter_map(|l| l.strip_suffix('\n'))
-                .find(|l| !l.starts_with("handshake "))
-                .map(str::to_string);
-            first.is_some()
+            text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            text.ends_with('\n')
         });
         assert!(ok, "the recorder saw no connection end");
-        first.unwrap_or_default()
+        text.lines().next().unwrap().to_string()
     }
 }
 

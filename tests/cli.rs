@@ -680,6 +680,21 @@ fn sizes_match_qemu_img() {
     }
 }
 
+/// A null server on a free port with the control API on another; its URL.
+fn null_with_control(extra: &[&str]) -> (Nbdfault, String) {
+    let mut args = vec![
+        "null",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let p = Nbdfault::start(&args);
+    let url = p.control_url();
+    (p, url)
+}
+
 /// INI rules get names that survive `key=value` log parsing and URLs: the
 /// fault line's fields split on spaces, and `DELETE /rules/NAME` works.
 #[test]
@@ -692,16 +707,7 @@ fn ini_rule_names_are_log_and_url_safe() {
         "[inject-error \"disconnect neg1\"]\nevent=neg1\nwhen=before\n",
     )
     .unwrap();
-    let p = Nbdfault::start(&[
-        "null",
-        "--listen",
-        "127.0.0.1:0",
-        "--control",
-        "127.0.0.1:0",
-        "--rules",
-        ini.to_str().unwrap(),
-    ]);
-    let url = p.control_url();
+    let (p, url) = null_with_control(&["--rules", ini.to_str().unwrap()]);
     let o = run("nbdinfo", &[p.uri()]);
     assert!(!o.success(), "{}", o.describe());
     let line = stderr_line(&p, " fault conn=1 ");
@@ -738,14 +744,7 @@ fn ini_rule_names_are_log_and_url_safe() {
 fn metrics_and_connection_listings() {
     require_tool("curl");
     require_tool("qemu-io");
-    let p = Nbdfault::start(&[
-        "null",
-        "--listen",
-        "127.0.0.1:0",
-        "--control",
-        "127.0.0.1:0",
-    ]);
-    let url = p.control_url();
+    let (p, url) = null_with_control(&[]);
     let mut idle = QemuIo::new(p.uri()).spawn_idle();
     assert!(wait_until(Duration::from_secs(10), || curl(&[&format!(
         "{url}/connections"

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use nbdfault::backend::Backend;
 use nbdfault::backend::null::NullConfig;
@@ -17,20 +17,48 @@ use nbdfault::io::addr::{ListenAddr, Target, parse_size};
 use nbdfault::observe::log;
 use nbdfault::observe::telemetry::Telemetry;
 use nbdfault::observe::trace::TraceTarget;
-use nbdfault::process::{ServeOptions, serve};
+use nbdfault::process::{ServeOptions, UpstreamCheck, serve};
 use nbdfault::rules::{self, Notice, RuleSet, live::LiveRules};
 use nbdfault::server::Limits;
 use nbdfault::sweep;
 
+/// `--version`: the crate's version and the commit it was built from
+/// (build.rs; "unknown" outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("NBDFAULT_GIT_COMMIT"),
+    ")"
+);
+
+// The groups of `--help`, so each flag says where it belongs in one word.
+const LISTENING: &str = "Listening";
+const RULES: &str = "Rules and faults";
+const OBSERVING: &str = "Observing and steering";
+const LIMITS: &str = "Limits";
+const PERFORMANCE: &str = "Performance";
+
+/// Shown after every serving command's options.
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  nbdfault null --size 1G
+  nbdfault proxy --upstream /tmp/qemu-nbd.sock --rules rules/full-disk.yaml
+  nbdfault null --size 1M --run 'nbdinfo --size \"$uri\"'
+  nbdfault null --listen 127.0.0.1:0 --control 127.0.0.1:10810
+
+Rules files: the \"Rules\" section of README.md is the reference; rules/ holds ready
+scenarios, each commented with a command to try it. `nbdfault check FILE|DIR` validates.";
+
 #[derive(Parser)]
 #[command(
     name = "nbdfault",
-    version,
-    about = "A fault-injecting NBD proxy and null server"
+    version = VERSION,
+    about = "A fault-injecting NBD proxy and null server",
+    after_help = SERVE_EXAMPLES
 )]
 struct Cli {
     /// More logging (-v: connections, -vv: debug). RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = OBSERVING)]
     verbose: u8,
     #[command(subcommand)]
     command: Command,
@@ -39,16 +67,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Forward every client to a real NBD server.
+    #[command(after_help = SERVE_EXAMPLES)]
     Proxy {
         /// HOST:PORT, a unix socket path, nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH.
         #[arg(long, value_name = "TARGET")]
         upstream: String,
+        /// Refuse to start (exit 1, no listener) when the upstream cannot
+        /// be connected to at start; without it, that is a warning.
+        #[arg(long)]
+        check_upstream: bool,
         #[command(flatten)]
         serve: ServeArgs,
     },
     /// Serve a disk that reads zeroes and discards writes.
+    #[command(after_help = SERVE_EXAMPLES)]
     Null {
-        /// Export size: bytes, or with a binary unit (512M, 8G, 1TiB).
+        /// Export size, as qemu-img takes it: bytes, or a number with one
+        /// binary unit (512M, 8G, 1.5G; not 8GB).
         #[arg(long, value_name = "SIZE", default_value = "8G")]
         size: String,
         /// Oldstyle negotiation instead of fixed newstyle.
@@ -104,8 +139,23 @@ enum Command {
     },
     /// Validate rule files without serving; exit 0 when all are good.
     Check {
-        #[arg(value_name = "FILE", required = true)]
+        /// Rules files (YAML or QEMU injector INI), or directories: every
+        /// *.yaml, *.yml and *.ini file directly in one is checked.
+        #[arg(value_name = "FILE|DIR", required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Write the man pages (nbdfault.1, nbdfault-proxy.1, ...) into DIR, or
+    /// nbdfault.1 alone on stdout.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print a completion script for SHELL on stdout.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
     },
     /// Behave exactly like QEMU's nbd-fault-injector.py:
     /// legacy [--classic-negotiation] HOST:PORT|UNIX-PATH CONFIG
@@ -183,66 +233,75 @@ const MAX_CONNECTIONS: u64 = 1_000_000;
 /// Most `--threads`: each is an OS thread with its own runtime.
 const MAX_THREADS: u64 = 1024;
 
-/// What `proxy` and `null` share.
+/// What `proxy` and `null` share. Each flag names its `--help` group
+/// (flattened groups set theirs with `next_help_heading`); the groups show
+/// in the order they first appear here.
 #[derive(clap::Args)]
 struct ServeArgs {
     /// HOST:PORT, [IPV6]:PORT, a unix socket path or unix:PATH
     /// [default: 127.0.0.1:10809; with --run, a private unix socket].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help_heading = LISTENING)]
     listen: Option<String>,
+    /// Permissions of the --listen unix socket, in octal [default: 600,
+    /// owner only]; 660 lets the socket's group connect too.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, help_heading = LISTENING)]
+    socket_mode: Option<u32>,
     /// Captive mode: run CMD through `sh -c` with $uri, $nbd, $port and
     /// $unixsocket set; when it exits, stop and exit with its status.
-    #[arg(long, value_name = "CMD")]
+    /// Stdout is then CMD's alone (no `Listening on` line).
+    #[arg(long, value_name = "CMD", help_heading = LISTENING)]
     run: Option<String>,
+    /// Print the NBD URI alone on stdout once listening (with --run,
+    /// before CMD starts), instead of `Listening on URI`.
+    #[arg(long, help_heading = LISTENING)]
+    print_uri: bool,
+    #[command(flatten)]
+    rules: RuleArgs,
     /// Write one JSON line per event to FILE (`-` for stderr).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = OBSERVING)]
     trace: Option<String>,
     /// Capture both legs of every connection (client <-> nbdfault <->
     /// server) to FILE as pcapng, for Wireshark or tshark.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = OBSERVING)]
     pcap: Option<PathBuf>,
     /// Keep at most BYTES of each message in the capture [default: all].
-    #[arg(long, value_name = "BYTES", requires = "pcap")]
+    #[arg(long, value_name = "BYTES", requires = "pcap", help_heading = OBSERVING)]
     pcap_snaplen: Option<u64>,
     /// Serve the HTTP control API (metrics, rules, connections) on ADDR:
     /// HOST:PORT or a unix socket path. Off unless asked for.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help_heading = OBSERVING)]
     control: Option<String>,
     /// Bearer token the control API requires (needed for a non-loopback
     /// --control address).
-    #[arg(long, value_name = "TOKEN", requires = "control")]
+    #[arg(long, value_name = "TOKEN", requires = "control", help_heading = OBSERVING)]
     control_token: Option<String>,
-    /// Permissions of the --listen unix socket, in octal [default: 600,
-    /// owner only]; 660 lets the socket's group connect too.
-    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
-    socket_mode: Option<u32>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Threads serving connections, each connection on one of them
     /// [default: proxy, one per two cores; null, one per core; at most
     /// 1024]; 0: tokio's work-stealing runtime.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(..=MAX_THREADS))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(..=MAX_THREADS),
+          help_heading = PERFORMANCE)]
     threads: Option<u64>,
     /// After traffic, keep each thread polling its sockets this long (like
     /// 50us) instead of sleeping: lower latency for more CPU [default: 0,
     /// off; at most 1ms; needs --threads 1 or more].
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", help_heading = PERFORMANCE)]
     busy_poll: Option<humantime::Duration>,
     /// Stop (as on SIGTERM) when the process that started nbdfault exits,
     /// as nbdkit's --exit-with-parent: a harness that dies leaves nothing
     /// running.
-    #[arg(long)]
+    #[arg(long, help_heading = LISTENING)]
     exit_with_parent: bool,
     /// Write the process id to FILE once clients can connect; removed on
     /// exit.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = LISTENING)]
     pidfile: Option<PathBuf>,
-    #[command(flatten)]
-    rules: RuleArgs,
-    #[command(flatten)]
-    limits: LimitArgs,
 }
 
 /// Limits against hostile or broken peers; each is logged when hit.
 #[derive(clap::Args)]
+#[command(next_help_heading = LIMITS)]
 struct LimitArgs {
     /// Largest payload one request may carry or ask for (a write's payload,
     /// a read's length), 512 to 4G: the proxy answers a larger request with
@@ -298,6 +357,7 @@ fn max_payload(s: &str) -> Result<u64> {
 }
 
 #[derive(clap::Args)]
+#[command(next_help_heading = RULES)]
 struct RuleArgs {
     /// A rules file (YAML, or the INI of QEMU's injector); repeatable.
     #[arg(long = "rules", value_name = "FILE")]
@@ -386,10 +446,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     // Before anything slow (rules files): the parent may exit any time.
     let parent = nix::unistd::getppid();
-    let (backend, args) = match cli.command {
-        Command::Proxy { upstream, serve } => (
+    let (backend, args, check_upstream) = match cli.command {
+        Command::Proxy {
+            upstream,
+            check_upstream,
+            serve,
+        } => (
             Backend::Upstream(upstream.parse::<Target>().context("--upstream")?),
             serve,
+            check_upstream,
         ),
         Command::Null {
             size,
@@ -397,10 +462,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             serve,
         } => (
             Backend::Null(NullConfig {
-                size: parse_size(&size).context("--size")?,
+                size: export_size(&size)?,
                 oldstyle,
             }),
             serve,
+            false,
         ),
         Command::Check { files } => return check(&files).map(|()| ExitCode::SUCCESS),
         Command::Trace { summary, file } => return trace(summary, &file),
@@ -435,6 +501,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .and_then(|()| stdout.flush());
                 }
             }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man { dir } => return man(dir).map(|()| ExitCode::SUCCESS),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "nbdfault",
+                &mut std::io::stdout(),
+            );
             return Ok(ExitCode::SUCCESS);
         }
         // Dispatched in main, before the runtime and logging are set up.
@@ -492,13 +568,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .with_pcap(path, args.pcap_snaplen)
             .context("--pcap")?;
     }
+    let limits = args.limits.limits()?;
+    let upstream_check = match (&backend, check_upstream) {
+        (Backend::Null(_), _) => UpstreamCheck::Skip,
+        (Backend::Upstream(_), false) => UpstreamCheck::Warn,
+        (Backend::Upstream(_), true) => UpstreamCheck::Refuse,
+    };
     let status = serve(ServeOptions {
         listen,
         backend,
         rules,
         telemetry: Arc::new(telemetry),
         run: args.run,
-        limits: args.limits.limits()?,
+        print_uri: args.print_uri,
+        upstream_check,
+        limits,
         control,
         socket_mode,
         threads,
@@ -520,27 +604,95 @@ fn trace(summary: bool, file: &std::path::Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `nbdfault check`: every file on its own, every error reported, and
+/// The largest export qemu-img creates (and QEMU's NBD client takes).
+const MAX_EXPORT_SIZE: u64 = i64::MAX as u64;
+
+/// `--size` of a null server: qemu-img's syntax and its bound.
+fn export_size(s: &str) -> Result<u64> {
+    let n = parse_size(s).context("--size")?;
+    if n > MAX_EXPORT_SIZE {
+        anyhow::bail!("--size {s}: must be between 0 and {MAX_EXPORT_SIZE} bytes, as in qemu-img");
+    }
+    Ok(n)
+}
+
+/// The man pages, from the clap definitions: one per command into `dir`,
+/// or the main page on stdout.
+fn man(dir: Option<PathBuf>) -> Result<()> {
+    let cmd = Cli::command().version(VERSION);
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))
+        }
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
+    }
+}
+
+/// The files `check` reads for one argument: the file itself, or every
+/// `*.yaml`, `*.yml` and `*.ini` directly in a directory, in name order.
+fn check_targets(arg: &std::path::Path) -> Result<Vec<PathBuf>, String> {
+    if !arg.is_dir() {
+        return Ok(vec![arg.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(arg)
+        .map_err(|e| format!("{}: cannot read directory: {e}", arg.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| x == "yaml" || x == "yml" || x == "ini")
+                && !p.is_dir()
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!(
+            "{}: no *.yaml, *.yml or *.ini file in this directory",
+            arg.display()
+        ));
+    }
+    Ok(files)
+}
+
+/// `nbdfault check`: every file on its own (a directory: each rules file
+/// in it), every error of each reported (see [`rules::check_file`]), and
 /// warnings (no rules, no final newline) on stderr for files that pass.
-fn check(files: &[PathBuf]) -> Result<()> {
-    let mut bad = 0;
-    for f in files {
-        match rules::load_files_noting(std::slice::from_ref(f), None) {
-            Ok((set, notices)) => {
-                println!("{}: ok, {} rule(s)", f.display(), set.rules.len());
-                // Warnings only: the file is valid.
-                for n in notices {
-                    eprintln!("{n}");
-                }
-            }
+fn check(args: &[PathBuf]) -> Result<()> {
+    let (mut bad, mut total) = (0, 0);
+    for arg in args {
+        let files = match check_targets(arg) {
+            Ok(f) => f,
             Err(e) => {
                 eprintln!("{e}");
                 bad += 1;
+                total += 1;
+                continue;
+            }
+        };
+        for f in files {
+            total += 1;
+            let checked = rules::check_file(&f);
+            if checked.errors.is_empty() {
+                println!("{}: ok, {} rule(s)", f.display(), checked.rules);
+            } else {
+                bad += 1;
+            }
+            for e in &checked.errors {
+                eprintln!("{e}");
+            }
+            // Warnings only: the file is valid, or its errors said more.
+            for n in &checked.notices {
+                eprintln!("{n}");
             }
         }
     }
     if bad > 0 {
-        anyhow::bail!("{bad} of {} rule file(s) invalid", files.len());
+        anyhow::bail!("{bad} of {total} rule file(s) invalid");
     }
     Ok(())
 }
@@ -622,7 +774,7 @@ fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
         ),
         (None, None) => (
             sweep::run::ServerMode::Backend(Backend::Null(NullConfig {
-                size: parse_size(&a.size).context("--size")?,
+                size: export_size(&a.size)?,
                 oldstyle: false,
             })),
             format!("nbdfault null --size {}", a.size),

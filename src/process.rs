@@ -36,7 +36,13 @@ pub struct ServeOptions {
     pub rules: Arc<LiveRules>,
     pub telemetry: Arc<Telemetry>,
     /// Captive mode: run this through `sh -c`, exit with its status.
+    /// Stdout is then the command's alone, as with nbdkit's `--run`.
     pub run: Option<String>,
+    /// Print the URI alone once listening, instead of `Listening on URI`
+    /// (and, in captive mode, instead of nothing): nbdkit's `--print-uri`.
+    pub print_uri: bool,
+    /// Whether to try a [`Backend::Upstream`] once at start.
+    pub upstream_check: UpstreamCheck,
     pub limits: Limits,
     /// The HTTP control API's address, and the token it requires.
     pub control: Option<(ListenAddr, Option<String>)>,
@@ -54,6 +60,19 @@ pub struct ServeOptions {
     /// `--pidfile`: written once clients can connect, removed on the way
     /// out.
     pub pidfile: Option<PathBuf>,
+}
+
+/// Trying the upstream once at start ([`crate::backend::upstream::probe`]),
+/// so a typo'd address shows then, not as every client's failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamCheck {
+    Skip,
+    /// Once listening, a look that spends no connection (see
+    /// [`crate::backend::upstream::look`]): a warning naming the address
+    /// and the OS error.
+    Warn,
+    /// Before listening, a connection: a startup error (`--check-upstream`).
+    Refuse,
 }
 
 #[derive(Debug, Error)]
@@ -78,6 +97,12 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot reach upstream {target} (--check-upstream)")]
+    Upstream {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot run {cmd:?}")]
     Run {
         cmd: String,
@@ -88,7 +113,7 @@ pub enum ServeError {
 
 /// Serves until SIGINT/SIGTERM (exit status 0) or, in captive mode, until
 /// the command exits (its status). Prints `Listening on URI` once clients
-/// can connect.
+/// can connect (not in captive mode; see [`ServeOptions::print_uri`]).
 pub fn serve(opts: ServeOptions) -> Result<i32, ServeError> {
     raise_fd_limit();
     let rt = match opts.threads {
@@ -117,6 +142,20 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
             .parse()
             .expect("the default address parses"),
     };
+    let probe = match (&opts.backend, opts.upstream_check) {
+        (Backend::Upstream(t), check) if check != UpstreamCheck::Skip => {
+            Some((t.clone(), check, opts.limits.connect_timeout))
+        }
+        _ => None,
+    };
+    if let Some((target, UpstreamCheck::Refuse, timeout)) = &probe {
+        crate::backend::upstream::probe(target, *timeout)
+            .await
+            .map_err(|source| ServeError::Upstream {
+                target: target.to_string(),
+                source,
+            })?;
+    }
     let interceptor: Arc<dyn Interceptor> = opts.rules.clone();
     let server = Server::bind(ServerConfig {
         listen: listen.clone(),
@@ -149,6 +188,15 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         // The accepting thread serves connections too (shard 0).
         crate::io::busypoll::start(opts.busy_poll);
     }
+    // After the bind, so a startup error stays the only line.
+    if let Some((target, UpstreamCheck::Warn, _)) = &probe
+        && let Err(e) = crate::backend::upstream::look(target).await
+    {
+        warn!(
+            "upstream {target} is not there at start: {e}; every client will fail until it \
+             is (--check-upstream connects to it and refuses to start without it)"
+        );
+    }
     let uri = server.uri();
     let registry = server.registry();
     // Before anyone can know we listen: a SIGTERM right after the line must
@@ -175,8 +223,12 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         Some(path) => Some(Pidfile::write(path)?),
         None => None,
     };
-    println!("Listening on {uri}");
-    if let Some(c) = &control {
+    match (opts.print_uri, &opts.run) {
+        (true, _) => println!("{uri}"),
+        (false, None) => println!("Listening on {uri}"),
+        (false, Some(_)) => {}
+    }
+    if let (Some(c), None) = (&control, &opts.run) {
         println!("Control on {}", c.url());
     }
     let _ = std::io::stdout().flush();

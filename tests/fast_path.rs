@@ -160,7 +160,8 @@ fn one_flip_in_the_21st_read(structured: bool) {
             "{client:?}"
         );
         assert!(
-            p.stderr().contains("rule one-flip fires corrupt on data"),
+            p.stderr()
+                .contains("rule=one-flip action=corrupt event=data"),
             "{}",
             p.stderr()
         );
@@ -369,7 +370,10 @@ fn a_cut_inside_a_payload_after_spliced_ones_keeps_what_came_before() {
         );
         assert_eq!(read_blocks(p.uri(), &img, true), ["3:error"], "{client:?}");
         assert!(
-            p.wait_for_stderr("rule cut fires disconnect on data", Duration::from_secs(5)),
+            p.wait_for_stderr(
+                "rule=cut action=disconnect event=data",
+                Duration::from_secs(5)
+            ),
             "{}",
             p.stderr()
         );

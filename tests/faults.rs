@@ -397,13 +397,25 @@ impl Drop for Recorder {
 // The fault log and the proxy's sockets.
 // ---------------------------------------------------------------------------
 
-/// The proxy's fault log lines, from `fault: rule` on (timestamp and level
-/// dropped).
+/// The proxy's fault log lines, from `fault ` on (timestamp, level and
+/// target dropped).
 fn fault_lines(p: &Nbdfault) -> Vec<String> {
+    const AT: &str = "nbdfault::fault: fault ";
     p.stderr()
         .lines()
-        .filter_map(|l| l.find("fault: rule ").map(|i| l[i..].to_string()))
+        .filter_map(|l| {
+            l.find(AT)
+                .map(|i| l[i + AT.len() - "fault ".len()..].to_string())
+        })
         .collect()
+}
+
+/// Whether a fault line says this rule fired this action on this event
+/// (an empty `rule` or `event`: any).
+fn is_fault(line: &str, rule: &str, action: &str, event: &str) -> bool {
+    (rule.is_empty() || field(line, "rule") == rule)
+        && field(line, "action") == action
+        && (event.is_empty() || field(line, "event") == event)
 }
 
 /// Waits (at most 10 s) for at least `n` fault lines and returns them all.
@@ -459,6 +471,160 @@ fn assert_sockets_back_to(p: &Nbdfault, n: usize) {
 // ---------------------------------------------------------------------------
 // The shipped scenarios, rules/*.yaml, each exercised as its header says.
 // ---------------------------------------------------------------------------
+
+/// One command of a scenario's comment and what the comment says it
+/// prints (the `>` lines after it).
+struct Said {
+    cmd: String,
+    expect: Vec<String>,
+}
+
+/// The `#   CMD` and `#   > OUTPUT` lines of a rules file's comment.
+fn comment_commands(text: &str) -> Vec<Said> {
+    let mut said: Vec<Said> = Vec::new();
+    for line in text.lines().take_while(|l| l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix("#   ") else {
+            continue;
+        };
+        match (rest.strip_prefix("> "), said.last_mut()) {
+            (Some(out), Some(last)) => last.expect.push(out.to_string()),
+            (Some(_), None) => panic!("output before any command: {line:?}"),
+            (None, _) => said.push(Said {
+                cmd: rest.to_string(),
+                expect: Vec::new(),
+            }),
+        }
+    }
+    said
+}
+
+/// Whether an output line is what the comment says, where `<N>` stands for
+/// a number and qemu-io's timings (`00.00 sec (...)`) for any.
+fn line_matches(expect: &str, got: &str) -> bool {
+    let (expect, got) = (mask_qemu_io_timing(expect), mask_qemu_io_timing(got));
+    let mut parts = expect.split("<N>");
+    let Some(first) = parts.next() else {
+        return false;
+    };
+    let Some(mut rest) = got.strip_prefix(first) else {
+        return false;
+    };
+    for part in parts {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return false;
+        }
+        match rest[digits..].strip_prefix(part) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+/// Runs one scenario's comment as the README's reader would: `qemu-img
+/// create` a sparse 1G raw disk, qemu-nbd on it, the comment's proxy
+/// command (on a free port instead of 10809, so tests run side by side;
+/// `server.port=10809` in `--image-opts` is changed to match),
+/// then each command with the proxy's URI and a private /tmp, checking
+/// its merged output line by line against the `>` lines (`...`: the rest
+/// is not checked), its exit status against `(exit status N)` and its
+/// duration against `(at least N s)`.
+fn check_comment(file: &Path) {
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let said = comment_commands(&std::fs::read_to_string(file).unwrap());
+    assert!(said.len() >= 2, "{name}: no commands in its comment");
+    let dir = TempDir::new().unwrap();
+    let tmp = format!("{}/", dir.path().display());
+    let disk = dir.path().join("disk.img");
+    run_ok(
+        "qemu-img",
+        &["create", "-f", "raw", disk.to_str().unwrap(), "1G"],
+    );
+    let sock = dir.path().join("qemu-nbd.sock");
+    let _qemu = QemuNbd::start_at(&sock, "raw", &disk, &[]);
+    let rules = format!("{}/rules/", env!("CARGO_MANIFEST_DIR"));
+    let proxy_cmd = said[0]
+        .cmd
+        .strip_suffix(" &")
+        .unwrap_or_else(|| panic!("{name}: the proxy goes into the background"))
+        .replace("/tmp/qemu-nbd.sock", sock.to_str().unwrap())
+        .replace("rules/", &rules);
+    let args: Vec<&str> = proxy_cmd
+        .strip_prefix("nbdfault ")
+        .unwrap_or_else(|| panic!("{name}: the first command is not nbdfault"))
+        .split_whitespace()
+        .chain(["--listen", "127.0.0.1:0"])
+        .collect();
+    let proxy = Nbdfault::start(&args);
+    for s in &said[1..] {
+        let port = proxy.uri().rsplit(':').next().unwrap_or_default();
+        let cmd = s
+            .cmd
+            .replace("nbd://127.0.0.1:10809", proxy.uri())
+            .replace("server.port=10809", &format!("server.port={port}"))
+            .replace("/tmp/", &tmp);
+        let start = Instant::now();
+        let (status, out) = run_merged("sh", &["-c", &cmd], Duration::from_secs(60));
+        let took = start.elapsed();
+        let what = format!(
+            "{name}: `{}`\n--- output ---\n{out}--- proxy stderr ---\n{}",
+            s.cmd,
+            proxy.stderr()
+        );
+        let mut lines = out.lines();
+        let mut rest_free = false;
+        for e in &s.expect {
+            if let Some(n) = e
+                .strip_prefix("(exit status ")
+                .and_then(|r| r.strip_suffix(')'))
+            {
+                assert_eq!(status.code(), n.parse().ok(), "{what}");
+            } else if let Some(n) = e
+                .strip_prefix("(at least ")
+                .and_then(|r| r.strip_suffix(" s)"))
+            {
+                let n: u64 = n.parse().unwrap();
+                assert!(took >= Duration::from_secs(n), "took {took:?}\n{what}");
+            } else if e == "..." {
+                rest_free = true;
+            } else {
+                let got = lines.next().unwrap_or("(nothing)");
+                assert!(line_matches(e, got), "expected {e:?}, got {got:?}\n{what}");
+            }
+        }
+        if !rest_free {
+            assert_eq!(
+                lines.next(),
+                None,
+                "more output than the comment says\n{what}"
+            );
+        }
+    }
+}
+
+/// Every rules/*.yaml comment holds: its commands, run as written on the
+/// README's disk, print what it says.
+#[test]
+fn scenario_comments_hold_on_the_readme_disk() {
+    require_tool("qemu-img");
+    require_tool("qemu-io");
+    require_tool("nbdcopy");
+    require_tool("nbdinfo");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    // Side by side: the slow ones (a held flush, a lost reply) set the pace.
+    std::thread::scope(|scope| {
+        for f in &files {
+            scope.spawn(move || check_comment(f));
+        }
+    });
+}
 
 /// Every scenario in rules/ has a test here.
 #[test]
@@ -532,10 +698,7 @@ print("fails", ",".join(fails))
         let faults = wait_faults(&proxy, n);
         assert_eq!(faults.len(), n, "{faults:#?}");
         for f in &faults {
-            assert!(
-                f.starts_with("fault: rule flaky-reads fires error on request"),
-                "{f}"
-            );
+            assert!(is_fault(f, "flaky-reads", "error", "request"), "{f}");
         }
         assert!(proxy.is_running());
         // A handshake still works (reads themselves may be unlucky).
@@ -661,7 +824,7 @@ timed("read", h.pread, 4096, 4 << 20)
     let faults = wait_faults(&proxy, 1);
     assert_eq!(faults.len(), 1, "{faults:#?}");
     assert!(
-        faults[0].starts_with("fault: rule slow-flush fires delay on reply"),
+        is_fault(&faults[0], "slow-flush", "delay", "reply"),
         "{faults:#?}"
     );
     // The data went through (the flush itself was only late).
@@ -755,7 +918,7 @@ print("in flight:", h.aio_in_flight())
     let faults = wait_faults(&proxy, 1);
     assert_eq!(faults.len(), 1, "{faults:#?}");
     assert!(
-        faults[0].starts_with("fault: rule lost-reply fires drop on reply"),
+        is_fault(&faults[0], "lost-reply", "drop", "reply"),
         "{faults:#?}"
     );
     // The client gave up and left: its connection is gone.
@@ -778,7 +941,7 @@ fn scenario_cut_mid_read() {
     assert_eq!(out, "read failed: Input/output error");
     let faults = wait_faults(&proxy, 1);
     assert!(
-        faults[0].starts_with("fault: rule cut-mid-read fires disconnect on data"),
+        is_fault(&faults[0], "cut-mid-read", "disconnect", "data"),
         "{faults:#?}"
     );
     assert_eq!(field(&faults[0], "direction"), "to-client");
@@ -1292,10 +1455,7 @@ fn error_on_option_go_unsup() {
         lab.qemu.log()
     );
     for f in wait_faults(&proxy, 3) {
-        assert!(
-            f.starts_with("fault: rule no-go fires error on export"),
-            "{f}"
-        );
+        assert!(is_fault(&f, "no-go", "error", "export"), "{f}");
     }
     assert!(proxy.is_running());
 
@@ -1466,10 +1626,7 @@ fn stall_with_duration() {
         "{took:?}"
     );
     let faults = wait_faults(&proxy, 2);
-    assert!(
-        faults[0].contains(" fires stall on request "),
-        "{faults:#?}"
-    );
+    assert!(is_fault(&faults[0], "", "stall", "request"), "{faults:#?}");
     assert!(proxy.is_running());
 }
 
@@ -1539,7 +1696,7 @@ print(h.aio_command_completed(first), h.aio_command_completed(second), h.aio_in_
     assert_eq!(out, "False True 1\n");
     qemu_io_hangs(proxy.uri(), &["read 0 4k"], 3);
     let faults = wait_faults(&proxy, 2);
-    assert!(faults[0].contains(" fires drop on request "), "{faults:#?}");
+    assert!(is_fault(&faults[0], "", "drop", "request"), "{faults:#?}");
     // The proxy is fine; a client that does not read is not affected.
     assert!(proxy.is_running());
     let size = run_ok("nbdinfo", &["--size", proxy.uri()]);
@@ -1576,10 +1733,7 @@ fn corrupt_reply_magic() {
         "ERR None nbd_pread: invalid reply magic\nERR EINVAL nbd_pread: invalid state: DEAD: the handle must be connected with the server: Invalid argument\n"
     );
     let faults = wait_faults(&proxy, 2);
-    assert!(
-        faults[0].contains(" fires corrupt on reply "),
-        "{faults:#?}"
-    );
+    assert!(is_fault(&faults[0], "", "corrupt", "reply"), "{faults:#?}");
     assert!(proxy.is_running());
     lab.assert_server_ok();
 }
@@ -1666,7 +1820,7 @@ fn connect_disconnect_refuses_clients() {
     );
     let faults = wait_faults(&proxy, 2);
     assert!(
-        faults[0].starts_with("fault: rule rule-1 fires disconnect on connect"),
+        is_fault(&faults[0], "rule-1", "disconnect", "connect"),
         "{faults:#?}"
     );
     // times: 2 is used up.
@@ -2089,7 +2243,7 @@ fn ini_and_yaml_rules_are_equivalent() {
         assert_eq!(fi, fy, "{what}");
         assert_eq!(fi.len(), 1, "{what}");
         assert!(
-            fi[0].starts_with("fault: rule inject-error fires disconnect on "),
+            is_fault(&fi[0], "inject-error", "disconnect", ""),
             "{fi:#?}"
         );
         // The process goes on (only `nbdfault legacy` exits after a cut).
@@ -2224,7 +2378,7 @@ fn qemu_083_cases_as_rules_in_front_of_qemu_nbd() {
             let fired = wait_faults(&proxy, 1);
             assert_eq!(fired.len(), 1, "{case}: {fired:#?}");
             assert!(
-                fired[0].starts_with("fault: rule inject-error fires disconnect on "),
+                is_fault(&fired[0], "inject-error", "disconnect", ""),
                 "{case}: {fired:#?}"
             );
             // NBD_REP_INFO carrying the export is both option-reply and neg2.

@@ -151,14 +151,28 @@ fn run_exits_with_the_commands_status_and_passes_the_address() {
         ],
     );
     assert_eq!(out.status.code(), Some(3), "{}", out.describe());
-    let lines: Vec<&str> = out.stdout.lines().collect();
-    assert!(
-        lines[0].starts_with("Listening on nbd+unix:///?socket="),
-        "{lines:?}"
+    // As with nbdkit's --run, stdout is the command's alone.
+    assert_eq!(out.stdout, "1048576\n", "{}", out.describe());
+
+    // --print-uri: the URI alone first, then the command's output.
+    let out = run(
+        nbdfault_bin(),
+        &[
+            "null",
+            "--size",
+            "1M",
+            "--print-uri",
+            "--run",
+            "nbdinfo --size \"$uri\" && test -S \"$unixsocket\"",
+        ],
     );
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", out.describe());
+    assert!(lines[0].starts_with("nbd+unix:///?socket="), "{lines:?}");
     assert_eq!(lines[1], "1048576");
     // The private socket directory is gone.
-    let sock = lines[0].trim_start_matches("Listening on nbd+unix:///?socket=");
+    let sock = lines[0].trim_start_matches("nbd+unix:///?socket=");
     let dir = std::path::Path::new(sock).parent().unwrap();
     assert!(!dir.exists(), "{} left behind", dir.display());
 
@@ -168,12 +182,14 @@ fn run_exits_with_the_commands_status_and_passes_the_address() {
             "null",
             "--listen",
             "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
             "--run",
             "test -n \"$port\" && test -z \"$unixsocket\" && nbdinfo --size \"$uri\"",
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", out.describe());
-    assert_eq!(out.stdout.lines().nth(1), Some("8589934592"));
+    assert_eq!(out.stdout, "8589934592\n", "{}", out.describe());
 }
 
 #[test]
@@ -251,18 +267,6 @@ fn trace_records_every_event_of_a_qemu_io_session() {
     }
 }
 
-fn control_url(p: &Nbdfault) -> String {
-    let mut url = None;
-    assert!(wait_until(Duration::from_secs(5), || {
-        url = p
-            .more_stdout()
-            .into_iter()
-            .find_map(|l| l.strip_prefix("Control on ").map(str::to_string));
-        url.is_some()
-    }));
-    url.unwrap()
-}
-
 #[test]
 fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
     require_tool("qemu-io");
@@ -275,7 +279,7 @@ fn control_flag_serves_metrics_after_real_traffic_and_checks_the_token() {
         "--control-token",
         "s3cret",
     ]);
-    let url = control_url(&p);
+    let url = p.control_url();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     QemuIo::new(p.uri()).cmd("write -P 7 0 64k").run_ok();
 

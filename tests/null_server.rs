@@ -100,7 +100,10 @@ fn size_units() {
         ("4096", 4096),
         ("64M", 64 * MIB),
         ("2G", 2 * GIB),
-        ("1TiB", 1u64 << 40),
+        ("1T", 1u64 << 40),
+        // qemu-img's syntax: a decimal fraction with a unit, hex bytes.
+        ("1.5M", 3 * MIB / 2),
+        ("0x100000", MIB),
     ] {
         let n = null(&["--size", arg]);
         assert_eq!(

@@ -171,8 +171,8 @@ fn a_write_survives_a_cut_after_its_payload_then_a_cut_reply() {
     );
     let log = p.stderr();
     for needle in [
-        "rule cut-after-write-payload fires disconnect on data (65536 bytes) conn=1",
-        "rule cut-the-write-reply fires disconnect on reply",
+        "fault conn=1 rule=cut-after-write-payload action=disconnect event=data direction=to-server bytes=65536",
+        "rule=cut-the-write-reply action=disconnect event=reply",
     ] {
         assert!(log.contains(needle), "{needle} missing from\n{log}");
     }
@@ -210,7 +210,7 @@ fn open_timeout_outlasts_a_refusing_outage_from_the_rules() {
     assert!(took >= Duration::from_millis(500), "{took:?}");
     let log = p.stderr();
     assert!(
-        log.contains("fault: rule outage-1s fires refuse on connect")
+        log.contains("rule=outage-1s action=refuse")
             && log.contains("outage (rule outage-1s): refusing the connection"),
         "{log}"
     );
@@ -343,8 +343,15 @@ fn the_second_flush_fails_and_only_it() {
         o.describe()
     );
     let log = p.stderr();
-    assert_eq!(log.matches("fires error on request").count(), 1, "{log}");
-    assert!(log.contains("rule second-flush-fails fires error"), "{log}");
+    assert_eq!(
+        log.matches("action=error event=request").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("rule=second-flush-fails action=error"),
+        "{log}"
+    );
     drop(p);
 
     // Each flush's own outcome, from libnbd on a fresh proxy.

@@ -422,6 +422,161 @@ fn mixed_good_and_bad_files_report_each_and_exit_1() {
     assert_eq!(lines[2], "nbdfault: 2 of 3 rule file(s) invalid");
 }
 
+/// `check DIR` checks every *.yaml, *.yml and *.ini file directly in DIR
+/// (in name order; not subdirectories, nor other files), each as if named.
+#[test]
+fn check_a_directory() {
+    let o = check(&[&repo().join("rules")]);
+    assert_eq!(o.status.code(), Some(0), "{}", o.describe());
+    let want: String = files_in(&repo().join("rules"), "yaml")
+        .iter()
+        .map(|f| format!("{}: ok, 1 rule(s)\n", f.display()))
+        .collect();
+    assert_eq!(o.stdout, want, "{}", o.describe());
+    assert_eq!(o.stderr, "", "{}", o.describe());
+
+    let dir = TempDir::new().unwrap();
+    write(&dir, "a.yml", "rules:\n  - event: request\n");
+    write(&dir, "b.ini", "[inject-error]\nevent=neg1\n");
+    write(&dir, "c.yaml", "rules:\n  - event: requset\n");
+    write(&dir, "notes.txt", "not a rules file\n");
+    std::fs::create_dir(dir.path().join("sub.yaml")).unwrap();
+    let o = check(&[dir.path()]);
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    assert_eq!(
+        o.stdout,
+        format!(
+            "{}: ok, 1 rule(s)\n{}: ok, 1 rule(s)\n",
+            p("a.yml"),
+            p("b.ini")
+        ),
+        "{}",
+        o.describe()
+    );
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", o.describe());
+    assert!(
+        lines[0].starts_with(&format!("{}:2:12: ", p("c.yaml"))),
+        "{}",
+        o.describe()
+    );
+    assert_eq!(lines[1], "nbdfault: 1 of 3 rule file(s) invalid");
+
+    // A directory without rules files is an error, not silence.
+    let empty = TempDir::new().unwrap();
+    let o = check(&[empty.path()]);
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    assert_eq!(
+        o.stderr,
+        format!(
+            "{}: no *.yaml, *.yml or *.ini file in this directory\n\
+             nbdfault: 1 of 1 rule file(s) invalid\n",
+            empty.path().display()
+        ),
+        "{}",
+        o.describe()
+    );
+}
+
+/// Every bad rule of a file is reported, each at its place, with its first
+/// wrong field; a bad top-level key too. A YAML syntax error is reported
+/// alone (past it the parser knows nothing), as is an INI structure error;
+/// an INI file reports each bad section.
+#[test]
+fn check_reports_every_error_in_a_file() {
+    let dir = TempDir::new().unwrap();
+    let f = write(
+        &dir,
+        "many.yaml",
+        "seed: -1\n\
+         rules:\n\
+         \x20 - event: requset\n\
+         \x20 - event: request\n\
+         \x20 - event: request\n\
+         \x20   errno: EIO\n\
+         \x20 - event: reply\n\
+         \x20   action: delay\n\
+         \x20   duration: forever\n\
+         colour: red\n",
+    );
+    let o = check(&[&f]);
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    assert_eq!(o.stdout, "", "{}", o.describe());
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 6, "{}", o.describe());
+    assert_eq!(lines[5], "nbdfault: 1 of 1 rule file(s) invalid");
+    assert_located(lines[0], &f, 1, 7);
+    assert_located(lines[1], &f, 3, 12);
+    assert!(lines[1].contains("requset"), "{}", lines[1]);
+    assert_located(lines[2], &f, 6, 5);
+    assert!(lines[2].contains("errno"), "{}", lines[2]);
+    assert_located(lines[3], &f, 9, 15);
+    assert!(lines[3].contains("forever"), "{}", lines[3]);
+    assert_located(lines[4], &f, 10, 1);
+    assert!(lines[4].contains("colour"), "{}", lines[4]);
+
+    // The first error is the one a server would refuse the file with.
+    let o = nbdfault(&[
+        "null",
+        "--listen",
+        "127.0.0.1:0",
+        "--rules",
+        f.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    assert_eq!(
+        o.stderr,
+        format!("nbdfault: {}\n", lines[0]),
+        "{}",
+        o.describe()
+    );
+
+    // A syntax error: only it.
+    let syntax = write(
+        &dir,
+        "syntax.yaml",
+        "rules:\n  - event: [request\n  - event: requset\n",
+    );
+    assert!(rejected(&syntax).contains("invalid YAML"));
+
+    // INI: each bad section.
+    let ini = write(
+        &dir,
+        "many.ini",
+        "[inject-error a]\nevent=neg3\n[inject-error b]\nevent=neg1\n[inject-error c]\nevent=reply\nwhen=soon\n",
+    );
+    let o = check(&[&ini]);
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", o.describe());
+    assert!(
+        lines[0].contains("invalid \"event\" option value \"neg3\" in inject-error a"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("invalid \"when\" option value \"soon\" in inject-error c"),
+        "{}",
+        lines[1]
+    );
+}
+
+/// An empty file (or only whitespace, or only comments) is a warning: it
+/// passes, with 0 rules.
+#[test]
+fn check_warns_about_an_empty_file() {
+    let dir = TempDir::new().unwrap();
+    let empty = write(&dir, "empty.yaml", "");
+    let o = check(&[&empty]);
+    assert_eq!(o.status.code(), Some(0), "{}", o.describe());
+    assert_eq!(o.stdout, format!("{}: ok, 0 rule(s)\n", empty.display()));
+    assert_eq!(
+        o.stderr,
+        format!("{}: warning: no rules in this file\n", empty.display())
+    );
+}
+
 #[test]
 fn check_needs_a_file() {
     let o = nbdfault(&["check"]);

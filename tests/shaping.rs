@@ -71,7 +71,7 @@ fn a_throttle_paces_read_data_at_its_rate() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert!(
         p.stderr()
-            .contains("fault: rule slow-link fires throttle on data"),
+            .contains("rule=slow-link action=throttle event=data"),
         "{}",
         p.stderr()
     );
@@ -194,8 +194,8 @@ fn scenario_short_segments() {
     );
     let faults = p.stderr();
     assert!(
-        faults.contains("fault: rule short-handshake fires slice on neg1")
-            && faults.contains("fault: rule short-data fires slice on data"),
+        faults.contains("rule=short-handshake action=slice event=neg1")
+            && faults.contains("rule=short-data action=slice event=data"),
         "{faults}"
     );
 }
@@ -271,7 +271,7 @@ fn after_bytes_cuts_where_the_count_crosses_the_limit() {
     let log = p.stderr();
     let fired: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("fault: rule limit-data fires disconnect on data"))
+        .filter(|l| l.contains("rule=limit-data action=disconnect event=data"))
         .collect();
     assert_eq!(fired.len(), 2, "{log}");
 }

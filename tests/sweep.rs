@@ -154,7 +154,7 @@ fn a_reproducer_reproduces_its_finding_by_hand() {
     ]);
     QemuIo::new(p.uri()).cmd("read 0 64k").assert_hangs(2);
     assert!(
-        p.wait_for_stderr("fault: rule sweep-", Duration::from_secs(5)),
+        p.wait_for_stderr(" rule=sweep-", Duration::from_secs(5)),
         "{}",
         p.stderr()
     );

@@ -333,8 +333,10 @@ async fn handle(
             json(StatusCode::OK, &serde_json::json!({ "closed": n }))
         }
         Route::Connections => {
-            let list: Vec<ConnJson> = state.registry.list().iter().map(|c| conn_json(c)).collect();
-            json(StatusCode::OK, &serde_json::json!({ "connections": list }))
+            // A struct, not json!(): a serde_json map would sort each
+            // connection's keys, unlike POST /connections/ID/pause's.
+            let connections = state.registry.list().iter().map(|c| conn_json(c)).collect();
+            json(StatusCode::OK, &ConnList { connections })
         }
         Route::Outage => match *req.method() {
             Method::GET => json(
@@ -896,6 +898,11 @@ fn empty(status: StatusCode) -> Reply {
 /// `GET /rules`: the listing is built in `rules::format::doc`.
 fn rules_body(live: &LiveRules) -> RulesDoc {
     doc::rules(&live.current())
+}
+
+#[derive(Serialize)]
+struct ConnList {
+    connections: Vec<ConnJson>,
 }
 
 #[derive(Serialize)]

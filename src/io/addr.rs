@@ -22,9 +22,9 @@ pub const DEFAULT_NBD_PORT: u16 = 10809;
 const LISTEN_FORMS: &str = "expected HOST:PORT, [IPV6]:PORT, a unix socket path or unix:PATH";
 const TARGET_FORMS: &str = "expected HOST:PORT, [IPV6]:PORT, a unix socket path, unix:PATH, \
                             nbd://HOST[:PORT] or nbd+unix:///?socket=PATH";
-const SIZE_FORMS: &str = "expected a byte count (e.g. 8589934592 or 512B) or a number with a \
-                          binary unit K, M, G, T, P or E, optionally followed by B or iB \
-                          (e.g. 512M, 8G, 1TiB)";
+const SIZE_FORMS: &str = "expected a byte count (e.g. 8589934592, 512B or 0x200) or a number \
+                          with one binary unit K, M, G, T, P or E, as qemu-img takes them \
+                          (e.g. 512M, 8G, 1.5G; not 8GB)";
 
 /// Why an address, URI or size was rejected. Each message is a single line
 /// that quotes the input, so it can be shown to the user as is.
@@ -157,44 +157,90 @@ impl fmt::Display for Target {
     }
 }
 
-/// Parses a size such as `8589934592`, `512B`, `512M`, `8G`, `1TiB` or `4kb`.
-///
-/// Every unit is binary (K = 1024), as in QEMU's tools, so `1G` and `1GiB`
-/// mean the same thing and sizes match what `qemu-img` would create.
+/// Parses a size exactly as qemu-img does (QEMU's `qemu_strtosz`): a
+/// decimal number, optionally with a decimal fraction, and at most one unit
+/// letter `B K M G T P E` in either case, each a power of 1024 (`512`,
+/// `1.5G`, `8g`); or a hexadecimal byte count (`0x10`). A fraction needs a
+/// unit and is rounded to the nearest byte (`1.7K` is 1741); leading blanks
+/// and a `+` are taken, as strtoull takes them. `8GB`, `8KiB`, `1e3` and
+/// `1.5` are refused, as qemu-img refuses them.
 pub fn parse_size(s: &str) -> Result<u64, AddrError> {
     let err = |reason: &str| AddrError::Size {
         input: s.to_string(),
         reason: reason.to_string(),
     };
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, suffix) = s.split_at(digits_end);
-    if number.is_empty() {
+    const TOO_LARGE: &str = "too large; the maximum is 18446744073709551615 bytes (just under 16E)";
+    let body = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let body = body.strip_prefix('+').unwrap_or(body);
+    if let Some(hex) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        // Hexadecimal is a plain byte count: `B` and `E` are digits there.
+        if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(err(SIZE_FORMS));
+        }
+        return u64::from_str_radix(hex, 16).map_err(|_| err(TOO_LARGE));
+    }
+    let int_end = body
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(body.len());
+    let (int, rest) = body.split_at(int_end);
+    let (frac, rest) = match rest.strip_prefix('.') {
+        Some(r) => {
+            let end = r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len());
+            (Some(&r[..end]), &r[end..])
+        }
+        None => (None, rest),
+    };
+    if int.is_empty() && frac.is_none_or(str::is_empty) {
         return Err(err(SIZE_FORMS));
     }
-    let suffix = suffix.to_ascii_lowercase();
-    let shift = match suffix.as_str() {
-        "" | "b" => 0,
-        _ => {
-            let mut chars = suffix.chars();
-            let unit = chars.next();
-            if !matches!(chars.as_str(), "" | "b" | "ib") {
-                return Err(err(SIZE_FORMS));
-            }
-            match unit {
-                Some('k') => 10,
-                Some('m') => 20,
-                Some('g') => 30,
-                Some('t') => 40,
-                Some('p') => 50,
-                Some('e') => 60,
-                _ => return Err(err(SIZE_FORMS)),
-            }
-        }
+    let shift = match rest {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return Err(err(SIZE_FORMS)),
     };
-    const TOO_LARGE: &str = "too large; the maximum is 18446744073709551615 bytes (just under 16E)";
-    // Only overflow can fail here: `number` is non-empty ASCII digits.
-    let n: u64 = number.parse().map_err(|_| err(TOO_LARGE))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| err(TOO_LARGE))
+    // Digits past the 20th change the result by less than a hundredth of
+    // a byte: dropped, so the arithmetic fits in u128.
+    let digits = frac.unwrap_or("").trim_end_matches('0');
+    let digits = &digits[..digits.len().min(20)];
+    if !digits.is_empty() && shift == 0 {
+        return Err(err(
+            "a fraction needs a unit, as in qemu-img (e.g. 1.5G; bytes are whole)",
+        ));
+    }
+    let whole: u128 = if int.is_empty() {
+        0
+    } else {
+        int.parse::<u64>().map_err(|_| err(TOO_LARGE))?.into()
+    };
+    let mut n = whole << shift;
+    if !digits.is_empty() {
+        let num: u128 = digits.parse().map_err(|_| err(SIZE_FORMS))?;
+        let den = 10u128.pow(digits.len() as u32);
+        // Rounded half up, as qemu-img rounds (0.5 bytes is 1).
+        n += ((num << shift) + den / 2) / den;
+    }
+    u64::try_from(n).map_err(|_| err(TOO_LARGE))
+}
+
+/// A size in a rule (`offset`, `after-bytes`, `rate`...): what [`parse_size`] takes, and also the
+/// IEC spellings `KiB MiB GiB TiB PiB EiB` (in either case), which cannot
+/// be mistaken for powers of 1000.
+pub fn parse_offset_size(s: &str) -> Result<u64, AddrError> {
+    let lower = s.to_ascii_lowercase();
+    match lower.strip_suffix("ib") {
+        Some(head) if head.ends_with(['k', 'm', 'g', 't', 'p', 'e']) => {
+            parse_size(&s[..head.len()]).map_err(|_| AddrError::Size {
+                input: s.to_string(),
+                reason: SIZE_FORMS.to_string(),
+            })
+        }
+        _ => parse_size(s),
+    }
 }
 
 /// `nbd://` URI for a bound TCP socket, e.g. `nbd://[::1]:10809`.
@@ -753,6 +799,7 @@ mod tests {
 
     #[test]
     fn sizes() {
+        // Each checked against qemu-img 10.0's `create -f raw x SIZE`.
         let cases: &[(&str, u64)] = &[
             ("0", 0),
             ("1", 1),
@@ -761,19 +808,35 @@ mod tests {
             ("512b", 512),
             ("4k", 4096),
             ("4K", 4096),
-            ("4kb", 4096),
-            ("4KiB", 4096),
-            ("4kib", 4096),
             ("512M", 512 << 20),
-            ("512MB", 512 << 20),
             ("8G", 8 << 30),
-            ("8gib", 8 << 30),
+            ("8g", 8 << 30),
             ("1T", 1 << 40),
-            ("1TiB", 1 << 40),
             ("2P", 2 << 50),
             ("15E", 15 << 60),
             ("0G", 0),
             ("007K", 7 << 10),
+            ("00010", 10),
+            ("1.5G", 1_610_612_736),
+            ("1.25M", 1_310_720),
+            ("0.1k", 102),
+            ("1.7k", 1741),
+            ("1.9999k", 2048),
+            ("1.0001k", 1024),
+            ("0.00048828125k", 1),
+            ("0.000244140625k", 0),
+            ("3.3333333333333333333333G", 3_579_139_413),
+            (".5G", 512 << 20),
+            ("1.G", 1 << 30),
+            ("1.", 1),
+            ("1.0", 1),
+            ("1.000b", 1),
+            ("0x10", 16),
+            ("0X10", 16),
+            ("0x10B", 0x10b),
+            (" 1G", 1 << 30),
+            ("\t1G", 1 << 30),
+            ("+1G", 1 << 30),
             ("18446744073709551615", u64::MAX),
             ("18446744073709551615B", u64::MAX),
         ];
@@ -784,16 +847,39 @@ mod tests {
 
     #[test]
     fn sizes_invalid() {
+        // Each refused by qemu-img 10.0 too.
         for s in [
-            "", "B", "K", "G", "abc", "-1", "+1", "1.5G", "8 G", " 8G", "8G ", "8X", "8Gb2",
-            "8GiBB", "8ib", "8bib", "8kk", "0x10", "1e3", "8é",
+            "", "B", "K", "G", "abc", "-1", "1 G", "8G ", "1G\t", "8X", "8Gb2", "8GB", "8gb",
+            "4kb", "512MB", "8GiB", "1KiB", "8ib", "8kk", "0x", "0x10k", "0x1.5", "1e3", "1.5e1k",
+            ".", ".G", "1,5G", "1.5.5G", "1..5G", "1M5", "8é",
         ] {
             assert_size_err(s, "expected a byte count");
         }
+        for s in ["1.5", "0.5", "1.5B", "2.5b"] {
+            assert_size_err(s, "a fraction needs a unit");
+        }
         assert_size_err("16E", "too large");
+        assert_size_err("16.0001E", "too large");
         assert_size_err("18446744073709551616", "too large");
         assert_size_err("99999999999999999999999K", "too large");
         assert_size_err("17179869184G", "too large");
+        assert_size_err("0x10000000000000000", "too large");
+    }
+
+    #[test]
+    fn offset_sizes_also_take_iec_units() {
+        for (s, want) in [
+            ("1MiB", 1u64 << 20),
+            ("4kib", 4096),
+            ("1.5GiB", 3 << 29),
+            ("7", 7),
+        ] {
+            assert_eq!(parse_offset_size(s).expect(s), want, "{s}");
+        }
+        for s in ["8GB", "1XB", "iB", "1iB", "1MiBB"] {
+            let e = parse_offset_size(s).expect_err(s).to_string();
+            check_msg(&e, s, "expected a byte count");
+        }
     }
 
     #[test]
@@ -854,11 +940,11 @@ mod tests {
         }
 
         #[test]
-        fn size_units_scale(n in 0u64..1024, unit in 0usize..6, tail in 0usize..3) {
+        fn size_units_scale(n in 0u64..1024, unit in 0usize..6) {
             let letter = ["K", "m", "G", "t", "P", "e"][unit];
-            let tail = ["", "b", "iB"][tail];
             let want = n.checked_mul(1 << (10 * (unit + 1)));
-            prop_assert_eq!(parse_size(&format!("{n}{letter}{tail}")).ok(), want);
+            prop_assert_eq!(parse_size(&format!("{n}{letter}")).ok(), want);
+            prop_assert_eq!(parse_offset_size(&format!("{n}{letter}iB")).ok(), want);
         }
 
         #[test]

@@ -77,7 +77,9 @@ pub(super) struct Metrics {
     pub(super) trace_lines_dropped: Counter,
     pub(super) pcap_packets_dropped: Counter,
     /// Indexed by event kind × direction slot; the pairs that cannot happen
-    /// (connect with a direction, other events without) are no-ops.
+    /// (connect with a direction, other events without, an event the way
+    /// it never travels, like `request` to-client) are no-ops, so no series
+    /// that can only ever read 0 is exported.
     pub(super) events: Vec<Counter>,
     /// Indexed by direction slot (to-server, to-client).
     pub(super) bytes: [Counter; 2],
@@ -108,7 +110,11 @@ impl Metrics {
         let mut events = Vec::with_capacity(EventKind::ALL.len() * DIRECTION_SLOTS);
         for kind in EventKind::ALL {
             for slot in 0..DIRECTION_SLOTS {
-                let possible = (kind == EventKind::Connect) == (slot == dir_slot(None));
+                let possible = match slot {
+                    0 => kind.travels(Direction::ToServer),
+                    1 => kind.travels(Direction::ToClient),
+                    _ => kind == EventKind::Connect,
+                };
                 events.push(if possible {
                     counter(
                         EVENTS_TOTAL,

@@ -436,12 +436,21 @@ mod tests {
             has_line(&out, line);
         }
         // Every possible (event, direction) pair is there from the start,
-        // and no impossible one.
+        // and no impossible one: connect without a direction, data both
+        // ways, every other event only the way it travels.
         let events = lines(&out)
             .into_iter()
             .filter(|l| l.starts_with("nbdfault_events_total{"))
             .count();
-        assert_eq!(events, 1 + 9 * 2, "{out}");
+        assert_eq!(events, 1 + 2 + 8, "{out}");
+        for never in [
+            r#"event="request",direction="to-client""#,
+            r#"event="neg1",direction="to-server""#,
+            r#"event="reply",direction="to-server""#,
+            r#"event="export",direction="to-client""#,
+        ] {
+            assert!(!out.contains(never), "{never} exported\n{out}");
+        }
         assert!(!out.contains(r#"event="connect",direction="to"#), "{out}");
         assert!(
             !out.contains(r#"event="request",direction="none""#),

@@ -87,6 +87,23 @@ impl EventKind {
         }
     }
 
+    /// Whether this event can travel in direction `d` (`connect` travels
+    /// none): what rule checks and the metrics' series both follow.
+    pub fn travels(self, d: Direction) -> bool {
+        match self {
+            EventKind::Connect => false,
+            EventKind::Data => true,
+            EventKind::NegClassic
+            | EventKind::Neg1
+            | EventKind::OptionReply
+            | EventKind::Neg2
+            | EventKind::Reply => d == Direction::ToClient,
+            EventKind::Export | EventKind::ExportName | EventKind::Request => {
+                d == Direction::ToServer
+            }
+        }
+    }
+
     /// Looks a name up, aliases included.
     pub fn from_name(s: &str) -> Option<Self> {
         match s {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::{Notify, mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::intercept::{ConnId, ConnState, Event, Fault, Interceptor, Plan, Verdict};
 use crate::io::net::{ReadHalf, WriteHalf};
@@ -491,33 +491,29 @@ async fn handshake_deadline(conn: &Connection, timeout: Option<Duration>) {
 }
 
 /// Writes the log line of a fired fault, the one every fault gets (target
-/// [`FAULT_LOG`]). `stream_offset` is where the event starts in its flow;
-/// `connect` belongs to no flow and has none.
+/// [`FAULT_LOG`]): `fault` and then key=value fields only, each said once,
+/// so a harness can split it on spaces. `stream_offset` is where the event
+/// starts in its flow; `connect` belongs to no flow and has none.
 pub fn log_fault(ev: &Event, fault: &Fault, stream_offset: u64) {
     match ev.direction {
         None => info!(
             target: FAULT_LOG,
             conn = ev.conn,
             rule = %fault.rule,
-            action = fault.action,
+            action = %fault.action,
             event = "connect",
-            "fault: rule {} fires {} on connect",
-            fault.rule,
-            fault.action
+            "fault"
         ),
         Some(dir) => info!(
             target: FAULT_LOG,
             conn = ev.conn,
             rule = %fault.rule,
-            action = fault.action,
+            action = %fault.action,
             event = %ev.kinds,
             direction = %dir,
+            bytes = ev.size,
             stream_offset,
-            "fault: rule {} fires {} on {} ({} bytes)",
-            fault.rule,
-            fault.action,
-            ev.kinds,
-            ev.size
+            "fault"
         ),
     }
 }
@@ -526,7 +522,7 @@ pub fn log_fault(ev: &Event, fault: &Fault, stream_offset: u64) {
 /// what a fault-injection user needs to see); a peer vanishing is not.
 pub fn log_outcome(conn: &Connection, result: &Result<(), FlowError>) {
     match result {
-        Ok(()) => debug!(conn = conn.id, peer = %conn.peer, "connection closed"),
+        Ok(()) => info!(conn = conn.id, peer = %conn.peer, "connection closed"),
         Err(e @ (FlowError::Protocol { .. } | FlowError::HandshakeTimeout(_))) => {
             warn!(conn = conn.id, peer = %conn.peer, "closing connection: {e}")
         }

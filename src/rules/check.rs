@@ -120,16 +120,7 @@ fn event_names() -> Vec<&'static str> {
 
 /// Whether event `k` can travel in direction `d` (`connect` travels none).
 fn travels(k: EventKind, d: Direction) -> bool {
-    match k {
-        EventKind::Connect => false,
-        EventKind::Data => true,
-        EventKind::NegClassic
-        | EventKind::Neg1
-        | EventKind::OptionReply
-        | EventKind::Neg2
-        | EventKind::Reply => d == Direction::ToClient,
-        EventKind::Export | EventKind::ExportName | EventKind::Request => d == Direction::ToServer,
-    }
+    k.travels(d)
 }
 
 /// The events `command` and `offset` can apply to.
@@ -643,7 +634,7 @@ fn offset(f: &dyn Fields) -> Result<OffsetRange> {
         if s.is_empty() {
             return Ok(None);
         }
-        crate::io::addr::parse_size(s)
+        crate::io::addr::parse_offset_size(s)
             .map(Some)
             .map_err(|e| at(format!("offset {text:?}: {e}")))
     };

@@ -185,12 +185,12 @@ pub trait Fields {
     }
 
     /// A size in bytes: a whole number, or text such as `64K` or `1MiB`
-    /// (units as for `--size`).
+    /// (units as in `offset`: those of `--size`, and KiB, MiB...).
     fn size(&self, field: &str) -> Result<Option<u64>, RuleError> {
         match self.value(field) {
             None => Ok(None),
             Some(Scalar::Int(n)) if (0..=i128::from(u64::MAX)).contains(&n) => Ok(Some(n as u64)),
-            Some(Scalar::Str(s)) => crate::io::addr::parse_size(s.trim())
+            Some(Scalar::Str(s)) => crate::io::addr::parse_offset_size(s.trim())
                 .map(Some)
                 .map_err(|e| self.at_value(field, format!("{field}: {e}"))),
             Some(v) => Err(self.must_be(field, "a size such as 4096, 64K or 1MiB", v)),

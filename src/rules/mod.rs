@@ -144,19 +144,98 @@ pub fn load_files_noting(
         let text = std::fs::read_to_string(path)
             .map_err(|e| RuleError::new(&file, 0, 0, format!("cannot read rules file: {e}")))?;
         let draft = parse_draft(&file, &text)?;
-        if draft.rules.is_empty() {
-            notices.push(Notice::NoRules {
-                file: file.clone(),
-                blank: text.trim().is_empty(),
-            });
-        }
-        if !text.is_empty() && !text.ends_with('\n') {
-            let (line, column) = last_line(&text);
-            notices.push(Notice::NoFinalNewline { file, line, column });
-        }
+        notices.extend(notices_for(&file, &text, &draft));
         drafts.push(draft);
     }
     Ok((combine(drafts, seed_override)?, notices))
+}
+
+/// What `nbdfault check` finds in one file.
+#[derive(Debug)]
+pub struct FileCheck {
+    /// Rules in the file when it is good.
+    pub rules: usize,
+    /// Every error: one per bad rule (its first wrong field) or bad
+    /// top-level key, in file order; a syntax error only by itself (past
+    /// it, the structure is unknown); duplicate names once the rules
+    /// themselves are good. Empty: the file is good.
+    pub errors: Vec<RuleError>,
+    /// Warnings about a good file.
+    pub notices: Vec<Notice>,
+}
+
+/// Checks one rules file, reporting every error it can (see
+/// [`FileCheck::errors`]) rather than only the first, as loading does.
+pub fn check_file(path: &std::path::Path) -> FileCheck {
+    let file = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return FileCheck {
+                rules: 0,
+                errors: vec![RuleError::new(
+                    &file,
+                    0,
+                    0,
+                    format!("cannot read rules file: {e}"),
+                )],
+                notices: Vec::new(),
+            };
+        }
+    };
+    let (draft, mut errors) = match detect_format(&text) {
+        Format::Yaml => yaml::parse_draft_all(&file, &text),
+        Format::Ini => {
+            let (d, errs) = ini::parse_draft_all(&file, &text);
+            (
+                d,
+                errs.into_iter().map(|e| e.into_rule_error(&file)).collect(),
+            )
+        }
+    };
+    if !errors.is_empty() {
+        return FileCheck {
+            rules: 0,
+            errors,
+            notices: Vec::new(),
+        };
+    }
+    let notices = notices_for(&file, &text, &draft);
+    match combine(vec![draft], None) {
+        Ok(set) => FileCheck {
+            rules: set.rules.len(),
+            errors,
+            notices,
+        },
+        Err(e) => {
+            errors.push(e);
+            FileCheck {
+                rules: 0,
+                errors,
+                notices: Vec::new(),
+            }
+        }
+    }
+}
+
+/// The warnings a file that parsed deserves.
+fn notices_for(file: &str, text: &str, draft: &Draft) -> Vec<Notice> {
+    let mut notices = Vec::new();
+    if draft.rules.is_empty() {
+        notices.push(Notice::NoRules {
+            file: file.to_string(),
+            blank: text.trim().is_empty(),
+        });
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        let (line, column) = last_line(text);
+        notices.push(Notice::NoFinalNewline {
+            file: file.to_string(),
+            line,
+            column,
+        });
+    }
+    notices
 }
 
 /// The 1-based line of the end of `text`, and the column just past it.
@@ -196,7 +275,8 @@ mod tests {
         let y = parse_str("a.yaml", "rules:\n  - event: request\n").unwrap();
         assert_eq!(y.rules[0].name, "rule-1");
         let i = parse_str("a.ini", "[inject-error \"x\"]\nevent=neg1\n").unwrap();
-        assert_eq!(i.rules[0].name, "inject-error \"x\"");
+        // A URL- and log-safe name (`nbdfault legacy` keeps the section's).
+        assert_eq!(i.rules[0].name, "x");
         assert_eq!(
             i.rules[0].filter.events,
             crate::protocol::EventSet::of(EventKind::Neg1)
@@ -244,7 +324,7 @@ mod tests {
         let c = write(&dir, "c.ini", "[inject-error \"q\"]\nevent=neg2\n");
         let set = load_files(&[a.clone(), b.clone(), c.clone()], None).unwrap();
         let names: Vec<&str> = set.rules.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["rule-1", "named", "rule-3", "inject-error \"q\""]);
+        assert_eq!(names, ["rule-1", "named", "rule-3", "q"]);
         assert_eq!(set.seed, 77);
         assert_eq!(set.rules[2].origin.file, b.display().to_string());
         assert_eq!(set.rules[2].origin.line, 3);

@@ -44,7 +44,8 @@ pub struct Origin {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     /// Unique within a rule set; `rule-N` (1-based position) when not given;
-    /// the section name for INI rules.
+    /// for INI rules, a URL- and log-safe name made from the section's (the
+    /// section name itself in `nbdfault legacy`).
     pub name: String,
     pub origin: Origin,
     pub filter: Filter,

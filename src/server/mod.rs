@@ -150,7 +150,8 @@ impl Server {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
             let serve = move |stream| async move {
-                debug!(conn = id, %peer, "accepted");
+                // At -v (info), as `--help` promises: connections come and go.
+                info!(conn = id, %peer, "accepted");
                 shared.telemetry.connection_opened();
                 serve_client(id, stream, peer, &shared).await;
                 shared.telemetry.connection_closed();

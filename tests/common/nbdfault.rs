@@ -163,6 +163,25 @@ impl Nbdfault {
         self.child.id()
     }
 
+    /// The URL of the `Control on URL` line that follows `Listening on`
+    /// (waits up to 5 s for it). Reads the lines after `Listening on`:
+    /// call it once.
+    pub fn control_url(&self) -> String {
+        let mut url = None;
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                url = self
+                    .more_stdout()
+                    .into_iter()
+                    .find_map(|l| l.strip_prefix("Control on ").map(str::to_string));
+                url.is_some()
+            }),
+            "no `Control on` line\n{}",
+            self.stderr()
+        );
+        url.unwrap_or_default()
+    }
+
     /// Polls the stderr log until it contains `needle` (or `timeout` passes).
     pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> bool {
         wait_until(timeout, || self.stderr().contains(needle))

@@ -52,7 +52,7 @@ impl Kind for Throttle {
                 let Some(size) = s.trim().strip_suffix("/s") else {
                     return Err(bad(format!("invalid rate {s:?}: no /s at its end")));
                 };
-                crate::io::addr::parse_size(size.trim())
+                crate::io::addr::parse_offset_size(size.trim())
                     .map_err(|e| bad(format!("invalid rate {s:?}: {e}")))?
             }
             Some(v) => return Err(bad(format!("rate must be text, found {}", v.found()))),

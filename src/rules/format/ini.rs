@@ -47,13 +47,20 @@ impl IniError {
     }
 }
 
-/// Parses an injector configuration. Each rule is named after its section
-/// (`inject-error "disconnect-neg1"`); the seed is 0.
+/// Parses an injector configuration for `nbdfault legacy`. Each rule is
+/// named after its section as it is written (`inject-error
+/// "disconnect-neg1"`), since the injector prints that name; the seed is
+/// 0. Everywhere else ([`crate::rules::load_files`]), a section's rule
+/// gets a URL- and log-safe name instead (see [`safe_names`]).
 pub fn parse_ini(file: &str, text: &str) -> Result<RuleSet, IniError> {
-    let draft = parse_draft(file, text)?;
+    let config = read(text)?;
+    let mut rules = Vec::with_capacity(config.sections.len());
+    for section in &config.sections {
+        rules.push(inject_error(file, section, &config.defaults)?.rule);
+    }
     Ok(RuleSet {
         seed: 0,
-        rules: draft.rules.into_iter().map(|d| d.rule).collect(),
+        rules,
         ..RuleSet::default()
     })
 }
@@ -70,16 +77,91 @@ const EVENTS: &[&str] = &[
 ];
 
 pub(crate) fn parse_draft(file: &str, text: &str) -> Result<Draft, IniError> {
-    let config = read(text)?;
-    let mut rules = Vec::with_capacity(config.sections.len());
-    for section in &config.sections {
-        rules.push(inject_error(file, section, &config.defaults)?);
+    let (draft, errors) = parse_draft_all(file, text);
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(draft),
     }
-    Ok(Draft {
-        seed: None,
-        rules,
-        state: None,
-    })
+}
+
+/// The good sections' rules, and every error: one per bad section (the
+/// first the injector would report for it), in file order. An error in the
+/// file's structure (what configparser itself refuses) is the only one.
+pub(crate) fn parse_draft_all(file: &str, text: &str) -> (Draft, Vec<IniError>) {
+    let mut rules = Vec::new();
+    let mut errors = Vec::new();
+    match read(text) {
+        Ok(config) => {
+            let names = safe_names(&config.sections);
+            for (section, name) in config.sections.iter().zip(names) {
+                match inject_error(file, section, &config.defaults) {
+                    Ok(mut d) => {
+                        d.rule.name = name;
+                        rules.push(d);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        Err(e) => errors.push(e),
+    }
+    (
+        Draft {
+            seed: None,
+            rules,
+            state: None,
+        },
+        errors,
+    )
+}
+
+/// The rule names of the sections, safe in `key=value` log lines, metric
+/// labels and URLs (`DELETE /rules/NAME`): `[inject-error "NAME"]` is
+/// NAME, another section is its whole header; then every character but
+/// ASCII letters, digits, `-`, `_` and `.` becomes `-`. A name that
+/// would repeat an earlier one gets `-2`, `-3`... (section names are
+/// unique; what they map to may not be).
+fn safe_names(sections: &[Section]) -> Vec<String> {
+    let mut taken = HashSet::new();
+    sections
+        .iter()
+        .map(|s| {
+            let base = safe_name(&s.name);
+            let mut name = base.clone();
+            let mut n = 1;
+            while !taken.insert(name.clone()) {
+                n += 1;
+                name = format!("{base}-{n}");
+            }
+            name
+        })
+        .collect()
+}
+
+fn safe_name(section: &str) -> String {
+    let quoted = section
+        .strip_prefix("inject-error")
+        .map(str::trim_start)
+        .and_then(|r| r.strip_prefix('"'))
+        .and_then(|r| r.strip_suffix('"'))
+        .filter(|inner| !inner.is_empty());
+    let name: String = quoted
+        .unwrap_or(section)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    // Never `.` or `..`, which a URL path would take as a step.
+    if name.chars().all(|c| c == '.') {
+        name.replace('.', "-")
+    } else {
+        name
+    }
 }
 
 /// nbd-fault-injector.py's `parse_inject_error`, check for check.
@@ -636,8 +718,45 @@ when=33
                 ),
             ]
         );
-        // The same through the format-detecting entry point.
-        assert_eq!(crate::rules::parse_str("t.ini", text).unwrap(), set);
+        // The same through the format-detecting entry point, but for the
+        // names: there, URL- and log-safe.
+        let mut safe = set.clone();
+        for r in &mut safe.rules {
+            r.name = r.name["inject-error \"".len()..r.name.len() - 1].to_string();
+        }
+        assert_eq!(crate::rules::parse_str("t.ini", text).unwrap(), safe);
+    }
+
+    #[test]
+    fn safe_names_for_logs_and_urls() {
+        let text = "[inject-error]\nevent=neg1\n\
+                    [inject-error \"a b\"]\nevent=neg1\n\
+                    [inject-error \"a-b\"]\nevent=neg1\n\
+                    [inject-error a/b?c]\nevent=neg1\n\
+                    [inject-error \"..\"]\nevent=neg1\n\
+                    [inject-error \"\"]\nevent=neg1\n\
+                    [inject-error \"é=1\"]\nevent=neg1\n";
+        let names: Vec<String> = crate::rules::parse_str("t.ini", text)
+            .unwrap()
+            .rules
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "inject-error",
+                "a-b",
+                "a-b-2",
+                "inject-error-a-b-c",
+                "--",
+                "inject-error---",
+                "--1"
+            ]
+        );
+        // The drop-in keeps the section names, which it prints.
+        let legacy: Vec<String> = parse_ok(text).rules.into_iter().map(|r| r.name).collect();
+        assert_eq!(legacy[1], "inject-error \"a b\"");
     }
 
     #[test]

@@ -32,9 +32,25 @@ pub fn parse(file: &str, text: &str) -> Result<RuleSet, RuleError> {
 }
 
 pub(crate) fn parse_draft(file: &str, text: &str) -> Result<Draft, RuleError> {
+    let (draft, errors) = parse_draft_all(file, text);
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(draft),
+    }
+}
+
+/// The rules that are good, and every error: one per bad rule (its first
+/// wrong field) and per bad top-level key, in file order. A syntax error
+/// is the only one reported: past it, the structure is unknown.
+pub(crate) fn parse_draft_all(file: &str, text: &str) -> (Draft, Vec<RuleError>) {
+    let empty = || Draft {
+        seed: None,
+        rules: Vec::new(),
+        state: None,
+    };
     // Before serde_yaml, whose scanner is slow on deep flow nesting.
     if let Some(at) = yaml_scan::too_deep(text) {
-        return Err(RuleError::new(
+        let e = RuleError::new(
             file,
             at.line,
             at.column,
@@ -43,10 +59,17 @@ pub(crate) fn parse_draft(file: &str, text: &str) -> Result<Draft, RuleError> {
                  levels here (at most {0} are allowed)",
                 yaml_scan::MAX_FLOW_DEPTH
             ),
-        ));
+        );
+        return (empty(), vec![e]);
     }
-    let root = load(text).map_err(|e| yaml_error(file, &e))?;
-    Checker { file }.document(&root)
+    match load(text) {
+        Ok(root) => {
+            let mut errors = Vec::new();
+            let draft = Checker { file }.document(&root, &mut errors);
+            (draft, errors)
+        }
+        Err(e) => (empty(), vec![yaml_error(file, &e)]),
+    }
 }
 
 const TOP_KEYS: &[&str] = &["seed", "state", "rules"];
@@ -122,35 +145,39 @@ impl Checker<'_> {
         RuleError::new(self.file, pos.line, pos.column, message)
     }
 
-    fn document(&self, root: &Node) -> Result<Draft> {
+    /// The good part of the document; each error found goes to `errors`,
+    /// and checking goes on with the next key or rule.
+    fn document(&self, root: &Node, errors: &mut Vec<RuleError>) -> Draft {
+        let mut seed = None;
+        let mut state = None;
+        let mut rules = Vec::new();
         let entries = match &root.value {
-            Value::Null => {
-                return Ok(Draft {
-                    seed: None,
-                    rules: Vec::new(),
-                    state: None,
-                });
-            }
+            Value::Null => return Draft { seed, rules, state },
             Value::Map(entries) => entries,
             _ => {
-                return Err(self.err(
+                errors.push(self.err(
                     root.at(Pos::START),
                     format!(
                         "a rules file is a mapping with the keys seed and rules, found {}",
                         root.found()
                     ),
                 ));
+                return Draft { seed, rules, state };
             }
         };
-        let mut seed = None;
-        let mut state = None;
-        let mut rules = Vec::new();
         let mut seen = HashSet::new();
         for (k, v) in entries {
             let key_pos = k.at(Pos::START);
-            let key = self.key_name(k, key_pos, "key", "keys", TOP_KEYS)?;
+            let key = match self.key_name(k, key_pos, "key", "keys", TOP_KEYS) {
+                Ok(key) => key,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
             if !seen.insert(key) {
-                return Err(self.err(key_pos, format!("duplicate key {key:?}")));
+                errors.push(self.err(key_pos, format!("duplicate key {key:?}")));
+                continue;
             }
             let field = Field {
                 key: key_pos,
@@ -164,13 +191,19 @@ impl Checker<'_> {
                         pos: key_pos,
                         fields: HashMap::from([("seed", field)]),
                     };
-                    seed = top.uint("seed", 0, u64::MAX)?;
+                    match top.uint("seed", 0, u64::MAX) {
+                        Ok(s) => seed = s,
+                        Err(e) => errors.push(e),
+                    }
                 }
-                "state" => state = Some(self.state(field)?),
-                _ => rules = self.rules(field)?,
+                "state" => match self.state(field) {
+                    Ok(s) => state = Some(s),
+                    Err(e) => errors.push(e),
+                },
+                _ => rules = self.rules(field, errors),
             }
         }
-        Ok(Draft { seed, rules, state })
+        Draft { seed, rules, state }
     }
 
     /// `state: N`, or `state: {initial: N, per-connection: true}`.
@@ -224,23 +257,31 @@ impl Checker<'_> {
         }
     }
 
-    fn rules(&self, field: Field) -> Result<Vec<DraftRule>> {
+    /// The good rules; each bad one's first error goes to `errors`.
+    fn rules(&self, field: Field, errors: &mut Vec<RuleError>) -> Vec<DraftRule> {
         match &field.value.value {
-            Value::Null => Ok(Vec::new()),
+            Value::Null => Vec::new(),
             Value::Seq(items) => items
                 .iter()
                 .enumerate()
                 // An empty mapping has no position of its own; the rule's
                 // number in the message says which one it is.
-                .map(|(i, item)| self.rule(i + 1, item, field.key))
+                .filter_map(|(i, item)| {
+                    self.rule(i + 1, item, field.key)
+                        .map_err(|e| errors.push(e))
+                        .ok()
+                })
                 .collect(),
-            _ => Err(self.err(
-                field.pos(),
-                format!(
-                    "rules must be a list of rules (mappings of fields), found {}",
-                    field.found()
-                ),
-            )),
+            _ => {
+                errors.push(self.err(
+                    field.pos(),
+                    format!(
+                        "rules must be a list of rules (mappings of fields), found {}",
+                        field.found()
+                    ),
+                ));
+                Vec::new()
+            }
         }
     }
 

@@ -76,6 +76,30 @@ pub enum Plan {
     ReplaceReply { answer: Vec<u8> },
     /// XOR bytes of the event: (offset within the event, mask).
     Flip { flips: Vec<(u64, u8)> },
+    /// Power loss: the volatile write cache loses what it holds (as the
+    /// mode says), then every connection to the export is reset, this one
+    /// first (`--write-cache volatile`; without it, only the reset).
+    PowerLoss(PowerLoss),
+}
+
+/// What a power loss lets through of the cached writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PowerLoss {
+    pub lose: Lose,
+    /// With `Lose::Some`: a kept write may reach the server only partly,
+    /// in sectors of this many bytes.
+    pub torn: Option<u32>,
+    /// Seed of the random choices.
+    pub seed: u64,
+}
+
+/// Which cached writes a power loss takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lose {
+    /// Every one.
+    All,
+    /// A random subset (the rest reach the server, in any order).
+    Some,
 }
 
 /// What an interceptor remembers about one connection (counters of

@@ -183,10 +183,36 @@ struct ServeArgs {
     /// off; at most 1ms; needs --threads 1 or more].
     #[arg(long, value_name = "DURATION")]
     busy_poll: Option<humantime::Duration>,
+    /// off: writes go straight through (default). volatile: nbdfault keeps
+    /// a disk's volatile write cache per export, answering writes, zeroes
+    /// and trims once held and writing them back at FLUSH (or FUA), so
+    /// `action: power-loss` and POST /power-loss can lose exactly what the
+    /// NBD spec lets a disk lose.
+    #[arg(long, value_name = "MODE", default_value = "off", value_parser = ["off", "volatile"])]
+    write_cache: String,
+    /// Write data the volatile cache holds per export before it writes
+    /// the oldest back early [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    cache_size: Option<String>,
     #[command(flatten)]
     rules: RuleArgs,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+impl ServeArgs {
+    /// `--write-cache` and `--cache-size`: the cache's size, `None` if off.
+    fn write_cache(&self) -> Result<Option<u64>> {
+        let size = match &self.cache_size {
+            Some(s) => Some(parse_size(s).with_context(|| format!("--cache-size {s}"))?),
+            None => None,
+        };
+        match (self.write_cache.as_str(), size) {
+            ("volatile", size) => Ok(Some(size.unwrap_or(nbdfault::cache::DEFAULT_CACHE_SIZE))),
+            (_, Some(_)) => anyhow::bail!("--cache-size needs --write-cache volatile"),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// Limits against hostile or broken peers; each is logged when hit.
@@ -386,6 +412,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             "--busy-poll needs --threads 1 or more (it works per single-threaded runtime)"
         );
     }
+    let write_cache = args.write_cache()?;
     // A bad rules file never starts a server.
     let rules = Arc::new(args.rules.live()?);
     let status = serve(ServeOptions {
@@ -405,6 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         socket_mode,
         threads,
         busy_poll,
+        write_cache,
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }

@@ -48,6 +48,9 @@ pub struct ServeOptions {
     /// Busy-poll this long after activity on each thread (see
     /// [`crate::io::busypoll`]); zero: never. Needs `threads` ≥ 1.
     pub busy_poll: Duration,
+    /// `--write-cache volatile`: the bytes of write data it may hold per
+    /// export (`--cache-size`); `None`: off.
+    pub write_cache: Option<u64>,
 }
 
 #[derive(Debug, Error)]
@@ -127,6 +130,10 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
             },
         )?;
     }
+    let server = match opts.write_cache {
+        Some(limit) => server.with_write_cache(limit),
+        None => server,
+    };
     let server = match opts.threads {
         0 | 1 => server,
         n => server.with_shards(Arc::new(

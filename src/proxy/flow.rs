@@ -86,6 +86,8 @@ pub(super) struct Flow<R: Linger, W: Linger> {
     can_splice: bool,
     /// The pipe payloads are spliced through, made on first use.
     pipe: Option<Pipe>,
+    /// A request the write cache took, while the flow swallows it.
+    intake: Option<crate::cache::Intake>,
 }
 
 impl<R, W> Flow<R, W>
@@ -118,6 +120,7 @@ where
             keep: true,
             can_splice,
             pipe: None,
+            intake: None,
         }
     }
 
@@ -162,9 +165,14 @@ where
                 Action::Forward(n) => self.cursor += n as usize,
                 Action::Discard(n) => {
                     self.flush().await?;
+                    let taken = self.cursor..self.cursor + n as usize;
+                    let complete = (self.intake.as_mut()).is_some_and(|i| i.feed(&self.buf[taken]));
                     self.cursor += n as usize;
                     self.start = self.cursor;
                     self.conn.count(self.dir, n);
+                    if complete && let Some(intake) = self.intake.take() {
+                        self.send_answer(intake.answer().await).await?;
+                    }
                 }
                 Action::Frame => {
                     if let Some(stop) = self.frame().await? {
@@ -172,9 +180,11 @@ where
                     }
                 }
                 Action::Offer { event, offset } => {
-                    let verdict = self.conn.offer(&event);
+                    let mut verdict = self.conn.offer(&event);
                     if let Verdict::Fault(f) = &verdict {
                         log_fault(&event, f, offset);
+                    } else if self.dir == Direction::ToServer && self.conn.cache.is_on() {
+                        verdict = self.cache_claim(&event).await;
                     }
                     self.place.verdict(verdict);
                 }
@@ -226,6 +236,9 @@ where
                 self.dir
             );
         }
+        if self.dir == Direction::ToClient && self.conn.cache.is_on() {
+            crate::cache::announce_flags(&f.meta, &mut self.buf[self.cursor..self.end]);
+        }
         self.observe_timing(&f.meta);
         let segs = f.segments();
         trace!(conn = self.conn.id, "{}: {segs:?} {:?}", self.dir, f.meta);
@@ -249,10 +262,31 @@ where
         }
     }
 
-    /// Writes out what was forwarded, then closes both connections.
+    /// A request the rules let through, offered to the write cache: it
+    /// is swallowed and answered by the cache if taken.
+    async fn cache_claim(&mut self, ev: &crate::intercept::Event) -> Verdict {
+        let Some(cache) = self.conn.export_cache() else {
+            return Verdict::Pass;
+        };
+        match cache.claim(ev).await {
+            Some(intake) => {
+                self.intake = Some(intake);
+                Verdict::Fault(crate::cache::taken())
+            }
+            None => Verdict::Pass,
+        }
+    }
+
+    /// Writes out what was forwarded, then closes both connections (a
+    /// power loss empties the write cache first).
     async fn cut(&mut self, reset: bool, fault: Fault) -> FlowError {
         if let Err(e) = self.flush().await {
             return e;
+        }
+        if let crate::intercept::Plan::PowerLoss(mode) = fault.plan
+            && let Some(cache) = self.conn.export_cache()
+        {
+            cache.power_loss(mode).await;
         }
         // A peer that dies with bytes of ours unread resets the
         // connection (that is what its kernel does): so does a cut

@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 pub mod registry;
 
 use crate::backend::Backend;
+use crate::cache::WriteCache;
 use crate::intercept::{ConnId, Event, Interceptor, Plan, Verdict};
 use crate::io::addr::ListenAddr;
 use crate::io::net::{Listener, Stream};
@@ -105,6 +106,22 @@ impl Server {
         self
     }
 
+    /// Puts every connection behind one volatile write cache holding at
+    /// most `limit` bytes of write data per export (`--write-cache
+    /// volatile`), writing back over connections of its own.
+    pub fn with_write_cache(self, limit: u64) -> Self {
+        let backend = self.shared.backend.clone();
+        let timeout = self.shared.limits.connect_timeout;
+        let opener: crate::cache::Opener = Arc::new(move || {
+            let backend = backend.clone();
+            Box::pin(async move { backend.open(0, timeout).await })
+        });
+        self.shared
+            .registry
+            .set_write_cache(Arc::new(WriteCache::new(limit, opener)));
+        self
+    }
+
     /// The live connections.
     pub fn registry(&self) -> Arc<Registry> {
         self.shared.registry.clone()
@@ -163,6 +180,9 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
         shared.interceptor.clone(),
         shared.telemetry.clone(),
     );
+    if let Some(cache) = shared.registry.write_cache() {
+        conn.set_write_cache(cache.clone());
+    }
     let connect = Event {
         conn: id,
         direction: None,

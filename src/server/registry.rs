@@ -1,15 +1,18 @@
 //! The live connections of a server, for the control API to list, pause,
-//! resume and cut.
+//! resume and cut; and the server's write cache, which outlives them.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::cache::WriteCache;
 use crate::intercept::ConnId;
 use crate::proxy::Connection;
 
 #[derive(Default)]
 pub struct Registry {
     conns: Mutex<BTreeMap<ConnId, Arc<Connection>>>,
+    /// `--write-cache volatile`; unset when off.
+    write_cache: OnceLock<Arc<WriteCache>>,
 }
 
 impl Registry {
@@ -40,5 +43,14 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.map().is_empty()
+    }
+
+    /// The server's volatile write cache, when it has one.
+    pub fn write_cache(&self) -> Option<&Arc<WriteCache>> {
+        self.write_cache.get()
+    }
+
+    pub(super) fn set_write_cache(&self, cache: Arc<WriteCache>) {
+        let _ = self.write_cache.set(cache);
     }
 }

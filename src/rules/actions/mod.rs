@@ -17,6 +17,7 @@ pub mod disconnect;
 pub mod drop;
 pub mod error;
 mod kind;
+pub mod power_loss;
 pub mod stall;
 
 use serde_json::Value;
@@ -104,6 +105,7 @@ registry! {
     Disconnect(disconnect::Disconnect),
     Drop(drop::Drop),
     Corrupt(corrupt::Corruption),
+    PowerLoss(power_loss::PowerLoss),
 }
 
 /// The action of a rule that names none: hang up, as QEMU's injector does.
@@ -163,11 +165,21 @@ mod tests {
     fn names_and_fields_keep_their_order() {
         assert_eq!(
             names(),
-            ["disconnect", "error", "delay", "stall", "drop", "corrupt"]
+            [
+                "disconnect",
+                "error",
+                "delay",
+                "stall",
+                "drop",
+                "corrupt",
+                "power-loss"
+            ]
         );
         assert_eq!(
             fields(),
-            ["errno", "duration", "jitter", "reset", "at", "xor", "bits"]
+            [
+                "errno", "duration", "jitter", "reset", "at", "xor", "bits", "lose", "torn"
+            ]
         );
         assert_eq!(taking("duration"), ["delay", "stall"]);
         assert_eq!(names_where(|s| s.partial), ["disconnect", "delay", "stall"]);

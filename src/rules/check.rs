@@ -765,7 +765,7 @@ mod tests {
         assert_eq!(
             field_names().join(", "),
             "name, event, direction, command, offset, option, connection, when, after, times, every, \
-             probability, per-connection, action, errno, duration, jitter, reset, at, xor, bits"
+             probability, per-connection, action, errno, duration, jitter, reset, at, xor, bits, lose, torn"
         );
     }
 }

@@ -104,7 +104,7 @@ mod tests {
     use crate::protocol::{EventKind, EventSet};
     use crate::rules::fields::Scalar;
 
-    fn check(given: &[(&str, Scalar<'static>)]) -> Result<PowerLoss, String> {
+    fn check(given: &[(&'static str, Scalar<'static>)]) -> Result<PowerLoss, String> {
         let ctx = Context {
             events: EventSet::of(EventKind::Request),
         };
@@ -133,7 +133,7 @@ mod tests {
         );
         assert_eq!(
             check(&[("lose", Scalar::Str("some")), ("torn", Scalar::Int(100))]).unwrap_err(),
-            "given:2:10: torn must be 512 or 4096 (bytes per sector), found 100"
+            "given:3:10: torn must be 512 or 4096 (bytes per sector), found 100"
         );
         assert!(
             check(&[("torn", Scalar::Int(512))])

@@ -102,7 +102,8 @@ struct SweepArgs {
     /// corruption.
     #[arg(long, value_name = "CMD")]
     verify: Option<String>,
-    /// Fault kinds to try: disconnect, error, drop, corrupt, stall, delay.
+    /// Fault kinds to try: disconnect, error, drop, corrupt, stall, delay,
+    /// power-loss (through a volatile write cache; --verify decides).
     #[arg(
         long,
         value_name = "LIST",
@@ -572,6 +573,7 @@ fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
             setup: a.setup,
             verify: a.verify,
             timeout,
+            power_loss: faults.contains(&"power-loss"),
             dir,
         },
         faults,

@@ -349,3 +349,60 @@ fn cache_flags_are_checked() {
         o.describe()
     );
 }
+
+/// `nbdfault sweep --faults power-loss`: a crash before each flush and
+/// each write of the baseline, qemu-nbd fresh per run, `--verify` on the
+/// image after the crash. The client writes A, flushes, writes B: a crash
+/// before the flush is answered loses A (the verify that expects it finds
+/// corruption); every crash after it keeps A.
+#[test]
+fn sweep_crashes_before_each_flush_and_write() {
+    let dir = TempDir::new().expect("tempdir");
+    let report = dir.path().join("report");
+    let out = run_with_timeout(
+        nbdfault_bin(),
+        &[
+            "sweep",
+            "--setup",
+            "qemu-img create -f raw \"$dir/disk.img\" 1M",
+            "--server",
+            "exec qemu-nbd -f raw -t --shared=8 -k \"$unixsocket\" \"$dir/disk.img\"",
+            "--faults",
+            "power-loss",
+            "--verify",
+            "test \"$(head -c 4096 \"$dir/disk.img\" | tr -d A | wc -c)\" -eq 0",
+            "--timeout",
+            "10s",
+            "--report",
+            report.to_str().expect("utf-8"),
+            "--",
+            "sh",
+            "-c",
+            "qemu-io -t writeback -f raw -c 'write -P 0x41 0 4096' -c flush \
+             -c 'write -P 0x42 4096 4096' \"$uri\"",
+        ],
+        std::time::Duration::from_secs(120),
+    );
+    // Corruption is a finding: exit status 1.
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    let text = std::fs::read_to_string(report.join("runs.json"))
+        .unwrap_or_else(|e| panic!("no report: {e}\n{}", out.describe()));
+    let runs: serde_json::Value = serde_json::from_str(&text).expect("runs.json");
+    let got: Vec<String> = runs
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| format!("{} {} {}", r["fault"], r["point"]["what"], r["outcome"]).replace('"', ""))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "power-loss write corrupt",
+            "power-loss flush corrupt",
+            "power-loss write ok",
+            "power-loss flush ok",
+        ],
+        "{}",
+        out.describe()
+    );
+}

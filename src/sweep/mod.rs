@@ -210,9 +210,13 @@ async fn sweep(opts: Options) -> i32 {
                 .filter(|l| l.contains("\"rule\":"))
                 .map(|l| format!("{l}\n"))
                 .collect();
-            let verdict = outcome::classify(facts.exit, facts.fired, &facts.output, || {
-                facts.verified.unwrap_or(true)
-            });
+            let verdict =
+                outcome::after_power_loss(trial.kind, facts.exit, facts.fired, facts.verified)
+                    .unwrap_or_else(|| {
+                        outcome::classify(facts.exit, facts.fired, &facts.output, || {
+                            facts.verified.unwrap_or(true)
+                        })
+                    });
             progress.done(opts.fail_on.contains(&verdict));
             Some(Ok(Finished {
                 id: id + 1,

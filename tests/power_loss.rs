@@ -59,6 +59,14 @@ impl Setup {
 
     /// qemu-io with a write-back cache: without it qemu-io writes
     /// through (every write FUA), and nothing would be left to lose.
+    /// Waits for the power loss's fault log line; its stderr so far.
+    fn wait_for_loss(&self) -> String {
+        let n = &self.nbdfault;
+        let seen = n.wait_for_stderr("power loss on export", std::time::Duration::from_secs(10));
+        assert!(seen, "no power loss\n{}", n.stderr());
+        n.stderr()
+    }
+
     fn qemu_io(&self, cmds: &[&str]) -> Output {
         QemuIo::new(self.nbdfault.uri())
             .cache("writeback")
@@ -131,18 +139,11 @@ fn unflushed_writes_are_lost_and_read_back_until_then() {
         o.describe()
     );
     assert_eq!(o.stdout.matches("read ").count(), 5, "{}", o.describe());
+    let stderr = s.wait_for_loss();
     assert!(
-        s.nbdfault
-            .wait_for_stderr("power loss on export", std::time::Duration::from_secs(10)),
-        "{}",
-        s.nbdfault.stderr()
-    );
-    assert!(
-        s.nbdfault
-            .stderr()
+        stderr
             .contains("power loss on export \"\": 2 cached writes (9216 bytes) lost, 0 pieces of them reached the server; resetting 1 connections"),
-        "{}",
-        s.nbdfault.stderr()
+        "{stderr}"
     );
     assert_run(&s.disk(), 0, DISK, OLD);
     // After the loss the proxy serves on: a new client sees the old data.
@@ -169,10 +170,7 @@ fn flushed_and_fua_writes_survive() {
         "{}",
         o.describe()
     );
-    assert!(
-        s.nbdfault
-            .wait_for_stderr("power loss on export", std::time::Duration::from_secs(10))
-    );
+    s.wait_for_loss();
     let disk = s.disk();
     assert_run(&disk, 4096, 8192, 0x22);
     // The FUA write went to the server with everything cached before it.
@@ -185,10 +183,7 @@ fn flushed_and_fua_writes_survive() {
 fn write_zeroes_and_trims_are_lost_or_kept_like_writes() {
     let mut s = Setup::new(&crash_at_flush(1, ""));
     s.qemu_io(&["write -z 0 4096", "discard 8192 4096"]);
-    assert!(
-        s.nbdfault
-            .wait_for_stderr("power loss on export", std::time::Duration::from_secs(10))
-    );
+    s.wait_for_loss();
     assert_run(&s.disk(), 0, DISK, OLD);
 
     s.restart(&crash_at_flush(2, ""));
@@ -198,10 +193,7 @@ fn write_zeroes_and_trims_are_lost_or_kept_like_writes() {
         "flush",
         "write -z 16384 4096",
     ]);
-    assert!(
-        s.nbdfault
-            .wait_for_stderr("power loss on export", std::time::Duration::from_secs(10))
-    );
+    s.wait_for_loss();
     let disk = s.disk();
     assert_run(&disk, 0, 4096, 0);
     // qemu-nbd --discard=unmap punches the hole: zeroes.
@@ -244,10 +236,7 @@ fn lose_some_keeps_the_same_seeded_subset_and_torn_tears_at_sectors() {
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     let mut s = Setup::new(&crash_at_flush(1, "    lose: some\n"));
     s.qemu_io(&cmds);
-    assert!(
-        s.nbdfault
-            .wait_for_stderr("power loss on export", std::time::Duration::from_secs(10))
-    );
+    s.wait_for_loss();
     let first = survivors(&s.disk());
     let whole = first.iter().filter(|w| *w == "########").count();
     let none = first.iter().filter(|w| *w == "........").count();
@@ -255,10 +244,7 @@ fn lose_some_keeps_the_same_seeded_subset_and_torn_tears_at_sectors() {
 
     s.restart(&crash_at_flush(1, "    lose: some\n"));
     s.qemu_io(&cmds);
-    assert!(
-        s.nbdfault
-            .wait_for_stderr("power loss on export", std::time::Duration::from_secs(10))
-    );
+    s.wait_for_loss();
     assert_eq!(
         survivors(&s.disk()),
         first,
@@ -267,10 +253,7 @@ fn lose_some_keeps_the_same_seeded_subset_and_torn_tears_at_sectors() {
 
     s.restart(&crash_at_flush(1, "    lose: some\n    torn: 512\n"));
     s.qemu_io(&cmds);
-    assert!(
-        s.nbdfault
-            .wait_for_stderr("power loss on export", std::time::Duration::from_secs(10))
-    );
+    s.wait_for_loss();
     let torn = survivors(&s.disk());
     assert!(
         torn.iter().any(|w| w.contains('#') && w.contains('.')),

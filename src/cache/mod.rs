@@ -134,48 +134,22 @@ impl WriteCache {
             .sum();
         let s = &self.shared.stats;
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Name, type, help, value: one line each.
+        #[rustfmt::skip]
+        let metrics: [(&str, &str, &str, u64); 6] = [
+            ("nbdfault_cache_bytes", "gauge", "Write data held in the volatile write cache, not yet written back.", held),
+            ("nbdfault_cache_writebacks_total", "counter", "Cached commands written back to the server.", get(&s.writebacks)),
+            ("nbdfault_cache_writeback_bytes_total", "counter", "Bytes of write data written back to the server.", get(&s.writeback_bytes)),
+            ("nbdfault_power_losses_total", "counter", "Power losses carried out.", get(&s.losses)),
+            ("nbdfault_power_loss_lost_writes_total", "counter", "Cached commands a power loss took (before any reached the server partly or whole).", get(&s.lost_writes)),
+            ("nbdfault_power_loss_lost_bytes_total", "counter", "Bytes of write data a power loss took.", get(&s.lost_bytes)),
+        ];
+        for (name, kind, help, v) in metrics {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n\n"
             ));
-        };
-        metric(
-            "nbdfault_cache_bytes",
-            "gauge",
-            "Write data held in the volatile write cache, not yet written back.",
-            held,
-        );
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        metric(
-            "nbdfault_cache_writebacks_total",
-            "counter",
-            "Cached commands written back to the server.",
-            get(&s.writebacks),
-        );
-        metric(
-            "nbdfault_cache_writeback_bytes_total",
-            "counter",
-            "Bytes of write data written back to the server.",
-            get(&s.writeback_bytes),
-        );
-        metric(
-            "nbdfault_power_losses_total",
-            "counter",
-            "Power losses carried out.",
-            get(&s.losses),
-        );
-        metric(
-            "nbdfault_power_loss_lost_writes_total",
-            "counter",
-            "Cached commands a power loss took (before any reached the server partly or whole).",
-            get(&s.lost_writes),
-        );
-        metric(
-            "nbdfault_power_loss_lost_bytes_total",
-            "counter",
-            "Bytes of write data a power loss took.",
-            get(&s.lost_bytes),
-        );
+        }
         out
     }
 }
@@ -406,7 +380,7 @@ impl ExportCache {
             CMD_READ => lock(&self.model).overlaps(offset, length),
             CMD_BLOCK_STATUS => {
                 if lock(&self.model).overlaps(offset, length)
-                    && let Err(e) = self.write_back_all().await
+                    && let Err(e) = self.write_back_all(false).await
                 {
                     warn!(export = %self.name, "write cache: {e} (before a block status)");
                 }
@@ -470,23 +444,20 @@ impl ExportCache {
         Ok(())
     }
 
-    async fn write_back_all(&self) -> Result<(), ClientError> {
+    /// Everything cached now, written back (and, with `then_flush`,
+    /// flushed upstream).
+    async fn write_back_all(&self, then_flush: bool) -> Result<(), ClientError> {
         let mut up = self.upstream.lock().await;
         let batch = {
             let m = lock(&self.model);
             m.last_seq().map(|s| m.through(s)).unwrap_or_default()
         };
-        self.write_back(&mut up, batch, false).await
+        self.write_back(&mut up, batch, then_flush).await
     }
 
-    /// Everything cached now, written back and flushed upstream.
+    /// What a FLUSH (or a FUA command) waits for.
     async fn flush(&self) -> Result<(), ClientError> {
-        let mut up = self.upstream.lock().await;
-        let batch = {
-            let m = lock(&self.model);
-            m.last_seq().map(|s| m.through(s)).unwrap_or_default()
-        };
-        self.write_back(&mut up, batch, true).await
+        self.write_back_all(true).await
     }
 
     /// Over `--cache-size`: the oldest writes go to the server early, as a

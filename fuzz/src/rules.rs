@@ -340,6 +340,8 @@ fn check_plan(plan: &Plan, ev: &Event) {
             }
         }
         Plan::ReplaceReply { answer } => check_answer(answer, ev),
+        // Acts before the message: nothing in it to check.
+        Plan::PowerLoss(_) => {}
     }
 }
 

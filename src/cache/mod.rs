@@ -286,11 +286,12 @@ impl Intake {
     }
 
     /// Carries the request out and makes the client's answer.
-    pub async fn answer(self) -> Vec<u8> {
+    pub async fn answer(mut self) -> Vec<u8> {
+        let data = std::mem::take(&mut self.data);
         let c = &self.cache;
         let fua = self.flags & CMD_FLAG_FUA != 0;
         let op = match self.command {
-            CMD_WRITE => Some(Op::Write(Bytes::from(self.data.clone()))),
+            CMD_WRITE => Some(Op::Write(Bytes::from(data))),
             CMD_WRITE_ZEROES => Some(Op::Zero(self.flags)),
             CMD_TRIM => Some(Op::Trim),
             _ => None,

@@ -411,6 +411,7 @@ mod tests {
                 ("corrupt", "1 bit".into()),
                 ("stall", "forever".into()),
                 ("delay", "500ms".into()),
+                ("power-loss", "before".into()),
             ]
         );
     }

@@ -101,6 +101,10 @@ pub enum Plan {
     /// the flow and keep it aside under `tag` until it is resumed, while
     /// the connection's other messages go on (see `proxy::breaks`).
     SetAside { tag: Arc<str> },
+    /// Power loss: the volatile write cache loses what it holds (as the
+    /// mode says), then every connection to the export is reset, this one
+    /// first (`--write-cache volatile`; without it, only the reset).
+    PowerLoss(PowerLoss),
 }
 
 /// What an outage does to a connection that arrives during it.
@@ -111,6 +115,26 @@ pub enum OutageMode {
     /// Accepted and never answered: no handshake, no upstream, until the
     /// outage ends (then closed) or the client leaves.
     Blackhole,
+}
+
+/// What a power loss lets through of the cached writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PowerLoss {
+    pub lose: Lose,
+    /// With `Lose::Some`: a kept write may reach the server only partly,
+    /// in sectors of this many bytes.
+    pub torn: Option<u32>,
+    /// Seed of the random choices.
+    pub seed: u64,
+}
+
+/// Which cached writes a power loss takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lose {
+    /// Every one.
+    All,
+    /// A random subset (the rest reach the server, in any order).
+    Some,
 }
 
 /// What an interceptor remembers about one connection (counters of

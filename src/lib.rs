@@ -18,6 +18,7 @@
 //! | [`server`] | the accept loop, its limits and the registry of live connections |
 //! | [`backend`] | what sits behind the proxy: a socket to a real server, or the built-in null server |
 //! | [`proxy`] | one connection's pipeline: two flows split into events, each offered to the interception point |
+//! | [`cache`] | `--write-cache volatile`: a disk's volatile write cache per export, and the power loss that empties it |
 //! | [`rules`] | the rule engine: rules files parsed and checked into a model, the decision function, one file per action |
 //! | [`observe`] | what the outside sees: log lines, metrics and the trace, written by the data path through queues that never block it |
 //! | [`intercept`] | the contract between the pipeline and whoever decides about faults: `Event` in, `Verdict` and `Plan` out |
@@ -29,6 +30,7 @@
 //! `intercept` and `rules` do no I/O at all.
 
 pub mod backend;
+pub mod cache;
 pub mod chart;
 pub mod control;
 pub mod injector;

@@ -188,7 +188,8 @@ struct SweepArgs {
     /// corruption.
     #[arg(long, value_name = "CMD")]
     verify: Option<String>,
-    /// Fault kinds to try: disconnect, error, drop, corrupt, stall, delay.
+    /// Fault kinds to try: disconnect, error, drop, corrupt, stall, delay,
+    /// power-loss (through a volatile write cache; --verify decides).
     #[arg(
         long,
         value_name = "LIST",
@@ -297,6 +298,33 @@ struct ServeArgs {
     /// exit.
     #[arg(long, value_name = "FILE", help_heading = LISTENING)]
     pidfile: Option<PathBuf>,
+    /// off: writes go straight through (default). volatile: nbdfault keeps
+    /// a disk's volatile write cache per export, answering writes, zeroes
+    /// and trims once held and writing them back at FLUSH (or FUA), so
+    /// `action: power-loss` and POST /power-loss can lose exactly what the
+    /// NBD spec lets a disk lose.
+    #[arg(long, value_name = "MODE", default_value = "off", value_parser = ["off", "volatile"],
+          help_heading = RULES)]
+    write_cache: String,
+    /// Write data the volatile cache holds per export before it writes
+    /// the oldest back early [default: 256M].
+    #[arg(long, value_name = "SIZE", help_heading = RULES)]
+    cache_size: Option<String>,
+}
+
+impl ServeArgs {
+    /// `--write-cache` and `--cache-size`: the cache's size, `None` if off.
+    fn write_cache(&self) -> Result<Option<u64>> {
+        let size = match &self.cache_size {
+            Some(s) => Some(parse_size(s).with_context(|| format!("--cache-size {s}"))?),
+            None => None,
+        };
+        match (self.write_cache.as_str(), size) {
+            ("volatile", size) => Ok(Some(size.unwrap_or(nbdfault::cache::DEFAULT_CACHE_SIZE))),
+            (_, Some(_)) => anyhow::bail!("--cache-size needs --write-cache volatile"),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// Limits against hostile or broken peers; each is logged when hit.
@@ -556,6 +584,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             "--busy-poll needs --threads 1 or more (it works per single-threaded runtime)"
         );
     }
+    let write_cache = args.write_cache()?;
     // A bad rules file never starts a server.
     let rules = Arc::new(args.rules.live()?);
     let mut telemetry = Telemetry::new(
@@ -589,6 +618,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         busy_poll,
         exit_with_parent: args.exit_with_parent.then_some(parent),
         pidfile: args.pidfile,
+        write_cache,
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }
@@ -807,6 +837,7 @@ fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
             setup: a.setup,
             verify: a.verify,
             timeout,
+            power_loss: faults.contains(&"power-loss"),
             dir,
         },
         faults,

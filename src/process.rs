@@ -60,6 +60,9 @@ pub struct ServeOptions {
     /// `--pidfile`: written once clients can connect, removed on the way
     /// out.
     pub pidfile: Option<PathBuf>,
+    /// `--write-cache volatile`: the bytes of write data it may hold per
+    /// export (`--cache-size`); `None`: off.
+    pub write_cache: Option<u64>,
 }
 
 /// Trying the upstream once at start ([`crate::backend::upstream::probe`]),
@@ -178,6 +181,10 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
             },
         )?;
     }
+    let server = match opts.write_cache {
+        Some(limit) => server.with_write_cache(limit),
+        None => server,
+    };
     let server = match opts.threads {
         0 | 1 => server,
         n => server.with_shards(Arc::new(

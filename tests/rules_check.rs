@@ -430,7 +430,7 @@ fn check_a_directory() {
     assert_eq!(o.status.code(), Some(0), "{}", o.describe());
     let want: String = files_in(&repo().join("rules"), "yaml")
         .iter()
-        .map(|f| format!("{}: ok, 1 rule(s)\n", f.display()))
+        .map(|f| format!("{}: ok, {} rule(s)\n", f.display(), rules_in(f)))
         .collect();
     assert_eq!(o.stdout, want, "{}", o.describe());
     assert_eq!(o.stderr, "", "{}", o.describe());

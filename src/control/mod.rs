@@ -236,7 +236,8 @@ async fn handle(
     budget: &Budget,
     req: Request<Incoming>,
 ) -> Reply {
-    let body = matches!(req.uri().path(), "/rules" | "/outage")
+    let body = (matches!(req.uri().path(), "/rules" | "/outage")
+        || (req.uri().path() == "/power-loss" && has_body(&req)))
         && matches!(*req.method(), Method::POST | Method::PUT);
     if let Err(r) = site.check(req.method(), req.headers(), body) {
         info!(
@@ -265,7 +266,7 @@ async fn handle(
             &format!(
                 "no such endpoint {path:?} (endpoints: /metrics, /rules, /rules/NAME, \
                  /connections, /connections/ID, /connections/ID/pause, /connections/ID/resume, \
-                 /outage, /breaks, /breaks/TAG/resume, /breaks/TAG/wait)"
+                 /outage, /breaks, /breaks/TAG/resume, /breaks/TAG/wait, /power-loss)"
             ),
         );
     };
@@ -289,7 +290,13 @@ async fn handle(
         return r;
     }
     match route {
-        Route::Metrics => text(StatusCode::OK, metrics(state)),
+        Route::Metrics => {
+            let mut m = metrics(state);
+            if let Some(c) = state.registry.write_cache() {
+                m.push_str(&c.render_metrics());
+            }
+            text(StatusCode::OK, m)
+        }
         Route::Rules => match *req.method() {
             Method::GET => json(StatusCode::OK, &rules_body(&state.rules)),
             ref m => {
@@ -331,6 +338,13 @@ async fn handle(
             let n = state.registry.kill_all();
             info!("control: closed all {n} connections");
             json(StatusCode::OK, &serde_json::json!({ "closed": n }))
+        }
+        Route::PowerLoss => {
+            let text = match body_text(req, budget).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            };
+            power_loss(state, &text).await
         }
         Route::Connections => {
             // A struct, not json!(): a serde_json map would sort each
@@ -463,6 +477,7 @@ enum Route<'a> {
     /// The still percent-encoded name.
     Rule(&'a str),
     Connections,
+    PowerLoss,
     /// The id as given (404 unless it is a live connection's).
     Connection(&'a str, ConnOp),
     Outage,
@@ -492,6 +507,7 @@ impl<'a> Route<'a> {
             "/connections" => return Some(Route::Connections),
             "/outage" => return Some(Route::Outage),
             "/breaks" => return Some(Route::Breaks),
+            "/power-loss" => return Some(Route::PowerLoss),
             _ => {}
         }
         if let Some(rest) = path.strip_prefix("/breaks/") {
@@ -524,6 +540,7 @@ impl<'a> Route<'a> {
             Route::Break(_, BreakOp::Resume) => &[Method::POST],
             Route::Break(_, BreakOp::Wait) => &[Method::GET],
             Route::Rules => &[Method::GET, Method::POST, Method::PUT],
+            Route::PowerLoss => &[Method::POST],
             Route::Rule(_) => &[Method::DELETE],
             Route::Connection(_, ConnOp::Itself) => &[Method::GET, Method::DELETE],
             Route::Connection(_, _) => &[Method::POST],
@@ -853,6 +870,66 @@ fn metrics(state: &ControlState) -> String {
 
 /// `/rules/NAME` with `%XX` escapes decoded (by the one strict decoder the
 /// `socket=` path of a URI uses too).
+/// Whether a request says it carries a body.
+fn has_body(req: &Request<Incoming>) -> bool {
+    let h = req.headers();
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+/// `POST /power-loss`: the body's mode (JSON or YAML, all optional:
+/// `lose`, `torn`, `seed`, as the `power-loss` action spells them; the seed
+/// defaults to the rules' seed), carried out on every export.
+async fn power_loss(state: &ControlState, text: &str) -> Reply {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        lose: Option<String>,
+        torn: Option<i64>,
+        seed: Option<u64>,
+    }
+    let body = if text.trim().is_empty() {
+        Body::default()
+    } else {
+        match serde_yaml::from_str::<Body>(text) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("power-loss body: {e} (fields: lose, torn, seed)"),
+                );
+            }
+        }
+    };
+    let mode =
+        match rules::actions::power_loss::mode(body.lose.as_deref(), body.torn.map(i128::from)) {
+            Ok(m) => m.with_seed(body.seed.unwrap_or_else(|| state.rules.current().seed())),
+            Err((_, msg)) => return error(StatusCode::BAD_REQUEST, &msg),
+        };
+    let Some(cache) = state.registry.write_cache() else {
+        return error(
+            StatusCode::CONFLICT,
+            "POST /power-loss needs --write-cache volatile: without it nothing is cached to lose",
+        );
+    };
+    let loss = cache.power_loss(mode).await;
+    info!(
+        "control: power loss: {} cached writes ({} bytes) lost, {} pieces kept, {} connections reset",
+        loss.writes, loss.bytes, loss.kept, loss.connections
+    );
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "lost_writes": loss.writes,
+            "lost_bytes": loss.bytes,
+            "kept": loss.kept,
+            "connections_reset": loss.connections,
+        }),
+    )
+}
+
 fn percent_decode(s: &str) -> Result<String, String> {
     let out =
         percent::decode(s).ok_or_else(|| format!("invalid percent-encoding in rule name {s:?}"))?;

@@ -425,6 +425,8 @@ impl FlowObserver {
                 }
             }
             Plan::Hold { at, .. } | Plan::Cut { at, .. } => self.armed = Some((fired, *at)),
+            // Carried out as a cut (with a reset) at the event's start.
+            Plan::PowerLoss(_) => self.armed = Some((fired, 0)),
             // The request's bytes go on when it is resumed; the trace
             // shows them then, as a message.
             Plan::SetAside { .. } => self.line(conn, &fired, "break", |_| {}),
@@ -703,6 +705,10 @@ fn describe(plan: &Plan) -> String {
             if *reset { " with a reset" } else { "" }
         ),
         Plan::SetAside { tag } => format!("sets the request aside under break {tag:?}"),
+        Plan::PowerLoss(p) => format!(
+            "a power loss (lose {:?}, torn {:?}), then resets every connection to the export",
+            p.lose, p.torn
+        ),
         Plan::Outage { mode, duration } => format!("starts an outage ({mode:?}, {duration:?})"),
         Plan::Pace {
             at,

@@ -95,6 +95,8 @@ pub(super) struct Flow<R: Linger, W: Linger> {
     capture: Option<(HeldInfo, Vec<u8>)>,
     /// Where resumed requests come back, made at the first break.
     aside: Option<Aside>,
+    /// A request the write cache took, while the flow swallows it.
+    intake: Option<crate::cache::Intake>,
 }
 
 /// A flow's end of the breaks registry (`super::breaks`).
@@ -141,6 +143,7 @@ where
             pipe: None,
             capture: None,
             aside: None,
+            intake: None,
         }
     }
 
@@ -196,9 +199,14 @@ where
                     if self.capture.is_some() {
                         self.set_aside(n as usize);
                     }
+                    let taken = self.cursor..self.cursor + n as usize;
+                    let complete = (self.intake.as_mut()).is_some_and(|i| i.feed(&self.buf[taken]));
                     self.cursor += n as usize;
                     self.start = self.cursor;
                     self.conn.count(self.dir, n);
+                    if complete && let Some(intake) = self.intake.take() {
+                        self.send_answer(intake.answer().await).await?;
+                    }
                 }
                 Action::Frame => {
                     if let Some(stop) = self.frame().await? {
@@ -208,6 +216,7 @@ where
                 Action::Offer { event, offset } => {
                     let head = &self.buf[self.cursor..self.end];
                     let mut verdict = self.conn.offer_at(&event, Some(offset), head);
+                    let ruled = matches!(verdict, Verdict::Fault(_));
                     if let Verdict::Fault(f) = &verdict {
                         log_fault(&event, f, offset);
                         if let Plan::SetAside { tag } = &f.plan
@@ -215,8 +224,11 @@ where
                         {
                             verdict = Verdict::Pass;
                         }
+                    } else if self.dir == Direction::ToServer && self.conn.cache.is_on() {
+                        verdict = self.cache_claim(&event).await;
                     }
-                    if let Verdict::Fault(f) = &verdict {
+                    // What the cache takes is not a fault: only rules' are.
+                    if ruled && let Verdict::Fault(f) = &verdict {
                         self.obs.fault(&self.conn.observer, &event, offset, f);
                     }
                     self.place.verdict(verdict);
@@ -288,6 +300,9 @@ where
                 "{}: STARTTLS accepted; relaying the rest unparsed (no faults inside TLS yet)",
                 self.dir
             );
+        }
+        if self.dir == Direction::ToClient && self.conn.cache.is_on() {
+            crate::cache::announce_flags(&f.meta, &mut self.buf[self.cursor..self.end]);
         }
         self.observe_timing(&f.meta);
         self.obs.framed(&self.conn.observer, &f.meta, f.len());
@@ -373,12 +388,32 @@ where
         }
     }
 
+    /// A request the rules let through, offered to the write cache: it
+    /// is swallowed and answered by the cache if taken.
+    async fn cache_claim(&mut self, ev: &crate::intercept::Event) -> Verdict {
+        let Some(cache) = self.conn.export_cache() else {
+            return Verdict::Pass;
+        };
+        match cache.claim(ev).await {
+            Some(intake) => {
+                self.intake = Some(intake);
+                Verdict::Fault(crate::cache::taken())
+            }
+            None => Verdict::Pass,
+        }
+    }
+
     /// Writes out what was forwarded, waits `linger` (a slow close: the
     /// connections stay open, nothing more passes this way), then closes
-    /// both connections.
+    /// both connections (a power loss empties the write cache first).
     async fn cut(&mut self, reset: bool, linger: Duration, fault: Fault) -> FlowError {
         if let Err(e) = self.flush().await {
             return e;
+        }
+        if let Plan::PowerLoss(mode) = fault.plan
+            && let Some(cache) = self.conn.export_cache()
+        {
+            cache.power_loss(mode).await;
         }
         if !linger.is_zero() {
             // Nothing held here is ever delivered; the connection ending

@@ -142,6 +142,8 @@ pub struct Connection {
     conn_telemetry: ConnTelemetry,
     /// What the trace and the packet capture see of this connection.
     observer: ConnObserver,
+    /// The volatile write cache (`--write-cache`), empty when off.
+    cache: crate::cache::Slot,
 }
 
 impl Connection {
@@ -179,7 +181,20 @@ impl Connection {
             ended: watch::Sender::new(false),
             peer_gone: watch::Sender::new(false),
             interceptor,
+            cache: crate::cache::Slot::default(),
         })
+    }
+
+    /// Puts this connection behind the server's volatile write cache.
+    pub fn set_write_cache(&self, cache: Arc<crate::cache::WriteCache>) {
+        self.cache.set(cache);
+    }
+
+    /// The write cache of this connection's export, when the mode is on.
+    fn export_cache(self: &Arc<Self>) -> Option<Arc<crate::cache::ExportCache>> {
+        let member = || Arc::downgrade(self) as std::sync::Weak<dyn crate::cache::Member>;
+        let name = || self.export().unwrap_or_default();
+        self.cache.export(self.id, member, name).cloned()
     }
 
     /// Offers an event to the interceptor. Locks are poisoned only if a
@@ -356,6 +371,13 @@ impl Connection {
                 answer: Some(buf[..n].to_vec()),
             },
         }
+    }
+}
+
+impl crate::cache::Member for Connection {
+    fn power_cut(&self) {
+        self.reset_on_close(RESET_CLIENT | RESET_SERVER);
+        self.kill();
     }
 }
 

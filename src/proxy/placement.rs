@@ -418,6 +418,17 @@ impl Placement {
                 self.flips
                     .extend(flips.into_iter().map(|(off, mask)| (here + off, mask)));
             }
+            // Before the message: the flow carries out the loss as it cuts.
+            Plan::PowerLoss(_) => {
+                self.mark = Some((
+                    0,
+                    Armed::Cut {
+                        reset: true,
+                        linger: Duration::ZERO,
+                        fault,
+                    },
+                ));
+            }
         }
     }
 

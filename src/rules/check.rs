@@ -907,7 +907,8 @@ mod tests {
             field_names().join(", "),
             "name, event, direction, command, offset, option, connection, export, state, when, \
              after, after-bytes, times, every, probability, per-connection, set-state, action, \
-             errno, duration, jitter, reset, slow-close, at, xor, bits, rate, size, delay, tag"
+             errno, duration, jitter, reset, slow-close, at, xor, bits, rate, size, delay, tag, lose, \
+             torn"
         );
     }
 }

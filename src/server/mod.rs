@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 pub mod registry;
 
 use crate::backend::Backend;
+use crate::cache::WriteCache;
 use crate::intercept::{ConnId, Event, Interceptor, OutageMode, Plan, Verdict};
 use crate::io::addr::ListenAddr;
 use crate::io::net::{Listener, Stream};
@@ -107,6 +108,22 @@ impl Server {
     /// current runtime.
     pub fn with_shards(mut self, shards: Arc<Shards>) -> Self {
         self.shards = Some(shards);
+        self
+    }
+
+    /// Puts every connection behind one volatile write cache holding at
+    /// most `limit` bytes of write data per export (`--write-cache
+    /// volatile`), writing back over connections of its own.
+    pub fn with_write_cache(self, limit: u64) -> Self {
+        let backend = self.shared.backend.clone();
+        let timeout = self.shared.limits.connect_timeout;
+        let opener: crate::cache::Opener = Arc::new(move || {
+            let backend = backend.clone();
+            Box::pin(async move { backend.open(0, timeout).await })
+        });
+        self.shared
+            .registry
+            .set_write_cache(Arc::new(WriteCache::new(limit, opener)));
         self
     }
 
@@ -273,6 +290,9 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
         shared.interceptor.clone(),
         shared.telemetry.clone(),
     );
+    if let Some(cache) = shared.registry.write_cache() {
+        conn.set_write_cache(cache.clone());
+    }
     let connect = Event {
         conn: id,
         direction: None,

@@ -1,22 +1,26 @@
 //! The live connections of a server, for the control API to list, pause,
-//! resume and cut, and the listener's outage (rules' `refuse` and
+//! resume and cut; the server's write cache, which outlives them; and
+//! the listener's outage (rules' `refuse` and
 //! `blackhole`, `POST /outage`), which the accept loop reads for every new
 //! connection.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::cache::WriteCache;
 use crate::intercept::{ConnId, OutageMode};
 use crate::proxy::Connection;
 
 #[derive(Default)]
 pub struct Registry {
     conns: Mutex<BTreeMap<ConnId, Arc<Connection>>>,
+    /// `--write-cache volatile`; unset when off.
+    write_cache: OnceLock<Arc<WriteCache>>,
     /// The outage in force, if any; its changes wake blackholed
     /// connections.
     outage: watch::Sender<Option<Outage>>,
@@ -138,5 +142,14 @@ impl Registry {
             _ = changed => {}
             () = past => {}
         }
+    }
+
+    /// The server's volatile write cache, when it has one.
+    pub fn write_cache(&self) -> Option<&Arc<WriteCache>> {
+        self.write_cache.get()
+    }
+
+    pub(super) fn set_write_cache(&self, cache: Arc<WriteCache>) {
+        let _ = self.write_cache.set(cache);
     }
 }

@@ -202,9 +202,13 @@ async fn sweep(opts: Options) -> i32 {
                 Ok(f) => f,
                 Err(e) => return Some(Err(e)),
             };
-            let verdict = outcome::classify(facts.exit, facts.fired, &facts.output, || {
-                facts.verified.unwrap_or(true)
-            });
+            let verdict =
+                outcome::after_power_loss(trial.kind, facts.exit, facts.fired, facts.verified)
+                    .unwrap_or_else(|| {
+                        outcome::classify(facts.exit, facts.fired, &facts.output, || {
+                            facts.verified.unwrap_or(true)
+                        })
+                    });
             // Kept until the report: what it uses of the trace, bounded.
             facts.trace = report::keep_trace(&facts.trace, opts.fail_on.contains(&verdict));
             progress.done(opts.fail_on.contains(&verdict));

@@ -81,6 +81,24 @@ const CRASH_REPORTS: [&str; 5] = [
 
 /// The verdict on one run. `fired` says whether the targeted rule fired;
 /// `verified` is `--verify`'s result, asked only when the client exited 0.
+/// A power loss ends the client as a crash of its machine would: what it
+/// printed and how it exited say nothing; `--verify` on what the disk kept
+/// decides (`None` for other kinds, or a run that hung or never fired).
+pub fn after_power_loss(
+    kind: &str,
+    exit: Exit,
+    fired: bool,
+    verified: Option<bool>,
+) -> Option<Outcome> {
+    if kind != "power-loss" || !fired || exit == Exit::TimedOut {
+        return None;
+    }
+    Some(match verified {
+        Some(false) => Outcome::Corrupt,
+        _ => Outcome::Ok,
+    })
+}
+
 pub fn classify(exit: Exit, fired: bool, stderr: &str, verified: impl FnOnce() -> bool) -> Outcome {
     let crashed = match exit {
         Exit::Signal(_) => true,

@@ -17,7 +17,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// The kinds of fault a sweep can try.
-pub const FAULT_KINDS: &[&str] = &["disconnect", "error", "drop", "corrupt", "stall", "delay"];
+pub const FAULT_KINDS: &[&str] = &[
+    "disconnect",
+    "error",
+    "drop",
+    "corrupt",
+    "stall",
+    "delay",
+    "power-loss",
+];
 
 /// The kinds tried unless `--faults` says otherwise.
 pub const DEFAULT_FAULTS: &[&str] = &["disconnect", "error", "drop", "corrupt"];
@@ -273,6 +281,15 @@ pub fn trials(p: &Point, kinds: &[&'static str], delay: Duration, every_byte: bo
                 vec!["action: corrupt".into(), "bits: 1".into()],
             ),
             "stall" => add(kind, "forever", vec!["action: stall".into()]),
+            // Before each flush, and before each write-like request: the
+            // crash just after the flush or FUA write before it was
+            // answered (the trace does not tell FUA writes apart).
+            "power-loss"
+                if p.event == "request"
+                    && (writes(p.what.as_deref()) || p.what.as_deref() == Some("flush")) =>
+            {
+                add(kind, "before", vec!["action: power-loss".into()])
+            }
             "delay" => add(
                 kind,
                 &humantime::format_duration(delay).to_string(),
@@ -409,6 +426,7 @@ mod tests {
                 ("corrupt", "1 bit".into()),
                 ("stall", "forever".into()),
                 ("delay", "500ms".into()),
+                ("power-loss", "before".into()),
             ]
         );
     }

@@ -46,6 +46,9 @@ pub struct Setup {
     pub setup: Option<String>,
     pub verify: Option<String>,
     pub timeout: Duration,
+    /// Power-loss runs (and the baseline) go through a volatile write
+    /// cache, and `--verify` runs whatever the client's exit: it crashed.
+    pub power_loss: bool,
     /// The sweep's own private directory; each run gets one below it.
     pub dir: PathBuf,
 }
@@ -304,6 +307,11 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     })
     .await
     .map_err(RunError::Proxy)?;
+    let server = if setup.power_loss {
+        server.with_write_cache(crate::cache::DEFAULT_CACHE_SIZE)
+    } else {
+        server
+    };
     let uri = server.uri();
     let registry = server.registry();
     let serving = tokio::spawn(server.run());
@@ -353,7 +361,9 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
         .as_ref()
         .is_none_or(|e| e.stats().iter().any(|s| s.fired > 0));
     let verified = match (&setup.verify, exit) {
-        (Some(line), Exit::Code(0)) if fired => {
+        (Some(line), e)
+            if fired && (e == Exit::Code(0) || (setup.power_loss && e != Exit::TimedOut)) =>
+        {
             let t = Instant::now();
             let g = Group::spawn(shell(line, &env, dir), "--verify", line)?;
             let (v, _) = finish(g, setup.timeout).await;

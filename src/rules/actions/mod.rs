@@ -20,6 +20,7 @@ pub mod drop;
 pub mod error;
 mod kind;
 pub mod none;
+pub mod power_loss;
 pub mod refuse;
 pub mod slice;
 pub mod stall;
@@ -116,6 +117,7 @@ registry! {
     Blackhole(blackhole::Blackhole),
     Nothing(none::Nothing),
     Break(r#break::Break),
+    PowerLoss(power_loss::PowerLoss),
 }
 
 /// The action of a rule that names none: hang up, as QEMU's injector does.
@@ -187,7 +189,8 @@ mod tests {
                 "refuse",
                 "blackhole",
                 "none",
-                "break"
+                "break",
+                "power-loss"
             ]
         );
         assert_eq!(
@@ -204,7 +207,9 @@ mod tests {
                 "rate",
                 "size",
                 "delay",
-                "tag"
+                "tag",
+                "lose",
+                "torn"
             ]
         );
         assert_eq!(

@@ -1,0 +1,574 @@
+//! `--write-cache volatile`: a disk's volatile write cache in front of the
+//! server, so a power loss can lose exactly what the NBD spec lets a server
+//! lose ("Ordering of messages and writes"): a WRITE, WRITE_ZEROES or TRIM
+//! that was answered, until a FLUSH covering it has been answered; never
+//! one sent with FUA once answered.
+//!
+//! One [`ExportCache`] per export, shared by every client connection to it
+//! (so a flush on one connection covers writes answered on another, as
+//! CAN_MULTI_CONN requires). It holds the ordered log ([`model`]) and its
+//! own NBD connection to the upstream ([`client`]), over which everything
+//! cached is written back in order. A client connection's to-server flow
+//! hands it the requests it takes ([`ExportCache::claim`]): writes, zeroes
+//! and trims are answered once held; FLUSH once everything was written back
+//! and flushed upstream; a FUA command once it was, like a flush; a READ
+//! that touches cached data from the upstream's data with the cache laid
+//! over it. Everything else, and every read elsewhere, keeps the proxy's
+//! own path (and its splice fast path). With the mode off none of this
+//! exists: a connection's [`Slot`] stays empty.
+
+mod client;
+pub mod model;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use crate::intercept::{ConnId, Event, PowerLoss};
+use crate::io::net::Stream;
+use crate::protocol::bytes::{be16, put16};
+use crate::protocol::consts::*;
+use crate::protocol::transmission::{Reply, ReplyMode, build_error_reply};
+use crate::protocol::{EventKind, MessageMeta};
+use client::{Client, ClientError};
+use model::{Entry, Model, Op};
+
+/// `--cache-size` unless given: a large disk's cache.
+pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
+
+/// Fault log target (as `proxy::FAULT_LOG`, which sits above this module).
+const FAULT_LOG: &str = "nbdfault::fault";
+
+/// Opens a fresh connection to the upstream (a socket, or a null server).
+pub type Opener =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<Stream>> + Send>> + Send + Sync>;
+
+/// A client connection as a power loss sees it: something to reset.
+pub trait Member: Send + Sync {
+    /// Closes both sides with a TCP reset, now.
+    fn power_cut(&self);
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+struct Stats {
+    writebacks: AtomicU64,
+    writeback_bytes: AtomicU64,
+    losses: AtomicU64,
+    lost_writes: AtomicU64,
+    lost_bytes: AtomicU64,
+}
+
+/// What every export's cache shares.
+struct Shared {
+    limit: u64,
+    opener: Opener,
+    stats: Stats,
+}
+
+/// The server's volatile write cache: one [`ExportCache`] per export name.
+pub struct WriteCache {
+    shared: Arc<Shared>,
+    exports: Mutex<HashMap<String, Arc<ExportCache>>>,
+}
+
+impl WriteCache {
+    /// A cache holding at most `limit` bytes of write data per export,
+    /// writing back over connections from `opener`.
+    pub fn new(limit: u64, opener: Opener) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                limit,
+                opener,
+                stats: Stats::default(),
+            }),
+            exports: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cache of export `name`, made on first use.
+    pub fn export(&self, name: &str) -> Arc<ExportCache> {
+        lock(&self.exports)
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(ExportCache {
+                    name: name.to_string(),
+                    shared: self.shared.clone(),
+                    model: Mutex::new(Model::default()),
+                    upstream: tokio::sync::Mutex::new(None),
+                    members: Mutex::new(Vec::new()),
+                    epoch: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// A power loss on every export (the control API's `POST /power-loss`).
+    pub async fn power_loss(&self, mode: PowerLoss) -> Loss {
+        let all: Vec<Arc<ExportCache>> = lock(&self.exports).values().cloned().collect();
+        let mut total = Loss::default();
+        for e in all {
+            let l = e.power_loss(mode).await;
+            total.writes += l.writes;
+            total.bytes += l.bytes;
+            total.kept += l.kept;
+            total.connections += l.connections;
+        }
+        total
+    }
+
+    /// Prometheus text for the cache's metrics, appended to `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let held: u64 = lock(&self.exports)
+            .values()
+            .map(|e| lock(&e.model).bytes())
+            .sum();
+        let s = &self.shared.stats;
+        let mut out = String::new();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Name, type, help, value: one line each.
+        #[rustfmt::skip]
+        let metrics: [(&str, &str, &str, u64); 6] = [
+            ("nbdfault_cache_bytes", "gauge", "Write data held in the volatile write cache, not yet written back.", held),
+            ("nbdfault_cache_writebacks_total", "counter", "Cached commands written back to the server.", get(&s.writebacks)),
+            ("nbdfault_cache_writeback_bytes_total", "counter", "Bytes of write data written back to the server.", get(&s.writeback_bytes)),
+            ("nbdfault_power_losses_total", "counter", "Power losses carried out.", get(&s.losses)),
+            ("nbdfault_power_loss_lost_writes_total", "counter", "Cached commands a power loss took (before any reached the server partly or whole).", get(&s.lost_writes)),
+            ("nbdfault_power_loss_lost_bytes_total", "counter", "Bytes of write data a power loss took.", get(&s.lost_bytes)),
+        ];
+        for (name, kind, help, v) in metrics {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n\n"
+            ));
+        }
+        out
+    }
+}
+
+/// What one connection knows of the cache: nothing with the mode off.
+#[derive(Default)]
+pub struct Slot {
+    cache: OnceLock<Arc<WriteCache>>,
+    export: OnceLock<Arc<ExportCache>>,
+}
+
+impl Slot {
+    pub fn set(&self, cache: Arc<WriteCache>) {
+        let _ = self.cache.set(cache);
+    }
+
+    /// Whether the mode is on.
+    pub fn is_on(&self) -> bool {
+        self.cache.get().is_some()
+    }
+
+    /// The export's cache, joined on first use (the first request): from
+    /// then on a power loss resets this connection too.
+    pub fn export(
+        &self,
+        id: ConnId,
+        member: impl FnOnce() -> Weak<dyn Member>,
+        name: impl FnOnce() -> String,
+    ) -> Option<&Arc<ExportCache>> {
+        let cache = self.cache.get()?;
+        Some(self.export.get_or_init(|| {
+            let e = cache.export(&name());
+            let mut members = lock(&e.members);
+            members.retain(|(_, m)| m.strong_count() > 0);
+            members.push((id, member()));
+            drop(members);
+            e
+        }))
+    }
+}
+
+/// Sets SEND_FLUSH and SEND_FUA in the transmission flags of a message
+/// that announces the export (`msg` starts with it; the session framed it
+/// only once they were buffered): a client must know it may flush, or it
+/// would take every answered write as durable. CAN_MULTI_CONN stays the
+/// server's: the cache keeps its promise for cached writes, and the server
+/// must for the rest.
+pub fn announce_flags(meta: &MessageMeta, msg: &mut [u8]) {
+    if meta.export_size.is_none() {
+        return;
+    }
+    let at = match (meta.option, meta.reply_type) {
+        // NBD_OPT_EXPORT_NAME's reply: size, flags.
+        (Some(OPT_EXPORT_NAME), None) => 8,
+        // NBD_REP_INFO header, NBD_INFO_EXPORT, size, flags.
+        (_, Some(REP_INFO)) => OPTION_REPLY_HEADER_LEN + 10,
+        // The oldstyle greeting: magics, size, 32-bit flags.
+        (None, None) => 26,
+        _ => return,
+    };
+    if msg.len() >= at + 2 {
+        let flags = be16(msg, at) | FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
+        put16(msg, at, flags);
+    }
+}
+
+/// The verdict for a request the cache took: swallow it whole; the
+/// cache's answer is sent once it is in.
+pub fn taken() -> crate::intercept::Fault {
+    crate::intercept::Fault {
+        rule: "--write-cache".into(),
+        action: "cache",
+        plan: crate::intercept::Plan::Discard {
+            keep: 0,
+            answer: None,
+        },
+    }
+}
+
+/// What a power loss did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Loss {
+    /// Cached commands lost (wholly or, torn, partly).
+    pub writes: u64,
+    /// Bytes of write data among them.
+    pub bytes: u64,
+    /// Pieces of them that reached the server after all (`lose: some`).
+    pub kept: u64,
+    /// Client connections reset.
+    pub connections: u64,
+}
+
+/// The volatile write cache of one export. See the module docs.
+pub struct ExportCache {
+    name: String,
+    shared: Arc<Shared>,
+    model: Mutex<Model>,
+    /// The cache's connection to the upstream, made on first need; `None`
+    /// also while a request is on it, so one cut short (its task aborted
+    /// by a power loss) leaves no half-used connection behind.
+    upstream: tokio::sync::Mutex<Option<Client>>,
+    members: Mutex<Vec<(ConnId, Weak<dyn Member>)>>,
+    /// Bumped by every power loss: a write-back in progress stops.
+    epoch: AtomicU64,
+}
+
+/// A request taken by the cache: its header, then its payload as the flow
+/// swallows it, then [`Intake::answer`].
+pub struct Intake {
+    cache: Arc<ExportCache>,
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+    mode: ReplyMode,
+    /// Header bytes still to be swallowed.
+    skip: u64,
+    /// Payload bytes still to come.
+    need: u64,
+    data: Vec<u8>,
+}
+
+impl Intake {
+    /// Takes swallowed bytes of the request; true once it is complete.
+    pub fn feed(&mut self, mut b: &[u8]) -> bool {
+        let skip = (self.skip as usize).min(b.len());
+        self.skip -= skip as u64;
+        b = &b[skip..];
+        let take = (self.need as usize).min(b.len());
+        self.data.extend_from_slice(&b[..take]);
+        self.need -= take as u64;
+        self.skip == 0 && self.need == 0
+    }
+
+    /// Carries the request out and makes the client's answer.
+    pub async fn answer(mut self) -> Vec<u8> {
+        let data = std::mem::take(&mut self.data);
+        let c = &self.cache;
+        let fua = self.flags & CMD_FLAG_FUA != 0;
+        let op = match self.command {
+            CMD_WRITE => Some(Op::Write(Bytes::from(data))),
+            CMD_WRITE_ZEROES => Some(Op::Zero(self.flags)),
+            CMD_TRIM => Some(Op::Trim),
+            _ => None,
+        };
+        let done = match (self.command, op) {
+            (_, Some(op)) => {
+                lock(&c.model).push(self.offset, self.length, op);
+                // FUA: written back with everything before it, so no older
+                // cached write can land over it later.
+                if fua {
+                    c.flush().await
+                } else {
+                    c.evict().await
+                }
+            }
+            (CMD_FLUSH, None) => c.flush().await,
+            (CMD_READ, None) => match c.read(self.offset, self.length).await {
+                Ok(data) => return read_reply(self.mode, self.cookie, self.offset, &data),
+                Err(e) => Err(e),
+            },
+            _ => Err(ClientError::Protocol("not a cached command".into())),
+        };
+        match done {
+            Ok(()) => ok_reply(self.mode, self.cookie),
+            Err(e) => {
+                warn!(export = %c.name, "write cache: {e}; answering the request with an error");
+                let msg = e.to_string();
+                let mut buf = vec![0u8; 32 + 6 + msg.len().min(4096)];
+                let n = build_error_reply(
+                    self.mode,
+                    self.cookie,
+                    self.offset,
+                    e.errno(),
+                    &msg,
+                    &mut buf,
+                );
+                buf.truncate(n);
+                buf
+            }
+        }
+    }
+}
+
+fn ok_reply(mode: ReplyMode, cookie: u64) -> Vec<u8> {
+    let mut b = [0u8; EXTENDED_REPLY_LEN];
+    let n = match mode {
+        ReplyMode::Simple => Reply::Simple { error: 0, cookie }.build(&mut b),
+        _ => mode
+            .chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0, 0)
+            .build(&mut b),
+    };
+    b[..n].to_vec()
+}
+
+fn read_reply(mode: ReplyMode, cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; EXTENDED_REPLY_LEN + 8 + data.len()];
+    let n = match mode {
+        ReplyMode::Simple => Reply::Simple { error: 0, cookie }.build(&mut out),
+        _ => {
+            let len = 8 + data.len() as u64;
+            let h = mode
+                .chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, offset, len)
+                .build(&mut out);
+            out[h..h + 8].copy_from_slice(&offset.to_be_bytes());
+            h + 8
+        }
+    };
+    out[n..n + data.len()].copy_from_slice(data);
+    out.truncate(n + data.len());
+    out
+}
+
+impl ExportCache {
+    /// Offered a request the rules let through: takes it (then the flow
+    /// swallows it and sends [`Intake::answer`]) or leaves it to the
+    /// proxy's path. A BLOCK_STATUS over cached data goes on only after
+    /// that data was written back, so the server never reports as a hole
+    /// what the client wrote.
+    pub async fn claim(self: &Arc<Self>, ev: &Event) -> Option<Intake> {
+        if !ev.kinds.contains(EventKind::Request) {
+            return None;
+        }
+        let m = &ev.meta;
+        let (command, offset, length) = (m.command?, m.offset?, m.length?);
+        let take = match command {
+            CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM | CMD_FLUSH => true,
+            CMD_READ => lock(&self.model).overlaps(offset, length),
+            CMD_BLOCK_STATUS => {
+                if lock(&self.model).overlaps(offset, length)
+                    && let Err(e) = self.write_back_all(false).await
+                {
+                    warn!(export = %self.name, "write cache: {e} (before a block status)");
+                }
+                false
+            }
+            _ => false,
+        };
+        take.then(|| Intake {
+            cache: self.clone(),
+            command,
+            flags: m.flags.unwrap_or(0),
+            cookie: m.cookie.unwrap_or(0),
+            offset,
+            length,
+            mode: ev.mode,
+            skip: ev.size,
+            need: if command == CMD_WRITE { length } else { 0 },
+            data: Vec::new(),
+        })
+    }
+
+    async fn connect(&self) -> Result<Client, ClientError> {
+        let stream = (self.shared.opener)().await?;
+        Client::handshake(stream, &self.name).await
+    }
+
+    /// Writes back `batch` (oldest first) on the cache's connection, each
+    /// forgotten once the server answered it. Stops early, without error,
+    /// when a power loss took the log meanwhile.
+    async fn write_back(
+        &self,
+        up: &mut Option<Client>,
+        batch: Vec<Entry>,
+        then_flush: bool,
+    ) -> Result<(), ClientError> {
+        if batch.is_empty() && !then_flush {
+            return Ok(());
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let mut c = match up.take() {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        let s = &self.shared.stats;
+        for e in batch {
+            if self.epoch.load(Ordering::SeqCst) != epoch {
+                *up = Some(c);
+                return Ok(());
+            }
+            write_entry(&mut c, &e).await?;
+            lock(&self.model).written(e.seq);
+            s.writebacks.fetch_add(1, Ordering::Relaxed);
+            if matches!(e.op, Op::Write(_)) {
+                s.writeback_bytes.fetch_add(e.len, Ordering::Relaxed);
+            }
+        }
+        if then_flush {
+            c.flush().await?;
+        }
+        *up = Some(c);
+        Ok(())
+    }
+
+    /// Everything cached now, written back (and, with `then_flush`,
+    /// flushed upstream).
+    async fn write_back_all(&self, then_flush: bool) -> Result<(), ClientError> {
+        let mut up = self.upstream.lock().await;
+        let batch = {
+            let m = lock(&self.model);
+            m.last_seq().map(|s| m.through(s)).unwrap_or_default()
+        };
+        self.write_back(&mut up, batch, then_flush).await
+    }
+
+    /// What a FLUSH (or a FUA command) waits for.
+    async fn flush(&self) -> Result<(), ClientError> {
+        self.write_back_all(true).await
+    }
+
+    /// Over `--cache-size`: the oldest writes go to the server early, as a
+    /// full disk cache's do (they are then no longer losable).
+    async fn evict(&self) -> Result<(), ClientError> {
+        if lock(&self.model).bytes() <= self.shared.limit {
+            return Ok(());
+        }
+        let mut up = self.upstream.lock().await;
+        let batch = lock(&self.model).over(self.shared.limit);
+        self.write_back(&mut up, batch, false).await
+    }
+
+    /// The server's data with the cache laid over it.
+    async fn read(&self, offset: u64, length: u64) -> Result<Vec<u8>, ClientError> {
+        let mut up = self.upstream.lock().await;
+        let mut c = match up.take() {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        let mut buf = vec![0u8; length as usize];
+        c.read(offset, &mut buf).await?;
+        *up = Some(c);
+        // Under the connection's lock: no write-back can forget an entry
+        // between the read and the overlay.
+        lock(&self.model).overlay(offset, &mut buf);
+        Ok(buf)
+    }
+
+    /// The power goes: the log is taken now; what `mode` lets through
+    /// reaches the server, the cache's connection is dropped, and every
+    /// connection that used this export is reset, only then (so a client
+    /// that reconnects sees the disk as the loss left it).
+    pub async fn power_loss(self: &Arc<Self>, mode: PowerLoss) -> Loss {
+        let lost = {
+            let mut m = lock(&self.model);
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            m.take_all()
+        };
+        let me = self.clone();
+        // A task of its own: resetting the connections may abort the
+        // caller's.
+        let task = tokio::spawn(async move {
+            let writes = lost.len() as u64;
+            let bytes: u64 = lost
+                .iter()
+                .filter(|e| matches!(e.op, Op::Write(_)))
+                .map(|e| e.len)
+                .sum();
+            let kept = model::survivors(lost, &mode, &mut mode.seed.clone());
+            let mut loss = Loss {
+                writes,
+                bytes,
+                kept: kept.len() as u64,
+                connections: 0,
+            };
+            let mut up = me.upstream.lock().await;
+            if !kept.is_empty() {
+                match up.take() {
+                    Some(c) => Ok(c),
+                    None => me.connect().await,
+                }
+                .map(|c| *up = Some(c))
+                .unwrap_or_else(|e| warn!(export = %me.name, "power loss: {e}"));
+                if let Some(c) = up.as_mut() {
+                    for e in &kept {
+                        if let Err(err) = write_entry(c, e).await {
+                            warn!(export = %me.name, "power loss: {err}");
+                            break;
+                        }
+                    }
+                }
+            }
+            *up = None;
+            drop(up);
+            let s = &me.shared.stats;
+            s.losses.fetch_add(1, Ordering::Relaxed);
+            s.lost_writes.fetch_add(writes, Ordering::Relaxed);
+            s.lost_bytes.fetch_add(bytes, Ordering::Relaxed);
+            let members: Vec<_> = std::mem::take(&mut *lock(&me.members));
+            let members: Vec<Arc<dyn Member>> =
+                members.iter().filter_map(|(_, m)| m.upgrade()).collect();
+            loss.connections = members.len() as u64;
+            info!(
+                target: FAULT_LOG,
+                export = %me.name,
+                lost_writes = loss.writes,
+                lost_bytes = loss.bytes,
+                kept = loss.kept,
+                "power loss on export {:?}: {} cached writes ({} bytes) lost, {} pieces of them \
+                 reached the server; resetting {} connections",
+                me.name,
+                loss.writes,
+                loss.bytes,
+                loss.kept,
+                loss.connections
+            );
+            for m in members {
+                m.power_cut();
+            }
+            loss
+        });
+        task.await.unwrap_or_default()
+    }
+}
+
+async fn write_entry(c: &mut Client, e: &Entry) -> Result<(), ClientError> {
+    match &e.op {
+        Op::Write(d) => c.write(e.offset, d, false).await,
+        Op::Zero(flags) => c.zeroes(e.offset, e.len, *flags).await,
+        Op::Trim => c.trim(e.offset, e.len).await,
+    }
+}

@@ -1,0 +1,400 @@
+//! The volatile write cache of one export, without I/O: the ordered log of
+//! writes, write-zeroes and trims answered but not yet written back, the
+//! overlay a read sees, and the seeded choice of what a power loss lets
+//! through. Kept apart from sockets so it can be property-tested against a
+//! plain byte array.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::intercept::{Lose, PowerLoss};
+use crate::rules::rng;
+
+/// What a cached command does to its extent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Write(Bytes),
+    /// Write-zeroes, with the client's command flags (NO_HOLE, FAST_ZERO).
+    Zero(u16),
+    /// Reads as zeroes here; the server may keep the old data (a trim is
+    /// advisory), and either is what the spec allows.
+    Trim,
+}
+
+/// One cached command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Order of arrival: write-back and overlays go by it.
+    pub seq: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub op: Op,
+}
+
+impl Entry {
+    /// What it costs against `--cache-size`: the bytes held.
+    fn cost(&self) -> u64 {
+        match self.op {
+            Op::Write(_) => self.len,
+            _ => 0,
+        }
+    }
+
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        self.offset < offset.saturating_add(len) && offset < self.offset.saturating_add(self.len)
+    }
+
+    /// The part of this entry within `[from, to)` (both inside it).
+    fn slice(&self, from: u64, to: u64) -> Entry {
+        let op = match &self.op {
+            Op::Write(d) => {
+                Op::Write(d.slice((from - self.offset) as usize..(to - self.offset) as usize))
+            }
+            other => other.clone(),
+        };
+        Entry {
+            seq: self.seq,
+            offset: from,
+            len: to - from,
+            op,
+        }
+    }
+}
+
+/// The log. See the module docs.
+#[derive(Debug, Default)]
+pub struct Model {
+    entries: VecDeque<Entry>,
+    bytes: u64,
+    next_seq: u64,
+    /// Smallest and largest byte any entry covers, so a read far from
+    /// every cached write skips the scan.
+    lo: u64,
+    hi: u64,
+}
+
+impl Model {
+    /// Appends a command; returns its sequence number.
+    pub fn push(&mut self, offset: u64, len: u64, op: Op) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let e = Entry {
+            seq,
+            offset,
+            len,
+            op,
+        };
+        if self.entries.is_empty() {
+            (self.lo, self.hi) = (offset, offset.saturating_add(len));
+        } else {
+            self.lo = self.lo.min(offset);
+            self.hi = self.hi.max(offset.saturating_add(len));
+        }
+        self.bytes += e.cost();
+        self.entries.push_back(e);
+        seq
+    }
+
+    /// Bytes of write data held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The last sequence number handed out so far, if any.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.entries.back().map(|e| e.seq)
+    }
+
+    /// Whether any cached command touches `[offset, offset + len)`.
+    pub fn overlaps(&self, offset: u64, len: u64) -> bool {
+        if self.entries.is_empty() || offset >= self.hi || offset.saturating_add(len) <= self.lo {
+            return false;
+        }
+        self.entries.iter().any(|e| e.overlaps(offset, len))
+    }
+
+    /// Lays the cached commands, oldest first, over `buf`, which holds the
+    /// server's data from `offset`: what a client reads.
+    pub fn overlay(&self, offset: u64, buf: &mut [u8]) {
+        let len = buf.len() as u64;
+        if !self.overlaps(offset, len) {
+            return;
+        }
+        for e in self.entries.iter().filter(|e| e.overlaps(offset, len)) {
+            let from = e.offset.max(offset);
+            let to = (e.offset + e.len).min(offset + len);
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match &e.op {
+                Op::Write(d) => {
+                    let at = (from - e.offset) as usize;
+                    dst.copy_from_slice(&d[at..at + dst.len()]);
+                }
+                Op::Zero(_) | Op::Trim => dst.fill(0),
+            }
+        }
+    }
+
+    /// The oldest entries, in order, up to and including `seq`.
+    pub fn through(&self, seq: u64) -> Vec<Entry> {
+        self.entries
+            .iter()
+            .take_while(|e| e.seq <= seq)
+            .cloned()
+            .collect()
+    }
+
+    /// The oldest entries whose write-back brings the data held to
+    /// `limit` or below.
+    pub fn over(&self, limit: u64) -> Vec<Entry> {
+        let mut left = self.bytes;
+        let mut out = Vec::new();
+        for e in &self.entries {
+            if left <= limit {
+                break;
+            }
+            left -= e.cost();
+            out.push(e.clone());
+        }
+        out
+    }
+
+    /// Forgets the entry `seq` once written back (and any older one: the
+    /// log is written back in order). Nothing if a power loss took it.
+    pub fn written(&mut self, seq: u64) {
+        while self.entries.front().is_some_and(|e| e.seq <= seq) {
+            if let Some(e) = self.entries.pop_front() {
+                self.bytes -= e.cost();
+            }
+        }
+    }
+
+    /// Empties the log: the power is gone.
+    pub fn take_all(&mut self) -> Vec<Entry> {
+        self.bytes = 0;
+        self.entries.drain(..).collect()
+    }
+}
+
+/// What of `lost` reaches the server after all, in the order it does:
+/// nothing with `lose: all`; with `lose: some`, a seeded random subset in
+/// random order, each kept command whole or, with `torn`, possibly only
+/// some of its `torn`-byte sectors (counted from the start of the disk).
+pub fn survivors(lost: Vec<Entry>, mode: &PowerLoss, seed: &mut u64) -> Vec<Entry> {
+    if mode.lose == Lose::All {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for e in lost {
+        if rng::below(seed, 2) == 0 {
+            continue;
+        }
+        match mode.torn {
+            Some(sector) if rng::below(seed, 2) == 0 => {
+                let sector = u64::from(sector.max(1));
+                let end = e.offset + e.len;
+                let mut at = e.offset;
+                while at < end {
+                    let next = ((at / sector) + 1).saturating_mul(sector).min(end);
+                    if rng::below(seed, 2) == 1 {
+                        out.push(e.slice(at, next));
+                    }
+                    at = next;
+                }
+            }
+            _ => out.push(e),
+        }
+    }
+    // Fisher-Yates: the disk may have written its cache in any order.
+    for i in (1..out.len()).rev() {
+        let j = rng::below(seed, i as u64 + 1) as usize;
+        out.swap(i, j);
+    }
+    out
+}
+
+/// Applies `e` to a plain byte array: the reference the tests compare with.
+#[cfg(test)]
+fn apply(disk: &mut [u8], e: &Entry) {
+    let r = e.offset as usize..(e.offset + e.len) as usize;
+    match &e.op {
+        Op::Write(d) => disk[r].copy_from_slice(d),
+        Op::Zero(_) | Op::Trim => disk[r].fill(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const DISK: usize = 8192;
+
+    #[derive(Debug, Clone)]
+    enum Cmd {
+        Write(u64, Vec<u8>),
+        Zero(u64, u64),
+        Trim(u64, u64),
+        Flush,
+        Evict(u64),
+    }
+
+    fn cmd() -> impl Strategy<Value = Cmd> {
+        let extent =
+            (0..DISK as u64 - 1).prop_flat_map(|o| (Just(o), 1..=(DISK as u64 - o).min(2000)));
+        prop_oneof![
+            4 => (extent.clone(), any::<u8>()).prop_map(|((o, l), b)| Cmd::Write(o, vec![b; l as usize])),
+            1 => extent.clone().prop_map(|(o, l)| Cmd::Zero(o, l)),
+            1 => extent.prop_map(|(o, l)| Cmd::Trim(o, l)),
+            1 => Just(Cmd::Flush),
+            1 => (0..4000u64).prop_map(Cmd::Evict),
+        ]
+    }
+
+    /// Runs `cmds` against the model over `server` (write-back applied to
+    /// it) and against `reference` (every command applied at once).
+    fn run(cmds: &[Cmd], model: &mut Model, server: &mut [u8], reference: &mut [u8]) {
+        for c in cmds {
+            let write_back = |model: &mut Model, server: &mut [u8], batch: Vec<Entry>| {
+                for e in batch {
+                    apply(server, &e);
+                    model.written(e.seq);
+                }
+            };
+            match c {
+                Cmd::Write(o, d) => {
+                    let e = Entry {
+                        seq: 0,
+                        offset: *o,
+                        len: d.len() as u64,
+                        op: Op::Write(Bytes::from(d.clone())),
+                    };
+                    apply(reference, &e);
+                    model.push(e.offset, e.len, e.op);
+                }
+                Cmd::Zero(o, l) | Cmd::Trim(o, l) => {
+                    let op = if matches!(c, Cmd::Zero(..)) {
+                        Op::Zero(0)
+                    } else {
+                        Op::Trim
+                    };
+                    apply(
+                        reference,
+                        &Entry {
+                            seq: 0,
+                            offset: *o,
+                            len: *l,
+                            op: op.clone(),
+                        },
+                    );
+                    model.push(*o, *l, op);
+                }
+                Cmd::Flush => {
+                    let batch = model
+                        .last_seq()
+                        .map(|s| model.through(s))
+                        .unwrap_or_default();
+                    write_back(model, server, batch);
+                    assert!(model.is_empty());
+                    assert_eq!(server, reference);
+                }
+                Cmd::Evict(limit) => {
+                    let batch = model.over(*limit);
+                    write_back(model, server, batch);
+                    assert!(model.bytes() <= *limit);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// A client reads its own writes: the server's data with the
+        /// cache laid over it is the reference, at any moment, for any
+        /// extent (partial overlaps included).
+        #[test]
+        fn reads_see_every_cached_write(cmds in prop::collection::vec(cmd(), 0..40), o in 0..DISK as u64, l in 1..DISK as u64) {
+            let (mut model, mut server, mut reference) = (Model::default(), vec![7u8; DISK], vec![7u8; DISK]);
+            run(&cmds, &mut model, &mut server, &mut reference);
+            let l = l.min(DISK as u64 - o);
+            let mut buf = server[o as usize..(o + l) as usize].to_vec();
+            model.overlay(o, &mut buf);
+            prop_assert_eq!(&buf[..], &reference[o as usize..(o + l) as usize]);
+        }
+
+        /// After a power loss every byte holds what was last written back,
+        /// or what some cached command wrote there: never anything else.
+        /// `lose: all` keeps exactly the written-back disk, and the same
+        /// seed chooses the same survivors.
+        #[test]
+        fn a_loss_leaves_only_legal_bytes(cmds in prop::collection::vec(cmd(), 0..40), some in any::<bool>(), torn in prop::option::of(prop_oneof![Just(512u32), Just(4096u32)]), seed in any::<u64>()) {
+            let (mut model, mut server, mut reference) = (Model::default(), vec![7u8; DISK], vec![7u8; DISK]);
+            run(&cmds, &mut model, &mut server, &mut reference);
+            let durable = server.clone();
+            let lost = model.take_all();
+            prop_assert_eq!(model.bytes(), 0);
+            let mode = PowerLoss { lose: if some { Lose::Some } else { Lose::All }, torn: if some { torn } else { None }, seed };
+            let kept = survivors(lost.clone(), &mode, &mut seed.clone());
+            prop_assert_eq!(&kept, &survivors(lost.clone(), &mode, &mut seed.clone()));
+            if !some {
+                prop_assert!(kept.is_empty());
+            }
+            for e in &kept {
+                if let Some(s) = mode.torn {
+                    prop_assert!(e.len == lost.iter().find(|x| x.seq == e.seq).unwrap().len || (e.offset % u64::from(s) == 0 || (e.offset + e.len) % u64::from(s) == 0));
+                }
+                apply(&mut server, e);
+            }
+            for (i, b) in server.iter().enumerate() {
+                let i = i as u64;
+                let legal = *b == durable[i as usize] || lost.iter().any(|e| e.overlaps(i, 1) && match &e.op {
+                    Op::Write(d) => d[(i - e.offset) as usize] == *b,
+                    _ => *b == 0,
+                });
+                prop_assert!(legal, "byte {} is {}", i, b);
+            }
+        }
+    }
+
+    #[test]
+    fn torn_writes_split_at_sector_boundaries() {
+        let e = Entry {
+            seq: 0,
+            offset: 100,
+            len: 1500,
+            op: Op::Write(Bytes::from(vec![1u8; 1500])),
+        };
+        let pieces: Vec<(u64, u64)> = [
+            e.slice(100, 512),
+            e.slice(512, 1024),
+            e.slice(1024, 1536),
+            e.slice(1536, 1600),
+        ]
+        .iter()
+        .map(|p| (p.offset, p.len))
+        .collect();
+        assert_eq!(pieces, [(100, 412), (512, 512), (1024, 512), (1536, 64)]);
+        // Some seed tears it: every piece then starts or ends on a sector.
+        let mode = PowerLoss {
+            lose: Lose::Some,
+            torn: Some(512),
+            seed: 0,
+        };
+        let torn = (0..64u64)
+            .map(|s| survivors(vec![e.clone()], &mode, &mut s.clone()))
+            .find(|k| k.len() > 1 || k.first().is_some_and(|p| p.len < 1500))
+            .expect("some seed tears the write");
+        assert!(
+            torn.iter()
+                .all(|p| p.offset % 512 == 0 || (p.offset + p.len) % 512 == 0)
+        );
+    }
+}

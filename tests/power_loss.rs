@@ -1,0 +1,391 @@
+//! `--write-cache volatile` and power loss, end to end: qemu-io and libnbd
+//! write through nbdfault to qemu-nbd, a power loss (a `power-loss` rule on
+//! the flush qemu-io sends as it closes, or `POST /power-loss`) takes the
+//! cache, and the image file then holds exactly what the spec lets survive:
+//! flushed and FUA writes, never unflushed ones (or, with `lose: some`, a
+//! seeded subset of them, torn at sector granularity with `torn`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use tempfile::TempDir;
+
+const DISK: usize = 1 << 20;
+/// What the image holds before each test.
+const OLD: u8 = 0x11;
+
+/// A raw image behind qemu-nbd, behind `nbdfault proxy --write-cache
+/// volatile` with `rules` and a control socket.
+struct Setup {
+    dir: TempDir,
+    image: PathBuf,
+    qemu: QemuNbd,
+    nbdfault: Nbdfault,
+}
+
+impl Setup {
+    fn new(rules: &str) -> Setup {
+        let dir = TempDir::new().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        write_sparse_file(&image, DISK as u64, &[(0, &vec![OLD; DISK])]);
+        let qemu = QemuNbd::start("raw", &image, &["--discard=unmap"]);
+        let nbdfault = start(dir.path(), &qemu, rules);
+        Setup {
+            dir,
+            image,
+            qemu,
+            nbdfault,
+        }
+    }
+
+    fn control(&self) -> String {
+        self.dir.path().join("control.sock").display().to_string()
+    }
+
+    /// The image as the server left it.
+    fn disk(&self) -> Vec<u8> {
+        std::fs::read(&self.image).expect("read the image")
+    }
+
+    /// Puts the image back and restarts nbdfault (so its rules count
+    /// from zero again).
+    fn restart(&mut self, rules: &str) {
+        let fresh = start(self.dir.path(), &self.qemu, rules);
+        self.nbdfault = fresh;
+        std::fs::write(&self.image, vec![OLD; DISK]).expect("rewrite the image");
+    }
+
+    /// qemu-io with a write-back cache: without it qemu-io writes
+    /// through (every write FUA), and nothing would be left to lose.
+    /// Waits for the power loss's fault log line; its stderr so far.
+    fn wait_for_loss(&self) -> String {
+        let n = &self.nbdfault;
+        let seen = n.wait_for_stderr("power loss on export", std::time::Duration::from_secs(10));
+        assert!(seen, "no power loss\n{}", n.stderr());
+        n.stderr()
+    }
+
+    fn qemu_io(&self, cmds: &[&str]) -> Output {
+        QemuIo::new(self.nbdfault.uri())
+            .cache("writeback")
+            .cmds(cmds)
+            .run()
+    }
+}
+
+fn start(dir: &Path, qemu: &QemuNbd, rules: &str) -> Nbdfault {
+    let file = dir.join("rules.yaml");
+    std::fs::write(&file, rules).expect("write rules");
+    let control = dir.join("control.sock");
+    let _ = std::fs::remove_file(&control);
+    let (upstream, file, control) = (
+        qemu.uri(),
+        file.display().to_string(),
+        control.display().to_string(),
+    );
+    Nbdfault::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--write-cache",
+        "volatile",
+        "--rules",
+        &file,
+        "--control",
+        &control,
+    ])
+}
+
+/// The power goes at the `n`th flush (qemu-io flushes as it closes).
+fn crash_at_flush(n: u64, mode: &str) -> String {
+    format!(
+        "seed: 5\nrules:\n  - name: crash\n    event: request\n    command: flush\n    after: {}\n    times: 1\n    action: power-loss\n{mode}",
+        n - 1
+    )
+}
+
+/// Asserts `disk[from..from+len]` is all `byte`.
+#[track_caller]
+fn assert_run(disk: &[u8], from: usize, len: usize, byte: u8) {
+    if let Some(i) = disk[from..from + len].iter().position(|&b| b != byte) {
+        panic!(
+            "byte {} of the image is {:#04x}, expected {byte:#04x}",
+            from + i,
+            disk[from + i]
+        );
+    }
+}
+
+#[test]
+fn unflushed_writes_are_lost_and_read_back_until_then() {
+    let s = Setup::new(&crash_at_flush(1, ""));
+    let o = s.qemu_io(&[
+        "write -P 0x22 4096 8192",
+        "write -P 0x33 6144 1024",
+        // The client reads its own writes, partial overlaps included.
+        "read -P 0x22 4096 2048",
+        "read -P 0x33 6144 1024",
+        "read -P 0x22 7168 5120",
+        "read -P 0x11 0 4096",
+        "read -P 0x11 12288 4096",
+    ]);
+    assert!(
+        !o.stdout.contains("Pattern verification failed"),
+        "{}",
+        o.describe()
+    );
+    assert_eq!(o.stdout.matches("read ").count(), 5, "{}", o.describe());
+    let stderr = s.wait_for_loss();
+    assert!(
+        stderr
+            .contains("power loss on export \"\": 2 cached writes (9216 bytes) lost, 0 pieces of them reached the server; resetting 1 connections"),
+        "{stderr}"
+    );
+    assert_run(&s.disk(), 0, DISK, OLD);
+    // After the loss the proxy serves on: a new client sees the old data.
+    let o = s.qemu_io(&["read -P 0x11 4096 8192"]);
+    assert!(
+        o.success() && !o.stdout.contains("failed"),
+        "{}",
+        o.describe()
+    );
+}
+
+#[test]
+fn flushed_and_fua_writes_survive() {
+    let s = Setup::new(&crash_at_flush(2, ""));
+    let o = s.qemu_io(&[
+        "write -P 0x22 4096 8192",
+        "flush",
+        "write -P 0x33 0 4096",
+        "write -f -P 0x44 65536 4096",
+        "write -P 0x55 131072 4096",
+    ]);
+    assert!(
+        o.stdout.contains("wrote 4096/4096 bytes at offset 131072"),
+        "{}",
+        o.describe()
+    );
+    s.wait_for_loss();
+    let disk = s.disk();
+    assert_run(&disk, 4096, 8192, 0x22);
+    // The FUA write went to the server with everything cached before it.
+    assert_run(&disk, 0, 4096, 0x33);
+    assert_run(&disk, 65536, 4096, 0x44);
+    assert_run(&disk, 131072, 4096, OLD);
+}
+
+#[test]
+fn write_zeroes_and_trims_are_lost_or_kept_like_writes() {
+    let mut s = Setup::new(&crash_at_flush(1, ""));
+    s.qemu_io(&["write -z 0 4096", "discard 8192 4096"]);
+    s.wait_for_loss();
+    assert_run(&s.disk(), 0, DISK, OLD);
+
+    s.restart(&crash_at_flush(2, ""));
+    s.qemu_io(&[
+        "write -z 0 4096",
+        "discard 8192 4096",
+        "flush",
+        "write -z 16384 4096",
+    ]);
+    s.wait_for_loss();
+    let disk = s.disk();
+    assert_run(&disk, 0, 4096, 0);
+    // qemu-nbd --discard=unmap punches the hole: zeroes.
+    assert_run(&disk, 8192, 4096, 0);
+    assert_run(&disk, 16384, 4096, OLD);
+}
+
+/// Sixteen 4 KiB writes of their own pattern each, at 8 KiB steps.
+fn sixteen_writes() -> Vec<String> {
+    (0..16)
+        .map(|i| format!("write -P {:#x} {} 4096", 0x40 + i, i * 8192))
+        .collect()
+}
+
+/// For each of the sixteen writes, what of its 512-byte sectors reached
+/// the server: `'#'` the new pattern, `'.'` the old data.
+fn survivors(disk: &[u8]) -> Vec<String> {
+    (0..16)
+        .map(|i| {
+            (0..8)
+                .map(|s| {
+                    let at = i * 8192 + s * 512;
+                    let sector = &disk[at..at + 512];
+                    if sector.iter().all(|&b| b == OLD) {
+                        '.'
+                    } else if sector.iter().all(|&b| b == 0x40 + i as u8) {
+                        '#'
+                    } else {
+                        panic!("sector at {at} is neither old nor new: {:?}", &sector[..8])
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn lose_some_keeps_the_same_seeded_subset_and_torn_tears_at_sectors() {
+    let cmds = sixteen_writes();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let mut s = Setup::new(&crash_at_flush(1, "    lose: some\n"));
+    s.qemu_io(&cmds);
+    s.wait_for_loss();
+    let first = survivors(&s.disk());
+    let whole = first.iter().filter(|w| *w == "########").count();
+    let none = first.iter().filter(|w| *w == "........").count();
+    assert!(whole > 0 && none > 0 && whole + none == 16, "{first:?}");
+
+    s.restart(&crash_at_flush(1, "    lose: some\n"));
+    s.qemu_io(&cmds);
+    s.wait_for_loss();
+    assert_eq!(
+        survivors(&s.disk()),
+        first,
+        "the same seed keeps the same writes"
+    );
+
+    s.restart(&crash_at_flush(1, "    lose: some\n    torn: 512\n"));
+    s.qemu_io(&cmds);
+    s.wait_for_loss();
+    let torn = survivors(&s.disk());
+    assert!(
+        torn.iter().any(|w| w.contains('#') && w.contains('.')),
+        "some write reached the server in part: {torn:?}"
+    );
+}
+
+/// Two libnbd handles on one export share its cache: a write answered on
+/// one and a flush on the other survive the loss; a write after the flush
+/// does not. The other handle reads the first one's unflushed write.
+#[test]
+fn a_flush_on_one_connection_covers_writes_answered_on_another() {
+    let s = Setup::new("rules: []\n");
+    let script = r#"
+import nbd, sys, socket, http.client
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+assert a.can_flush() and a.can_fua()
+a.pwrite(b"\x66" * 4096, 0)
+b.flush()
+a.pwrite(b"\x77" * 4096, 8192)
+# b reads a's unflushed write (8192 bytes from offset 4096: straddling it).
+got = b.pread(8192, 4096)
+assert got == b"\x11" * 4096 + b"\x77" * 4096, got[4090:4100]
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(sys.argv[2])
+c = Unix("localhost")
+c.request("POST", "/power-loss", body='{"lose": "all"}', headers={"Content-Type": "application/json"})
+r = c.getresponse()
+print(r.status, r.read().decode().replace("\n", "").replace(" ", ""))
+"#;
+    let control = s.control();
+    let out = python(script, &[s.nbdfault.uri(), &control]);
+    assert_eq!(
+        out.trim(),
+        r#"200 {"connections_reset":2,"kept":0,"lost_bytes":4096,"lost_writes":1}"#
+    );
+    let disk = s.disk();
+    assert_run(&disk, 0, 4096, 0x66);
+    assert_run(&disk, 8192, 4096, OLD);
+    let metrics = curl(&["--unix-socket", &control, "http://localhost/metrics"]);
+    assert!(
+        metrics.contains("\nnbdfault_power_losses_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nnbdfault_power_loss_lost_bytes_total 4096\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\nnbdfault_cache_bytes 0\n"), "{metrics}");
+}
+
+#[test]
+fn cache_flags_are_checked() {
+    let o = run(nbdfault_bin(), &["null", "--cache-size", "1M"]);
+    assert!(!o.success());
+    assert!(
+        o.stderr
+            .contains("--cache-size needs --write-cache volatile"),
+        "{}",
+        o.describe()
+    );
+    let o = run(
+        nbdfault_bin(),
+        &["null", "--write-cache", "volatile", "--cache-size", "lots"],
+    );
+    assert!(!o.success());
+    assert!(o.stderr.contains("--cache-size lots"), "{}", o.describe());
+    let o = run(nbdfault_bin(), &["null", "--write-cache", "sometimes"]);
+    assert!(
+        o.stderr
+            .contains("invalid value 'sometimes' for '--write-cache <MODE>'"),
+        "{}",
+        o.describe()
+    );
+}
+
+/// `nbdfault sweep --faults power-loss`: a crash before each flush and
+/// each write of the baseline, qemu-nbd fresh per run, `--verify` on the
+/// image after the crash. The client writes A, flushes, writes B: a crash
+/// before the flush is answered loses A (the verify that expects it finds
+/// corruption); every crash after it keeps A.
+#[test]
+fn sweep_crashes_before_each_flush_and_write() {
+    let dir = TempDir::new().expect("tempdir");
+    let report = dir.path().join("report");
+    let out = run_with_timeout(
+        nbdfault_bin(),
+        &[
+            "sweep",
+            "--setup",
+            "qemu-img create -f raw \"$dir/disk.img\" 1M",
+            "--server",
+            "exec qemu-nbd -f raw -t --shared=8 -k \"$unixsocket\" \"$dir/disk.img\"",
+            "--faults",
+            "power-loss",
+            "--verify",
+            "test \"$(head -c 4096 \"$dir/disk.img\" | tr -d A | wc -c)\" -eq 0",
+            "--timeout",
+            "10s",
+            "--report",
+            report.to_str().expect("utf-8"),
+            "--",
+            "sh",
+            "-c",
+            "qemu-io -t writeback -f raw -c 'write -P 0x41 0 4096' -c flush \
+             -c 'write -P 0x42 4096 4096' \"$uri\"",
+        ],
+        std::time::Duration::from_secs(120),
+    );
+    // Corruption is a finding: exit status 1.
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    let text = std::fs::read_to_string(report.join("runs.json"))
+        .unwrap_or_else(|e| panic!("no report: {e}\n{}", out.describe()));
+    let runs: serde_json::Value = serde_json::from_str(&text).expect("runs.json");
+    let got: Vec<String> = runs
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| format!("{} {} {}", r["fault"], r["point"]["what"], r["outcome"]).replace('"', ""))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "power-loss write corrupt",
+            "power-loss flush corrupt",
+            "power-loss write ok",
+            "power-loss flush ok",
+        ],
+        "{}",
+        out.describe()
+    );
+}

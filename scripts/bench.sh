@@ -24,7 +24,9 @@
 #     clients each reading 256 MiB with 32 MiB requests over unix sockets
 #     (a fresh proxy per count, in front of a separate `nbdfault null`:
 #     nbdkit's null plugin keeps a 32 MiB buffer per request and ran out of
-#     24 GiB at 64 clients).
+#     24 GiB at 64 clients);
+#   - the sweep's own cost (scripts/bench-sweep.sh: full qemu-io and nbdcopy
+#     sweeps, their wall time and the sweep's cost per run).
 # Over TCP every hop is TCP (client → proxy → server), over unix every hop
 # is a unix socket. Ratios are against direct (or nbdkit null), from the
 # same run. Benchmarks are not tests: nothing here fails on a number.
@@ -261,3 +263,7 @@ echo "|---|---|---|"
 for n in 1 4 16 64; do
     echo "| $n client(s) | $((rss_idle[$n] / 1024)) MiB | $((rss_peak[$n] / 1024)) MiB |"
 done
+
+# The sweep's own benchmark (issue 14's targets), with the same build.
+echo
+NBDFAULT=$NBDFAULT scripts/bench-sweep.sh

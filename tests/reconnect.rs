@@ -445,3 +445,55 @@ fn a_break_whose_client_leaves_is_released() {
     assert_eq!(parse_json(&text)["breaks"], serde_json::json!([]));
     assert_eq!(metric(&url, "nbdfault_breaks_held"), 0);
 }
+
+/// iotests 264 and 281's shape: a copy throttled to 512 KiB/s, the server
+/// "restarted" half a second in (`POST /outage` with `kill`: every
+/// connection cut, new ones refused for a second), and QEMU's client with
+/// `reconnect-delay` retries its read once service is back: the data comes
+/// whole, after the outage, with no process killed or restarted.
+#[test]
+fn a_throttled_read_survives_an_outage_that_cuts_it() {
+    let lab = Lab::new();
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 0 1M",
+            lab.disk.to_str().unwrap(),
+        ],
+    );
+    let (p, url) = lab.proxy_with_rules(
+        "rules:\n  - name: slow-link\n    event: data\n    direction: to-client\n    \
+         action: throttle\n    rate: 512KiB/s\n",
+    );
+    let sock = lab.sock();
+    let reader = std::thread::spawn(move || {
+        qemu_io_opts(&sock, ",reconnect-delay=20", &["read -P 0x3c 0 1M"])
+    });
+    // Half-way through the 2 s the read's data takes at that rate.
+    std::thread::sleep(Duration::from_millis(500));
+    let (body, code) = api(
+        "POST",
+        &format!("{url}/outage"),
+        Some(r#"{"duration": "1s", "mode": "refuse", "kill": true}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (ok, out, took) = reader.join().unwrap();
+    assert!(ok, "{out}\n{}", p.stderr());
+    assert_eq!(
+        out,
+        "read 1048576/1048576 bytes at offset 0\n1 MiB, 1 ops; <timing>"
+    );
+    // Cut half-way, refused for 1 s, then read again whole at the rate.
+    assert!(took >= Duration::from_millis(2900), "took {took:?}");
+    let log = p.stderr();
+    assert!(log.contains("refusing the connection"), "{log}");
+    assert_eq!(
+        log.matches("rule=slow-link action=throttle event=data")
+            .count(),
+        2,
+        "{log}"
+    );
+}

@@ -364,7 +364,9 @@ class _Server:
         self._trace_pos += end
         for line in data[:end].splitlines():
             rec = json.loads(line)
-            if "rule" in rec:
+            # The message a rule fired on; its `fault` records (what the
+            # rule did to it) are left out, so there is one per firing.
+            if "rule" in rec and rec.get("record", "message") == "message":
                 self._faults.append(rec)
 
 

@@ -194,12 +194,11 @@ where
                 }
                 Action::Discard(n) => {
                     self.flush().await?;
-                    self.obs
-                        .swallowed(&self.buf[self.cursor..self.cursor + n as usize]);
+                    let taken = self.cursor..self.cursor + n as usize;
+                    self.obs.swallowed(&self.buf[taken.clone()]);
                     if self.capture.is_some() {
                         self.set_aside(n as usize);
                     }
-                    let taken = self.cursor..self.cursor + n as usize;
                     let complete = (self.intake.as_mut()).is_some_and(|i| i.feed(&self.buf[taken]));
                     self.cursor += n as usize;
                     self.start = self.cursor;

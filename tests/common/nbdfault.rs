@@ -36,12 +36,18 @@ impl Nbdfault {
     /// `Listening on URI` line. Panics with the captured stderr on timeout
     /// or early exit.
     pub fn start(args: &[&str]) -> Nbdfault {
+        Nbdfault::start_with_env(args, &[])
+    }
+
+    /// [`Nbdfault::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Nbdfault {
         let dir = TempDir::new().expect("tempdir");
         let stderr_path = dir.path().join("nbdfault.stderr");
         let stderr_file = File::create(&stderr_path).expect("create stderr log");
         let line = command_line(nbdfault_bin(), args);
         let mut child = Command::new(nbdfault_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr_file)

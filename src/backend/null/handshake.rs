@@ -56,8 +56,10 @@ where
             debug!("null server: client did not set C_FIXED_NEWSTYLE; continuing anyway");
         }
 
-        // One buffer for all option data of this connection.
-        let mut data = vec![0u8; MAX_OPTION_DATA];
+        // One buffer for all option data of this connection, grown to the
+        // largest option seen (at most MAX_OPTION_DATA): a connection that
+        // never sends option data costs nothing here.
+        let mut data = Vec::new();
         loop {
             let mut h = [0u8; OPTION_HEADER_LEN];
             if !self.read_msg(&mut h, "an option header").await? {
@@ -99,6 +101,9 @@ where
                 self.opt_error(option, REP_ERR_TOO_BIG, "option data too large")
                     .await?;
                 continue;
+            }
+            if data.len() < len {
+                data.resize(len, 0);
             }
             let d = &mut data[..len];
             if !self.read_msg(d, "option data").await? {

@@ -1202,7 +1202,17 @@ fn disconnect_toward_the_server_on_writes() {
         let out = qio(proxy.uri(), &[&format!("write -P 0x5e {at} 64k")]);
         assert_eq!(out, "write failed: Input/output error", "{rule}");
         let pattern = if *lands { "0x5e" } else { "0" };
-        let direct = qio(&lab.direct(), &[&format!("read -P {pattern} {at} 64k")]);
+        let check = || qio(&lab.direct(), &[&format!("read -P {pattern} {at} 64k")]);
+        let mut direct = check();
+        if *lands {
+            // The whole write reached qemu-nbd before the cut, but it
+            // may still be writing it when the proxy's client has its
+            // answer: wait for it.
+            wait_until(Duration::from_secs(10), || {
+                direct = check();
+                !direct.contains("Pattern verification failed")
+            });
+        }
         assert!(
             !direct.contains("Pattern verification failed"),
             "{rule}: data {} on the disk\n{direct}",

@@ -35,6 +35,10 @@ pub(crate) struct InjectorEnd {
     pub(crate) unread: bool,
 }
 
+/// How long an unrecognized command's announced payload is waited for
+/// before the connection counts as fully read.
+const PAYLOAD_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Serves one connection as the Python tool's fake disk of `size` bytes:
 /// non-fixed newstyle, or oldstyle with `oldstyle`. `Ok` when it ended on
 /// NBD_CMD_DISC or an unrecognized command (or the client left during the
@@ -91,13 +95,13 @@ where
                 2 => {
                     return Ok(InjectorEnd {
                         unrecognized: None,
-                        unread: self.unread(),
+                        unread: self.unread(length).await,
                     });
                 }
                 other => {
                     return Ok(InjectorEnd {
                         unrecognized: Some(other),
-                        unread: self.unread(),
+                        unread: self.unread(length).await,
                     });
                 }
             }
@@ -105,13 +109,22 @@ where
     }
 
     /// Whether the client sent bytes the server has not read: buffered
-    /// here, or already in the stream (the pipeline forwards what it has at
-    /// once, so they are there if they are anywhere).
-    fn unread(&mut self) -> bool {
-        let mut fill = pin!(self.io.fill_buf());
+    /// here, or already in the stream. The pipeline forwards a payload
+    /// after its header, as a separate step that a loaded machine may run
+    /// later, so when the header announced `length` bytes they are waited
+    /// for a little (a client that sent the header alone loses
+    /// [`PAYLOAD_GRACE`]); otherwise only what is already here counts.
+    async fn unread(&mut self, length: u64) -> bool {
+        if length == 0 {
+            let mut fill = pin!(self.io.fill_buf());
+            return matches!(
+                fill.as_mut().poll(&mut Context::from_waker(Waker::noop())),
+                Poll::Ready(Ok(b)) if !b.is_empty()
+            );
+        }
         matches!(
-            fill.as_mut().poll(&mut Context::from_waker(Waker::noop())),
-            Poll::Ready(Ok(b)) if !b.is_empty()
+            tokio::time::timeout(PAYLOAD_GRACE, self.io.fill_buf()).await,
+            Ok(Ok(b)) if !b.is_empty()
         )
     }
 }

@@ -218,6 +218,13 @@ struct SweepArgs {
     /// Write index.html, runs.json and repro/NNN.yaml (one per finding) here.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
+    /// Capture every run as pcapng and keep, in DIR, the baseline's
+    /// (baseline.pcapng) and each finding's (NNN.pcapng, the run's number).
+    #[arg(long, value_name = "DIR")]
+    pcap: Option<PathBuf>,
+    /// With --pcap: keep at most BYTES of each message [default: all].
+    #[arg(long, value_name = "BYTES", requires = "pcap")]
+    pcap_snaplen: Option<u64>,
     /// Outcomes that make the exit status 1: ok, error, hang, crash,
     /// corrupt, unreached.
     #[arg(long, value_name = "LIST", default_value = "hang,crash,corrupt")]
@@ -816,6 +823,10 @@ fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
     if jobs == 0 {
         anyhow::bail!("--jobs must be 1 or more");
     }
+    if let Some(d) = &a.pcap {
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("--pcap: cannot create {}", d.display()))?;
+    }
     let dir = std::env::temp_dir().join(format!(
         "nbdfault-sweep-{}-{}",
         std::process::id(),
@@ -839,7 +850,9 @@ fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
             timeout,
             power_loss: faults.contains(&"power-loss"),
             dir,
+            pcap: a.pcap.as_ref().map(|_| a.pcap_snaplen),
         },
+        pcap: a.pcap,
         faults,
         events: a.events.as_deref().map(list),
         every_byte: a.every_byte,

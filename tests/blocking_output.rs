@@ -194,6 +194,59 @@ fn a_trace_reader_that_stops_reading_loses_lines_not_traffic() {
     sigterm_ends(&mut child);
 }
 
+/// The same for `--pcap`: a FIFO without a reader is refused at start,
+/// and a capture reader that stops reading loses packets, counted and
+/// logged once, never traffic.
+#[test]
+fn a_capture_reader_that_stops_reading_loses_packets_not_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("capture.fifo");
+    mkfifo(&fifo);
+    let fifo_arg = fifo.display().to_string();
+    let sock = dir.path().join("refused.sock").display().to_string();
+    let mut refused = Command::new(BIN)
+        .args(["null", "--listen", &sock, "--pcap", &fifo_arg])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_or_kill(&mut refused, Duration::from_secs(10));
+    let err = drain(refused.stderr.take());
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}: {err}");
+    assert!(
+        err.contains(&format!(
+            "cannot create capture file {fifo_arg}: it is a FIFO with no reader; start the reader first"
+        )),
+        "{err}"
+    );
+
+    let _reader = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&fifo)
+        .unwrap();
+    let log = dir.path().join("stderr.log");
+    let (mut child, uri, control) = start_null(
+        dir.path(),
+        &["--pcap", &fifo_arg],
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    many_small_reads(&uri);
+    let text = metrics(&control);
+    assert!(
+        counter(&text, "nbdfault_pcap_packets_dropped_total") > 0,
+        "{text}"
+    );
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        said.matches("the packet capture's writer is not keeping up: dropping packets")
+            .count(),
+        1,
+        "{said}"
+    );
+    sigterm_ends(&mut child);
+}
+
 #[test]
 fn an_unread_stderr_loses_log_lines_not_traffic() {
     let dir = tempfile::tempdir().unwrap();

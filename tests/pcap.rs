@@ -318,3 +318,98 @@ fn an_nbdsh_session_decodes_with_its_cookies_and_snaplen_cuts_payloads() {
     assert_eq!(comments(&pcap), Vec::<String>::new());
     assert_tcp_clean(&pcap);
 }
+
+/// `sweep --pcap DIR` keeps the baseline's capture and each finding's,
+/// named by its run, and no other: the finding's shows the fault on both
+/// legs (the server's reply swallowed on the server leg, nbdfault's own
+/// answer on the client leg), the baseline's shows none.
+#[test]
+fn sweep_keeps_the_capture_of_the_baseline_and_of_each_finding() {
+    require_tool("qemu-io");
+    let dir = TempDir::new().unwrap();
+    let (pcaps, report) = (dir.path().join("pcap"), dir.path().join("report"));
+    let out = run_with_timeout(
+        nbdfault_bin(),
+        &[
+            "sweep",
+            "--null",
+            "--size",
+            "1M",
+            "--faults",
+            "error",
+            "--events",
+            "reply",
+            "--fail-on",
+            "error",
+            "--pcap",
+            pcaps.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            r#"qemu-io -f raw -c "read -P 0 0 4k" "$uri""#,
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    let kept = pcaps.join("001.pcapng");
+    assert!(
+        out.stdout
+            .contains(&format!("    capture: {}\n", kept.display())),
+        "{}",
+        out.stdout
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&pcaps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    // Run 1 (the read's reply) is the finding; run 2 (the flush's) is ok.
+    assert_eq!(files, ["001.pcapng", "baseline.pcapng"]);
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("runs.json")).unwrap()).unwrap();
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs[0]["pcap"], kept.to_str().unwrap());
+    assert!(runs[1].get("pcap").is_none(), "{runs:#?}");
+
+    let legs = tshark(
+        &kept,
+        &[
+            "-Y",
+            "frame.comment",
+            "-T",
+            "fields",
+            "-e",
+            "frame.interface_id",
+            "-e",
+            "frame.comment",
+        ],
+    );
+    let on = |leg: &str| -> Vec<String> {
+        legs.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{leg}\t")))
+            .map(str::to_string)
+            .collect()
+    };
+    let mode = if on("1").concat().contains("extended reply") {
+        "extended"
+    } else {
+        "simple"
+    };
+    assert_eq!(
+        on("1"),
+        [format!(
+            r#"nbdfault: rule "sweep-1" fires error on reply (swallows the reply, answers {mode} reply cookie 0x1 error EIO)"#
+        )]
+    );
+    assert_eq!(
+        on("0"),
+        [format!(
+            r#"nbdfault's answer for rule "sweep-1" (error): {mode} reply cookie 0x1 error EIO"#
+        )]
+    );
+    let baseline = pcaps.join("baseline.pcapng");
+    assert_eq!(comments(&baseline), Vec::<String>::new());
+    assert_tcp_clean(&baseline);
+}

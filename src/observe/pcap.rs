@@ -15,7 +15,6 @@
 //! in file order, and queued for a writer thread ([`super::queue`]): a full
 //! queue drops packets (counted, logged once), it never waits.
 
-use std::fs::File;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -23,7 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::lock;
-use super::queue::{LineQueue, Writer};
+use super::queue::{LineQueue, Writer, create_output};
 use crate::intercept::ConnId;
 
 /// Packets queued for the writer at most (each at most one 64 KiB
@@ -90,12 +89,7 @@ impl Pcap {
     /// two interfaces, and starts the writer. `snaplen`: payload bytes kept
     /// per message, `None` for all.
     pub(super) fn open(path: &Path, snaplen: Option<u64>) -> io::Result<Self> {
-        let mut file = File::create(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot create capture file {}: {e}", path.display()),
-            )
-        })?;
+        let mut file = create_output(path, "capture")?;
         let mut head = section_header();
         head.extend(interface(
             "client",

@@ -6,10 +6,16 @@
 //! Flushing waits for the writer at most a given time, so a reader that
 //! stopped reading cannot hold up shutdown either.
 
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno as NixErrno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
 /// The sending side; cheap to share.
 pub(super) struct LineQueue {
@@ -143,6 +149,52 @@ fn write_out(w: &Writer, lines: &Receiver<Msg>, mut out: BufWriter<Box<dyn Write
             return;
         }
     }
+}
+
+/// Creates (or truncates) the `what` file (`trace`, `capture`) a writer
+/// thread writes to. A FIFO must already have a reader: opening one
+/// without would wait for a reader before the server even listens, so it
+/// is an error instead.
+pub(super) fn create_output(path: &Path, what: &str) -> io::Result<File> {
+    let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+    if is_fifo {
+        open_fifo(path)
+    } else {
+        File::create(path)
+    }
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot create {what} file {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Opens a FIFO for writing without waiting for a reader: with none,
+/// open(2) fails at once (ENXIO), said in words here. The writer thread
+/// may block on it later, so it is made blocking again.
+fn open_fifo(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(NixErrno::ENXIO as i32) {
+                io::Error::new(
+                    e.kind(),
+                    "it is a FIFO with no reader; start the reader first \
+                     (nbdfault does not wait for one)",
+                )
+            } else {
+                e
+            }
+        })?;
+    let flags = OFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GETFL)?);
+    fcntl(
+        &file,
+        FcntlArg::F_SETFL(flags.difference(OFlag::O_NONBLOCK)),
+    )?;
+    Ok(file)
 }
 
 #[cfg(test)]

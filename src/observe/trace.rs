@@ -7,20 +7,16 @@
 //! never stalls the data path: past the queue, lines are dropped and counted.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use nix::errno::Errno as NixErrno;
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use serde::{Serialize, Serializer};
 
 use super::lock;
-use super::queue::{LineQueue, Writer};
+use super::queue::{LineQueue, Writer, create_output};
 use super::time::Rfc3339;
 use crate::intercept::{ConnId, Event, Fault};
 use crate::protocol::consts::*;
@@ -94,21 +90,7 @@ impl Trace {
     pub(super) fn open(target: &TraceTarget) -> io::Result<Self> {
         let out: Box<dyn Write + Send> = match target {
             TraceTarget::Stderr => Box::new(io::stderr()),
-            TraceTarget::File(path) => {
-                let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-                let file = if is_fifo {
-                    open_fifo(path)
-                } else {
-                    File::create(path)
-                }
-                .map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("cannot create trace file {}: {e}", path.display()),
-                    )
-                })?;
-                Box::new(file)
-            }
+            TraceTarget::File(path) => Box::new(create_output(path, "trace")?),
         };
         let writer = Writer {
             name: "nbdfault-trace",
@@ -157,33 +139,6 @@ impl Trace {
     pub(super) fn flush(&self) {
         self.queue.flush(FLUSH_WAIT);
     }
-}
-
-/// Opens a FIFO for writing without waiting for a reader: with none,
-/// open(2) fails at once (ENXIO), said in words here. The writer thread
-/// may block on it later, so it is made blocking again.
-fn open_fifo(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .write(true)
-        .custom_flags(OFlag::O_NONBLOCK.bits())
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(NixErrno::ENXIO as i32) {
-                io::Error::new(
-                    e.kind(),
-                    "it is a FIFO with no reader; start the reader first \
-                     (nbdfault does not wait for one)",
-                )
-            } else {
-                e
-            }
-        })?;
-    let flags = OFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GETFL)?);
-    fcntl(
-        &file,
-        FcntlArg::F_SETFL(flags.difference(OFlag::O_NONBLOCK)),
-    )?;
-    Ok(file)
 }
 
 /// What a message line knows beyond the event: where it is in its stream,

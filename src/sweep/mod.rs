@@ -43,6 +43,9 @@ pub struct Options {
     pub max_points: Option<usize>,
     pub seed: u64,
     pub report: Option<PathBuf>,
+    /// Where the baseline's and the findings' captures are kept
+    /// (`--pcap`; every run captures when this is set).
+    pub pcap: Option<PathBuf>,
     pub fail_on: Vec<Outcome>,
     /// How to say the reproducing command: the server part of it
     /// (`nbdfault null --size 1M`, ...).
@@ -89,13 +92,14 @@ async fn sweep(opts: Options) -> i32 {
     let opts = Arc::new(opts);
     let started = Instant::now();
     // The baseline: nothing can be learnt from a session that fails.
-    let base = match run::run(&opts.setup, None, &opts.setup.dir.join("baseline")).await {
+    let mut base = match run::run(&opts.setup, None, &opts.setup.dir.join("baseline")).await {
         Ok(f) => f,
         Err(e) => {
             eprintln!("nbdfault sweep: the baseline run could not start: {e}");
             return EXIT_UNUSABLE;
         }
     };
+    keep_capture(&opts, &mut base, "baseline");
     let verdict = outcome::classify(base.exit, true, &base.output, || {
         base.verified.unwrap_or(true)
     });
@@ -197,10 +201,12 @@ async fn sweep(opts: Options) -> i32 {
                     running.await
                 }
             };
-            let _ = std::fs::remove_dir_all(&dir);
             let mut facts = match result {
                 Ok(f) => f,
-                Err(e) => return Some(Err(e)),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Some(Err(e));
+                }
             };
             let verdict =
                 outcome::after_power_loss(trial.kind, facts.exit, facts.fired, facts.verified)
@@ -209,6 +215,12 @@ async fn sweep(opts: Options) -> i32 {
                             facts.verified.unwrap_or(true)
                         })
                     });
+            if opts.fail_on.contains(&verdict) {
+                keep_capture(&opts, &mut facts, &format!("{:03}", id + 1));
+            } else {
+                facts.capture = None;
+            }
+            let _ = std::fs::remove_dir_all(&dir);
             // Kept until the report: what it uses of the trace, bounded.
             facts.trace = report::keep_trace(&facts.trace, opts.fail_on.contains(&verdict));
             progress.done(opts.fail_on.contains(&verdict));
@@ -284,6 +296,27 @@ async fn sweep(opts: Options) -> i32 {
         EXIT_UNUSABLE
     } else {
         EXIT_CLEAN
+    }
+}
+
+/// Moves a run's capture out of its directory into `--pcap`'s as
+/// `NAME.pcapng`, before the run's directory goes; `facts.capture` then
+/// names where it is kept (`None` if it could not be kept, which is said).
+fn keep_capture(opts: &Options, facts: &mut Facts, name: &str) {
+    let (Some(dir), Some(from)) = (&opts.pcap, facts.capture.take()) else {
+        return;
+    };
+    let to = dir.join(format!("{name}.pcapng"));
+    // A rename fails across filesystems (the runs live in the temporary
+    // directory): then a copy.
+    let kept = std::fs::rename(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(|_| ()));
+    match kept {
+        Ok(()) => facts.capture = Some(to),
+        Err(e) => eprintln!(
+            "nbdfault sweep: cannot keep the capture {} as {}: {e}",
+            from.display(),
+            to.display()
+        ),
     }
 }
 

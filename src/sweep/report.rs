@@ -191,6 +191,9 @@ pub fn text(s: &Summary) -> String {
         for l in last_lines(&f.facts.output, 3) {
             let _ = writeln!(out, "    | {l}");
         }
+        if let Some(c) = &f.facts.capture {
+            let _ = writeln!(out, "    capture: {}", c.display());
+        }
         match &s.opts.report {
             Some(dir) => {
                 let path = dir.join("repro").join(format!("{:03}.yaml", f.id));
@@ -230,6 +233,9 @@ struct RunJson<'a> {
     fault_lines: Vec<&'a str>,
     output_tail: &'a str,
     rules: &'a str,
+    /// The run's pcapng capture, kept for a finding with `--pcap`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pcap: Option<&'a Path>,
 }
 
 /// A finding keeps at most this many trace lines of the connection where
@@ -309,6 +315,7 @@ pub fn write_dir(dir: &Path, s: &Summary) -> std::io::Result<()> {
             fault_lines: f.facts.trace.lines().filter(|l| fired(l)).collect(),
             output_tail: &f.facts.output,
             rules: &f.rules,
+            pcap: f.facts.capture.as_deref(),
         })
         .collect();
     let json = serde_json::to_string_pretty(&runs).map_err(std::io::Error::other)?;
@@ -427,6 +434,13 @@ pub fn html(s: &Summary) -> String {
             f.id,
             esc(&f.facts.output)
         );
+        if let Some(c) = &f.facts.capture {
+            let _ = writeln!(
+                h,
+                "<p>capture: <code>{}</code></p>",
+                esc(&c.display().to_string())
+            );
+        }
         if let Some(c) = finding_chart(f) {
             h.push_str(&c);
         }

@@ -51,6 +51,9 @@ pub struct Setup {
     pub power_loss: bool,
     /// The sweep's own private directory; each run gets one below it.
     pub dir: PathBuf,
+    /// `--pcap`: every run captures its connections (each message's
+    /// payload cut to the snaplen, if one is given).
+    pub pcap: Option<Option<u64>>,
 }
 
 /// The facts of one finished run.
@@ -70,6 +73,9 @@ pub struct Facts {
     /// The sweep's own part of the run: its whole time less the client's,
     /// `--setup`'s, the server's start and `--verify`'s.
     pub own: Duration,
+    /// The run's pcapng capture (`--pcap`), complete: in the run's
+    /// directory until the sweep moves it away or deletes it.
+    pub capture: Option<PathBuf>,
 }
 
 /// Why a run could not even start.
@@ -289,10 +295,15 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
         }
     };
     let trace_path = dir.join("trace.jsonl");
-    let telemetry = Arc::new(
-        Telemetry::new(false, Some(TraceTarget::File(trace_path.clone())))
-            .map_err(RunError::Proxy)?,
-    );
+    let mut telemetry = Telemetry::new(false, Some(TraceTarget::File(trace_path.clone())))
+        .map_err(RunError::Proxy)?;
+    let capture = dir.join("capture.pcapng");
+    if let Some(snaplen) = setup.pcap {
+        telemetry = telemetry
+            .with_pcap(&capture, snaplen)
+            .map_err(RunError::Proxy)?;
+    }
+    let telemetry = Arc::new(telemetry);
     let engine = rules.map(|set| Arc::new(Engine::new(set)));
     let interceptor: Arc<dyn Interceptor> = match &engine {
         Some(e) => e.clone(),
@@ -385,5 +396,6 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
         verified,
         output,
         trace,
+        capture: setup.pcap.map(|_| capture),
     })
 }

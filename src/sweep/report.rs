@@ -495,6 +495,7 @@ mod tests {
                 output: String::new(),
                 trace,
                 own: Duration::ZERO,
+                capture: None,
             },
         }
     }

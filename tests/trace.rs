@@ -319,3 +319,42 @@ fn a_protocol_violation_closes_with_its_message() {
         "{close}"
     );
 }
+
+/// A client accepted while the server is unreachable gets its `close`
+/// record too, saying why, after its `connect`.
+#[test]
+fn an_unreachable_server_closes_the_client_with_its_reason() {
+    let dir = TempDir::new().unwrap();
+    let missing = dir.path().join("no-server.sock");
+    let t = dir.path().join("trace.jsonl");
+    let p = Nbdfault::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        missing.to_str().unwrap(),
+        "--trace",
+        t.to_str().unwrap(),
+    ]);
+    let out = nbdinfo(&[p.uri()]);
+    assert!(!out.status.success());
+    stop(p);
+    let v: Vec<Value> = lines(&t).iter().map(untimed).collect();
+    assert_eq!(
+        v,
+        [
+            json!({"conn": 1, "record": "message", "event": "connect", "direction": null, "bytes": 0}),
+            json!({
+                "conn": 1,
+                "record": "close",
+                "reason": "upstream-unreachable",
+                "message": format!(
+                    "cannot reach upstream unix:{}: No such file or directory (os error 2)",
+                    missing.display()
+                ),
+                "to_server_bytes": 0,
+                "to_client_bytes": 0,
+            }),
+        ]
+    );
+}

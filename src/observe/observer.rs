@@ -181,6 +181,25 @@ impl ConnObserver {
         }
     }
 
+    /// The server could not be reached: the client's connection, accepted
+    /// (its `connect` traced), is closed before a byte went either way.
+    /// Only the trace says so; the capture never saw it begin.
+    pub fn unreachable(&self, why: &str) {
+        if let Some(t) = self.telemetry.trace() {
+            t.record(|ts| CloseLine {
+                ts,
+                conn: self.id,
+                record: "close",
+                reason: "upstream-unreachable",
+                message: Some(why),
+                direction: None,
+                rule: None,
+                to_server_bytes: 0,
+                to_client_bytes: 0,
+            });
+        }
+    }
+
     /// The connection is over: both sockets are closed (or closing).
     pub fn closed(&self, end: &End<'_>) {
         if let Some(t) = self.telemetry.trace() {

@@ -294,6 +294,12 @@ impl Connection {
         self.reset.fetch_or(which, Ordering::Relaxed);
     }
 
+    /// The server could not be reached: said in the trace as this
+    /// connection's end (see [`ConnObserver::unreachable`]).
+    pub fn unreachable(&self, why: &str) {
+        self.observer.unreachable(why);
+    }
+
     /// Closes both sides of the connection at once.
     pub fn kill(&self) {
         self.killed.send_replace(true);

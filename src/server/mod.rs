@@ -346,6 +346,7 @@ async fn serve_client(id: ConnId, client: Stream, peer: String, shared: &Shared)
             shared.telemetry.upstream_error();
             if let Backend::Upstream(target) = &shared.backend {
                 warn!(conn = id, peer = %conn.peer, "cannot reach upstream {target}: {e}; closing the client connection");
+                conn.unreachable(&format!("cannot reach upstream {target}: {e}"));
             }
             return;
         }

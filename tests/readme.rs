@@ -44,8 +44,13 @@
 //!     or in the background (`&`), and whose output they watch: run in the
 //!     background, and the section goes on once its output has the line
 //!     LINE (which checks that line exactly), as the user would.
+//!   - `<!-- readme-test: exits N (REASON) -->`: the block's last command
+//!     exits with status N, as the README says it does (a sweep that finds
+//!     something, a client that a fault made fail); only that command's
+//!     status is checked in that block.
 //!   - `<!-- readme-test: output of the block above -->`, on an output
-//!     block (``` without `sh`): the preceding block prints exactly that.
+//!     block (``` without `sh`): the preceding block prints exactly that
+//!     (stdout and stderr, and what its background jobs print).
 //!   Other blocks (``` without `sh`, ```yaml, ```python...) are not run.
 
 use std::collections::BTreeMap;
@@ -74,6 +79,7 @@ const BUILD_STEPS: &[(&str, &str)] = &[
 const SKIP: &str = "skip (";
 const SERVES: &str = "serves until stopped; ready at \"";
 const OUTPUT: &str = "output of the block above";
+const EXITS: &str = "exits ";
 
 #[derive(Debug)]
 struct Block {
@@ -160,6 +166,15 @@ fn ready_line(b: &Block) -> Option<&str> {
     b.marker.as_deref()?.strip_prefix(SERVES)?.strip_suffix('"')
 }
 
+/// The exit status an `exits` block's last command must have.
+fn expected_exit(b: &Block) -> Option<u8> {
+    let rest = b.marker.as_deref()?.strip_prefix(EXITS)?;
+    let (n, reason) = rest.split_once(' ')?;
+    (reason.starts_with('(') && reason.ends_with(')') && reason.len() > 10)
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
 /// A block's lines as run: the build steps replaced (see the top).
 fn body_as_run(b: &Block) -> Result<Vec<String>, String> {
     b.body
@@ -190,6 +205,8 @@ const PRELUDE: &str = r#"
 rt_begin() { echo "$1" > "$RT/current"; exec >"$RT/out.$1" 2>&1; }
 rt_end() { echo "$1" >> "$RT/done"; }
 rt_fail() { echo "$1 $2" >> "$RT/failures"; }
+rt_exit_is() { [ "$1" = "$3" ] || echo "$2 $1-instead-of-$3" >> "$RT/failures"; }
+rt_trap() { trap 'rt_fail "$LINENO" "$?"' ERR; }
 rt_ready() {
     i=0
     while [ "$i" -lt "$READY_TENTHS" ]; do
@@ -201,7 +218,7 @@ rt_ready() {
 }
 rt_finish() { jobs -l > "$RT/jobs"; echo finished > "$RT/finished"; }
 set -E
-trap 'rt_fail "$LINENO" "$?"' ERR
+rt_trap
 "#;
 
 /// The section as one bash script whose line N is README line N, so that
@@ -223,19 +240,26 @@ fn script(section: &Section, rt: &Path) -> Result<String, String> {
             .is_some_and(|l| l.trim_end().ends_with('&'));
         // A server in the foreground: in a terminal of its own.
         let own_terminal = ready.is_some() && !backgrounded;
+        let exits = expected_exit(b);
         lines[b.line - 1] = format!(
-            "rt_begin {}{}",
+            "rt_begin {}{}{}",
             b.line,
+            if exits.is_some() { "; trap - ERR" } else { "" },
             if own_terminal { "; (" } else { "" }
         );
         for (k, l) in body.into_iter().enumerate() {
             lines[b.line + k] = l;
         }
-        let mut close = format!(
+        let mut close = match exits {
+            // `$?` first: it is the last command's status.
+            Some(n) => format!("rt_exit_is \"$?\" {} {n}; rt_trap; ", b.line),
+            None => String::new(),
+        };
+        close.push_str(&format!(
             "{}rt_end {}",
             if own_terminal { ") & " } else { "" },
             b.line
-        );
+        ));
         if let Some(r) = ready {
             fs::write(rt.join(format!("ready.{}", b.line)), format!("{r}\n"))
                 .map_err(|e| e.to_string())?;
@@ -365,6 +389,8 @@ fn run_section(section: &Section, base: &Path, index: usize) -> Vec<String> {
             read("namespace.log")
         ));
     }
+    // One report per block, naming each of its failed commands.
+    let mut by_block: BTreeMap<usize, Vec<String>> = BTreeMap::new();
     for f in read("failures").lines() {
         let mut it = f.split_whitespace();
         let line: usize = it.next().and_then(|l| l.parse().ok()).unwrap_or(0);
@@ -379,10 +405,17 @@ fn run_section(section: &Section, base: &Path, index: usize) -> Vec<String> {
                 ready_line(b).unwrap_or(""),
                 READY_TIMEOUT_TENTHS / 10
             )
+        } else if let Some((got, want)) = what.split_once("-instead-of-") {
+            format!("ended with exit status {got}, where the README says {want}")
         } else {
             format!("failed at README.md:{line} with exit status {what}")
         };
-        failures.push(describe(b, &why));
+        by_block.entry(b.line).or_default().push(why);
+    }
+    for (line, whys) in by_block {
+        if let Some(b) = block_at(line) {
+            failures.push(describe(b, &whys.join("; ")));
+        }
     }
     for j in read("jobs").lines().filter(|j| j.contains(" Exit ")) {
         failures.push(format!(
@@ -514,6 +547,12 @@ fn readme_markers_are_known_and_skips_are_few() {
             skips.push(format!("README.md:{}: {m}", b.line));
         } else if ready_line(b).is_some() {
             assert_eq!(b.lang, "sh", "README.md:{}: only sh blocks serve", b.line);
+        } else if m.starts_with(EXITS) {
+            assert!(
+                expected_exit(b).is_some() && b.lang == "sh",
+                "README.md:{}: `exits N (REASON)` on an sh block: {m}",
+                b.line
+            );
         } else if m == OUTPUT {
             assert_ne!(b.lang, "sh", "README.md:{}: output is not sh", b.line);
         } else {

@@ -12,9 +12,9 @@
 //!   `export` and `$!` carry over from block to block). Sections are
 //!   independent and run side by side.
 //! - Each section gets a fresh HOME and a fresh working directory that is a
-//!   copy of the repository's files (the README's commands run "from the
-//!   repository's top directory": `rules/`, `contrib/`, `python/` are
-//!   there), with `target/release` pointing at the binary just built.
+//!   copy of the repository's tracked files, as a fresh clone (the README's
+//!   commands run "from the repository's top directory": `rules/`,
+//!   `contrib/`, `python/` are there), with `target/release` pointing at the binary just built.
 //!   `PATH` has that binary's directory first, as after the install step.
 //! - Each section runs in namespaces of its own (`unshare --net --mount
 //!   --pid`): a private loopback, so the README's fixed ports (10809,
@@ -52,6 +52,9 @@
 //!     block (``` without `sh`): the preceding block prints exactly that
 //!     (stdout and stderr, and what its background jobs print).
 //!   Other blocks (``` without `sh`, ```yaml, ```python...) are not run.
+//!
+//! `README_SECTION=TEXT cargo test --release --test readme` runs only the
+//! sections whose heading contains TEXT.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -271,42 +274,47 @@ fn script(section: &Section, rt: &Path) -> Result<String, String> {
     Ok(lines.join("\n") + "\n")
 }
 
-/// Copies the repository's files (not `target/`, not `.git`) into `to`.
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name();
-        if name == "target" || name == ".git" {
-            continue;
-        }
-        let (src, dst) = (entry.path(), to.join(&name));
-        let ty = entry.file_type().unwrap();
-        if ty.is_dir() {
-            copy_tree(&src, &dst);
-        } else if ty.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&src).unwrap(), &dst).unwrap();
-        } else {
-            fs::copy(&src, &dst).unwrap();
-        }
-    }
+/// The repository's tracked files, NUL-separated: what a fresh clone has
+/// (untracked ones, such as what a README block left behind when run in
+/// place, would hide a block that needs them).
+fn tracked_files() -> Vec<u8> {
+    let out = Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git ls-files");
+    assert!(out.status.success(), "git ls-files failed");
+    out.stdout
 }
+
+/// What runs as the namespace's first process: the private loopback and
+/// /tmp, the working directory (a tmpfs too: a thousand files written to
+/// this machine's disk took seconds per section), then the script.
+const NAMESPACE_SETUP: &str = r#"set -e
+ip link set lo up
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs tmpfs "$README_TEST_WORK"
+cd "$README_TEST_SRC"
+xargs -0 cp -P --parents -t "$README_TEST_WORK" < "$RT/files"
+mkdir "$README_TEST_WORK/target"
+ln -s "$README_TEST_BIN_DIR" "$README_TEST_WORK/target/release"
+cd "$README_TEST_WORK"
+exec bash --noprofile --norc "$RT/script.sh"
+"#;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nbdfault"))
 }
 
 /// Runs one section in its namespaces; returns what failed, if anything.
-fn run_section(section: &Section, base: &Path, index: usize) -> Vec<String> {
+fn run_section(section: &Section, base: &Path, index: usize, files: &[u8]) -> Vec<String> {
     let root = base.join(format!("{index:02}"));
     let (home, work, rt) = (root.join("home"), root.join("work"), root.join("rt"));
-    for d in [&home, &rt] {
+    for d in [&home, &rt, &work] {
         fs::create_dir_all(d).unwrap();
     }
-    copy_tree(Path::new(env!("CARGO_MANIFEST_DIR")), &work);
-    fs::create_dir_all(work.join("target")).unwrap();
+    fs::write(rt.join("files"), files).unwrap();
     let bin_dir = bin().parent().unwrap();
-    std::os::unix::fs::symlink(bin_dir, work.join("target/release")).unwrap();
     let text = match script(section, &rt) {
         Ok(t) => t,
         Err(e) => return vec![e],
@@ -322,10 +330,7 @@ fn run_section(section: &Section, base: &Path, index: usize) -> Vec<String> {
     let mut child = Command::new("unshare")
         .args(["--net", "--mount", "--pid", "--fork", "--mount-proc"])
         .args(["--kill-child", "--", "bash", "-c"])
-        .arg(
-            "ip link set lo up && mount -t tmpfs -o mode=1777 tmpfs /tmp && \
-             cd \"$README_TEST_WORK\" && exec bash --noprofile --norc \"$RT/script.sh\"",
-        )
+        .arg(NAMESPACE_SETUP)
         .env_clear()
         .env("PATH", path)
         .env("HOME", &home)
@@ -335,6 +340,8 @@ fn run_section(section: &Section, base: &Path, index: usize) -> Vec<String> {
         .env("RT", &rt)
         .env("READY_TENTHS", READY_TIMEOUT_TENTHS.to_string())
         .env("README_TEST_WORK", &work)
+        .env("README_TEST_SRC", env!("CARGO_MANIFEST_DIR"))
+        .env("README_TEST_BIN_DIR", bin_dir)
         .env("README_TEST_BIN", bin())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -491,6 +498,7 @@ fn every_readme_shell_block_works_as_pasted() {
     let _ = fs::remove_dir_all(&base);
     fs::create_dir_all(&base).unwrap();
     let only = std::env::var("README_SECTION").ok();
+    let files = tracked_files();
     let start = Instant::now();
     let results: BTreeMap<usize, (String, Vec<String>, Duration)> = thread::scope(|scope| {
         let handles: Vec<_> = sections
@@ -499,12 +507,12 @@ fn every_readme_shell_block_works_as_pasted() {
             .filter(|(_, s)| s.blocks.iter().any(runs))
             .filter(|(_, s)| only.as_deref().is_none_or(|o| s.title.contains(o)))
             .map(|(i, s)| {
-                let base = &base;
+                let (base, files) = (&base, &files);
                 (
                     i,
                     scope.spawn(move || {
                         let t = Instant::now();
-                        (s.title.clone(), run_section(s, base, i), t.elapsed())
+                        (s.title.clone(), run_section(s, base, i, files), t.elapsed())
                     }),
                 )
             })

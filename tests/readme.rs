@@ -227,7 +227,12 @@ rt_trap
 /// The section as one bash script whose line N is README line N, so that
 /// `$LINENO` names the README line of a failed command.
 fn script(section: &Section, rt: &Path) -> Result<String, String> {
-    let last = section.blocks.iter().filter(|b| runs(b)).map(|b| b.end).max();
+    let last = section
+        .blocks
+        .iter()
+        .filter(|b| runs(b))
+        .map(|b| b.end)
+        .max();
     let Some(last) = last else {
         return Ok(String::new());
     };
@@ -321,10 +326,9 @@ fn run_section(section: &Section, base: &Path, index: usize, files: &[u8]) -> Ve
     };
     fs::write(rt.join("prelude.sh"), PRELUDE).unwrap();
     fs::write(rt.join("script.sh"), &text).unwrap();
-    let path = std::env::join_paths(
-        std::iter::once(bin_dir.to_path_buf())
-            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )
+    let path = std::env::join_paths(std::iter::once(bin_dir.to_path_buf()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
     .unwrap();
     let log = fs::File::create(rt.join("namespace.log")).unwrap();
     let mut child = Command::new("unshare")

@@ -56,12 +56,16 @@
 //! `README_SECTION=TEXT cargo test --release --test readme` runs only the
 //! sections whose heading contains TEXT.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use common::{kill_child, wait_child_exit};
 
 /// A section still running after this has hung.
 const SECTION_TIMEOUT: Duration = Duration::from_secs(150);
@@ -352,19 +356,11 @@ fn run_section(section: &Section, base: &Path, index: usize, files: &[u8]) -> Ve
         .stderr(log)
         .spawn()
         .expect("unshare");
-    let start = Instant::now();
     let mut failures = vec![];
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if start.elapsed() > SECTION_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_child_exit(&mut child, SECTION_TIMEOUT);
+    // A hung section: its namespace's first process dies with unshare
+    // (--kill-child), and everything else in it with that one.
+    kill_child(&mut child);
     let read = |name: &str| fs::read_to_string(rt.join(name)).unwrap_or_default();
     let block_at = |line: usize| {
         section

@@ -54,7 +54,8 @@
 //!   Other blocks (``` without `sh`, ```yaml, ```python...) are not run.
 //!
 //! `README_SECTION=TEXT cargo test --release --test readme` runs only the
-//! sections whose heading contains TEXT.
+//! sections whose heading contains TEXT; with `README_KEEP=1` every
+//! section's outputs stay in `target/tmp/readme/` (a failed one's always do).
 
 mod common;
 
@@ -68,7 +69,7 @@ use std::time::{Duration, Instant};
 use common::{kill_child, wait_child_exit};
 
 /// A section still running after this has hung.
-const SECTION_TIMEOUT: Duration = Duration::from_secs(150);
+const SECTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a `serves` block may take to print its ready line.
 const READY_TIMEOUT_TENTHS: u32 = 200;
 /// Skipped blocks are a debt: keep the list short.
@@ -285,15 +286,35 @@ fn script(section: &Section, rt: &Path) -> Result<String, String> {
 
 /// The repository's tracked files, NUL-separated: what a fresh clone has
 /// (untracked ones, such as what a README block left behind when run in
-/// place, would hide a block that needs them).
+/// place, would hide a block that needs them). Outside a git checkout,
+/// every regular file but `target/` and `.git/`.
 fn tracked_files() -> Vec<u8> {
-    let out = Command::new("git")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let git = Command::new("git")
         .args(["ls-files", "-z"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("git ls-files");
-    assert!(out.status.success(), "git ls-files failed");
-    out.stdout
+        .current_dir(root)
+        .stderr(Stdio::null())
+        .output();
+    if let Ok(out) = git
+        && out.status.success()
+    {
+        return out.stdout;
+    }
+    let mut list = vec![];
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in fs::read_dir(root.join(&rel)).unwrap() {
+            let entry = entry.unwrap();
+            let (name, ty) = (entry.file_name(), entry.file_type().unwrap());
+            if ty.is_dir() && name != "target" && name != ".git" {
+                stack.push(rel.join(&name));
+            } else if ty.is_file() {
+                list.extend_from_slice(rel.join(&name).as_os_str().as_encoded_bytes());
+                list.push(0);
+            }
+        }
+    }
+    list
 }
 
 /// What runs as the namespace's first process: the private loopback and
@@ -469,8 +490,10 @@ fn run_section(section: &Section, base: &Path, index: usize, files: &[u8]) -> Ve
             previous = Some(b);
         }
     }
-    if failures.is_empty() {
+    if failures.is_empty() && std::env::var_os("README_KEEP").is_none() {
         let _ = fs::remove_dir_all(&root);
+    } else if !failures.is_empty() {
+        failures.push(format!("(every block's output is in {})", rt.display()));
     }
     failures
 }

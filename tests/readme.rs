@@ -154,7 +154,7 @@ fn parse(text: &str) -> Vec<Section> {
             });
         } else {
             assert!(
-                !l.contains("readme-test:")
+                !l.trim_start().starts_with("<!-- readme-test:")
                     || lines.get(i + 1).is_some_and(|n| n.starts_with("```")),
                 "README.md:{}: a readme-test marker must be right before a fence",
                 i + 1

@@ -124,11 +124,11 @@ fn parse(text: &str) -> Vec<Section> {
     let mut i = 0;
     while i < lines.len() {
         let l = lines[i];
-        if let Some(lang) = l.strip_prefix("```") {
+        if let Some(lang) = l.trim_start().strip_prefix("```") {
             let start = i;
             let mut body = vec![];
             i += 1;
-            while i < lines.len() && !lines[i].starts_with("```") {
+            while i < lines.len() && !lines[i].trim_start().starts_with("```") {
                 body.push(lines[i].to_string());
                 i += 1;
             }
@@ -155,7 +155,9 @@ fn parse(text: &str) -> Vec<Section> {
         } else {
             assert!(
                 !l.trim_start().starts_with("<!-- readme-test:")
-                    || lines.get(i + 1).is_some_and(|n| n.starts_with("```")),
+                    || lines
+                        .get(i + 1)
+                        .is_some_and(|n| n.trim_start().starts_with("```")),
                 "README.md:{}: a readme-test marker must be right before a fence",
                 i + 1
             );

@@ -494,8 +494,8 @@ fn run_section(section: &Section, base: &Path, index: usize, files: &[u8]) -> Ve
     }
     if failures.is_empty() && std::env::var_os("README_KEEP").is_none() {
         let _ = fs::remove_dir_all(&root);
-    } else if !failures.is_empty() {
-        failures.push(format!("(every block's output is in {})", rt.display()));
+    } else if let Some(last) = failures.last_mut() {
+        last.push_str(&format!("\n(every block's output is in {})", rt.display()));
     }
     failures
 }

@@ -15,7 +15,8 @@
 //!   copy of the repository's tracked files, as a fresh clone (the README's
 //!   commands run "from the repository's top directory": `rules/`,
 //!   `contrib/`, `python/` are there), with `target/release` pointing at the binary just built.
-//!   `PATH` has that binary's directory first, as after the install step.
+//!   `PATH` has that binary's directory first, as after the install step,
+//!   then a fresh Debian machine's `PATH` (`FRESH_PATH`).
 //! - Each section runs in namespaces of its own (`unshare --net --mount
 //!   --pid`): a private loopback, so the README's fixed ports (10809,
 //!   10810) never collide with another section or another test; a tmpfs on
@@ -68,6 +69,10 @@ use std::time::{Duration, Instant};
 
 use common::{kill_child, wait_child_exit};
 
+/// A fresh Debian machine's `PATH` (root's): the tools the README uses
+/// come from apt. Not the caller's, which may hold shims (pyenv, a
+/// rustup toolchain) that a fresh machine does not have.
+const FRESH_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// A section still running after this has hung.
 const SECTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a `serves` block may take to print its ready line.
@@ -353,10 +358,7 @@ fn run_section(section: &Section, base: &Path, index: usize, files: &[u8]) -> Ve
     };
     fs::write(rt.join("prelude.sh"), PRELUDE).unwrap();
     fs::write(rt.join("script.sh"), &text).unwrap();
-    let path = std::env::join_paths(std::iter::once(bin_dir.to_path_buf()).chain(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-    ))
-    .unwrap();
+    let path = format!("{}:{FRESH_PATH}", bin_dir.display());
     let log = fs::File::create(rt.join("namespace.log")).unwrap();
     let mut child = Command::new("unshare")
         .args(["--net", "--mount", "--pid", "--fork", "--mount-proc"])

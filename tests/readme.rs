@@ -11,10 +11,11 @@
 //!   run in README order in one `bash` (as pasted into one terminal: `cd`,
 //!   `export` and `$!` carry over from block to block). Sections are
 //!   independent and run side by side.
-//! - Each section gets a fresh HOME and a fresh working directory that is a
-//!   copy of the repository's tracked files, as a fresh clone (the README's
-//!   commands run "from the repository's top directory": `rules/`,
-//!   `contrib/`, `python/` are there), with `target/release` pointing at the binary just built.
+//! - Each section gets a fresh HOME and a fresh working directory (a tmpfs)
+//!   holding a copy of the repository's tracked files, as a fresh clone
+//!   (the README's commands run "from the repository's top directory":
+//!   `rules/`, `contrib/`, `python/` are there), with `target/release`
+//!   pointing at the binary just built.
 //!   `PATH` has that binary's directory first, as after the install step,
 //!   then a fresh Debian machine's `PATH` (`FRESH_PATH`).
 //! - Each section runs in namespaces of its own (`unshare --net --mount

@@ -432,41 +432,32 @@ impl ConnLog {
             ..
         } = p;
         let fua_flag = if fua { FLAG_FUA } else { 0 };
-        let entry = |flags, data| Entry {
+        let (flags, data) = match command {
+            CMD_WRITE => (fua_flag, Data::Bytes(data)),
+            CMD_WRITE_ZEROES => (fua_flag, Data::Zeroes(length)),
+            CMD_TRIM => (FLAG_DISCARD | fua_flag, Data::None),
+            _ => (FLAG_FLUSH | fua_flag, Data::None),
+        };
+        let mut e = Entry {
             _permit: permit,
             ..Entry::new(offset, length, flags, data)
         };
-        match (command, flush) {
-            (CMD_FLUSH, Some(t)) => {
-                if !ok {
-                    self.log.sequence(|s, out| s.flush_done(t, None, out));
-                    return None;
-                }
-                let (tx, rx) = oneshot::channel();
-                let mut e = entry(FLAG_FLUSH | fua_flag, Data::None);
-                e.length = 0;
-                e.done = Some(tx);
-                self.log.sequence(|s, out| s.flush_done(t, Some(e), out));
-                Some(rx)
-            }
-            _ if !ok => None,
-            (CMD_WRITE, _) => {
-                let e = entry(fua_flag, Data::Bytes(data));
-                self.log.sequence(|s, out| s.completed(e, fua, out));
-                None
-            }
-            (CMD_WRITE_ZEROES, _) => {
-                let e = entry(fua_flag, Data::Zeroes(length));
-                self.log.sequence(|s, out| s.completed(e, fua, out));
-                None
-            }
-            (CMD_TRIM, _) => {
-                let e = entry(FLAG_DISCARD | fua_flag, Data::None);
-                self.log.sequence(|s, out| s.completed(e, fua, out));
-                None
-            }
-            _ => None,
+        // A flush or FUA answered is in the log, with the entry count.
+        let (tx, rx) = oneshot::channel();
+        let durable = flush.is_some() || fua;
+        if durable {
+            e.done = Some(tx);
         }
+        match flush {
+            Some(t) if !ok => self.log.sequence(|s, out| s.flush_done(t, None, out)),
+            Some(t) => {
+                e.length = 0;
+                self.log.sequence(|s, out| s.flush_done(t, Some(e), out));
+            }
+            None if ok => self.log.sequence(|s, out| s.completed(e, fua, out)),
+            None => {}
+        }
+        (ok && durable).then_some(rx)
     }
 }
 

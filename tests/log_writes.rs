@@ -394,3 +394,33 @@ fn a_log_that_cannot_be_written_stops_logging_not_the_proxy() {
     assert_eq!(heads, [(0, 64, 0), (0, 0, FLUSH)]);
     drop(qemu);
 }
+
+#[test]
+fn clients_that_honour_block_sizes_align_their_own_writes() {
+    let mut s = Setup::new();
+    // qemu-nbd allows bytes; through the proxy a sector is the least.
+    let info = nbdinfo(&[s.nbdfault.uri()]);
+    assert!(
+        info.stdout.contains("block_size_minimum: 512"),
+        "{}",
+        info.describe()
+    );
+    // So QEMU reads the sector around these 100 bytes and writes it whole.
+    let o = QemuIo::new(s.nbdfault.uri())
+        .cache("writeback")
+        .cmds(&["write -P 0xcc 1 100", "read -P 0xcc 1 100"])
+        .run();
+    assert!(
+        o.success() && o.stdout.contains("read 100/100 bytes at offset 1"),
+        "{}",
+        o.describe()
+    );
+    s.stop();
+    let entries = s.entries();
+    let heads: Vec<_> = entries.iter().map(Entry::head).collect();
+    assert_eq!(heads, [(0, 1, 0), (0, 0, FLUSH), (0, 0, MARK)], "{entries:#?}");
+    let want = model(&[(1, 100, 0xcc)]);
+    assert_same("the logged sector", &entries[0].data, &want[..512]);
+    assert_same("the server's file", &s.disk(), &want);
+    assert_same("the replay", &replay(&vec![OLD; DISK], &entries), &want);
+}

@@ -85,6 +85,33 @@ pub fn misaligned(meta: &MessageMeta) -> Option<String> {
     ))
 }
 
+/// Raises the minimum block size of an NBD_INFO_BLOCK_SIZE reply (`msg`
+/// starts with it, buffered whole) to [`SECTOR`], so that a client that
+/// honours it (QEMU, libnbd) aligns its requests itself, as it would on
+/// the kernel target's device. Preferred and maximum follow where they
+/// must (at least the minimum, the maximum a multiple of it).
+pub fn announce_block_size(meta: &MessageMeta, msg: &mut [u8]) {
+    use crate::protocol::bytes::{be16, be32, put32};
+    let h = OPTION_REPLY_HEADER_LEN;
+    if meta.reply_type != Some(REP_INFO)
+        || msg.len() < h + 14
+        || be16(msg, h) != INFO_BLOCK_SIZE
+        || be32(msg, 16) != 14
+    {
+        return;
+    }
+    let sector = SECTOR as u32;
+    let min = be32(msg, h + 2).max(sector);
+    let preferred = be32(msg, h + 6).max(min);
+    let max = match be32(msg, h + 10) {
+        u32::MAX => u32::MAX,
+        m => (m - m % min).max(min),
+    };
+    put32(msg, h + 2, min);
+    put32(msg, h + 6, preferred);
+    put32(msg, h + 10, max);
+}
+
 /// What an entry carries after its sector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Data {
@@ -749,6 +776,34 @@ mod tests {
             run(&[F(1), W(1), F(2), W(2), D(2), D(1)]),
             ["w1", "f2", "f1", "w2"]
         );
+    }
+
+    #[test]
+    fn the_minimum_block_size_is_raised_to_a_sector() {
+        let info = |min: u32, pref: u32, max: u32| {
+            let mut m = crate::protocol::handshake::build_option_reply(
+                OPT_GO,
+                REP_INFO,
+                &[
+                    &INFO_BLOCK_SIZE.to_be_bytes(),
+                    &min.to_be_bytes(),
+                    &pref.to_be_bytes(),
+                    &max.to_be_bytes(),
+                ],
+            );
+            let meta = MessageMeta {
+                reply_type: Some(REP_INFO),
+                ..MessageMeta::default()
+            };
+            announce_block_size(&meta, &mut m);
+            let h = OPTION_REPLY_HEADER_LEN;
+            let be = |at| u32::from_be_bytes(m[h + at..h + at + 4].try_into().unwrap());
+            (be(2), be(6), be(10))
+        };
+        // qemu-nbd on a raw file: bytes.
+        assert_eq!(info(1, 4096, 32 << 20), (512, 4096, 32 << 20));
+        assert_eq!(info(1, 1, 1000), (512, 512, 512));
+        assert_eq!(info(4096, 4096, u32::MAX), (4096, 4096, u32::MAX));
     }
 
     #[test]

@@ -306,6 +306,10 @@ where
         if self.dir == Direction::ToClient && self.conn.cache.is_on() {
             crate::cache::announce_flags(&f.meta, &mut self.buf[self.cursor..self.end]);
         }
+        if self.dir == Direction::ToClient && self.conn.observer.logging() {
+            let msg = &mut self.buf[self.cursor..self.end];
+            crate::observe::logwrites::announce_block_size(&f.meta, msg);
+        }
         self.observe_timing(&f.meta);
         if self.conn.observer.logging() {
             self.log_writes(&f.meta, f.len()).await?;

@@ -290,7 +290,11 @@ fn a_killed_proxy_leaves_a_log_readable_up_to_its_last_flush_or_fua() {
     assert!(s.nbdfault.wait_exit(Duration::from_secs(10)).is_some());
     let entries = s.entries();
     let heads: Vec<_> = entries.iter().map(Entry::head).collect();
-    assert_eq!(heads, [(0, 8, 0), (0, 0, FLUSH), (16, 8, FUA)], "{entries:#?}");
+    assert_eq!(
+        heads,
+        [(0, 8, 0), (0, 0, FLUSH), (16, 8, FUA)],
+        "{entries:#?}"
+    );
     assert_same(
         "replay of what the log counts",
         &replay(&vec![OLD; DISK], &entries),
@@ -328,7 +332,11 @@ fn a_failed_write_and_an_unaligned_one_are_not_logged() {
     s.stop();
     let entries = s.entries();
     let heads: Vec<_> = entries.iter().map(Entry::head).collect();
-    assert_eq!(heads, [(1, 1, 0), (0, 0, FLUSH), (0, 0, MARK)], "{entries:#?}");
+    assert_eq!(
+        heads,
+        [(1, 1, 0), (0, 0, FLUSH), (0, 0, MARK)],
+        "{entries:#?}"
+    );
     let want = model(&[(512, 512, 0x33)]);
     assert_same("the server's file", &s.disk(), &want);
     assert_same("the replay", &replay(&vec![OLD; DISK], &entries), &want);
@@ -347,10 +355,10 @@ fn nbdcopy_over_several_connections_replays_to_the_servers_file() {
             "--request-size=65536",
             "--flush",
         ]
-            .iter()
-            .copied()
-            .chain([src.to_str().unwrap(), s.nbdfault.uri()])
-            .collect::<Vec<_>>(),
+        .iter()
+        .copied()
+        .chain([src.to_str().unwrap(), s.nbdfault.uri()])
+        .collect::<Vec<_>>(),
     );
     s.stop();
     let entries = s.entries();
@@ -383,7 +391,10 @@ fn a_log_that_cannot_be_written_stops_logging_not_the_proxy() {
     );
     let (status, out) = run_merged("sh", &["-c", &script], Duration::from_secs(30));
     assert!(status.success(), "{out}");
-    assert!(out.contains("read 65536/65536 bytes at offset 65536"), "{out}");
+    assert!(
+        out.contains("read 65536/65536 bytes at offset 65536"),
+        "{out}"
+    );
     assert!(
         out.contains(&format!("ERROR nbdfault::observe::logwrites: --log-writes {}: ", log.display()))
             && out.contains("logging stopped after 2 entries (the log is valid up to its last flush), the proxy goes on"),
@@ -418,7 +429,11 @@ fn clients_that_honour_block_sizes_align_their_own_writes() {
     s.stop();
     let entries = s.entries();
     let heads: Vec<_> = entries.iter().map(Entry::head).collect();
-    assert_eq!(heads, [(0, 1, 0), (0, 0, FLUSH), (0, 0, MARK)], "{entries:#?}");
+    assert_eq!(
+        heads,
+        [(0, 1, 0), (0, 0, FLUSH), (0, 0, MARK)],
+        "{entries:#?}"
+    );
     let want = model(&[(1, 100, 0xcc)]);
     assert_same("the logged sector", &entries[0].data, &want[..512]);
     assert_same("the server's file", &s.disk(), &want);

@@ -40,7 +40,7 @@ use crate::protocol::consts::*;
 pub const SECTOR: u64 = 512;
 
 /// Superblock magic and version, as the kernel's target writes them.
-pub const MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const MAGIC: u64 = 0x006a_7366_7773_6872;
 pub const VERSION: u64 = 1;
 
 /// Entry flags.

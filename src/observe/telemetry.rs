@@ -8,16 +8,16 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::lock;
-use super::metrics::{Metrics, dir_slot};
 use super::logwrites::LogWrites;
+use super::metrics::{Metrics, dir_slot};
 use super::pcap::Pcap;
 use super::trace::{Extra, Trace, TraceTarget};
 use crate::intercept::{ConnId, Event, Fault};

@@ -341,7 +341,8 @@ impl Connection {
                     && let Some(why) = crate::observe::logwrites::misaligned(&f.meta) =>
             {
                 *self.refuse_why.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                self.refuse.store(crate::protocol::consts::EINVAL, Ordering::Relaxed);
+                self.refuse
+                    .store(crate::protocol::consts::EINVAL, Ordering::Relaxed);
             }
             Step::Wait => {
                 if let Some(cookie) = s.held_on()
@@ -376,9 +377,13 @@ impl Connection {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let rule = if why.is_some() { LOG_RULE } else { REFUSAL_RULE };
-        let message =
-            why.unwrap_or_else(|| format!("{what} {length} exceeds the proxy's --max-payload {max}"));
+        let rule = if why.is_some() {
+            LOG_RULE
+        } else {
+            REFUSAL_RULE
+        };
+        let message = why
+            .unwrap_or_else(|| format!("{what} {length} exceeds the proxy's --max-payload {max}"));
         warn!(
             conn = self.id,
             "refusing a request: {message}; answered without forwarding it"

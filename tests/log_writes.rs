@@ -102,6 +102,11 @@ fn replay(disk: &[u8], entries: &[Entry]) -> Vec<u8> {
     disk
 }
 
+/// Each entry's (sector, sectors, flags).
+fn heads(entries: &[Entry]) -> Vec<(u64, u64, u64)> {
+    entries.iter().map(Entry::head).collect()
+}
+
 /// Where each flush entry ends a prefix of the log.
 fn flush_points(entries: &[Entry]) -> Vec<usize> {
     (entries.iter().enumerate())
@@ -162,6 +167,22 @@ impl Setup {
         entries
     }
 
+    /// [`Setup::stop`], then the log's entries.
+    fn stopped_log(&mut self) -> Vec<Entry> {
+        self.stop();
+        self.entries()
+    }
+
+    /// qemu-io with a write-back cache (plain writes, FUA only for `-f`),
+    /// which must succeed and print `expect`.
+    fn qemu_io(&self, cmds: &[&str], expect: &str) {
+        let o = QemuIo::new(self.nbdfault.uri())
+            .cache("writeback")
+            .cmds(cmds)
+            .run();
+        assert!(o.success() && o.stdout.contains(expect), "{}", o.describe());
+    }
+
     fn disk(&self) -> Vec<u8> {
         std::fs::read(&self.image).expect("read the image")
     }
@@ -190,10 +211,8 @@ fn assert_same(what: &str, got: &[u8], want: &[u8]) {
 #[test]
 fn every_kind_of_write_is_logged_and_each_flush_replays_exactly() {
     let mut s = Setup::new();
-    // Write-back: qemu-io then sends plain writes, and FUA only for -f.
-    let o = QemuIo::new(s.nbdfault.uri())
-        .cache("writeback")
-        .cmds(&[
+    s.qemu_io(
+        &[
             "write -P 0xa1 0 65536",
             "flush",
             "write -P 0xa2 32768 65536",
@@ -203,18 +222,12 @@ fn every_kind_of_write_is_logged_and_each_flush_replays_exactly() {
             "flush",
             "write -f -P 0xa3 524288 4096",
             "write -P 0xa4 614400 8192",
-        ])
-        .run();
-    assert!(
-        o.success() && o.stdout.contains("wrote 8192/8192 bytes at offset 614400"),
-        "{}",
-        o.describe()
+        ],
+        "wrote 8192/8192 bytes at offset 614400",
     );
-    s.stop();
-    let entries = s.entries();
-    let heads: Vec<_> = entries.iter().map(Entry::head).collect();
+    let entries = s.stopped_log();
     assert_eq!(
-        heads,
+        heads(&entries),
         [
             (0, 128, 0),
             (0, 0, FLUSH),
@@ -289,9 +302,8 @@ fn a_killed_proxy_leaves_a_log_readable_up_to_its_last_flush_or_fua() {
     let mut s = s;
     assert!(s.nbdfault.wait_exit(Duration::from_secs(10)).is_some());
     let entries = s.entries();
-    let heads: Vec<_> = entries.iter().map(Entry::head).collect();
     assert_eq!(
-        heads,
+        heads(&entries),
         [(0, 8, 0), (0, 0, FLUSH), (16, 8, FUA)],
         "{entries:#?}"
     );
@@ -329,11 +341,9 @@ fn a_failed_write_and_an_unaligned_one_are_not_logged() {
         ),
         "{stderr}"
     );
-    s.stop();
-    let entries = s.entries();
-    let heads: Vec<_> = entries.iter().map(Entry::head).collect();
+    let entries = s.stopped_log();
     assert_eq!(
-        heads,
+        heads(&entries),
         [(1, 1, 0), (0, 0, FLUSH), (0, 0, MARK)],
         "{entries:#?}"
     );
@@ -360,12 +370,11 @@ fn nbdcopy_over_several_connections_replays_to_the_servers_file() {
         .chain([src.to_str().unwrap(), s.nbdfault.uri()])
         .collect::<Vec<_>>(),
     );
-    s.stop();
-    let entries = s.entries();
+    let entries = s.stopped_log();
     assert!(
         entries.iter().any(|e| e.flags & FLUSH != 0),
         "nbdcopy --flush flushes at the end: {:?}",
-        entries.iter().map(Entry::head).collect::<Vec<_>>()
+        heads(&entries)
     );
     let disk = s.disk();
     assert_files_equal(&src, &s.image);
@@ -401,8 +410,7 @@ fn a_log_that_cannot_be_written_stops_logging_not_the_proxy() {
         "{out}"
     );
     let (_, entries) = parse(&std::fs::read(&log).expect("read the log"));
-    let heads: Vec<_> = entries.iter().map(Entry::head).collect();
-    assert_eq!(heads, [(0, 64, 0), (0, 0, FLUSH)]);
+    assert_eq!(heads(&entries), [(0, 64, 0), (0, 0, FLUSH)]);
     drop(qemu);
 }
 
@@ -417,20 +425,13 @@ fn clients_that_honour_block_sizes_align_their_own_writes() {
         info.describe()
     );
     // So QEMU reads the sector around these 100 bytes and writes it whole.
-    let o = QemuIo::new(s.nbdfault.uri())
-        .cache("writeback")
-        .cmds(&["write -P 0xcc 1 100", "read -P 0xcc 1 100"])
-        .run();
-    assert!(
-        o.success() && o.stdout.contains("read 100/100 bytes at offset 1"),
-        "{}",
-        o.describe()
+    s.qemu_io(
+        &["write -P 0xcc 1 100", "read -P 0xcc 1 100"],
+        "read 100/100 bytes at offset 1",
     );
-    s.stop();
-    let entries = s.entries();
-    let heads: Vec<_> = entries.iter().map(Entry::head).collect();
+    let entries = s.stopped_log();
     assert_eq!(
-        heads,
+        heads(&entries),
         [(0, 1, 0), (0, 0, FLUSH), (0, 0, MARK)],
         "{entries:#?}"
     );

@@ -69,27 +69,35 @@ fn logged(command: Option<u16>) -> bool {
     )
 }
 
-/// Why a request cannot be logged: it is not aligned to [`SECTOR`].
-/// `None` for requests that are.
-pub fn misaligned(meta: &MessageMeta) -> Option<String> {
+/// Why a request cannot be logged: it is not aligned to [`SECTOR`], or it
+/// is a write larger than the [`BUDGET`] it would be held in. `None` for
+/// requests that can.
+pub fn unloggable(meta: &MessageMeta) -> Option<String> {
     if !matches!(meta.command, Some(CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM)) {
         return None;
     }
     let (offset, length) = (meta.offset.unwrap_or(0), meta.length.unwrap_or(0));
-    if offset % SECTOR == 0 && length % SECTOR == 0 {
-        return None;
+    if offset % SECTOR != 0 || length % SECTOR != 0 {
+        return Some(format!(
+            "request at offset {offset} length {length} is not aligned to the \
+             {SECTOR}-byte sectors of --log-writes"
+        ));
     }
-    Some(format!(
-        "request at offset {offset} length {length} is not aligned to the \
-         {SECTOR}-byte sectors of --log-writes"
-    ))
+    if meta.command == Some(CMD_WRITE) && length > BUDGET {
+        return Some(format!(
+            "write of {length} bytes is larger than the {} MiB --log-writes holds at once",
+            BUDGET >> 20
+        ));
+    }
+    None
 }
 
 /// Raises the minimum block size of an NBD_INFO_BLOCK_SIZE reply (`msg`
 /// starts with it, buffered whole) to [`SECTOR`], so that a client that
 /// honours it (QEMU, libnbd) aligns its requests itself, as it would on
-/// the kernel target's device. Preferred and maximum follow where they
-/// must (at least the minimum, the maximum a multiple of it).
+/// the kernel target's device; the maximum is lowered to [`BUDGET`], so it
+/// splits what the log could not hold. Preferred and maximum follow the
+/// minimum where they must (at least it, the maximum a multiple of it).
 pub fn announce_block_size(meta: &MessageMeta, msg: &mut [u8]) {
     use crate::protocol::bytes::{be16, be32, put32};
     let h = OPTION_REPLY_HEADER_LEN;
@@ -103,10 +111,9 @@ pub fn announce_block_size(meta: &MessageMeta, msg: &mut [u8]) {
     let sector = SECTOR as u32;
     let min = be32(msg, h + 2).max(sector);
     let preferred = be32(msg, h + 6).max(min);
-    let max = match be32(msg, h + 10) {
-        u32::MAX => u32::MAX,
-        m => (m - m % min).max(min),
-    };
+    // Nor more than the log holds at once.
+    let max = be32(msg, h + 10).min(BUDGET as u32);
+    let max = (max - max % min).max(min);
     put32(msg, h + 2, min);
     put32(msg, h + 6, preferred);
     put32(msg, h + 10, max);
@@ -290,14 +297,14 @@ impl LogWrites {
     /// What a request framed toward the server costs of the budget, if it
     /// is logged at all.
     pub fn cost(&self, meta: &MessageMeta) -> Option<u32> {
-        if !self.active() || !logged(meta.command) {
+        if !self.active() || !logged(meta.command) || unloggable(meta).is_some() {
             return None;
         }
         let data = match meta.command {
             Some(CMD_WRITE) => meta.length.unwrap_or(0),
             _ => 0,
         };
-        // A write larger than the whole budget waits for all of it.
+        // Larger writes are refused (`unloggable`); capped all the same.
         Some(ENTRY_COST.saturating_add(data).min(BUDGET) as u32)
     }
 
@@ -522,7 +529,7 @@ impl FlowLog {
         let (Some(command), Some(cookie)) = (meta.command, meta.cookie) else {
             return;
         };
-        if !logged(Some(command)) || !conn.log.active() {
+        if !logged(Some(command)) || !conn.log.active() || unloggable(meta).is_some() {
             return;
         }
         let length = meta.length.unwrap_or(0);
@@ -803,26 +810,31 @@ mod tests {
         // qemu-nbd on a raw file: bytes.
         assert_eq!(info(1, 4096, 32 << 20), (512, 4096, 32 << 20));
         assert_eq!(info(1, 1, 1000), (512, 512, 512));
-        assert_eq!(info(4096, 4096, u32::MAX), (4096, 4096, u32::MAX));
+        assert_eq!(info(4096, 4096, u32::MAX), (4096, 4096, 64 << 20));
     }
 
     #[test]
-    fn misaligned_requests_are_named() {
+    fn unloggable_requests_are_named() {
         let meta = |command, offset, length| MessageMeta {
             command: Some(command),
             offset: Some(offset),
             length: Some(length),
             ..MessageMeta::default()
         };
-        assert!(misaligned(&meta(CMD_WRITE, 512, 4096)).is_none());
-        assert!(misaligned(&meta(CMD_FLUSH, 0, 0)).is_none());
-        assert!(misaligned(&meta(CMD_READ, 1, 1)).is_none());
-        let why = misaligned(&meta(CMD_TRIM, 100, 512)).unwrap();
+        assert!(unloggable(&meta(CMD_WRITE, 512, 4096)).is_none());
+        assert!(unloggable(&meta(CMD_FLUSH, 0, 0)).is_none());
+        assert!(unloggable(&meta(CMD_READ, 1, 1)).is_none());
+        let why = unloggable(&meta(CMD_TRIM, 100, 512)).unwrap();
         assert_eq!(
             why,
             "request at offset 100 length 512 is not aligned to the 512-byte sectors of \
              --log-writes"
         );
-        assert!(misaligned(&meta(CMD_WRITE_ZEROES, 0, 100)).is_some());
+        assert!(unloggable(&meta(CMD_WRITE_ZEROES, 0, 100)).is_some());
+        assert!(unloggable(&meta(CMD_WRITE_ZEROES, 0, 1 << 30)).is_none());
+        assert_eq!(
+            unloggable(&meta(CMD_WRITE, 0, 128 << 20)).unwrap(),
+            "write of 134217728 bytes is larger than the 64 MiB --log-writes holds at once"
+        );
     }
 }

@@ -122,8 +122,8 @@ pub struct Connection {
     /// answered by the proxy, not the interceptor. Only the to-server flow
     /// sets and takes it, between framing a request and offering its header.
     refuse: AtomicU32,
-    /// Why, when it is not `--max-payload` (`--log-writes`: a request not
-    /// aligned to the log's sectors).
+    /// Why, when it is not `--max-payload` (`--log-writes`: a request the
+    /// log cannot hold).
     refuse_why: Mutex<Option<String>>,
     /// A client reusing a busy cookie was logged (once per connection).
     held_logged: std::sync::atomic::AtomicBool,
@@ -333,12 +333,13 @@ impl Connection {
             Step::Frame(f) if let Some(error) = f.refuse => {
                 self.refuse.store(error, Ordering::Relaxed);
             }
-            // The log's sectors cannot hold it: refused rather than passed
-            // on unlogged (a log with a hole would rebuild a wrong disk).
+            // The log cannot hold it (unaligned, too large): refused rather
+            // than passed on unlogged (a log with a hole rebuilds a wrong
+            // disk).
             Step::Frame(f)
                 if dir == Direction::ToServer
                     && self.observer.logging()
-                    && let Some(why) = crate::observe::logwrites::misaligned(&f.meta) =>
+                    && let Some(why) = crate::observe::logwrites::unloggable(&f.meta) =>
             {
                 *self.refuse_why.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                 self.refuse

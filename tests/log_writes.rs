@@ -390,13 +390,17 @@ fn a_log_that_cannot_be_written_stops_logging_not_the_proxy() {
     let log = dir.path().join("writes.log");
     // Files of this process may grow to 64 KiB: the second write does not
     // fit in the log (SIGXFSZ ignored, so the write fails with EFBIG).
+    let control = dir.path().join("control.sock");
     let script = format!(
-        "trap '' XFSZ; ulimit -f 128; exec {} proxy --upstream {} --log-writes {} --run \
-         'qemu-io -f raw -t writeback -c \"write -P 0x41 0 32768\" -c flush -c \"write -P 0x42 \
-         65536 65536\" -c flush -c \"read -P 0x42 65536 65536\" \"$uri\"'",
+        "trap '' XFSZ; ulimit -f 128; exec {} proxy --upstream {} --log-writes {} --control {} \
+         --run 'qemu-io -f raw -t writeback -c \"write -P 0x41 0 32768\" -c flush -c \"write -P \
+         0x42 65536 65536\" -c flush -c \"read -P 0x42 65536 65536\" \"$uri\" && curl -s \
+         --unix-socket {} http://nbdfault/metrics'",
         nbdfault_bin(),
         qemu.uri(),
-        log.display()
+        log.display(),
+        control.display(),
+        control.display()
     );
     let (status, out) = run_merged("sh", &["-c", &script], Duration::from_secs(30));
     assert!(status.success(), "{out}");
@@ -409,6 +413,8 @@ fn a_log_that_cannot_be_written_stops_logging_not_the_proxy() {
             && out.contains("logging stopped after 2 entries (the log is valid up to its last flush), the proxy goes on"),
         "{out}"
     );
+    assert!(out.contains("\nnbdfault_log_writes_failed 1\n"), "{out}");
+    assert!(out.contains("\nnbdfault_log_writes_entries_total 2\n"), "{out}");
     let (_, entries) = parse(&std::fs::read(&log).expect("read the log"));
     assert_eq!(heads(&entries), [(0, 64, 0), (0, 0, FLUSH)]);
     drop(qemu);

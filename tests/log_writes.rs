@@ -446,3 +446,25 @@ fn clients_that_honour_block_sizes_align_their_own_writes() {
     assert_same("the server's file", &s.disk(), &want);
     assert_same("the replay", &replay(&vec![OLD; DISK], &entries), &want);
 }
+
+#[test]
+fn the_write_cache_and_the_log_are_refused_together() {
+    let dir = TempDir::new().expect("tempdir");
+    let log = dir.path().join("writes.log");
+    let o = run_fail(
+        nbdfault_bin(),
+        &[
+            "null",
+            "--log-writes",
+            log.to_str().unwrap(),
+            "--write-cache",
+            "volatile",
+        ],
+    );
+    assert_eq!(
+        o.stderr,
+        "nbdfault: --log-writes records what reaches the server, and --write-cache volatile \
+         answers writes in its place: use one or the other\n"
+    );
+    assert!(!log.exists(), "no log is made for a server that never starts");
+}

@@ -127,20 +127,28 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        Setup::with_args(&[])
+    }
+
+    /// With more arguments for nbdfault.
+    fn with_args(extra: &[&str]) -> Setup {
         let dir = TempDir::new().expect("tempdir");
         let image = dir.path().join("disk.img");
         write_sparse_file(&image, DISK as u64, &[(0, &vec![OLD; DISK])]);
         let qemu = QemuNbd::start("raw", &image, &["--discard=unmap"]);
         let log = dir.path().join("writes.log");
-        let nbdfault = Nbdfault::start(&[
+        let upstream = qemu.uri();
+        let mut args = vec![
             "proxy",
             "--listen",
             "127.0.0.1:0",
             "--upstream",
-            &qemu.uri(),
+            &upstream,
             "--log-writes",
             log.to_str().unwrap(),
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let nbdfault = Nbdfault::start(&args);
         Setup {
             dir,
             image,
@@ -414,7 +422,10 @@ fn a_log_that_cannot_be_written_stops_logging_not_the_proxy() {
         "{out}"
     );
     assert!(out.contains("\nnbdfault_log_writes_failed 1\n"), "{out}");
-    assert!(out.contains("\nnbdfault_log_writes_entries_total 2\n"), "{out}");
+    assert!(
+        out.contains("\nnbdfault_log_writes_entries_total 2\n"),
+        "{out}"
+    );
     let (_, entries) = parse(&std::fs::read(&log).expect("read the log"));
     assert_eq!(heads(&entries), [(0, 64, 0), (0, 0, FLUSH)]);
     drop(qemu);
@@ -466,5 +477,58 @@ fn the_write_cache_and_the_log_are_refused_together() {
         "nbdfault: --log-writes records what reaches the server, and --write-cache volatile \
          answers writes in its place: use one or the other\n"
     );
-    assert!(!log.exists(), "no log is made for a server that never starts");
+    assert!(
+        !log.exists(),
+        "no log is made for a server that never starts"
+    );
+}
+
+#[test]
+fn a_write_answered_while_a_flush_is_in_flight_is_logged_after_it() {
+    // The first flush is held 1 s on its way to the server; meanwhile a
+    // write on another connection is answered. The flush does not cover
+    // it (it completed after the flush was sent), so the log puts it after
+    // the flush's entry, as the kernel's target does.
+    let dir = TempDir::new().expect("tempdir");
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "rules:\n  - name: slow\n    event: request\n    command: flush\n    times: 1\n    \
+         action: delay\n    duration: 1s\n",
+    )
+    .expect("write rules");
+    let mut s = Setup::with_args(&["--rules", rules.to_str().unwrap()]);
+    nbdsh(
+        s.nbdfault.uri(),
+        "import time\n\
+         h2 = nbd.NBD()\n\
+         h2.connect_uri(sys.argv[1])\n\
+         h.pwrite(b'\\x41' * 4096, 0)\n\
+         c = h2.aio_flush()\n\
+         time.sleep(0.3)\n\
+         h.pwrite(b'\\x42' * 4096, 4096)\n\
+         while not h2.aio_command_completed(c):\n    h2.poll(-1)\n\
+         h.pwrite(b'\\x43' * 4096, 8192)\n\
+         h.flush()\n",
+    );
+    let entries = s.stopped_log();
+    assert_eq!(
+        heads(&entries),
+        [
+            (0, 8, 0),
+            (0, 0, FLUSH),
+            (8, 8, 0),
+            (16, 8, 0),
+            (0, 0, FLUSH),
+            (0, 0, MARK)
+        ],
+        "{entries:#?}"
+    );
+    let old = vec![OLD; DISK];
+    assert_same(
+        "replay to the first flush",
+        &replay(&old, &entries[..2]),
+        &model(&[(0, 4096, 0x41)]),
+    );
+    assert_same("the whole log", &replay(&old, &entries), &s.disk());
 }

@@ -137,18 +137,9 @@ impl Setup {
         write_sparse_file(&image, DISK as u64, &[(0, &vec![OLD; DISK])]);
         let qemu = QemuNbd::start("raw", &image, &["--discard=unmap"]);
         let log = dir.path().join("writes.log");
-        let upstream = qemu.uri();
-        let mut args = vec![
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream,
-            "--log-writes",
-            log.to_str().unwrap(),
-        ];
+        let mut args = vec!["--log-writes", log.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let nbdfault = Nbdfault::start(&args);
+        let nbdfault = Nbdfault::proxy_with(&qemu.uri(), &args);
         Setup {
             dir,
             image,

@@ -6,8 +6,10 @@
 //!
 //! It lives in `observe` because it is an observer: the proxy hands it what
 //! it already passes on (a request's header when framed, its payload bytes
-//! as they are handed to the server, the server's reply when framed) and
-//! nothing on the wire changes. It holds a write's payload from its request
+//! as they are handed to the server, the server's reply when framed), and
+//! on the wire only the block sizes announced change ([`announce_block_size`])
+//! and a request the log cannot hold is refused ([`unloggable`]), so that
+//! the log has no holes. It holds a write's payload from its request
 //! to its reply: a byte budget bounds that, and a connection whose write
 //! does not fit waits ([`LogWrites::admit`]) rather than anything being
 //! dropped. One thread writes the file; a write error there ends logging

@@ -20,7 +20,7 @@
 //! | [`proxy`] | one connection's pipeline: two flows split into events, each offered to the interception point |
 //! | [`cache`] | `--write-cache volatile`: a disk's volatile write cache per export, and the power loss that empties it |
 //! | [`rules`] | the rule engine: rules files parsed and checked into a model, the decision function, one file per action |
-//! | [`observe`] | what the outside sees: log lines, metrics and the trace, written by the data path through queues that never block it |
+//! | [`observe`] | what the outside sees: log lines, metrics, the trace and the log of writes, written by the data path through queues that never block it (the log of writes, which must lose nothing, holds back only the connection it cannot take more from yet) |
 //! | [`intercept`] | the contract between the pipeline and whoever decides about faults: `Event` in, `Verdict` and `Plan` out |
 //! | [`protocol`] | the NBD wire format, without I/O: messages, constants, the two-way framing state machine |
 //! | [`io`] | sockets and threads: addresses, streams, the in-memory pipe, percent-decoding, runtime shards, busy-polling |

@@ -275,6 +275,13 @@ struct ServeArgs {
     /// Keep at most BYTES of each message in the capture [default: all].
     #[arg(long, value_name = "BYTES", requires = "pcap", help_heading = OBSERVING)]
     pcap_snaplen: Option<u64>,
+    /// Record every write, write-zeroes, trim, flush and FUA the server
+    /// completes to FILE in the dm-log-writes format (as the kernel's
+    /// log-writes target and QEMU's blklogwrites), for replay-log and
+    /// similar tools to rebuild the disk at any flush. A request not
+    /// aligned to 512 bytes, or a write over 64M, is refused with EINVAL.
+    #[arg(long, value_name = "FILE", help_heading = OBSERVING)]
+    log_writes: Option<PathBuf>,
     /// Serve the HTTP control API (metrics, rules, connections) on ADDR:
     /// HOST:PORT or a unix socket path. Off unless asked for.
     #[arg(long, value_name = "ADDR", help_heading = OBSERVING)]
@@ -592,6 +599,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         );
     }
     let write_cache = args.write_cache()?;
+    if write_cache.is_some() && args.log_writes.is_some() {
+        anyhow::bail!(
+            "--log-writes records what reaches the server, and --write-cache volatile answers \
+             writes in its place: use one or the other"
+        );
+    }
     // A bad rules file never starts a server.
     let rules = Arc::new(args.rules.live()?);
     let mut telemetry = Telemetry::new(
@@ -603,6 +616,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         telemetry = telemetry
             .with_pcap(path, args.pcap_snaplen)
             .context("--pcap")?;
+    }
+    if let Some(path) = &args.log_writes {
+        telemetry = telemetry
+            .with_log_writes(path)
+            .with_context(|| format!("--log-writes {}", path.display()))?;
     }
     let limits = args.limits.limits()?;
     let upstream_check = match (&backend, check_upstream) {

@@ -276,6 +276,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     };
     shut_down(&registry).await;
     opts.telemetry.flush_trace();
+    opts.telemetry.finish_log_writes();
     if let Some(c) = control {
         c.abort();
         let _ = c.await;

@@ -1,9 +1,10 @@
 //! What the outside sees of a running proxy: log lines, metrics, the
-//! trace and the packet capture. The
+//! trace, the packet capture and the log of writes. The
 //! data path writes to them, so nothing here knows about connections or
 //! rules (the control API, which steers those, is [`crate::control`]).
 
 pub mod log;
+pub mod logwrites;
 pub mod metrics;
 pub mod observer;
 mod pcap;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::lock;
+use super::logwrites::{ConnLog, FlowLog, LogWrites};
 use super::pcap::{Leg, MAX_SEGMENT, PcapConn, Way};
 use super::telemetry::Telemetry;
 use super::trace::{
@@ -50,6 +51,8 @@ pub struct ConnObserver {
     /// What each answer made and not yet written is, by cookie, for its
     /// packet's comment (capture only).
     notes: Mutex<Vec<(Option<u64>, String)>>,
+    /// What `--log-writes` awaits replies for.
+    log: Option<Arc<ConnLog>>,
 }
 
 impl ConnObserver {
@@ -60,7 +63,27 @@ impl ConnObserver {
             capture: telemetry.pcap().map(|_| PcapConn::new(id, peer)),
             first_eof: AtomicU8::new(0),
             notes: Mutex::new(Vec::new()),
+            log: (telemetry.log_writes()).map(|l| Arc::new(ConnLog::new(l.clone()))),
         }
+    }
+
+    /// Whether writes are logged (`--log-writes`): then write payloads
+    /// must pass through the process (not be spliced) to be logged.
+    pub fn logging(&self) -> bool {
+        self.log.as_ref().is_some_and(|l| l.log().active())
+    }
+
+    /// The log and what a request framed toward the server costs of its
+    /// budget, when the request is logged ([`LogWrites::admit`]).
+    pub fn log_cost(&self, meta: &MessageMeta) -> Option<(Arc<LogWrites>, u32)> {
+        let log = self.log.as_ref()?.log();
+        Some((log.clone(), log.cost(meta)?))
+    }
+
+    /// A reply from the server was framed: what it completes is logged.
+    /// For a flush, the receiver says when its entry is in the log.
+    pub fn log_reply(&self, meta: &MessageMeta) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.log.as_ref()?.reply(meta)
     }
 
     /// Whether the bytes are captured: then payloads must pass through the
@@ -336,17 +359,24 @@ pub struct FlowObserver {
     /// Faults whose answer is still to be made, by cookie (`None` for an
     /// option).
     answering: HashMap<Option<u64>, Fired>,
+    /// `--log-writes` (the to-server flow): the write whose payload is
+    /// being handed out.
+    log: Option<(Arc<ConnLog>, FlowLog)>,
 }
 
 impl FlowObserver {
     pub fn new(conn: &ConnObserver, dir: Direction) -> Self {
         let snaplen = conn.telemetry.pcap().map_or(u64::MAX, |p| p.snaplen());
-        Self::with(
+        let mut obs = Self::with(
             dir,
             conn.tracing() || conn.capturing(),
             conn.capturing(),
             snaplen,
-        )
+        );
+        if dir == Direction::ToServer {
+            obs.log = conn.log.clone().map(|l| (l, FlowLog::default()));
+        }
+        obs
     }
 
     fn with(dir: Direction, on: bool, capture: bool, snaplen: u64) -> Self {
@@ -368,6 +398,28 @@ impl FlowObserver {
             swallow: None,
             replacing: HashMap::new(),
             answering: HashMap::new(),
+            log: None,
+        }
+    }
+
+    /// A request of `len` bytes was framed toward the server, with its
+    /// share of the log's budget when it is logged.
+    pub fn log_request(
+        &mut self,
+        meta: &MessageMeta,
+        len: u64,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        if let Some((conn, flow)) = &mut self.log {
+            flow.request(conn, meta, len, permit);
+        }
+    }
+
+    /// The request under `cookie` never reaches the server.
+    pub fn log_forget(&mut self, cookie: u64) {
+        if let Some((conn, flow)) = &mut self.log {
+            flow.forget(cookie);
+            conn.forget(cookie);
         }
     }
 
@@ -493,6 +545,9 @@ impl FlowObserver {
 
     /// `bytes` were handed out to be passed on (after any flips).
     pub fn forward(&mut self, bytes: &[u8]) {
+        if let Some((conn, flow)) = &mut self.log {
+            flow.bytes(conn, bytes);
+        }
         if !self.capture {
             return;
         }
@@ -502,6 +557,11 @@ impl FlowObserver {
 
     /// `bytes` were swallowed.
     pub fn swallowed(&mut self, bytes: &[u8]) {
+        // A request set aside still goes to the server later (a discarded
+        // one was forgotten first).
+        if let Some((conn, flow)) = &mut self.log {
+            flow.bytes(conn, bytes);
+        }
         if let Some(s) = &mut self.swallow {
             s.bytes += bytes.len() as u64;
         }

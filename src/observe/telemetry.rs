@@ -8,14 +8,15 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::Mutex;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::lock;
+use super::logwrites::LogWrites;
 use super::metrics::{Metrics, dir_slot};
 use super::pcap::Pcap;
 use super::trace::{Extra, Trace, TraceTarget};
@@ -32,6 +33,7 @@ pub struct Telemetry {
     metrics: Option<Box<Metrics>>,
     trace: Option<Trace>,
     pcap: Option<Pcap>,
+    log_writes: Option<Arc<LogWrites>>,
     worker: Option<Worker>,
 }
 
@@ -67,6 +69,7 @@ impl Telemetry {
             metrics,
             trace,
             pcap: None,
+            log_writes: None,
             worker,
         })
     }
@@ -77,6 +80,25 @@ impl Telemetry {
     pub fn with_pcap(mut self, path: &std::path::Path, snaplen: Option<u64>) -> io::Result<Self> {
         self.pcap = Some(Pcap::open(path, snaplen)?);
         Ok(self)
+    }
+
+    /// Adds the log of writes (`--log-writes`) to `path`, created or
+    /// truncated here.
+    pub fn with_log_writes(mut self, path: &std::path::Path) -> io::Result<Self> {
+        self.log_writes = Some(Arc::new(LogWrites::open(path)?));
+        Ok(self)
+    }
+
+    pub(super) fn log_writes(&self) -> Option<&Arc<LogWrites>> {
+        self.log_writes.as_ref()
+    }
+
+    /// Ends the log of writes (clean shutdown): everything in it written,
+    /// its end mark and final entry count.
+    pub fn finish_log_writes(&self) {
+        if let Some(l) = &self.log_writes {
+            l.finish();
+        }
     }
 
     /// Whether connections are captured (`--pcap`).
@@ -175,7 +197,11 @@ impl Telemetry {
             .absolute(self.trace.as_ref().map_or(0, Trace::dropped));
         m.pcap_packets_dropped
             .absolute(self.pcap.as_ref().map_or(0, Pcap::dropped));
-        m.handle.render()
+        let mut out = m.handle.render();
+        if let Some(l) = &self.log_writes {
+            out.push_str(&l.render_metrics());
+        }
+        out
     }
 
     /// Writes out whatever the trace holds (at shutdown; also done every

@@ -546,6 +546,14 @@ impl Session {
                     if buf.len() < end {
                         return Ok(Step::NeedMore);
                     }
+                    // The block size constraints whole, for whoever must
+                    // read or amend them in place (`--log-writes`).
+                    if be16(buf, OptionReplyHeader::LEN) == INFO_BLOCK_SIZE
+                        && h.length == 14
+                        && buf.len() < OptionReplyHeader::LEN + 14
+                    {
+                        return Ok(Step::NeedMore);
+                    }
                     if be16(buf, OptionReplyHeader::LEN) == INFO_EXPORT {
                         events = events.with(EventKind::Neg2);
                         if h.length == 12 {

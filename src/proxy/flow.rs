@@ -119,10 +119,12 @@ where
         dst: W,
         answers: Option<mpsc::Receiver<Vec<u8>>>,
     ) -> Self {
-        // A capture must see every byte, so nothing is spliced past it.
+        // A capture must see every byte, and the log of writes every
+        // write's payload, so nothing is spliced past them.
         let can_splice = src.splice_socket().is_some()
             && dst.splice_socket().is_some_and(|s| s.splice_pays())
-            && !conn.observer.capturing();
+            && !conn.observer.capturing()
+            && !(dir == Direction::ToServer && conn.observer.logging());
         Self {
             obs: FlowObserver::new(&conn.observer, dir),
             place: Placement::new(conn.id, dir),
@@ -264,6 +266,7 @@ where
                     self.send_answer(a).await?
                 }
                 Action::Forget(cookie) => {
+                    self.obs.log_forget(cookie);
                     self.conn.session().forget(cookie);
                     self.conn.conn_telemetry.forget(cookie);
                 }
@@ -303,7 +306,14 @@ where
         if self.dir == Direction::ToClient && self.conn.cache.is_on() {
             crate::cache::announce_flags(&f.meta, &mut self.buf[self.cursor..self.end]);
         }
+        if self.dir == Direction::ToClient && self.conn.observer.logging() {
+            let msg = &mut self.buf[self.cursor..self.end];
+            crate::observe::logwrites::announce_block_size(&f.meta, msg);
+        }
         self.observe_timing(&f.meta);
+        if self.conn.observer.logging() {
+            self.log_writes(&f.meta, f.len()).await?;
+        }
         self.obs.framed(&self.conn.observer, &f.meta, f.len());
         let segs = f.segments();
         trace!(conn = self.conn.id, "{}: {segs:?} {:?}", self.dir, f.meta);
@@ -385,6 +395,36 @@ where
             Direction::ToClient if meta.done => ct.reply_done(t, cookie),
             _ => {}
         }
+    }
+
+    /// `--log-writes`: a request toward the server waits for its share of
+    /// the log's budget (this connection alone holds back meanwhile); a
+    /// flush's reply toward the client waits until its entry is in the
+    /// log, so a client that saw a flush answered finds it in the log.
+    async fn log_writes(&mut self, meta: &MessageMeta, len: u64) -> Result<(), FlowError> {
+        match self.dir {
+            Direction::ToServer => {
+                let Some((log, cost)) = self.conn.observer.log_cost(meta) else {
+                    self.obs.log_request(meta, len, None);
+                    return Ok(());
+                };
+                let permit = match log.try_admit(cost) {
+                    Some(p) => Some(p),
+                    None => {
+                        self.flush().await?;
+                        self.hold_until(log.admit(cost)).await?.flatten()
+                    }
+                };
+                self.obs.log_request(meta, len, permit);
+            }
+            Direction::ToClient => {
+                if let Some(written) = self.conn.observer.log_reply(meta) {
+                    self.flush().await?;
+                    self.hold_until(written).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A request the rules let through, offered to the write cache: it

@@ -55,6 +55,9 @@ pub const DEFAULT_MAX_PAYLOAD: u64 = NO_LIMIT;
 /// the metrics and the fault log: a fault the command line made.
 const REFUSAL_RULE: &str = "--max-payload";
 
+/// The same for a request `--log-writes` cannot record.
+const LOG_RULE: &str = "--log-writes";
+
 /// The client's socket, for [`Connection::reset_on_close`].
 pub const RESET_CLIENT: u8 = 1;
 /// The upstream socket, for [`Connection::reset_on_close`].
@@ -119,6 +122,9 @@ pub struct Connection {
     /// answered by the proxy, not the interceptor. Only the to-server flow
     /// sets and takes it, between framing a request and offering its header.
     refuse: AtomicU32,
+    /// Why, when it is not `--max-payload` (`--log-writes`: a request the
+    /// log cannot hold).
+    refuse_why: Mutex<Option<String>>,
     /// A client reusing a busy cookie was logged (once per connection).
     held_logged: std::sync::atomic::AtomicBool,
     /// Per-connection memory of the interceptor (rule counters).
@@ -173,6 +179,7 @@ impl Connection {
             reset: std::sync::atomic::AtomicU8::new(0),
             session: Mutex::new(Session::new(max_payload)),
             refuse: AtomicU32::new(0),
+            refuse_why: Mutex::new(None),
             held_logged: std::sync::atomic::AtomicBool::new(false),
             rules: Mutex::new(ConnState::default()),
             wake_to_server: Notify::new(),
@@ -332,6 +339,18 @@ impl Connection {
             Step::Frame(f) if let Some(error) = f.refuse => {
                 self.refuse.store(error, Ordering::Relaxed);
             }
+            // The log cannot hold it (unaligned, too large): refused rather
+            // than passed on unlogged (a log with a hole rebuilds a wrong
+            // disk).
+            Step::Frame(f)
+                if dir == Direction::ToServer
+                    && self.observer.logging()
+                    && let Some(why) = crate::observe::logwrites::unloggable(&f.meta) =>
+            {
+                *self.refuse_why.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                self.refuse
+                    .store(crate::protocol::consts::EINVAL, Ordering::Relaxed);
+            }
             Step::Wait => {
                 if let Some(cookie) = s.held_on()
                     && !self.held_logged.swap(true, Ordering::Relaxed)
@@ -360,7 +379,18 @@ impl Connection {
         } else {
             "request length"
         };
-        let message = format!("{what} {length} exceeds the proxy's --max-payload {max}");
+        let why = self
+            .refuse_why
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let rule = if why.is_some() {
+            LOG_RULE
+        } else {
+            REFUSAL_RULE
+        };
+        let message = why
+            .unwrap_or_else(|| format!("{what} {length} exceeds the proxy's --max-payload {max}"));
         warn!(
             conn = self.id,
             "refusing a request: {message}; answered without forwarding it"
@@ -370,7 +400,7 @@ impl Connection {
         let offset = ev.meta.offset.unwrap_or(0);
         let n = build_error_reply(ev.mode, cookie, offset, error, &message, &mut buf);
         Fault {
-            rule: REFUSAL_RULE.into(),
+            rule: rule.into(),
             action: "error",
             plan: Plan::Discard {
                 keep: 0,

@@ -142,6 +142,13 @@ impl Nbdfault {
         Nbdfault::start(&["proxy", "--listen", "127.0.0.1:0", "--upstream", upstream])
     }
 
+    /// [`Nbdfault::proxy`] with `more` arguments after it.
+    pub fn proxy_with(upstream: &str, more: &[&str]) -> Nbdfault {
+        let mut args = vec!["proxy", "--listen", "127.0.0.1:0", "--upstream", upstream];
+        args.extend_from_slice(more);
+        Nbdfault::start(&args)
+    }
+
     /// `nbdfault proxy --listen LISTEN --upstream UPSTREAM`.
     pub fn proxy_on(listen: &str, upstream: &str) -> Nbdfault {
         Nbdfault::start(&["proxy", "--listen", listen, "--upstream", upstream])

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use nbdfault::backend::Backend;
-use nbdfault::backend::null::NullConfig;
+use nbdfault::backend::null::{MAX_EXPORT_SIZE, NullConfig};
 use nbdfault::chart;
 use nbdfault::injector;
 use nbdfault::io::addr::{ListenAddr, Target, parse_size};
@@ -18,7 +18,7 @@ use nbdfault::observe::log;
 use nbdfault::observe::telemetry::Telemetry;
 use nbdfault::observe::trace::TraceTarget;
 use nbdfault::process::{ServeOptions, ServerOptions, UpstreamCheck, serve, startup_rules};
-use nbdfault::rules;
+use nbdfault::rules::{self, Source};
 use nbdfault::server::Limits;
 use nbdfault::sweep;
 
@@ -560,7 +560,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let write_cache = args.write_cache()?;
     // A bad rules file never starts a server.
-    let rules = Arc::new(startup_rules(args.rules.files, args.rules.seed)?);
+    let sources: Vec<Source> = args.rules.files.into_iter().map(Source::File).collect();
+    let rules = Arc::new(startup_rules(&sources, args.rules.seed)?);
     let mut telemetry = Telemetry::new(
         control.is_some(),
         args.trace.as_deref().map(TraceTarget::from_arg),
@@ -609,9 +610,6 @@ fn trace(summary: bool, file: &std::path::Path) -> Result<ExitCode> {
     print!("{}", nbdfault::observe::summary::summarize(&text));
     Ok(ExitCode::SUCCESS)
 }
-
-/// The largest export qemu-img creates (and QEMU's NBD client takes).
-const MAX_EXPORT_SIZE: u64 = i64::MAX as u64;
 
 /// `--size` of a null server: qemu-img's syntax and its bound.
 fn export_size(s: &str) -> Result<u64> {

@@ -19,7 +19,7 @@ use crate::io::addr::ListenAddr;
 use crate::io::shards::Shards;
 use crate::observe::telemetry::Telemetry;
 use crate::rules::live::LiveRules;
-use crate::rules::{Notice, RuleError, RuleSet};
+use crate::rules::{Notice, RuleError, RuleSet, Source};
 use crate::server::registry::Registry;
 use crate::server::{Limits, Server, ServerConfig};
 
@@ -368,17 +368,18 @@ impl Ready {
     }
 }
 
-/// The rules in force at startup, from `files` (none: an empty set, which
-/// costs one pointer load per event and can be filled at run time), kept
-/// for SIGHUP to re-read. A bad file is the error `nbdfault check` prints.
-pub fn startup_rules(files: Vec<PathBuf>, seed: Option<u64>) -> Result<LiveRules, RuleError> {
-    let set = if files.is_empty() {
+/// The rules in force at startup, from `sources` (none: an empty set,
+/// which costs one pointer load per event and can be filled at run time);
+/// SIGHUP re-reads the files among them. A bad document is the error
+/// `nbdfault check` prints first.
+pub fn startup_rules(sources: &[Source], seed: Option<u64>) -> Result<LiveRules, RuleError> {
+    let set = if sources.is_empty() {
         RuleSet {
             seed: seed.unwrap_or(0),
             ..RuleSet::default()
         }
     } else {
-        let (set, notices) = crate::rules::load_files_noting(&files, seed)?;
+        let (set, notices) = crate::rules::load_noting(sources, seed)?;
         // A file without a final newline is accepted here: it is whole,
         // just written by its owner (JSON writers often leave the newline
         // out); only a reload, which may race a rewrite, refuses one.
@@ -389,6 +390,13 @@ pub fn startup_rules(files: Vec<PathBuf>, seed: Option<u64>) -> Result<LiveRules
         }
         set
     };
+    let files = sources
+        .iter()
+        .filter_map(|s| match s {
+            Source::File(path) => Some(path.clone()),
+            Source::Text { .. } => None,
+        })
+        .collect();
     Ok(LiveRules::new(set, files, seed))
 }
 
@@ -582,17 +590,20 @@ impl Signals {
 }
 
 /// An owner-only temporary directory, removed when dropped.
-struct PrivateDir(PathBuf);
+pub(crate) struct PrivateDir(pub(crate) PathBuf);
 
 impl PrivateDir {
-    fn new() -> std::io::Result<Self> {
+    pub(crate) fn new() -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let base = std::env::temp_dir();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let dir = base.join(format!("nbdfault-{}-{nanos}", std::process::id()));
+        // Several servers of one process (the Rust API) may start at once.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("nbdfault-{}-{nanos}-{n}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(Self(dir))
     }

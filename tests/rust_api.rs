@@ -270,7 +270,8 @@ fn a_bad_rules_document_is_refused_with_the_command_lines_message() {
     assert_eq!(
         chain,
         format!(
-            "cannot reach upstream {} (--check-upstream): No such file or directory (os error 2)",
+            "cannot reach upstream unix:{} (--check-upstream): No such file or directory \
+             (os error 2)",
             gone.display()
         )
     );

@@ -12,9 +12,11 @@
 //! registry): only the process around it (signals, `--run`, stdout) is
 //! left out.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::SystemTime;
 
 use thiserror::Error;
 use tokio::sync::oneshot;
@@ -22,10 +24,12 @@ use tokio::sync::oneshot;
 use crate::backend::Backend;
 use crate::backend::null::{MAX_EXPORT_SIZE, NullConfig};
 use crate::cache::DEFAULT_CACHE_SIZE;
+use crate::intercept::{ConnState, Event, Interceptor, Verdict};
 use crate::io::addr::{AddrError, ListenAddr, Target};
 use crate::observe::telemetry::Telemetry;
 use crate::observe::trace::TraceTarget;
 use crate::process::{PrivateDir, Ready, ServeError, ServerOptions, UpstreamCheck, startup_rules};
+use crate::protocol::consts::command_name;
 use crate::rules::live::{ChangeError, LiveRules};
 use crate::rules::{RuleError, Source};
 use crate::server::registry::Registry;
@@ -268,9 +272,14 @@ impl<B> Builder<B> {
             ListenAddr::Unix(path) => Some(path.clone()),
             ListenAddr::Tcp { .. } => None,
         };
+        let faults = Arc::new(Recorder {
+            rules: rules.clone(),
+            fired: Mutex::new(VecDeque::new()),
+        });
         let opts = ServerOptions {
             backend,
             rules: rules.clone(),
+            interceptor: Some(faults.clone()),
             telemetry: telemetry.clone(),
             upstream_check,
             limits: self.limits,
@@ -302,6 +311,7 @@ impl<B> Builder<B> {
             control_url,
             socket,
             rules,
+            faults,
             registry,
             telemetry,
             stop: Some(stop),
@@ -465,6 +475,7 @@ pub struct Running {
     control_url: Option<String>,
     socket: Option<PathBuf>,
     rules: Arc<LiveRules>,
+    faults: Arc<Recorder>,
     registry: Arc<Registry>,
     telemetry: Arc<Telemetry>,
     stop: Option<oneshot::Sender<()>>,
@@ -555,6 +566,12 @@ impl Running {
         self.connection(id).map(|c| c.kill())
     }
 
+    /// Every fault fired so far, oldest first (the last [`MAX_FAULTS`]
+    /// of them), as the rules decided it.
+    pub fn faults(&self) -> Vec<FaultRecord> {
+        self.faults.fired().iter().cloned().collect()
+    }
+
     /// The Prometheus text `GET /metrics` serves.
     pub fn metrics(&self) -> String {
         crate::control::metrics(&self.registry, &self.telemetry)
@@ -578,5 +595,73 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.stop_and_join();
+    }
+}
+
+/// Most faults [`Running::faults`] keeps: the oldest go first.
+pub const MAX_FAULTS: usize = 10_000;
+
+/// A fault a rule fired, and the event it fired on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// When it was decided.
+    pub at: SystemTime,
+    pub conn: ConnId,
+    pub rule: String,
+    /// The rule's action (`error`, `disconnect`, `delay`, ...).
+    pub action: &'static str,
+    /// The names the event answers to (`request`, `data`, ...).
+    pub events: Vec<&'static str>,
+    /// `to-server` or `to-client`; `None` for `connect`.
+    pub direction: Option<&'static str>,
+    /// The request's command (`read`, `write`, ...), its offset and length.
+    pub command: Option<&'static str>,
+    pub offset: Option<u64>,
+    pub length: Option<u64>,
+}
+
+/// The rules, and a bounded record of what they fired: a lock taken only
+/// when a rule fires, so a pass costs nothing more.
+struct Recorder {
+    rules: Arc<LiveRules>,
+    fired: Mutex<VecDeque<FaultRecord>>,
+}
+
+impl Recorder {
+    fn fired(&self) -> MutexGuard<'_, VecDeque<FaultRecord>> {
+        self.fired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Interceptor for Recorder {
+    fn on_event(&self, event: &Event, state: &mut ConnState) -> Verdict {
+        let verdict = self.rules.on_event(event, state);
+        if let Verdict::Fault(f) = &verdict {
+            let record = FaultRecord {
+                at: SystemTime::now(),
+                conn: event.conn,
+                rule: f.rule.to_string(),
+                action: f.action,
+                events: event.kinds.iter().map(|k| k.name()).collect(),
+                direction: event.direction.map(|d| d.name()),
+                command: event.meta.command.and_then(command_name),
+                offset: event.meta.offset,
+                length: event.meta.length,
+            };
+            let mut fired = self.fired();
+            if fired.len() >= MAX_FAULTS {
+                fired.pop_front();
+            }
+            fired.push_back(record);
+        }
+        verdict
+    }
+
+    fn is_idle(&self) -> bool {
+        self.rules.is_idle()
+    }
+
+    fn after_cut(&self, fault: &crate::intercept::Fault) {
+        self.rules.after_cut(fault);
     }
 }

@@ -108,4 +108,4 @@ pub mod server;
 #[doc(hidden)]
 pub mod sweep;
 
-pub use api::{Builder, ConnectionInfo, Error, Null, Proxy, Running};
+pub use api::{Builder, ConnectionInfo, Error, FaultRecord, Null, Proxy, Running};

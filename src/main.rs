@@ -583,6 +583,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         server: ServerOptions {
             backend,
             rules,
+            interceptor: None,
             telemetry: Arc::new(telemetry),
             upstream_check,
             limits,

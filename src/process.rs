@@ -35,6 +35,9 @@ pub const CONTROL_LOG: &str = "nbdfault::control";
 pub struct ServerOptions {
     pub backend: Backend,
     pub rules: Arc<LiveRules>,
+    /// What decides about faults, when not `rules` itself: something
+    /// around it (the Rust API records what fired).
+    pub interceptor: Option<Arc<dyn Interceptor>>,
     pub telemetry: Arc<Telemetry>,
     /// Whether to try a [`Backend::Upstream`] once at start.
     pub upstream_check: UpstreamCheck,
@@ -248,7 +251,10 @@ impl Ready {
                     source,
                 })?;
         }
-        let interceptor: Arc<dyn Interceptor> = opts.rules.clone();
+        let interceptor = match opts.interceptor {
+            Some(i) => i,
+            None => opts.rules.clone(),
+        };
         let server = Server::bind(ServerConfig {
             listen: listen.clone(),
             backend: opts.backend,

@@ -80,6 +80,29 @@ fn rules_changed_through_the_handle_reach_qemu_io_through_qemu_nbd() {
         (rules[0].name.as_str(), rules[0].matched, rules[0].fired),
         ("eio-reads", 1, 1)
     );
+    let faults = proxy.faults();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    let f = &faults[0];
+    assert_eq!(
+        (
+            f.rule.as_str(),
+            f.action,
+            f.events.as_slice(),
+            f.direction,
+            f.command,
+            f.offset,
+            f.length
+        ),
+        (
+            "eio-reads",
+            "error",
+            &["request"][..],
+            Some("to-server"),
+            Some("read"),
+            Some(1 << 20),
+            Some(4096)
+        )
+    );
     let m = proxy.metrics();
     assert!(
         m.lines()

@@ -259,14 +259,12 @@ impl<B> Builder<B> {
             path: self.trace.clone().unwrap_or_default(),
             source,
         })?);
-        let private = match listen {
-            Some(_) => None,
-            None => Some(PrivateDir::new().map_err(ServeError::PrivateDir)?),
-        };
-        let listen = match (listen, &private) {
-            (Some(l), _) => l,
-            (None, Some(dir)) => ListenAddr::Unix(dir.0.join("nbd.sock")),
-            (None, None) => return Err(Error::Died),
+        let (listen, private) = match listen {
+            Some(l) => (l, None),
+            None => {
+                let (listen, dir) = PrivateDir::socket()?;
+                (listen, Some(dir))
+            }
         };
         let socket = match &listen {
             ListenAddr::Unix(path) => Some(path.clone()),
@@ -469,7 +467,9 @@ impl Builder<NullDisk> {
 /// [`Running::shutdown`] or until dropped (which does the same, quietly).
 /// Either way every connection is ended, the listener closed (a unix
 /// socket and the private directory removed) and every thread it started
-/// joined.
+/// joined; that blocks the caller up to about a second while connections
+/// close (in async code, stop it through `spawn_blocking`). Its log lines
+/// go to the program's `tracing` subscriber, if there is one.
 pub struct Running {
     uri: String,
     control_url: Option<String>,

@@ -12,8 +12,8 @@
 //! `listen`, `seed`, `control`, `trace`, ...). `spawn()` binds before it
 //! returns and serves on a thread of its own, by default on a unix socket
 //! in a private directory; the [`Running`] handle gives the URI, changes
-//! rules as the control API does, lists connections, renders the metrics
-//! and stops everything on [`Running::shutdown`] or drop, leaving no thread
+//! rules as the control API does, lists connections and the faults fired,
+//! renders the metrics and stops everything on [`Running::shutdown`] or drop, leaving no thread
 //! or socket behind. Errors are one [`Error`]; a bad rules document is the
 //! `FILE:LINE:COLUMN: message` the command line prints.
 //!

@@ -151,16 +151,18 @@ pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ServeError> {
 async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     // A private directory for the socket of a captive server, removed on
     // the way out (after the listener, which removes the socket itself).
-    let private = match (&opts.listen, &opts.run) {
-        (None, Some(_)) => Some(PrivateDir::new().map_err(ServeError::PrivateDir)?),
-        _ => None,
-    };
-    let listen = match (&opts.listen, &private) {
-        (Some(l), _) => l.clone(),
-        (None, Some(dir)) => ListenAddr::Unix(dir.0.join("nbd.sock")),
-        (None, None) => crate::io::addr::DEFAULT_LISTEN
-            .parse()
-            .expect("the default address parses"),
+    let (listen, private) = match (&opts.listen, &opts.run) {
+        (Some(l), _) => (l.clone(), None),
+        (None, Some(_)) => {
+            let (listen, dir) = PrivateDir::socket()?;
+            (listen, Some(dir))
+        }
+        (None, None) => (
+            crate::io::addr::DEFAULT_LISTEN
+                .parse()
+                .expect("the default address parses"),
+            None,
+        ),
     };
     let rules = opts.server.rules.clone();
     let ready = Ready::bind(listen.clone(), opts.server).await?;
@@ -596,10 +598,16 @@ impl Signals {
 }
 
 /// An owner-only temporary directory, removed when dropped.
-pub(crate) struct PrivateDir(pub(crate) PathBuf);
+pub(crate) struct PrivateDir(PathBuf);
 
 impl PrivateDir {
-    pub(crate) fn new() -> std::io::Result<Self> {
+    /// A new private directory and a unix socket address in it.
+    pub(crate) fn socket() -> Result<(ListenAddr, Self), ServeError> {
+        let dir = Self::new().map_err(ServeError::PrivateDir)?;
+        Ok((ListenAddr::Unix(dir.0.join("nbd.sock")), dir))
+    }
+
+    fn new() -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let base = std::env::temp_dir();
         let nanos = std::time::SystemTime::now()

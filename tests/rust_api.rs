@@ -31,11 +31,14 @@ rules:
     errno: EIO
 ";
 
-/// A 4 MiB raw image, sparse, behind qemu-nbd.
-fn qemu_nbd_disk(dir: &TempDir) -> QemuNbd {
+/// A 4 MiB sparse raw image behind qemu-nbd, in `dir`, and a proxy
+/// builder in front of it.
+fn qemu_nbd_disk(dir: &TempDir) -> (QemuNbd, nbdfault::Builder<nbdfault::api::ProxyTo>) {
     let image = dir.path().join("disk.img");
     create_sparse(&image, 4 << 20);
-    QemuNbd::raw(&image)
+    let disk = QemuNbd::raw(&image);
+    let proxy = nbdfault::Proxy::builder().upstream(disk.uri());
+    (disk, proxy)
 }
 
 fn qemu_io_ok(uri: &str, cmd: &str) -> String {
@@ -49,12 +52,8 @@ fn qemu_io_ok(uri: &str, cmd: &str) -> String {
 fn rules_changed_through_the_handle_reach_qemu_io_through_qemu_nbd() {
     let _serial = serial();
     let dir = TempDir::new().unwrap();
-    let disk = qemu_nbd_disk(&dir);
-    let proxy = nbdfault::Proxy::builder()
-        .upstream(disk.uri())
-        .check_upstream(true)
-        .spawn()
-        .unwrap();
+    let (_disk, proxy) = qemu_nbd_disk(&dir);
+    let proxy = proxy.check_upstream(true).spawn().unwrap();
     assert!(
         proxy.uri().starts_with("nbd+unix:///?socket="),
         "{}",
@@ -124,12 +123,8 @@ fn rules_changed_through_the_handle_reach_qemu_io_through_qemu_nbd() {
 fn connections_lists_a_live_client_and_steers_it() {
     let _serial = serial();
     let dir = TempDir::new().unwrap();
-    let disk = qemu_nbd_disk(&dir);
-    let proxy = nbdfault::Proxy::builder()
-        .upstream(disk.uri())
-        .listen("127.0.0.1:0")
-        .spawn()
-        .unwrap();
+    let (_disk, proxy) = qemu_nbd_disk(&dir);
+    let proxy = proxy.listen("127.0.0.1:0").spawn().unwrap();
     assert!(proxy.connections().is_empty());
     let mut client = QemuIo::new(proxy.uri()).spawn_idle();
     let mut conns = Vec::new();

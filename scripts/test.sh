@@ -91,6 +91,10 @@ cargo clippy --all-targets -- -D warnings
 step "cargo test --release --all-targets $*"
 cargo test --release --all-targets "$@"
 
+# --all-targets leaves the doc examples out (the Rust API's, in src/).
+step "cargo test --release --doc"
+cargo test --release --doc
+
 # The Python package (python/) against the release binary the tests built,
 # from the source tree; its tests also pip-install it into a venv.
 if [ "$#" -eq 0 ]; then

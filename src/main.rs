@@ -10,15 +10,15 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use nbdfault::backend::Backend;
-use nbdfault::backend::null::NullConfig;
+use nbdfault::backend::null::{MAX_EXPORT_SIZE, NullConfig};
 use nbdfault::chart;
 use nbdfault::injector;
 use nbdfault::io::addr::{ListenAddr, Target, parse_size};
 use nbdfault::observe::log;
 use nbdfault::observe::telemetry::Telemetry;
 use nbdfault::observe::trace::TraceTarget;
-use nbdfault::process::{ServeOptions, UpstreamCheck, serve};
-use nbdfault::rules::{self, Notice, RuleSet, live::LiveRules};
+use nbdfault::process::{ServeOptions, ServerOptions, UpstreamCheck, serve, startup_rules};
+use nbdfault::rules::{self, Source};
 use nbdfault::server::Limits;
 use nbdfault::sweep;
 
@@ -409,32 +409,6 @@ struct RuleArgs {
     seed: Option<u64>,
 }
 
-impl RuleArgs {
-    /// The rules in force at startup (none: an empty set, which costs one
-    /// pointer load per event and can be filled at run time).
-    fn live(&self) -> Result<LiveRules> {
-        let set = if self.files.is_empty() {
-            RuleSet {
-                seed: self.seed.unwrap_or(0),
-                ..RuleSet::default()
-            }
-        } else {
-            let (set, notices) = rules::load_files_noting(&self.files, self.seed)?;
-            // A file without a final newline is accepted here: it is whole,
-            // just written by its owner (JSON writers often leave the
-            // newline out); only a reload, which may race a rewrite,
-            // refuses one.
-            for n in notices {
-                if let Notice::NoRules { .. } = n {
-                    tracing::warn!("{n}");
-                }
-            }
-            set
-        };
-        Ok(LiveRules::new(set, self.files.clone(), self.seed))
-    }
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
@@ -606,7 +580,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         );
     }
     // A bad rules file never starts a server.
-    let rules = Arc::new(args.rules.live()?);
+    let sources: Vec<Source> = args.rules.files.into_iter().map(Source::File).collect();
+    let rules = Arc::new(startup_rules(&sources, args.rules.seed)?);
     let mut telemetry = Telemetry::new(
         control.is_some(),
         args.trace.as_deref().map(TraceTarget::from_arg),
@@ -630,20 +605,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     let status = serve(ServeOptions {
         listen,
-        backend,
-        rules,
-        telemetry: Arc::new(telemetry),
+        server: ServerOptions {
+            backend,
+            rules,
+            interceptor: None,
+            telemetry: Arc::new(telemetry),
+            upstream_check,
+            limits,
+            control,
+            socket_mode,
+            threads,
+            busy_poll,
+            write_cache,
+        },
         run: args.run,
         print_uri: args.print_uri,
-        upstream_check,
-        limits,
-        control,
-        socket_mode,
-        threads,
-        busy_poll,
         exit_with_parent: args.exit_with_parent.then_some(parent),
         pidfile: args.pidfile,
-        write_cache,
     })?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }
@@ -658,9 +636,6 @@ fn trace(summary: bool, file: &std::path::Path) -> Result<ExitCode> {
     print!("{}", nbdfault::observe::summary::summarize(&text));
     Ok(ExitCode::SUCCESS)
 }
-
-/// The largest export qemu-img creates (and QEMU's NBD client takes).
-const MAX_EXPORT_SIZE: u64 = i64::MAX as u64;
 
 /// `--size` of a null server: qemu-img's syntax and its bound.
 fn export_size(s: &str) -> Result<u64> {

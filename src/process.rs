@@ -19,6 +19,7 @@ use crate::io::addr::ListenAddr;
 use crate::io::shards::Shards;
 use crate::observe::telemetry::Telemetry;
 use crate::rules::live::LiveRules;
+use crate::rules::{Notice, RuleError, RuleSet, Source};
 use crate::server::registry::Registry;
 use crate::server::{Limits, Server, ServerConfig};
 
@@ -28,19 +29,16 @@ use crate::server::{Limits, Server, ServerConfig};
 /// Log target of lifecycle and control messages.
 pub const CONTROL_LOG: &str = "nbdfault::control";
 
-/// Everything `proxy` and `null` need.
-pub struct ServeOptions {
-    /// `None`: the default address, or a private unix socket with `run`.
-    pub listen: Option<ListenAddr>,
+/// Everything a server needs, whoever runs it: the command line's `proxy`
+/// and `null` ([`serve`]) or a Rust program ([`crate::api`]), both through
+/// [`Ready`].
+pub struct ServerOptions {
     pub backend: Backend,
     pub rules: Arc<LiveRules>,
+    /// What decides about faults, when not `rules` itself: something
+    /// around it (the Rust API records what fired).
+    pub interceptor: Option<Arc<dyn Interceptor>>,
     pub telemetry: Arc<Telemetry>,
-    /// Captive mode: run this through `sh -c`, exit with its status.
-    /// Stdout is then the command's alone, as with nbdkit's `--run`.
-    pub run: Option<String>,
-    /// Print the URI alone once listening, instead of `Listening on URI`
-    /// (and, in captive mode, instead of nothing): nbdkit's `--print-uri`.
-    pub print_uri: bool,
     /// Whether to try a [`Backend::Upstream`] once at start.
     pub upstream_check: UpstreamCheck,
     pub limits: Limits,
@@ -54,15 +52,29 @@ pub struct ServeOptions {
     /// Busy-poll this long after activity on each thread (see
     /// [`crate::io::busypoll`]); zero: never. Needs `threads` ≥ 1.
     pub busy_poll: Duration,
+    /// `--write-cache volatile`: the bytes of write data it may hold per
+    /// export (`--cache-size`); `None`: off.
+    pub write_cache: Option<u64>,
+}
+
+/// Everything `proxy` and `null` need: a server, and what the process
+/// around it does.
+pub struct ServeOptions {
+    /// `None`: the default address, or a private unix socket with `run`.
+    pub listen: Option<ListenAddr>,
+    pub server: ServerOptions,
+    /// Captive mode: run this through `sh -c`, exit with its status.
+    /// Stdout is then the command's alone, as with nbdkit's `--run`.
+    pub run: Option<String>,
+    /// Print the URI alone once listening, instead of `Listening on URI`
+    /// (and, in captive mode, instead of nothing): nbdkit's `--print-uri`.
+    pub print_uri: bool,
     /// `--exit-with-parent`: the parent process when this one started
     /// (taken as early as possible); stop as SIGTERM would once it exits.
     pub exit_with_parent: Option<nix::unistd::Pid>,
     /// `--pidfile`: written once clients can connect, removed on the way
     /// out.
     pub pidfile: Option<PathBuf>,
-    /// `--write-cache volatile`: the bytes of write data it may hold per
-    /// export (`--cache-size`); `None`: off.
-    pub write_cache: Option<u64>,
 }
 
 /// Trying the upstream once at start ([`crate::backend::upstream::probe`]),
@@ -119,7 +131,13 @@ pub enum ServeError {
 /// can connect (not in captive mode; see [`ServeOptions::print_uri`]).
 pub fn serve(opts: ServeOptions) -> Result<i32, ServeError> {
     raise_fd_limit();
-    let rt = match opts.threads {
+    runtime(opts.server.threads)?.block_on(serve_async(opts))
+}
+
+/// The runtime a server's accepting thread runs: single-threaded (shard
+/// 0) unless `threads` is 0, which asks for tokio's work-stealing one.
+pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ServeError> {
+    match threads {
         0 => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build(),
@@ -127,103 +145,31 @@ pub fn serve(opts: ServeOptions) -> Result<i32, ServeError> {
             .enable_all()
             .build(),
     }
-    .map_err(ServeError::Runtime)?;
-    rt.block_on(serve_async(opts))
+    .map_err(ServeError::Runtime)
 }
 
 async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     // A private directory for the socket of a captive server, removed on
     // the way out (after the listener, which removes the socket itself).
-    let private = match (&opts.listen, &opts.run) {
-        (None, Some(_)) => Some(PrivateDir::new().map_err(ServeError::PrivateDir)?),
-        _ => None,
-    };
-    let listen = match (&opts.listen, &private) {
-        (Some(l), _) => l.clone(),
-        (None, Some(dir)) => ListenAddr::Unix(dir.0.join("nbd.sock")),
-        (None, None) => crate::io::addr::DEFAULT_LISTEN
-            .parse()
-            .expect("the default address parses"),
-    };
-    let probe = match (&opts.backend, opts.upstream_check) {
-        (Backend::Upstream(t), check) if check != UpstreamCheck::Skip => {
-            Some((t.clone(), check, opts.limits.connect_timeout))
+    let (listen, private) = match (&opts.listen, &opts.run) {
+        (Some(l), _) => (l.clone(), None),
+        (None, Some(_)) => {
+            let (listen, dir) = PrivateDir::socket()?;
+            (listen, Some(dir))
         }
-        _ => None,
+        (None, None) => (
+            crate::io::addr::DEFAULT_LISTEN
+                .parse()
+                .expect("the default address parses"),
+            None,
+        ),
     };
-    if let Some((target, UpstreamCheck::Refuse, timeout)) = &probe {
-        crate::backend::upstream::probe(target, *timeout)
-            .await
-            .map_err(|source| ServeError::Upstream {
-                target: target.to_string(),
-                source,
-            })?;
-    }
-    let interceptor: Arc<dyn Interceptor> = opts.rules.clone();
-    let server = Server::bind(ServerConfig {
-        listen: listen.clone(),
-        backend: opts.backend,
-        limits: opts.limits,
-        interceptor,
-        telemetry: opts.telemetry.clone(),
-    })
-    .await
-    .map_err(|source| ServeError::Listen {
-        addr: listen.to_string(),
-        source,
-    })?;
-    if let (Some(mode), ListenAddr::Unix(path)) = (opts.socket_mode, &listen) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
-            |source| ServeError::Listen {
-                addr: listen.to_string(),
-                source,
-            },
-        )?;
-    }
-    let server = match opts.write_cache {
-        Some(limit) => server.with_write_cache(limit),
-        None => server,
-    };
-    let server = match opts.threads {
-        0 | 1 => server,
-        n => server.with_shards(Arc::new(
-            Shards::start(n, opts.busy_poll).map_err(ServeError::Runtime)?,
-        )),
-    };
-    if opts.threads >= 1 {
-        // The accepting thread serves connections too (shard 0).
-        crate::io::busypoll::start(opts.busy_poll);
-    }
-    // After the bind, so a startup error stays the only line.
-    if let Some((target, UpstreamCheck::Warn, _)) = &probe
-        && let Err(e) = crate::backend::upstream::look(target).await
-    {
-        warn!(
-            "upstream {target} is not there at start: {e}; every client will fail until it \
-             is (--check-upstream connects to it and refuses to start without it)"
-        );
-    }
-    let uri = server.uri();
-    let registry = server.registry();
+    let rules = opts.server.rules.clone();
+    let ready = Ready::bind(listen.clone(), opts.server).await?;
+    let uri = ready.uri().to_string();
     // Before anyone can know we listen: a SIGTERM right after the line must
     // find the handlers in place.
     let sigs = Signals::install()?;
-    let control = match opts.control {
-        Some((addr, token)) => Some(
-            Control::bind(
-                &addr,
-                ControlState {
-                    rules: opts.rules.clone(),
-                    registry: server.registry(),
-                    telemetry: opts.telemetry.clone(),
-                    token,
-                },
-            )
-            .await?,
-        ),
-        None => None,
-    };
     // Once the file exists, clients can connect (it appears whole, by a
     // rename); removed when dropped, with this function.
     let pidfile = match &opts.pidfile {
@@ -235,55 +181,232 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
         (false, None) => println!("Listening on {uri}"),
         (false, Some(_)) => {}
     }
-    if let (Some(c), None) = (&control, &opts.run) {
-        println!("Control on {}", c.url());
+    if let (Some(url), None) = (ready.control_url(), &opts.run) {
+        println!("Control on {url}");
     }
     let _ = std::io::stdout().flush();
-    // Dropped with this function: a unix control socket is removed.
-    let control = control.map(|c| tokio::spawn(c.run()));
 
-    let status = {
-        let signals = sigs.serve(&opts.rules);
-        let parent = parent_exited(opts.exit_with_parent);
-        let signals = async {
-            tokio::select! {
-                r = signals => r,
-                () = parent => Ok(()),
-            }
-        };
-        tokio::pin!(signals);
-        match &opts.run {
-            None => tokio::select! {
-                () = server.run() => 0,
-                r = &mut signals => r.map(|()| 0)?,
-            },
-            Some(cmd) => {
-                let mut child = captive(cmd, &uri, &listen)?;
-                tokio::select! {
-                    () = server.run() => 0,
-                    r = &mut signals => {
-                        r?;
-                        let _ = child.start_kill();
-                        0
-                    }
-                    s = child.wait() => exit_status(s.map_err(|source| ServeError::Run {
-                        cmd: cmd.clone(),
-                        source,
-                    })?),
-                }
-            }
+    let signals = sigs.serve(&rules);
+    let parent = parent_exited(opts.exit_with_parent);
+    let signals = async {
+        tokio::select! {
+            r = signals => r,
+            () = parent => Ok(()),
         }
     };
-    shut_down(&registry).await;
-    opts.telemetry.flush_trace();
-    opts.telemetry.finish_log_writes();
-    if let Some(c) = control {
-        c.abort();
-        let _ = c.await;
-    }
+    let status = match &opts.run {
+        None => ready.serve_until(async { signals.await.map(|()| 0) }).await,
+        Some(cmd) => {
+            let mut child = captive(cmd, &uri, &listen)?;
+            ready
+                .serve_until(async {
+                    tokio::select! {
+                        r = signals => {
+                            r?;
+                            let _ = child.start_kill();
+                            Ok(0)
+                        }
+                        s = child.wait() => s.map(exit_status).map_err(|source| ServeError::Run {
+                            cmd: cmd.clone(),
+                            source,
+                        }),
+                    }
+                })
+                .await
+        }
+    };
     drop(private);
     drop(pidfile);
-    Ok(status)
+    status
+}
+
+/// A server listening (clients can connect; they wait to be accepted) and
+/// its control API bound, not yet serving: what [`serve`] and the Rust API
+/// ([`crate::api`]) both start from.
+pub struct Ready {
+    server: Server,
+    control: Option<Control>,
+    uri: String,
+    registry: Arc<Registry>,
+    telemetry: Arc<Telemetry>,
+    /// Kept past the listener, so connections on other threads end the
+    /// way [`shut_down`] asks before their threads stop.
+    shards: Option<Arc<Shards>>,
+}
+
+impl Ready {
+    /// Binds `listen` (and the control API, if asked), after trying the
+    /// upstream as `opts.upstream_check` says. Runs inside the runtime
+    /// [`runtime`] built for `opts.threads`: busy-polling starts on it.
+    pub async fn bind(listen: ListenAddr, opts: ServerOptions) -> Result<Ready, ServeError> {
+        let probe = match (&opts.backend, opts.upstream_check) {
+            (Backend::Upstream(t), check) if check != UpstreamCheck::Skip => {
+                Some((t.clone(), check, opts.limits.connect_timeout))
+            }
+            _ => None,
+        };
+        if let Some((target, UpstreamCheck::Refuse, timeout)) = &probe {
+            crate::backend::upstream::probe(target, *timeout)
+                .await
+                .map_err(|source| ServeError::Upstream {
+                    target: target.to_string(),
+                    source,
+                })?;
+        }
+        let interceptor = match opts.interceptor {
+            Some(i) => i,
+            None => opts.rules.clone(),
+        };
+        let server = Server::bind(ServerConfig {
+            listen: listen.clone(),
+            backend: opts.backend,
+            limits: opts.limits,
+            interceptor,
+            telemetry: opts.telemetry.clone(),
+        })
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
+        if let (Some(mode), ListenAddr::Unix(path)) = (opts.socket_mode, &listen) {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+                |source| ServeError::Listen {
+                    addr: listen.to_string(),
+                    source,
+                },
+            )?;
+        }
+        let server = match opts.write_cache {
+            Some(limit) => server.with_write_cache(limit),
+            None => server,
+        };
+        let shards = match opts.threads {
+            0 | 1 => None,
+            n => Some(Arc::new(
+                Shards::start(n, opts.busy_poll).map_err(ServeError::Runtime)?,
+            )),
+        };
+        let server = match &shards {
+            Some(s) => server.with_shards(s.clone()),
+            None => server,
+        };
+        if opts.threads >= 1 {
+            // The accepting thread serves connections too (shard 0).
+            crate::io::busypoll::start(opts.busy_poll);
+        }
+        // After the bind, so a startup error stays the only line.
+        if let Some((target, UpstreamCheck::Warn, _)) = &probe
+            && let Err(e) = crate::backend::upstream::look(target).await
+        {
+            warn!(
+                "upstream {target} is not there at start: {e}; every client will fail until it \
+                 is (--check-upstream connects to it and refuses to start without it)"
+            );
+        }
+        let control = match opts.control {
+            Some((addr, token)) => Some(
+                Control::bind(
+                    &addr,
+                    ControlState {
+                        rules: opts.rules.clone(),
+                        registry: server.registry(),
+                        telemetry: opts.telemetry.clone(),
+                        token,
+                    },
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        Ok(Ready {
+            uri: server.uri(),
+            registry: server.registry(),
+            server,
+            control,
+            telemetry: opts.telemetry,
+            shards,
+        })
+    }
+
+    /// The NBD URI clients connect to.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The control API's URL, when it has one.
+    pub fn control_url(&self) -> Option<String> {
+        self.control.as_ref().map(Control::url)
+    }
+
+    /// The live connections.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Serves (and the control API) until `stop` resolves, then ends every
+    /// connection, flushes the trace and closes the listeners (removing
+    /// unix sockets); `stop`'s value.
+    pub async fn serve_until<T>(self, stop: impl std::future::Future<Output = T>) -> T {
+        // Dropped with this function: a unix control socket is removed.
+        let control = self.control.map(|c| tokio::spawn(c.run()));
+        let mut server = Box::pin(self.server.run());
+        tokio::pin!(stop);
+        let out = tokio::select! {
+            r = &mut stop => r,
+            // The accept loop never ends (nothing closes its slots); were
+            // it to, `stop` still decides.
+            () = &mut server => stop.await,
+        };
+        // The listener first: no client is accepted while the others end.
+        drop(server);
+        shut_down(&self.registry).await;
+        self.telemetry.flush_trace();
+        self.telemetry.finish_log_writes();
+        if let Some(c) = control {
+            c.abort();
+            let _ = c.await;
+        }
+        // Joins the other threads (off this runtime's thread: a join here
+        // would stall whatever else it runs).
+        if let Some(shards) = self.shards {
+            let _ = tokio::task::spawn_blocking(move || drop(shards)).await;
+        }
+        out
+    }
+}
+
+/// The rules in force at startup, from `sources` (none: an empty set,
+/// which costs one pointer load per event and can be filled at run time);
+/// SIGHUP re-reads the files among them. A bad document is the error
+/// `nbdfault check` prints first.
+pub fn startup_rules(sources: &[Source], seed: Option<u64>) -> Result<LiveRules, RuleError> {
+    let set = if sources.is_empty() {
+        RuleSet {
+            seed: seed.unwrap_or(0),
+            ..RuleSet::default()
+        }
+    } else {
+        let (set, notices) = crate::rules::load_noting(sources, seed)?;
+        // A file without a final newline is accepted here: it is whole,
+        // just written by its owner (JSON writers often leave the newline
+        // out); only a reload, which may race a rewrite, refuses one.
+        for n in notices {
+            if let Notice::NoRules { .. } = n {
+                warn!("{n}");
+            }
+        }
+        set
+    };
+    let files = sources
+        .iter()
+        .filter_map(|s| match s {
+            Source::File(path) => Some(path.clone()),
+            Source::Text { .. } => None,
+        })
+        .collect();
+    Ok(LiveRules::new(set, files, seed))
 }
 
 /// How often `--exit-with-parent` looks at the parent pid.
@@ -368,7 +491,7 @@ fn raise_fd_limit() {
 
 /// Ends every connection and waits (up to a second) for each to close
 /// the way a fault asked and log its end. Connections on other threads
-/// would not end with this thread's runtime, only with the process.
+/// would not end with this thread's runtime, only with their shards.
 async fn shut_down(registry: &Registry) {
     for c in registry.list() {
         c.shut_down();
@@ -476,9 +599,15 @@ impl Signals {
 }
 
 /// An owner-only temporary directory, removed when dropped.
-struct PrivateDir(PathBuf);
+pub(crate) struct PrivateDir(PathBuf);
 
 impl PrivateDir {
+    /// A new private directory and a unix socket address in it.
+    pub(crate) fn socket() -> Result<(ListenAddr, Self), ServeError> {
+        let dir = Self::new().map_err(ServeError::PrivateDir)?;
+        Ok((ListenAddr::Unix(dir.0.join("nbd.sock")), dir))
+    }
+
     fn new() -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let base = std::env::temp_dir();
@@ -486,7 +615,10 @@ impl PrivateDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let dir = base.join(format!("nbdfault-{}-{nanos}", std::process::id()));
+        // Several servers of one process (the Rust API) may start at once.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("nbdfault-{}-{nanos}-{n}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(Self(dir))
     }

@@ -12,15 +12,13 @@ use common::*;
 use nbdfault::backend::Backend;
 use nbdfault::backend::null::NullConfig;
 use nbdfault::intercept::{Interceptor, PassThrough};
-use nbdfault::io::addr::Target;
 use nbdfault::observe::telemetry::Telemetry;
-use nbdfault::observe::trace::TraceTarget;
-use nbdfault::rules::{self, engine::Engine};
 use nbdfault::server::{Limits, Server, ServerConfig};
 use serde_json::Value;
 use tempfile::TempDir;
 
-/// A server on a runtime of its own; dropping it stops it.
+/// A server on a runtime of its own with the telemetry it is given (the
+/// Rust API always has metrics on); dropping it stops it.
 struct InProcess {
     rt: tokio::runtime::Runtime,
     uri: String,
@@ -46,18 +44,6 @@ impl InProcess {
         let uri = server.uri();
         rt.spawn(server.run());
         Self { rt, uri, telemetry }
-    }
-
-    /// Waits until the metrics show `line` (connections close
-    /// asynchronously after the client has gone).
-    fn wait_for_metric(&self, line: &str) -> String {
-        let mut out = String::new();
-        let seen = wait_until(Duration::from_secs(10), || {
-            out = self.telemetry.render_metrics();
-            out.lines().any(|l| l == line)
-        });
-        assert!(seen, "no line {line:?} in:\n{out}");
-        out
     }
 }
 
@@ -109,21 +95,24 @@ fn trace(path: &Path) -> Vec<Value> {
 fn metrics_and_trace_follow_a_session() {
     let dir = TempDir::new().unwrap();
     let trace_path = dir.path().join("trace.jsonl");
-    let rules = rules::parse_str(
-        "test.yaml",
-        "rules:\n\
-         \x20 - name: eio-writes\n\
-         \x20   event: request\n\
-         \x20   command: write\n\
-         \x20   action: error\n\
-         \x20   errno: EIO\n",
-    )
-    .unwrap();
-    let telemetry = Telemetry::new(true, Some(TraceTarget::File(trace_path.clone()))).unwrap();
-    let p = InProcess::start(null_backend(), Arc::new(Engine::new(rules)), telemetry);
+    // Through the Rust API, which has metrics on.
+    let p = nbdfault::Null::builder()
+        .size(1 << 20)
+        .listen("127.0.0.1:0")
+        .rules_yaml(
+            "rules:\n\
+             \x20 - name: eio-writes\n\
+             \x20   event: request\n\
+             \x20   command: write\n\
+             \x20   action: error\n\
+             \x20   errno: EIO\n",
+        )
+        .trace(&trace_path)
+        .spawn()
+        .unwrap();
 
     let out = nbdsh(
-        &p.uri,
+        p.uri(),
         "buf = h.pread(4096, 8192)\n\
          print(len(buf))\n\
          try:\n\
@@ -136,7 +125,7 @@ fn metrics_and_trace_follow_a_session() {
     );
     assert_eq!(out, "4096\nrefused EIO\n");
 
-    let m = p.wait_for_metric("nbdfault_connections_active 0");
+    let m = wait_for_metric(&p, "nbdfault_connections_active 0");
     has_line(&m, "nbdfault_connections_total 1");
     has_line(&m, "nbdfault_upstream_errors_total 0");
     has_line(
@@ -184,7 +173,8 @@ fn metrics_and_trace_follow_a_session() {
         "{m}"
     );
 
-    p.telemetry.flush_trace();
+    // Stopping writes the trace out.
+    p.shutdown().unwrap();
     let lines = trace(&trace_path);
     assert_eq!(lines[0]["event"], "connect", "{lines:#?}");
     assert_eq!(lines[0]["direction"], Value::Null);
@@ -237,19 +227,18 @@ fn unreachable_upstream_is_counted() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let target: Target = format!("127.0.0.1:{port}").parse().unwrap();
-    let p = InProcess::start(
-        Backend::Upstream(target),
-        Arc::new(PassThrough),
-        Telemetry::new(true, None).unwrap(),
-    );
-    let out = nbdinfo(&[&p.uri]);
+    let p = nbdfault::Proxy::builder()
+        .upstream(format!("127.0.0.1:{port}"))
+        .listen("127.0.0.1:0")
+        .spawn()
+        .unwrap();
+    let out = nbdinfo(&[p.uri()]);
     assert!(!out.success(), "{}", out.describe());
-    let m = p.wait_for_metric("nbdfault_upstream_errors_total 1");
+    let m = wait_for_metric(&p, "nbdfault_upstream_errors_total 1");
     let m = if m.lines().any(|l| l == "nbdfault_connections_active 0") {
         m
     } else {
-        p.wait_for_metric("nbdfault_connections_active 0")
+        wait_for_metric(&p, "nbdfault_connections_active 0")
     };
     has_line(&m, "nbdfault_connections_total 1");
     has_line(

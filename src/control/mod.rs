@@ -42,7 +42,6 @@ use crate::io::net::Listener;
 use crate::io::percent;
 use crate::observe::telemetry::Telemetry;
 use crate::observe::time::Rfc3339;
-use crate::protocol::Direction;
 use crate::protocol::consts::command_name;
 use crate::proxy::Connection;
 use crate::proxy::breaks::{HeldInfo, breaks};
@@ -290,13 +289,7 @@ async fn handle(
         return r;
     }
     match route {
-        Route::Metrics => {
-            let mut m = metrics(state);
-            if let Some(c) = state.registry.write_cache() {
-                m.push_str(&c.render_metrics());
-            }
-            text(StatusCode::OK, m)
-        }
+        Route::Metrics => text(StatusCode::OK, metrics(&state.registry, &state.telemetry)),
         Route::Rules => match *req.method() {
             Method::GET => json(StatusCode::OK, &rules_body(&state.rules)),
             ref m => {
@@ -818,10 +811,11 @@ fn wait_timeout(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// The metrics, with the outages' and breaks' counts after the rest.
-fn metrics(state: &ControlState) -> String {
-    let mut text = state.telemetry.render_metrics();
-    let (refused, blackholed) = state.registry.outage_counts();
+/// `GET /metrics` (and the Rust API's `metrics()`): the telemetry's, then
+/// the outages' and breaks' counts, then the write cache's.
+pub fn metrics(registry: &Registry, telemetry: &Telemetry) -> String {
+    let mut text = telemetry.render_metrics();
+    let (refused, blackholed) = registry.outage_counts();
     let b = breaks().counts();
     for (name, kind, help, value) in [
         (
@@ -864,6 +858,9 @@ fn metrics(state: &ControlState) -> String {
         text.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
+    }
+    if let Some(c) = registry.write_cache() {
+        text.push_str(&c.render_metrics());
     }
     text
 }
@@ -995,15 +992,16 @@ struct ConnJson {
 }
 
 fn conn_json(c: &Connection) -> ConnJson {
+    let info = c.info();
     ConnJson {
-        id: c.id,
-        client: c.peer.clone(),
-        export: c.export(),
-        started: Rfc3339(c.started).to_string(),
-        bytes_to_server: c.bytes(Direction::ToServer),
-        bytes_to_client: c.bytes(Direction::ToClient),
-        requests_in_flight: c.requests_in_flight(),
-        paused: c.is_paused(),
+        id: info.id,
+        client: info.peer,
+        export: info.export,
+        started: Rfc3339(info.started).to_string(),
+        bytes_to_server: info.bytes_to_server,
+        bytes_to_client: info.bytes_to_client,
+        requests_in_flight: info.requests_in_flight,
+        paused: info.paused,
     }
 }
 

@@ -11,8 +11,9 @@
 //! threads in turn. `scripts/bench.sh` compares the two (`--threads 0` is
 //! work-stealing).
 //!
-//! A shard is a thread running a current-thread runtime until the process
-//! ends. The thread that accepts is shard 0; a connection dealt to another
+//! A shard is a thread running a current-thread runtime until its
+//! [`Shards`] is dropped (which ends the connections on it and joins the
+//! thread, so an embedded server leaves no thread behind). The thread that accepts is shard 0; a connection dealt to another
 //! shard moves there as a std socket and is registered with that shard's
 //! reactor on arrival.
 
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
+use tokio::sync::oneshot;
 
 use tracing::warn;
 
@@ -31,6 +33,9 @@ pub struct Shards {
     /// Runtimes other than the accepting thread's.
     others: Vec<Handle>,
     next: AtomicUsize,
+    /// Dropping a sender ends its shard's runtime; then its thread is
+    /// joined.
+    stops: Vec<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl Shards {
@@ -38,23 +43,28 @@ impl Shards {
     /// each busy-polling for `busy_poll` after activity (see
     /// [`crate::io::busypoll`]; zero: never).
     pub fn start(n: usize, busy_poll: Duration) -> std::io::Result<Self> {
-        let mut others = Vec::new();
+        let mut shards = Self {
+            others: Vec::new(),
+            next: AtomicUsize::new(0),
+            stops: Vec::new(),
+        };
         for i in 1..n.max(1) {
             let rt = Builder::new_current_thread().enable_all().build()?;
-            others.push(rt.handle().clone());
-            std::thread::Builder::new()
+            let handle = rt.handle().clone();
+            let (stop, stopped) = oneshot::channel::<()>();
+            // On an error, the shards started so far stop as `shards` drops.
+            let thread = std::thread::Builder::new()
                 .name(format!("nbdfault-shard-{i}"))
                 .spawn(move || {
                     rt.block_on(async {
                         crate::io::busypoll::start(busy_poll);
-                        std::future::pending::<()>().await
+                        let _ = stopped.await;
                     })
                 })?;
+            shards.others.push(handle);
+            shards.stops.push((stop, thread));
         }
-        Ok(Self {
-            others,
-            next: AtomicUsize::new(0),
-        })
+        Ok(shards)
     }
 
     /// How many threads serve connections.
@@ -95,6 +105,15 @@ impl Shards {
                 Err(e) => warn!("cannot move a connection to another thread: {e}; closing it"),
             }
         });
+    }
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        for (stop, thread) in self.stops.drain(..) {
+            drop(stop);
+            let _ = thread.join();
+        }
     }
 }
 

@@ -97,6 +97,27 @@ pub enum FlowError {
     },
 }
 
+/// A live connection as the control API (`GET /connections`) and the Rust
+/// API (`connections()`) show it: a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The number in its log lines, trace records and `/connections/ID`.
+    pub id: ConnId,
+    /// The client's address: `IP:PORT`, or `unix` for a unix socket.
+    pub peer: String,
+    /// The export it asked for, once it has.
+    pub export: Option<String>,
+    pub started: std::time::SystemTime,
+    /// Bytes passed on (or swallowed) toward the server so far.
+    pub bytes_to_server: u64,
+    /// Bytes passed on (or swallowed) toward the client so far.
+    pub bytes_to_client: u64,
+    /// Requests sent to the server and not yet fully answered.
+    pub requests_in_flight: usize,
+    /// Held between messages (a pause through an API).
+    pub paused: bool,
+}
+
 /// State shared by a connection's two flows, and what the control API sees
 /// and steers of it.
 pub struct Connection {
@@ -274,6 +295,20 @@ impl Connection {
     /// Requests sent to the server and not yet fully answered.
     pub fn requests_in_flight(&self) -> usize {
         self.session().inflight_count()
+    }
+
+    /// What the control API and the Rust API show of it now.
+    pub fn info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            id: self.id,
+            peer: self.peer.clone(),
+            export: self.export(),
+            started: self.started,
+            bytes_to_server: self.bytes(Direction::ToServer),
+            bytes_to_client: self.bytes(Direction::ToClient),
+            requests_in_flight: self.requests_in_flight(),
+            paused: self.is_paused(),
+        }
     }
 
     /// Holds every message from the next one on, until [`Connection::resume`].

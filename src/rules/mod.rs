@@ -137,12 +137,37 @@ pub fn load_files_noting(
     paths: &[PathBuf],
     seed_override: Option<u64>,
 ) -> Result<(RuleSet, Vec<Notice>), RuleError> {
-    let mut drafts = Vec::with_capacity(paths.len());
+    let sources: Vec<Source> = paths.iter().cloned().map(Source::File).collect();
+    load_noting(&sources, seed_override)
+}
+
+/// A rules document: a file, or text a program holds (the Rust API's
+/// `rules_yaml`), named in messages and in each rule's [`Origin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Text { name: String, text: String },
+}
+
+/// Reads and parses rules documents in order and concatenates them, as
+/// [`load_files`] does files; and what deserves a word about them.
+pub fn load_noting(
+    sources: &[Source],
+    seed_override: Option<u64>,
+) -> Result<(RuleSet, Vec<Notice>), RuleError> {
+    let mut drafts = Vec::with_capacity(sources.len());
     let mut notices = Vec::new();
-    for path in paths {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RuleError::new(&file, 0, 0, format!("cannot read rules file: {e}")))?;
+    for source in sources {
+        let (file, text) = match source {
+            Source::File(path) => {
+                let file = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    RuleError::new(&file, 0, 0, format!("cannot read rules file: {e}"))
+                })?;
+                (file, std::borrow::Cow::Owned(text))
+            }
+            Source::Text { name, text } => (name.clone(), std::borrow::Cow::Borrowed(text)),
+        };
         let draft = parse_draft(&file, &text)?;
         notices.extend(notices_for(&file, &text, &draft));
         drafts.push(draft);

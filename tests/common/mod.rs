@@ -7,6 +7,7 @@
 //!
 //! - `process`: running any program (timeouts, tool checks, logs, kills);
 //! - `nbdfault`: the binary under test, ready at `Listening on URI`;
+//! - `inprocess`: the library's servers in the test process (the Rust API);
 //! - `servers`: qemu-nbd and nbdkit as upstreams, NBD URIs;
 //! - `clients`: qemu-io (the one [`QemuIo`] builder), nbdinfo, libnbd/python;
 //! - `data`: images, byte patterns and comparisons of files and outputs;
@@ -16,6 +17,7 @@
 
 mod clients;
 mod data;
+mod inprocess;
 mod nbdfault;
 mod process;
 mod servers;
@@ -26,6 +28,8 @@ mod wire;
 pub use clients::*;
 #[allow(unused_imports)]
 pub use data::*;
+#[allow(unused_imports)]
+pub use inprocess::*;
 #[allow(unused_imports)]
 pub use nbdfault::*;
 #[allow(unused_imports)]

@@ -49,6 +49,10 @@ pub struct NullConfig {
     pub oldstyle: bool,
 }
 
+/// The largest export qemu-img creates (and QEMU's NBD client takes): the
+/// bound of `--size` and of the Rust API's `size()`.
+pub const MAX_EXPORT_SIZE: u64 = i64::MAX as u64;
+
 /// Why the null server closed a connection abnormally (a clean close by the
 /// client is `Ok`).
 #[derive(Debug, Error)]

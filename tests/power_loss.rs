@@ -484,7 +484,7 @@ fn qcow2_over_nbd_survives_power_loss_only_when_it_flushes() {
     let (out, runs) = qcow2_sweep(dir.path(), "no-flush", &["--lose", "some"], &no_flush);
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());
     assert!(
-        runs.iter().all(|r| r["point"]["what"] == "write"),
+        runs.iter().all(|r| r["point"]["what"] != "flush"),
         "no flush reached nbdfault: {runs:?}"
     );
     let corrupt: Vec<&serde_json::Value> =

@@ -314,6 +314,11 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     } else {
         server
     };
+    // The client crashed with its machine: nothing it writes after the
+    // crash (reconnecting, as QEMU does) may reach the disk.
+    if let Some(cache) = server.registry().write_cache() {
+        cache.power_stays_off();
+    }
     let uri = server.uri();
     let registry = server.registry();
     let serving = tokio::spawn(server.run());

@@ -702,3 +702,41 @@ async fn write_entry(c: &mut Client, e: &Entry) -> Result<(), ClientError> {
         Op::Trim => c.trim(e.offset, e.len).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, offset: u64, len: u64) -> Entry {
+        Entry {
+            seq,
+            offset,
+            len,
+            op: Op::Trim,
+        }
+    }
+
+    /// Replies in any order; entries are let go only oldest first, and an
+    /// answered entry still blocks a write over it until then.
+    #[test]
+    fn in_flight_write_backs_are_forgotten_oldest_first() {
+        let mut f = InFlight::default();
+        for (cookie, seq) in [(7, 0), (8, 1), (9, 2)] {
+            f.push(cookie, entry(seq, seq * 4096, 4096));
+        }
+        assert!(f.overlaps(&entry(3, 4096 + 512, 512)));
+        assert!(!f.overlaps(&entry(3, 3 * 4096, 4096)));
+        assert!(f.answered(8).unwrap().is_empty());
+        assert!(f.overlaps(&entry(3, 4096, 1)), "answered, not yet let go");
+        let seqs = |v: Vec<Entry>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(f.answered(7).unwrap()), [0, 1]);
+        assert!(f.answered(8).is_err(), "no second reply to one cookie");
+        assert!(f.answered(42).is_err());
+        assert_eq!(seqs(f.answered(9).unwrap()), [2]);
+        assert!(f.is_empty());
+        for i in 0..WRITE_BACK_WINDOW as u64 {
+            f.push(i + 1, entry(i, i * 4096, 4096));
+        }
+        assert!(f.full());
+    }
+}

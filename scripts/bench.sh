@@ -26,7 +26,10 @@
 #     nbdkit's null plugin keeps a 32 MiB buffer per request and ran out of
 #     24 GiB at 64 clients);
 #   - the sweep's own cost (scripts/bench-sweep.sh: full qemu-io and nbdcopy
-#     sweeps, their wall time and the sweep's cost per run).
+#     sweeps, their wall time and the sweep's cost per run);
+#   - the write cache (scripts/bench-cache.sh: sequential writes through
+#     --write-cache volatile against the transparent proxy, nbdcopy --flush
+#     and fio with a flush every 64 MiB, and reads of what it does not hold).
 # Over TCP every hop is TCP (client → proxy → server), over unix every hop
 # is a unix socket. Ratios are against direct (or nbdkit null), from the
 # same run. Benchmarks are not tests: nothing here fails on a number.
@@ -267,3 +270,7 @@ done
 # The sweep's own benchmark (issue 14's targets), with the same build.
 echo
 NBDFAULT=$NBDFAULT scripts/bench-sweep.sh
+
+# The write cache's (issue 17's targets), with the same build.
+echo
+NBDFAULT=$NBDFAULT RUNS=$RUNS SIZE=$SIZE TRANSPORTS=$TRANSPORTS scripts/bench-cache.sh

@@ -40,38 +40,9 @@ fi
 proxies="plain cache"
 [ -n "${NBDFAULT_BEFORE:-}" ] && proxies="before $proxies"
 
-work=$(mktemp -d /dev/shm/nbdfault-bench-cache.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-declare -A port_of
-next_port=$(( 20000 + RANDOM % 20000 ))
-for t in $TRANSPORTS; do
-    for s in qemu before plain cache; do
-        while ss -Htan "( sport = :$next_port )" | grep -q .; do next_port=$((next_port + 1)); done
-        port_of[$t-$s]=$next_port
-        next_port=$((next_port + 1))
-    done
-done
-addr() { if [ "$1" = tcp ]; then echo "127.0.0.1:${port_of[$1-$2]}"; else echo "$work/$1-$2.sock"; fi; }
-uri() { if [ "$1" = tcp ]; then echo "nbd://127.0.0.1:${port_of[$1-$2]}"; else echo "nbd+unix:///?socket=$work/$1-$2.sock"; fi; }
-wait_up() {
-    for _ in $(seq 200); do
-        if [ "$1" = tcp ]; then
-            ss -Hltn "( sport = :${port_of[$1-$2]} )" | grep -q . && return 0
-        else
-            [ -S "$work/$1-$2.sock" ] && return 0
-        fi
-        sleep 0.05
-    done
-    echo "error: $1 $2 never came up" >&2
-    exit 1
-}
+source scripts/bench-common.sh
+bench_dir nbdfault-bench-cache
+ports qemu before plain cache
 
 echo "preparing a $SIZE file of random data in $work ..."
 truncate -s "$SIZE" "$work/src.img"

@@ -89,17 +89,9 @@ impl Client {
         self.flags & flag != 0
     }
 
-    /// Sends one request (and its payload) and reads its simple reply;
-    /// returns nothing but the error check. Read data is read by the caller.
-    async fn request(
-        &mut self,
-        command: u16,
-        flags: u16,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-    ) -> Result<(), ClientError> {
-        let cookie = self.send(command, flags, offset, length, payload).await?;
+    /// Reads the reply to the one request in flight, `cookie`: nothing but
+    /// the error check (read data is read by the caller).
+    async fn done(&mut self, cookie: u64) -> Result<(), ClientError> {
         if self.reply().await? != cookie {
             return Err(bad("unexpected reply from the server"));
         }
@@ -182,8 +174,10 @@ impl Client {
         } else {
             0
         };
-        self.request(CMD_WRITE, flags, offset, data.len() as u64, data)
-            .await
+        let c = self
+            .send(CMD_WRITE, flags, offset, data.len() as u64, data)
+            .await?;
+        self.done(c).await
     }
 
     /// Zeroes `len` bytes; as writes of zeroes where the server has no
@@ -191,9 +185,8 @@ impl Client {
     pub async fn zeroes(&mut self, offset: u64, len: u64, flags: u16) -> Result<(), ClientError> {
         if self.has(FLAG_SEND_WRITE_ZEROES) {
             let flags = flags & (CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO);
-            return self
-                .request(CMD_WRITE_ZEROES, flags, offset, len, &[])
-                .await;
+            let c = self.send(CMD_WRITE_ZEROES, flags, offset, len, &[]).await?;
+            return self.done(c).await;
         }
         const PIECE: u64 = 1 << 20;
         let zeroes = vec![0u8; PIECE.min(len) as usize];
@@ -212,7 +205,8 @@ impl Client {
         if !self.has(FLAG_SEND_TRIM) {
             return Ok(());
         }
-        self.request(CMD_TRIM, 0, offset, len, &[]).await
+        let c = self.send(CMD_TRIM, 0, offset, len, &[]).await?;
+        self.done(c).await
     }
 
     /// A server without FLUSH has nothing to flush (each write is durable
@@ -221,12 +215,15 @@ impl Client {
         if !self.has(FLAG_SEND_FLUSH) {
             return Ok(());
         }
-        self.request(CMD_FLUSH, 0, 0, 0, &[]).await
+        let c = self.send(CMD_FLUSH, 0, 0, 0, &[]).await?;
+        self.done(c).await
     }
 
     pub async fn read(&mut self, offset: u64, out: &mut [u8]) -> Result<(), ClientError> {
-        self.request(CMD_READ, 0, offset, out.len() as u64, &[])
+        let c = self
+            .send(CMD_READ, 0, offset, out.len() as u64, &[])
             .await?;
+        self.done(c).await?;
         self.stream.read_exact(out).await?;
         Ok(())
     }

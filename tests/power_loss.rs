@@ -516,3 +516,58 @@ fn qcow2_over_nbd_survives_power_loss_only_when_it_flushes() {
         out.describe()
     );
 }
+
+/// In a sweep the crashed machine stays off: a client that goes on after
+/// the crash (here a second qemu-io; QEMU's NBD driver also reconnects on
+/// its own and resends) has its writes answered EIO, and none reaches the
+/// disk, at every crash point.
+#[test]
+fn after_a_swept_power_loss_nothing_more_reaches_the_disk() {
+    let dir = TempDir::new().expect("tempdir");
+    let report = dir.path().join("report");
+    let out = run_with_timeout(
+        nbdfault_bin(),
+        &[
+            "sweep",
+            "--setup",
+            "qemu-img create -f raw \"$dir/disk.img\" 1M",
+            "--server",
+            "exec qemu-nbd -f raw -t --shared=8 -k \"$unixsocket\" \"$dir/disk.img\"",
+            "--faults",
+            "power-loss",
+            "--verify",
+            // Says what the disk holds; passes either way (the baseline's
+            // disk has B).
+            "if grep -q B \"$dir/disk.img\"; then echo B landed; else echo no B; fi",
+            "--report",
+            report.to_str().expect("utf-8"),
+            "--",
+            "sh",
+            "-c",
+            "qemu-io -t writeback -f raw -c 'write -P 0x41 0 4096' -c flush \"$uri\"; \
+             qemu-io -f raw -c 'write -P 0x42 8192 4096' \"$uri\"",
+        ],
+        std::time::Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let text = std::fs::read_to_string(report.join("runs.json"))
+        .unwrap_or_else(|e| panic!("no report: {e}\n{}", out.describe()));
+    let runs: serde_json::Value = serde_json::from_str(&text).expect("runs.json");
+    let runs = runs.as_array().expect("a list");
+    // Crashes on the first connection, then the second qemu-io's own.
+    let conns: Vec<u64> = runs
+        .iter()
+        .filter_map(|r| r["point"]["connection"].as_u64())
+        .collect();
+    assert!(conns.contains(&1) && conns.contains(&2), "{runs:?}");
+    for r in runs.iter().filter(|r| r["point"]["connection"] == 1) {
+        assert_eq!(r["verify_tail"], "no B\n", "{r}");
+        assert!(
+            r["output_tail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("write failed: Input/output error"),
+            "the write after the crash was refused: {r}"
+        );
+    }
+}

@@ -418,13 +418,7 @@ impl ExportCache {
             mode: ev.mode,
             skip: ev.size,
             need: if command == CMD_WRITE { length } else { 0 },
-            // One allocation for the payload (the proxy has checked its
-            // length against the export and its limits; bounded anyway).
-            data: Vec::with_capacity(if command == CMD_WRITE {
-                length.min(MAX_RESERVE) as usize
-            } else {
-                0
-            }),
+            data: Vec::new(),
         })
     }
 
@@ -635,10 +629,6 @@ impl ExportCache {
         task.await.unwrap_or_default()
     }
 }
-
-/// Most payload reserved ahead for a cached write (NBD's usual maximum
-/// payload); a longer one grows as it arrives.
-const MAX_RESERVE: u64 = 32 << 20;
 
 /// Write-back requests in flight at once on the cache's connection: enough
 /// to keep a server busy without waiting a round trip for each.

@@ -3,7 +3,10 @@
 //! the flush qemu-io sends as it closes, or `POST /power-loss`) takes the
 //! cache, and the image file then holds exactly what the spec lets survive:
 //! flushed and FUA writes, never unflushed ones (or, with `lose: some`, a
-//! seeded subset of them, torn at sector granularity with `torn`).
+//! seeded subset of them, torn at sector granularity with `torn`). And
+//! `nbdfault sweep --faults power-loss` over raw and qcow2 images, the
+//! latter written by QEMU's qcow2 driver over NBD and judged by
+//! `qemu-img check`: the demonstration the feature exists for.
 
 mod common;
 
@@ -341,39 +344,21 @@ fn cache_flags_are_checked() {
 #[test]
 fn sweep_crashes_before_each_flush_and_write() {
     let dir = TempDir::new().expect("tempdir");
-    let report = dir.path().join("report");
-    let out = run_with_timeout(
-        nbdfault_bin(),
+    let (out, runs) = power_loss_sweep(
+        &dir.path().join("report"),
+        "qemu-img create -f raw \"$dir/disk.img\" 1M",
+        "test \"$(head -c 4096 \"$dir/disk.img\" | tr -d A | wc -c)\" -eq 0",
+        &[],
         &[
-            "sweep",
-            "--setup",
-            "qemu-img create -f raw \"$dir/disk.img\" 1M",
-            "--server",
-            "exec qemu-nbd -f raw -t --shared=8 -k \"$unixsocket\" \"$dir/disk.img\"",
-            "--faults",
-            "power-loss",
-            "--verify",
-            "test \"$(head -c 4096 \"$dir/disk.img\" | tr -d A | wc -c)\" -eq 0",
-            "--timeout",
-            "10s",
-            "--report",
-            report.to_str().expect("utf-8"),
-            "--",
             "sh",
             "-c",
             "qemu-io -t writeback -f raw -c 'write -P 0x41 0 4096' -c flush \
              -c 'write -P 0x42 4096 4096' \"$uri\"",
         ],
-        std::time::Duration::from_secs(120),
     );
     // Corruption is a finding: exit status 1.
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());
-    let text = std::fs::read_to_string(report.join("runs.json"))
-        .unwrap_or_else(|e| panic!("no report: {e}\n{}", out.describe()));
-    let runs: serde_json::Value = serde_json::from_str(&text).expect("runs.json");
     let got: Vec<String> = runs
-        .as_array()
-        .expect("a list")
         .iter()
         .map(|r| format!("{} {} {}", r["fault"], r["point"]["what"], r["outcome"]).replace('"', ""))
         .collect();
@@ -388,6 +373,44 @@ fn sweep_crashes_before_each_flush_and_write() {
         "{}",
         out.describe()
     );
+}
+
+/// `nbdfault sweep --faults power-loss` with `setup` and `verify`, qemu-nbd
+/// fresh per run on `$dir/disk.img`, `extra` options, the `client`:
+/// its output and the runs of its report, written to `report`.
+fn power_loss_sweep(
+    report: &Path,
+    setup: &str,
+    verify: &str,
+    extra: &[&str],
+    client: &[&str],
+) -> (Output, Vec<serde_json::Value>) {
+    let args = [
+        &[
+            "sweep",
+            "--setup",
+            setup,
+            "--server",
+            "exec qemu-nbd -f raw -t --shared=8 -k \"$unixsocket\" \"$dir/disk.img\"",
+            "--faults",
+            "power-loss",
+            "--verify",
+            verify,
+            "--timeout",
+            "10s",
+            "--report",
+            report.to_str().expect("utf-8"),
+        ][..],
+        extra,
+        &["--"],
+        client,
+    ]
+    .concat();
+    let out = run_with_timeout(nbdfault_bin(), &args, std::time::Duration::from_secs(120));
+    let text = std::fs::read_to_string(report.join("runs.json"))
+        .unwrap_or_else(|e| panic!("no report: {e}\n{}", out.describe()));
+    let runs: serde_json::Value = serde_json::from_str(&text).expect("runs.json");
+    (out, runs.as_array().expect("a list").clone())
 }
 
 /// QEMU's qcow2 driver writing over NBD (qemu-io `--image-opts
@@ -408,47 +431,23 @@ const QCOW2_WRITER: &str = r#"qemu-io -t writeback --image-opts "driver=qcow2,fi
 const NO_FLUSH: &str =
     r#"exec nbdkit -U - --filter=fua nbd socket="$unixsocket" fuamode=discard --run "sh '$1'""#;
 
-/// `nbdfault sweep --faults power-loss` over a qcow2 image (a fresh one
-/// per run, padded: an NBD export cannot grow), `qemu-img check` after
-/// each crash: (exit status, stdout, the runs as `what outcome`, runs).
+/// [`power_loss_sweep`] over a qcow2 image (a fresh one per run, padded:
+/// an NBD export cannot grow), `qemu-img check` after each crash (0:
+/// clean; 3: only leaked clusters, which a crash may leave), 12 points.
 fn qcow2_sweep(
     dir: &Path,
     name: &str,
     extra: &[&str],
     client: &[&str],
 ) -> (Output, Vec<serde_json::Value>) {
-    let report = dir.join(name);
-    let args = [
-        &[
-            "sweep",
-            "--setup",
-            "qemu-img create -q -f qcow2 \"$dir/disk.img\" 1G && truncate -s 16M \"$dir/disk.img\"",
-            "--server",
-            "exec qemu-nbd -f raw -t --shared=8 -k \"$unixsocket\" \"$dir/disk.img\"",
-            "--faults",
-            "power-loss",
-            // 0: clean; 3: only leaked clusters, which a crash may leave.
-            "--verify",
-            "qemu-img check -U -f qcow2 \"$dir/disk.img\" || test $? -eq 3",
-            "--timeout",
-            "10s",
-            "--max-points",
-            "12",
-            "--seed",
-            "3",
-            "--report",
-            report.to_str().expect("utf-8"),
-        ][..],
-        extra,
-        &["--"],
+    let extra = [&["--max-points", "12", "--seed", "3"][..], extra].concat();
+    power_loss_sweep(
+        &dir.join(name),
+        "qemu-img create -q -f qcow2 \"$dir/disk.img\" 1G && truncate -s 16M \"$dir/disk.img\"",
+        "qemu-img check -U -f qcow2 \"$dir/disk.img\" || test $? -eq 3",
+        &extra,
         client,
-    ]
-    .concat();
-    let out = run_with_timeout(nbdfault_bin(), &args, std::time::Duration::from_secs(120));
-    let text = std::fs::read_to_string(report.join("runs.json"))
-        .unwrap_or_else(|e| panic!("no report: {e}\n{}", out.describe()));
-    let runs: serde_json::Value = serde_json::from_str(&text).expect("runs.json");
-    (out, runs.as_array().expect("a list").clone())
+    )
 }
 
 fn outcomes(runs: &[serde_json::Value]) -> Vec<String> {
@@ -524,36 +523,21 @@ fn qcow2_over_nbd_survives_power_loss_only_when_it_flushes() {
 #[test]
 fn after_a_swept_power_loss_nothing_more_reaches_the_disk() {
     let dir = TempDir::new().expect("tempdir");
-    let report = dir.path().join("report");
-    let out = run_with_timeout(
-        nbdfault_bin(),
+    let (out, runs) = power_loss_sweep(
+        &dir.path().join("report"),
+        "qemu-img create -f raw \"$dir/disk.img\" 1M",
+        // Says what the disk holds; passes either way (the baseline's
+        // disk has B).
+        "if grep -q B \"$dir/disk.img\"; then echo B landed; else echo no B; fi",
+        &[],
         &[
-            "sweep",
-            "--setup",
-            "qemu-img create -f raw \"$dir/disk.img\" 1M",
-            "--server",
-            "exec qemu-nbd -f raw -t --shared=8 -k \"$unixsocket\" \"$dir/disk.img\"",
-            "--faults",
-            "power-loss",
-            "--verify",
-            // Says what the disk holds; passes either way (the baseline's
-            // disk has B).
-            "if grep -q B \"$dir/disk.img\"; then echo B landed; else echo no B; fi",
-            "--report",
-            report.to_str().expect("utf-8"),
-            "--",
             "sh",
             "-c",
             "qemu-io -t writeback -f raw -c 'write -P 0x41 0 4096' -c flush \"$uri\"; \
              qemu-io -f raw -c 'write -P 0x42 8192 4096' \"$uri\"",
         ],
-        std::time::Duration::from_secs(120),
     );
     assert_eq!(out.status.code(), Some(0), "{}", out.describe());
-    let text = std::fs::read_to_string(report.join("runs.json"))
-        .unwrap_or_else(|e| panic!("no report: {e}\n{}", out.describe()));
-    let runs: serde_json::Value = serde_json::from_str(&text).expect("runs.json");
-    let runs = runs.as_array().expect("a list");
     // Crashes on the first connection, then the second qemu-io's own.
     let conns: Vec<u64> = runs
         .iter()

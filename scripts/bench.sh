@@ -26,7 +26,10 @@
 #     nbdkit's null plugin keeps a 32 MiB buffer per request and ran out of
 #     24 GiB at 64 clients);
 #   - the sweep's own cost (scripts/bench-sweep.sh: full qemu-io and nbdcopy
-#     sweeps, their wall time and the sweep's cost per run).
+#     sweeps, their wall time and the sweep's cost per run);
+#   - the write cache (scripts/bench-cache.sh: sequential writes through
+#     --write-cache volatile against the transparent proxy, nbdcopy --flush
+#     and fio with a flush every 64 MiB, and reads of what it does not hold).
 # Over TCP every hop is TCP (client → proxy → server), over unix every hop
 # is a unix socket. Ratios are against direct (or nbdkit null), from the
 # same run. Benchmarks are not tests: nothing here fails on a number.
@@ -53,41 +56,9 @@ if [ -z "${NBDFAULT:-}" ]; then
     NBDFAULT=$PWD/target/release/nbdfault
 fi
 
-work=$(mktemp -d /dev/shm/nbdfault-bench.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-# Each server gets a unix socket path and a loopback TCP port; ports are
-# taken from a free block so two benchmarks on one machine do not collide.
-declare -A port_of
-next_port=$(( 20000 + RANDOM % 20000 ))
-for t in $TRANSPORTS; do
-    for s in qemu fault faultbp kit rules kitnull null; do
-        while ss -Htan "( sport = :$next_port )" | grep -q .; do next_port=$((next_port + 1)); done
-        port_of[$t-$s]=$next_port
-        next_port=$((next_port + 1))
-    done
-done
-# --listen / --upstream argument, NBD URI, and readiness, per transport.
-addr() { if [ "$1" = tcp ]; then echo "127.0.0.1:${port_of[$1-$2]}"; else echo "$work/$1-$2.sock"; fi; }
-uri() { if [ "$1" = tcp ]; then echo "nbd://127.0.0.1:${port_of[$1-$2]}"; else echo "nbd+unix:///?socket=$work/$1-$2.sock"; fi; }
-wait_up() {
-    for _ in $(seq 200); do
-        if [ "$1" = tcp ]; then
-            ss -Hltn "( sport = :${port_of[$1-$2]} )" | grep -q . && return 0
-        else
-            [ -S "$work/$1-$2.sock" ] && return 0
-        fi
-        sleep 0.05
-    done
-    echo "error: $1 $2 never came up" >&2
-    exit 1
-}
+source scripts/bench-common.sh
+bench_dir nbdfault-bench
+ports qemu fault faultbp kit rules kitnull null
 declare -A pid_of
 started() { pids+=("$2"); pid_of[$1]=$2; }
 
@@ -267,3 +238,7 @@ done
 # The sweep's own benchmark (issue 14's targets), with the same build.
 echo
 NBDFAULT=$NBDFAULT scripts/bench-sweep.sh
+
+# The write cache's (issue 17's targets), with the same build.
+echo
+NBDFAULT=$NBDFAULT RUNS=$RUNS SIZE=$SIZE TRANSPORTS=$TRANSPORTS scripts/bench-cache.sh

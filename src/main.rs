@@ -196,6 +196,15 @@ struct SweepArgs {
         default_value = "disconnect,error,drop,corrupt"
     )]
     faults: String,
+    /// With power-loss: what a crash loses. all: every write since the last
+    /// flush (the disk holds a flushed state); some: a seeded random subset
+    /// of them reaches the disk first, in any order (a disk's reordering).
+    #[arg(long, value_name = "MODE", default_value = "all", value_parser = ["all", "some"])]
+    lose: String,
+    /// With --lose some: a kept write may reach the disk only in part, in
+    /// sectors of this many bytes.
+    #[arg(long, value_name = "BYTES", value_parser = ["512", "4096"])]
+    torn: Option<String>,
     /// Event names to target [default: every event the baseline saw].
     #[arg(long, value_name = "LIST")]
     events: Option<String>,
@@ -780,6 +789,17 @@ fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
             ),
         }
     }
+    let mut power_loss = Vec::new();
+    if a.lose != "all" || a.torn.is_some() {
+        if !faults.contains(&"power-loss") {
+            anyhow::bail!("--lose and --torn need --faults power-loss");
+        }
+        if a.lose == "all" {
+            anyhow::bail!("--torn needs --lose some (with --lose all nothing reaches the disk)");
+        }
+        power_loss.push(format!("lose: {}", a.lose));
+        power_loss.extend(a.torn.map(|t| format!("torn: {t}")));
+    }
     let mut fail_on = Vec::new();
     for o in list(&a.fail_on) {
         match sweep::outcome::Outcome::from_name(&o) {
@@ -847,6 +867,7 @@ fn sweep_options(a: SweepArgs) -> Result<sweep::Options> {
         },
         pcap: a.pcap,
         faults,
+        power_loss,
         events: a.events.as_deref().map(list),
         every_byte: a.every_byte,
         jobs,

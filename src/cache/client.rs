@@ -3,8 +3,10 @@
 //! in one order on one connection whatever connection a write came from.
 //!
 //! Deliberately plain: fixed newstyle (NBD_OPT_GO, or NBD_OPT_EXPORT_NAME
-//! for servers without it) or oldstyle, simple replies, one request at a
-//! time. The wire format comes from [`crate::protocol`].
+//! for servers without it) or oldstyle, simple replies; requests one at a
+//! time, but for write-back, which keeps a few in flight
+//! ([`Client::start`], [`Client::reply`]). The wire format comes from
+//! [`crate::protocol`].
 
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +24,9 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("write cache's upstream connection: {0}")]
     Protocol(String),
+    /// The export has had no power since a power loss (answered EIO).
+    #[error("the export is without power since its power loss")]
+    PowerOff,
     /// The server answered a request with this error (an errno value).
     #[error("upstream answered error {0}")]
     Server(u32),
@@ -84,16 +89,25 @@ impl Client {
         self.flags & flag != 0
     }
 
-    /// Sends one request (and its payload) and reads its simple reply;
-    /// returns nothing but the error check. Read data is read by the caller.
-    async fn request(
+    /// Reads the reply to the one request in flight, `cookie`: nothing but
+    /// the error check (read data is read by the caller).
+    async fn done(&mut self, cookie: u64) -> Result<(), ClientError> {
+        if self.reply().await? != cookie {
+            return Err(bad("unexpected reply from the server"));
+        }
+        Ok(())
+    }
+
+    /// Sends one request (and its payload) without waiting for its reply:
+    /// its cookie, for [`Client::reply`].
+    async fn send(
         &mut self,
         command: u16,
         flags: u16,
         offset: u64,
         length: u64,
         payload: &[u8],
-    ) -> Result<(), ClientError> {
+    ) -> Result<u64, ClientError> {
         self.cookie += 1;
         let req = Request {
             extended: false,
@@ -109,15 +123,49 @@ impl Client {
         if !payload.is_empty() {
             self.stream.write_all(payload).await?;
         }
+        Ok(self.cookie)
+    }
+
+    /// Reads the next simple reply to a request without data: the cookie
+    /// it answers (replies may come in any order), or the server's error.
+    pub async fn reply(&mut self) -> Result<u64, ClientError> {
         let mut r = [0u8; SIMPLE_REPLY_LEN];
         self.stream.read_exact(&mut r).await?;
-        if be32(&r, 0) != SIMPLE_REPLY_MAGIC || be64(&r, 8) != self.cookie {
+        let cookie = be64(&r, 8);
+        if be32(&r, 0) != SIMPLE_REPLY_MAGIC || cookie == 0 || cookie > self.cookie {
             return Err(bad("unexpected reply from the server"));
         }
         match be32(&r, 4) {
-            0 => Ok(()),
+            0 => Ok(cookie),
             e => Err(ClientError::Server(e)),
         }
+    }
+
+    /// Sends a write-back of `command` (a write with `data`, write-zeroes
+    /// or trim) without waiting, when it is one request on this server: its
+    /// cookie; `None` for what [`Client::zeroes`] or [`Client::trim`] must
+    /// do another way (nothing sent).
+    pub async fn start(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Result<Option<u64>, ClientError> {
+        let (ok, flags) = match command {
+            CMD_WRITE => (true, 0),
+            CMD_WRITE_ZEROES => (
+                self.has(FLAG_SEND_WRITE_ZEROES),
+                flags & (CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO),
+            ),
+            CMD_TRIM => (self.has(FLAG_SEND_TRIM), 0),
+            _ => (false, 0),
+        };
+        if !ok {
+            return Ok(None);
+        }
+        self.send(command, flags, offset, len, data).await.map(Some)
     }
 
     pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
@@ -126,8 +174,10 @@ impl Client {
         } else {
             0
         };
-        self.request(CMD_WRITE, flags, offset, data.len() as u64, data)
-            .await
+        let c = self
+            .send(CMD_WRITE, flags, offset, data.len() as u64, data)
+            .await?;
+        self.done(c).await
     }
 
     /// Zeroes `len` bytes; as writes of zeroes where the server has no
@@ -135,9 +185,8 @@ impl Client {
     pub async fn zeroes(&mut self, offset: u64, len: u64, flags: u16) -> Result<(), ClientError> {
         if self.has(FLAG_SEND_WRITE_ZEROES) {
             let flags = flags & (CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO);
-            return self
-                .request(CMD_WRITE_ZEROES, flags, offset, len, &[])
-                .await;
+            let c = self.send(CMD_WRITE_ZEROES, flags, offset, len, &[]).await?;
+            return self.done(c).await;
         }
         const PIECE: u64 = 1 << 20;
         let zeroes = vec![0u8; PIECE.min(len) as usize];
@@ -156,7 +205,8 @@ impl Client {
         if !self.has(FLAG_SEND_TRIM) {
             return Ok(());
         }
-        self.request(CMD_TRIM, 0, offset, len, &[]).await
+        let c = self.send(CMD_TRIM, 0, offset, len, &[]).await?;
+        self.done(c).await
     }
 
     /// A server without FLUSH has nothing to flush (each write is durable
@@ -165,12 +215,15 @@ impl Client {
         if !self.has(FLAG_SEND_FLUSH) {
             return Ok(());
         }
-        self.request(CMD_FLUSH, 0, 0, 0, &[]).await
+        let c = self.send(CMD_FLUSH, 0, 0, 0, &[]).await?;
+        self.done(c).await
     }
 
     pub async fn read(&mut self, offset: u64, out: &mut [u8]) -> Result<(), ClientError> {
-        self.request(CMD_READ, 0, offset, out.len() as u64, &[])
+        let c = self
+            .send(CMD_READ, 0, offset, out.len() as u64, &[])
             .await?;
+        self.done(c).await?;
         self.stream.read_exact(out).await?;
         Ok(())
     }

@@ -20,10 +20,10 @@
 mod client;
 pub mod model;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use bytes::Bytes;
@@ -73,6 +73,9 @@ struct Shared {
     limit: u64,
     opener: Opener,
     stats: Stats,
+    /// After a power loss the export stays without power: see
+    /// [`WriteCache::power_stays_off`].
+    stays_off: AtomicBool,
 }
 
 /// The server's volatile write cache: one [`ExportCache`] per export name.
@@ -90,9 +93,20 @@ impl WriteCache {
                 limit,
                 opener,
                 stats: Stats::default(),
+                stays_off: AtomicBool::new(false),
             }),
             exports: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// From now on a power loss leaves its export off, as a crashed
+    /// machine leaves its disk: every later write, write-zeroes, trim and
+    /// flush is answered EIO and never reaches the server. (`nbdfault
+    /// sweep` needs it: a client that reconnects after the crash, as
+    /// QEMU's NBD driver does, resending what was in flight, would
+    /// otherwise write on a disk its crashed machine can no longer reach.)
+    pub fn power_stays_off(&self) {
+        self.shared.stays_off.store(true, Ordering::SeqCst);
     }
 
     /// The cache of export `name`, made on first use.
@@ -104,6 +118,7 @@ impl WriteCache {
                     name: name.to_string(),
                     shared: self.shared.clone(),
                     model: Mutex::new(Model::default()),
+                    off: AtomicBool::new(false),
                     upstream: tokio::sync::Mutex::new(None),
                     members: Mutex::new(Vec::new()),
                     epoch: AtomicU64::new(0),
@@ -247,6 +262,8 @@ pub struct ExportCache {
     name: String,
     shared: Arc<Shared>,
     model: Mutex<Model>,
+    /// Without power since a loss (with [`WriteCache::power_stays_off`]).
+    off: AtomicBool,
     /// The cache's connection to the upstream, made on first need; `None`
     /// also while a request is on it, so one cut short (its task aborted
     /// by a power loss) leaves no half-used connection behind.
@@ -296,7 +313,9 @@ impl Intake {
             CMD_TRIM => Some(Op::Trim),
             _ => None,
         };
+        let off = c.off.load(Ordering::SeqCst);
         let done = match (self.command, op) {
+            (CMD_FLUSH, _) | (_, Some(_)) if off => Err(ClientError::PowerOff),
             (_, Some(op)) => {
                 lock(&c.model).push(self.offset, self.length, op);
                 // FUA: written back with everything before it, so no older
@@ -409,8 +428,12 @@ impl ExportCache {
     }
 
     /// Writes back `batch` (oldest first) on the cache's connection, each
-    /// forgotten once the server answered it. Stops early, without error,
-    /// when a power loss took the log meanwhile.
+    /// forgotten once the server answered it and everything before it.
+    /// Up to [`WRITE_BACK_WINDOW`] requests are in flight at once, none
+    /// overlapping another (the server may carry out requests in flight in
+    /// any order; overlapping ones must land in the order they came).
+    /// Stops early, without error, when a power loss took the log
+    /// meanwhile (what is in flight then still lands, as on a disk).
     async fn write_back(
         &self,
         up: &mut Option<Client>,
@@ -425,24 +448,60 @@ impl ExportCache {
             Some(c) => c,
             None => self.connect().await?,
         };
-        let s = &self.shared.stats;
+        let mut flight = InFlight::default();
         for e in batch {
             if self.epoch.load(Ordering::SeqCst) != epoch {
-                *up = Some(c);
-                return Ok(());
+                break;
             }
-            write_entry(&mut c, &e).await?;
-            lock(&self.model).written(e.seq);
-            s.writebacks.fetch_add(1, Ordering::Relaxed);
-            if matches!(e.op, Op::Write(_)) {
-                s.writeback_bytes.fetch_add(e.len, Ordering::Relaxed);
+            while flight.full() || flight.overlaps(&e) {
+                self.land(&mut c, &mut flight).await?;
+            }
+            let (command, flags, data): (u16, u16, &[u8]) = match &e.op {
+                Op::Write(d) => (CMD_WRITE, 0, d),
+                Op::Zero(f) => (CMD_WRITE_ZEROES, *f, &[]),
+                Op::Trim => (CMD_TRIM, 0, &[]),
+            };
+            match c.start(command, flags, e.offset, e.len, data).await? {
+                Some(cookie) => flight.push(cookie, e),
+                None => {
+                    // Not one request here (zeroes written as data, a
+                    // trim the server cannot do): alone, in order.
+                    while !flight.is_empty() {
+                        self.land(&mut c, &mut flight).await?;
+                    }
+                    write_entry(&mut c, &e).await?;
+                    self.forget(&e);
+                }
             }
         }
-        if then_flush {
+        while !flight.is_empty() {
+            self.land(&mut c, &mut flight).await?;
+        }
+        if then_flush && self.epoch.load(Ordering::SeqCst) == epoch {
             c.flush().await?;
         }
         *up = Some(c);
         Ok(())
+    }
+
+    /// Reads one write-back reply; forgets the entries answered so far
+    /// with everything before them.
+    async fn land(&self, c: &mut Client, flight: &mut InFlight) -> Result<(), ClientError> {
+        let cookie = c.reply().await?;
+        for e in flight.answered(cookie)? {
+            self.forget(&e);
+        }
+        Ok(())
+    }
+
+    /// `e` reached the server.
+    fn forget(&self, e: &Entry) {
+        lock(&self.model).written(e.seq);
+        let s = &self.shared.stats;
+        s.writebacks.fetch_add(1, Ordering::Relaxed);
+        if matches!(e.op, Op::Write(_)) {
+            s.writeback_bytes.fetch_add(e.len, Ordering::Relaxed);
+        }
     }
 
     /// Everything cached now, written back (and, with `then_flush`,
@@ -468,7 +527,10 @@ impl ExportCache {
             return Ok(());
         }
         let mut up = self.upstream.lock().await;
-        let batch = lock(&self.model).over(self.shared.limit);
+        // Down to 7/8 of the limit, not just under it: a batch big enough
+        // to keep the write-back window full, rather than one write per
+        // write that arrives.
+        let batch = lock(&self.model).over(self.shared.limit - self.shared.limit / 8);
         self.write_back(&mut up, batch, false).await
     }
 
@@ -496,6 +558,9 @@ impl ExportCache {
         let lost = {
             let mut m = lock(&self.model);
             self.epoch.fetch_add(1, Ordering::SeqCst);
+            if self.shared.stays_off.load(Ordering::SeqCst) {
+                self.off.store(true, Ordering::SeqCst);
+            }
             m.take_all()
         };
         let me = self.clone();
@@ -565,10 +630,103 @@ impl ExportCache {
     }
 }
 
+/// Write-back requests in flight at once on the cache's connection: enough
+/// to keep a server busy without waiting a round trip for each.
+const WRITE_BACK_WINDOW: usize = 16;
+
+/// The write-backs sent and not yet all answered, oldest first, each with
+/// its cookie and whether its reply came.
+#[derive(Default)]
+struct InFlight {
+    entries: VecDeque<(u64, bool, Entry)>,
+}
+
+impl InFlight {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn full(&self) -> bool {
+        self.entries.len() >= WRITE_BACK_WINDOW
+    }
+
+    fn overlaps(&self, e: &Entry) -> bool {
+        self.entries
+            .iter()
+            .any(|(_, _, f)| f.overlaps(e.offset, e.len))
+    }
+
+    fn push(&mut self, cookie: u64, e: Entry) {
+        self.entries.push_back((cookie, false, e));
+    }
+
+    /// Marks `cookie` answered: the entries now answered with all before
+    /// them, oldest first.
+    fn answered(&mut self, cookie: u64) -> Result<Vec<Entry>, ClientError> {
+        match self
+            .entries
+            .iter_mut()
+            .find(|(c, done, _)| *c == cookie && !*done)
+        {
+            Some(slot) => slot.1 = true,
+            None => {
+                return Err(ClientError::Protocol(
+                    "unexpected reply from the server".into(),
+                ));
+            }
+        }
+        let mut out = Vec::new();
+        while self.entries.front().is_some_and(|(_, done, _)| *done) {
+            if let Some((_, _, e)) = self.entries.pop_front() {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+}
+
 async fn write_entry(c: &mut Client, e: &Entry) -> Result<(), ClientError> {
     match &e.op {
         Op::Write(d) => c.write(e.offset, d, false).await,
         Op::Zero(flags) => c.zeroes(e.offset, e.len, *flags).await,
         Op::Trim => c.trim(e.offset, e.len).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, offset: u64, len: u64) -> Entry {
+        Entry {
+            seq,
+            offset,
+            len,
+            op: Op::Trim,
+        }
+    }
+
+    /// Replies in any order; entries are let go only oldest first, and an
+    /// answered entry still blocks a write over it until then.
+    #[test]
+    fn in_flight_write_backs_are_forgotten_oldest_first() {
+        let mut f = InFlight::default();
+        for (cookie, seq) in [(7, 0), (8, 1), (9, 2)] {
+            f.push(cookie, entry(seq, seq * 4096, 4096));
+        }
+        assert!(f.overlaps(&entry(3, 4096 + 512, 512)));
+        assert!(!f.overlaps(&entry(3, 3 * 4096, 4096)));
+        assert!(f.answered(8).unwrap().is_empty());
+        assert!(f.overlaps(&entry(3, 4096, 1)), "answered, not yet let go");
+        let seqs = |v: Vec<Entry>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(f.answered(7).unwrap()), [0, 1]);
+        assert!(f.answered(8).is_err(), "no second reply to one cookie");
+        assert!(f.answered(42).is_err());
+        assert_eq!(seqs(f.answered(9).unwrap()), [2]);
+        assert!(f.is_empty());
+        for i in 0..WRITE_BACK_WINDOW as u64 {
+            f.push(i + 1, entry(i, i * 4096, 4096));
+        }
+        assert!(f.full());
     }
 }

@@ -41,7 +41,7 @@ impl Entry {
         }
     }
 
-    fn overlaps(&self, offset: u64, len: u64) -> bool {
+    pub fn overlaps(&self, offset: u64, len: u64) -> bool {
         self.offset < offset.saturating_add(len) && offset < self.offset.saturating_add(self.len)
     }
 

@@ -35,6 +35,8 @@ pub struct Options {
     pub setup: Setup,
     /// Fault kinds to try (names from [`plan::FAULT_KINDS`]).
     pub faults: Vec<&'static str>,
+    /// Fields added to every power-loss rule (`lose: some`, `torn: 512`).
+    pub power_loss: Vec<String>,
     /// Event names to target; `None`: every event the baseline saw.
     pub events: Option<Vec<String>>,
     /// Cut handshake messages at every byte.
@@ -134,7 +136,11 @@ async fn sweep(opts: Options) -> i32 {
     let delay = (opts.setup.timeout / 4).min(Duration::from_secs(1));
     let mut trials: Vec<(Trial, String)> = Vec::new();
     for p in &points {
-        for t in plan::trials(p, &opts.faults, delay, opts.every_byte) {
+        for mut t in plan::trials(p, &opts.faults, delay, opts.every_byte) {
+            if t.kind == "power-loss" && !opts.power_loss.is_empty() {
+                t.action.extend(opts.power_loss.iter().cloned());
+                t.variant = format!("{}, {}", t.variant, opts.power_loss.join(", "));
+            }
             let name = format!("sweep-{}", trials.len() + 1);
             let doc = t.rules(opts.seed, &name);
             // The rule checker decides what applies where.

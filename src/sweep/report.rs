@@ -80,6 +80,12 @@ impl Summary<'_> {
             }
             super::run::ServerMode::Backend(_) => self.opts.reproduce_with.clone(),
         };
+        // Power-loss runs went through the volatile write cache.
+        let proxy = if self.opts.setup.power_loss {
+            format!("{proxy} --write-cache volatile")
+        } else {
+            proxy
+        };
         let _ = write!(
             line,
             "{proxy} --rules {} --run {}",
@@ -191,6 +197,11 @@ pub fn text(s: &Summary) -> String {
         for l in last_lines(&f.facts.output, 3) {
             let _ = writeln!(out, "    | {l}");
         }
+        if f.outcome == Outcome::Corrupt {
+            for l in last_lines(&f.facts.verify_output, 3) {
+                let _ = writeln!(out, "    verify | {l}");
+            }
+        }
         if let Some(c) = &f.facts.capture {
             let _ = writeln!(out, "    capture: {}", c.display());
         }
@@ -232,6 +243,7 @@ struct RunJson<'a> {
     /// The trace lines where a rule fired: the fault as it happened.
     fault_lines: Vec<&'a str>,
     output_tail: &'a str,
+    verify_tail: &'a str,
     rules: &'a str,
     /// The run's pcapng capture, kept for a finding with `--pcap`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -314,6 +326,7 @@ pub fn write_dir(dir: &Path, s: &Summary) -> std::io::Result<()> {
             verified: f.facts.verified,
             fault_lines: f.facts.trace.lines().filter(|l| fired(l)).collect(),
             output_tail: &f.facts.output,
+            verify_tail: &f.facts.verify_output,
             rules: &f.rules,
             pcap: f.facts.capture.as_deref(),
         })
@@ -434,6 +447,13 @@ pub fn html(s: &Summary) -> String {
             f.id,
             esc(&f.facts.output)
         );
+        if f.outcome == Outcome::Corrupt && !f.facts.verify_output.is_empty() {
+            let _ = writeln!(
+                h,
+                "<p>--verify:</p>\n<pre>{}</pre>",
+                esc(&f.facts.verify_output)
+            );
+        }
         if let Some(c) = &f.facts.capture {
             let _ = writeln!(
                 h,
@@ -493,6 +513,7 @@ mod tests {
                 fired: true,
                 verified: None,
                 output: String::new(),
+                verify_output: String::new(),
                 trace,
                 own: Duration::ZERO,
                 capture: None,

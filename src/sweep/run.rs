@@ -67,6 +67,8 @@ pub struct Facts {
     pub verified: Option<bool>,
     /// The tail of the client's stdout and stderr, interleaved as read.
     pub output: String,
+    /// The tail of `--verify`'s stdout and stderr (what it found wrong).
+    pub verify_output: String,
     /// The run's event trace (JSON lines); for a fault run, once finished,
     /// what the report keeps of it (`report::keep_trace`).
     pub trace: String,
@@ -323,6 +325,11 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     } else {
         server
     };
+    // The client crashed with its machine: nothing it writes after the
+    // crash (reconnecting, as QEMU does) may reach the disk.
+    if let Some(cache) = server.registry().write_cache() {
+        cache.power_stays_off();
+    }
     let uri = server.uri();
     let registry = server.registry();
     let serving = tokio::spawn(server.run());
@@ -371,14 +378,16 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     let fired = engine
         .as_ref()
         .is_none_or(|e| e.stats().iter().any(|s| s.fired > 0));
+    let mut verify_output = String::new();
     let verified = match (&setup.verify, exit) {
         (Some(line), e)
             if fired && (e == Exit::Code(0) || (setup.power_loss && e != Exit::TimedOut)) =>
         {
             let t = Instant::now();
             let g = Group::spawn(shell(line, &env, dir), "--verify", line)?;
-            let (v, _) = finish(g, setup.timeout).await;
+            let (v, out) = finish(g, setup.timeout).await;
             theirs += t.elapsed();
+            verify_output = out;
             Some(v == Exit::Code(0))
         }
         _ => None,
@@ -395,6 +404,7 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
         fired,
         verified,
         output,
+        verify_output,
         trace,
         capture: setup.pcap.map(|_| capture),
     })

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The write cache's benchmark (issue 17's speed targets), run by
+# scripts/bench.sh and on its own:
+#
+#   scripts/bench-cache.sh                          # builds, then runs
+#   RUNS=5 SIZE=1G scripts/bench-cache.sh
+#   NBDFAULT=/path/to/nbdfault scripts/bench-cache.sh
+#   NBDFAULT_BEFORE=/path/to/older/nbdfault scripts/bench-cache.sh
+#
+# Against qemu-nbd serving a tmpfs file, over TCP and unix sockets, medians
+# of RUNS alternating runs of:
+#   - sequential writes: nbdcopy --flush of a SIZE file of random data (one
+#     flush at the end, so the whole copy is written back before it ends),
+#     and fio's nbd engine writing SIZE in 1 MiB writes at queue depth 16
+#     with a flush every 64 writes;
+#   - sequential reads of what the cache does not hold: nbdcopy of the disk
+#     to null: once the writes above were flushed, the cache holds nothing;
+#     the proxy's splice counter says whether the fast path was kept;
+# through the transparent proxy (`--write-cache off`, the default) and
+# through `--write-cache volatile`, and with NBDFAULT_BEFORE through the
+# transparent proxy of another build (one without the cache: "off costs
+# nothing" is then the two transparent columns agreeing).
+# Target: write-back ≥ 0.8x the transparent proxy on sequential writes;
+# reads at the transparent proxy's speed, spliced. Nothing here fails on a
+# number.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+RUNS=${RUNS:-3}
+SIZE=${SIZE:-1G}
+TRANSPORTS=${TRANSPORTS:-tcp unix}
+
+for t in qemu-nbd nbdcopy fio curl bc ss python3; do
+    command -v "$t" >/dev/null || { echo "error: $t missing (scripts/bench.sh installs it as root)" >&2; exit 1; }
+done
+if [ -z "${NBDFAULT:-}" ]; then
+    cargo build --release --quiet
+    NBDFAULT=$PWD/target/release/nbdfault
+fi
+proxies="plain cache"
+[ -n "${NBDFAULT_BEFORE:-}" ] && proxies="before $proxies"
+
+source scripts/bench-common.sh
+bench_dir nbdfault-bench-cache
+ports qemu before plain cache
+
+echo "preparing a $SIZE file of random data in $work ..."
+truncate -s "$SIZE" "$work/src.img"
+dd if=/dev/urandom of="$work/src.img" bs=1M count=$(( $(stat -c %s "$work/src.img") / 1048576 )) conv=notrunc status=none
+bytes=$(stat -c %s "$work/src.img")
+truncate -s "$bytes" "$work/disk.img"
+
+for t in $TRANSPORTS; do
+    if [ "$t" = tcp ]; then
+        qemu-nbd -f raw --persistent --shared=64 -b 127.0.0.1 -p "${port_of[$t-qemu]}" "$work/disk.img" &
+    else
+        qemu-nbd -f raw --persistent --shared=64 -k "$(addr "$t" qemu)" "$work/disk.img" &
+    fi
+    pids+=($!)
+    wait_up "$t" qemu
+    up=$(addr "$t" qemu)
+    if [ -n "${NBDFAULT_BEFORE:-}" ]; then
+        "$NBDFAULT_BEFORE" proxy --listen "$(addr "$t" before)" --upstream "$up" >/dev/null 2>&1 &
+        pids+=($!)
+    fi
+    "$NBDFAULT" proxy --listen "$(addr "$t" plain)" --upstream "$up" \
+        --control "$work/$t-plain.control" >/dev/null 2>&1 &
+    pids+=($!)
+    "$NBDFAULT" proxy --listen "$(addr "$t" cache)" --upstream "$up" --write-cache volatile \
+        --control "$work/$t-cache.control" >/dev/null 2>&1 &
+    pids+=($!)
+    for s in $proxies; do wait_up "$t" "$s"; done
+done
+
+# A counter of a proxy's /metrics (0 without a control socket).
+metric() {
+    local sock=$work/$1.control
+    [ -S "$sock" ] || { echo 0; return; }
+    curl -s --unix-socket "$sock" http://localhost/metrics | awk -v m="$2" '$1 == m {print $2}' | head -1
+}
+spliced='nbdfault_spliced_bytes_total{direction="to-client"}'
+
+median() { sort -g | awk '{a[NR]=$1} END {m=(NR+1)/2; if (NR%2) print a[m]; else print (a[m-0.5]+a[m+0.5])/2}'; }
+declare -A samples read_spliced
+# Wall seconds of one client run (the rest of the arguments) into samples[$1].
+measure() {
+    local key=$1 t0 t1
+    shift
+    t0=$(date +%s.%N)
+    "$@" >/dev/null 2>"$work/client.err" || { echo "error: $key: $*" >&2; cat "$work/client.err" >&2; exit 1; }
+    t1=$(date +%s.%N)
+    samples[$key]+="$(echo "$t1 - $t0" | bc -l) "
+}
+med() { echo "${samples[$1]}" | tr ' ' '\n' | grep . | median; }
+
+echo "sequential writes and reads of $SIZE ($RUNS alternating runs per transport and proxy) ..."
+for _ in $(seq "$RUNS"); do
+    for t in $TRANSPORTS; do
+        for s in $proxies; do
+            u=$(uri "$t" "$s")
+            measure "$t-$s-nbdcopy" nbdcopy --flush "$work/src.img" "$u"
+            measure "$t-$s-fio" fio --name=w --ioengine=nbd --uri="$u" --rw=write --bs=1m \
+                --iodepth=16 --size="$bytes" --fsync=64 --output-format=json --output="$work/fio.json"
+            before=$(metric "$t-$s" "$spliced")
+            measure "$t-$s-read" nbdcopy "$u" null:
+            after=$(metric "$t-$s" "$spliced")
+            read_spliced[$t-$s]=$(( ${after:-0} - ${before:-0} ))
+        done
+    done
+done
+
+mib() { echo "scale=0; $bytes / $(med "$1") / 1048576" | bc -l; }
+# Throughput of $2 against $1's (the inverse of their times).
+ratio() { echo "scale=2; $(med "$1") / $(med "$2")" | bc -l | sed 's/^\./0./'; }
+name() { if [ "$1" = tcp ]; then echo TCP; else echo unix; fi; }
+echo
+echo "## nbdfault write cache benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, RUNS=$RUNS SIZE=$SIZE"
+echo
+header="| MiB/s |"
+rule="|---|"
+[ -n "${NBDFAULT_BEFORE:-}" ] && { header+=" transparent, NBDFAULT_BEFORE |"; rule+="---|"; }
+echo "$header transparent (--write-cache off) | --write-cache volatile |"
+echo "$rule---|---|"
+for t in $TRANSPORTS; do
+    for w in nbdcopy fio read; do
+        case $w in
+            nbdcopy) what="sequential write, nbdcopy --flush" ;;
+            fio) what="sequential write, fio 1M QD16, flush every 64" ;;
+            read) what="sequential read of uncached data, nbdcopy" ;;
+        esac
+        row="| $(name "$t"): $what |"
+        [ -n "${NBDFAULT_BEFORE:-}" ] && row+=" $(mib "$t-before-$w") ($(ratio "$t-plain-$w" "$t-before-$w")x) |"
+        row+=" $(mib "$t-plain-$w") | $(mib "$t-cache-$w") ($(ratio "$t-plain-$w" "$t-cache-$w")x) |"
+        echo "$row"
+    done
+done
+echo
+for t in $TRANSPORTS; do
+    echo "$(name "$t") reads, bytes spliced (last run): transparent $(( read_spliced[$t-plain] * 100 / bytes ))%, volatile $(( read_spliced[$t-cache] * 100 / bytes ))%"
+done
+echo "targets: --write-cache volatile >= 0.8x transparent on sequential writes; uncached reads as fast, spliced; the transparent columns alike"

@@ -328,10 +328,29 @@ fn tracked_files() -> Vec<u8> {
 /// What runs as the namespace's first process: the private loopback and
 /// /tmp, the working directory (a tmpfs too: a thousand files written to
 /// this machine's disk took seconds per section), then the script.
+///
+/// The test's own paths (the checkout, the binary, `$RT`, `$HOME`) may
+/// lie under /tmp (CI may clone there), which the private /tmp would
+/// hide: they are first bind-mounted below a private tmpfs on a directory
+/// outside /tmp that every Debian machine has, and used from there.
 const NAMESPACE_SETUP: &str = r#"set -e
 ip link set lo up
+keep=
+for d in /srv /mnt /media /opt; do
+    if [ -d "$d" ]; then keep=$d; break; fi
+done
+[ -n "$keep" ] || { echo "no /srv, /mnt, /media or /opt to mount on" >&2; exit 1; }
+mount -t tmpfs tmpfs "$keep"
+mkdir "$keep/src" "$keep/bin" "$keep/rt" "$keep/home" "$keep/work"
+mount --bind "$README_TEST_SRC" "$keep/src"
+mount --bind "$README_TEST_BIN_DIR" "$keep/bin"
+mount --bind "$RT" "$keep/rt"
+mount --bind "$HOME" "$keep/home"
+mount -t tmpfs tmpfs "$keep/work"
+export README_TEST_SRC="$keep/src" README_TEST_BIN_DIR="$keep/bin" RT="$keep/rt" \
+    HOME="$keep/home" README_TEST_WORK="$keep/work"
+export README_TEST_BIN="$keep/bin/${README_TEST_BIN##*/}" PATH="$keep/bin:${PATH#*:}"
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t tmpfs tmpfs "$README_TEST_WORK"
 cd "$README_TEST_SRC"
 xargs -0 cp -P --parents -t "$README_TEST_WORK" < "$RT/files"
 mkdir "$README_TEST_WORK/target"
@@ -347,8 +366,8 @@ fn bin() -> &'static Path {
 /// Runs one section in its namespaces; returns what failed, if anything.
 fn run_section(section: &Section, base: &Path, index: usize, files: &[u8]) -> Vec<String> {
     let root = base.join(format!("{index:02}"));
-    let (home, work, rt) = (root.join("home"), root.join("work"), root.join("rt"));
-    for d in [&home, &rt, &work] {
+    let (home, rt) = (root.join("home"), root.join("rt"));
+    for d in [&home, &rt] {
         fs::create_dir_all(d).unwrap();
     }
     fs::write(rt.join("files"), files).unwrap();
@@ -373,7 +392,6 @@ fn run_section(section: &Section, base: &Path, index: usize, files: &[u8]) -> Ve
         .env("USER", "root")
         .env("RT", &rt)
         .env("READY_TENTHS", READY_TIMEOUT_TENTHS.to_string())
-        .env("README_TEST_WORK", &work)
         .env("README_TEST_SRC", env!("CARGO_MANIFEST_DIR"))
         .env("README_TEST_BIN_DIR", bin_dir)
         .env("README_TEST_BIN", bin())

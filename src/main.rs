@@ -263,8 +263,9 @@ struct ServeArgs {
     /// owner only]; 660 lets the socket's group connect too.
     #[arg(long, value_name = "MODE", value_parser = parse_mode, help_heading = LISTENING)]
     socket_mode: Option<u32>,
-    /// Captive mode: run CMD through `sh -c` with $uri, $nbd, $port and
-    /// $unixsocket set; when it exits, stop and exit with its status.
+    /// Captive mode: run CMD through `sh -c` with $uri, $nbd, $port,
+    /// $unixsocket and $control (the --control URL) set; when it exits,
+    /// stop and exit with its status.
     /// Stdout is then CMD's alone (no `Listening on` line).
     #[arg(long, value_name = "CMD", help_heading = LISTENING)]
     run: Option<String>,

@@ -197,7 +197,7 @@ async fn serve_async(opts: ServeOptions) -> Result<i32, ServeError> {
     let status = match &opts.run {
         None => ready.serve_until(async { signals.await.map(|()| 0) }).await,
         Some(cmd) => {
-            let mut child = captive(cmd, &uri, &listen)?;
+            let mut child = captive(cmd, &uri, &listen, ready.control_url())?;
             ready
                 .serve_until(async {
                     tokio::select! {
@@ -505,7 +505,12 @@ async fn shut_down(registry: &Registry) {
 /// Starts the captive command with the server's address in its
 /// environment, as nbdkit's `--run` does: `uri` and `nbd` (the NBD URI),
 /// `port` and `unixsocket` (each empty when it does not apply).
-fn captive(cmd: &str, uri: &str, listen: &ListenAddr) -> Result<tokio::process::Child, ServeError> {
+fn captive(
+    cmd: &str,
+    uri: &str,
+    listen: &ListenAddr,
+    control: Option<String>,
+) -> Result<tokio::process::Child, ServeError> {
     let (port, socket) = match listen {
         ListenAddr::Tcp { .. } => (
             uri.rsplit(':').next().unwrap_or_default().to_string(),
@@ -520,6 +525,9 @@ fn captive(cmd: &str, uri: &str, listen: &ListenAddr) -> Result<tokio::process::
         .env("nbd", uri)
         .env("port", port)
         .env("unixsocket", socket)
+        // The control API's URL (`http://HOST:PORT`, or `unix:PATH`), so
+        // that CMD can find a `--control` on port 0.
+        .env("control", control.unwrap_or_default())
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| ServeError::Run {

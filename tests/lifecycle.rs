@@ -192,6 +192,35 @@ fn run_exits_with_the_commands_status_and_passes_the_address() {
     assert_eq!(out.stdout, "8589934592\n", "{}", out.describe());
 }
 
+/// `$control` names the control API a `--control` on port 0 got (empty
+/// without one), so CMD can steer the server it runs under.
+#[test]
+fn run_passes_the_control_api_url() {
+    require_tool("curl");
+    let out = run(
+        nbdfault_bin(),
+        &[
+            "null",
+            "--control",
+            "127.0.0.1:0",
+            "--run",
+            "echo \"$control\"; curl -sf \"$control/metrics\" | grep -c '^nbdfault_connections_total '",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", out.describe());
+    let port = lines[0].strip_prefix("http://127.0.0.1:").unwrap_or("");
+    assert!(port.parse::<u16>().is_ok_and(|p| p > 0), "{lines:?}");
+    assert_eq!(lines[1], "1");
+
+    let out = run(
+        nbdfault_bin(),
+        &["null", "--run", "test -z \"${control-unset}\""],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+}
+
 #[test]
 fn trace_records_every_event_of_a_qemu_io_session() {
     require_tool("qemu-io");

@@ -30,11 +30,16 @@ struct Setup {
 
 impl Setup {
     fn new(rules: &str) -> Setup {
+        Setup::with(rules, &[])
+    }
+
+    /// [`Setup::new`] with `more` arguments for nbdfault.
+    fn with(rules: &str, more: &[&str]) -> Setup {
         let dir = TempDir::new().expect("tempdir");
         let image = dir.path().join("disk.img");
         write_sparse_file(&image, DISK as u64, &[(0, &vec![OLD; DISK])]);
         let qemu = QemuNbd::start("raw", &image, &["--discard=unmap"]);
-        let nbdfault = start(dir.path(), &qemu, rules);
+        let nbdfault = start_with(dir.path(), &qemu, rules, more);
         Setup {
             dir,
             image,
@@ -55,7 +60,7 @@ impl Setup {
     /// Puts the image back and restarts nbdfault (so its rules count
     /// from zero again).
     fn restart(&mut self, rules: &str) {
-        let fresh = start(self.dir.path(), &self.qemu, rules);
+        let fresh = start_with(self.dir.path(), &self.qemu, rules, &[]);
         self.nbdfault = fresh;
         std::fs::write(&self.image, vec![OLD; DISK]).expect("rewrite the image");
     }
@@ -78,7 +83,7 @@ impl Setup {
     }
 }
 
-fn start(dir: &Path, qemu: &QemuNbd, rules: &str) -> Nbdfault {
+fn start_with(dir: &Path, qemu: &QemuNbd, rules: &str, more: &[&str]) -> Nbdfault {
     let file = dir.join("rules.yaml");
     std::fs::write(&file, rules).expect("write rules");
     let control = dir.join("control.sock");
@@ -88,7 +93,7 @@ fn start(dir: &Path, qemu: &QemuNbd, rules: &str) -> Nbdfault {
         file.display().to_string(),
         control.display().to_string(),
     );
-    Nbdfault::start(&[
+    let mut args = vec![
         "proxy",
         "--listen",
         "127.0.0.1:0",
@@ -100,7 +105,9 @@ fn start(dir: &Path, qemu: &QemuNbd, rules: &str) -> Nbdfault {
         &file,
         "--control",
         &control,
-    ])
+    ];
+    args.extend_from_slice(more);
+    Nbdfault::start(&args)
 }
 
 /// The power goes at the `n`th flush (qemu-io flushes as it closes).
@@ -156,6 +163,42 @@ fn unflushed_writes_are_lost_and_read_back_until_then() {
         "{}",
         o.describe()
     );
+}
+
+/// `--cache-size` bounds what is held: past it the oldest cached writes
+/// go to the server early, so they survive the power loss, and at most
+/// the size is lost; the newest write is always among the lost.
+#[test]
+fn a_full_cache_writes_back_its_oldest_writes_early() {
+    let s = Setup::with(&crash_at_flush(1, ""), &["--cache-size", "64K"]);
+    let writes: Vec<String> = (0..16)
+        .map(|i| format!("write -P 0x22 {} 16k", i * 16384))
+        .collect();
+    let mut cmds: Vec<&str> = writes.iter().map(String::as_str).collect();
+    cmds.push("read -P 0x22 0 256k");
+    let o = s.qemu_io(&cmds);
+    assert!(
+        !o.stdout.contains("Pattern verification failed")
+            && o.stdout.contains("read 262144/262144"),
+        "{}",
+        o.describe()
+    );
+    let stderr = s.wait_for_loss();
+    let lost: u64 = stderr
+        .split("cached writes (")
+        .nth(1)
+        .and_then(|r| r.split(" bytes) lost").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no loss line\n{stderr}"));
+    assert!(
+        (16384..=65536).contains(&lost),
+        "{lost} bytes lost\n{stderr}"
+    );
+    let disk = s.disk();
+    let kept = 262144 - lost as usize;
+    assert_run(&disk, 0, kept, 0x22);
+    assert_run(&disk, kept, lost as usize, OLD);
+    assert_run(&disk, 262144, DISK - 262144, OLD);
 }
 
 #[test]

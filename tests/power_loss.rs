@@ -132,7 +132,12 @@ fn assert_run(disk: &[u8], from: usize, len: usize, byte: u8) {
 
 #[test]
 fn unflushed_writes_are_lost_and_read_back_until_then() {
-    let s = Setup::new(&crash_at_flush(1, ""));
+    let traces = TempDir::new().expect("tempdir");
+    let trace = traces.path().join("trace.jsonl");
+    let s = Setup::with(
+        &crash_at_flush(1, ""),
+        &["--trace", trace.to_str().unwrap()],
+    );
     let o = s.qemu_io(&[
         "write -P 0x22 4096 8192",
         "write -P 0x33 6144 1024",
@@ -156,6 +161,12 @@ fn unflushed_writes_are_lost_and_read_back_until_then() {
         "{stderr}"
     );
     assert_run(&s.disk(), 0, DISK, OLD);
+    // The connection's end names the power loss, not the control API.
+    let closed = r#""record":"close","reason":"power-loss","message":"reset by a power loss of the write cache""#;
+    let said = wait_until(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&trace).is_ok_and(|t| t.contains(closed))
+    });
+    assert!(said, "{:?}", std::fs::read_to_string(&trace));
     // After the loss the proxy serves on: a new client sees the old data.
     let o = s.qemu_io(&["read -P 0x11 4096 8192"]);
     assert!(

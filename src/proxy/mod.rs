@@ -85,6 +85,8 @@ pub enum FlowError {
     HandshakeTimeout(Duration),
     #[error("closed through the control API")]
     Killed,
+    #[error("reset by a power loss of the write cache")]
+    PowerLoss,
     #[error("the server is stopping")]
     ShutDown,
     #[error("a flow task failed: {0}")]
@@ -135,6 +137,8 @@ pub struct Connection {
     killed: watch::Sender<bool>,
     /// The teardown is the server's shutdown, not the control API's.
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Set before the kill of a power loss ([`crate::cache::Member`]).
+    power_cut: std::sync::atomic::AtomicBool,
     /// Which sockets to close with a TCP reset (RESET_CLIENT, RESET_SERVER).
     reset: std::sync::atomic::AtomicU8,
     session: Mutex<Session>,
@@ -197,6 +201,7 @@ impl Connection {
             paused: watch::Sender::new(false),
             killed: watch::Sender::new(false),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            power_cut: std::sync::atomic::AtomicBool::new(false),
             reset: std::sync::atomic::AtomicU8::new(0),
             session: Mutex::new(Session::new(max_payload)),
             refuse: AtomicU32::new(0),
@@ -356,6 +361,8 @@ impl Connection {
     fn killed_error(&self) -> FlowError {
         if self.shutting_down.load(Ordering::Relaxed) {
             FlowError::ShutDown
+        } else if self.power_cut.load(Ordering::Relaxed) {
+            FlowError::PowerLoss
         } else {
             FlowError::Killed
         }
@@ -447,6 +454,7 @@ impl Connection {
 
 impl crate::cache::Member for Connection {
     fn power_cut(&self) {
+        self.power_cut.store(true, Ordering::Relaxed);
         self.reset_on_close(RESET_CLIENT | RESET_SERVER);
         self.kill();
     }
@@ -492,6 +500,7 @@ fn end_of<'a>(conn: &Connection, result: &'a Result<(), FlowError>) -> End<'a> {
         Err(FlowError::Stalled { dir }) => ("fault", Some(*dir)),
         Err(FlowError::HandshakeTimeout(_)) => ("timeout", None),
         Err(FlowError::Killed) => ("killed", None),
+        Err(FlowError::PowerLoss) => ("power-loss", None),
         Err(FlowError::ShutDown) => ("shutdown", None),
         Err(FlowError::Task(_)) => ("error", None),
         Err(FlowError::Io { dir, source }) => {

@@ -208,23 +208,25 @@ impl ConnObserver {
     /// (its `connect` traced), is closed before a byte went either way.
     /// Only the trace says so; the capture never saw it begin.
     pub fn unreachable(&self, why: &str) {
-        if let Some(t) = self.telemetry.trace() {
-            t.record(|ts| CloseLine {
-                ts,
-                conn: self.id,
-                record: "close",
-                reason: "upstream-unreachable",
-                message: Some(why),
-                direction: None,
-                rule: None,
-                to_server_bytes: 0,
-                to_client_bytes: 0,
-            });
-        }
+        self.trace_close(&End {
+            reason: "upstream-unreachable",
+            message: Some(why.to_string()),
+            ..End::default()
+        });
     }
 
     /// The connection is over: both sockets are closed (or closing).
     pub fn closed(&self, end: &End<'_>) {
+        self.trace_close(end);
+        if let Some((c, p)) = self.capture() {
+            let why = format!("nbdfault closes: {}", end.reason);
+            c.close(p, Leg::Client, Way::ToClient, end.reset_client, Some(&why));
+            c.close(p, Leg::Server, Way::ToServer, end.reset_server, Some(&why));
+        }
+    }
+
+    /// The trace's `close` record of `end`.
+    fn trace_close(&self, end: &End<'_>) {
         if let Some(t) = self.telemetry.trace() {
             t.record(|ts| CloseLine {
                 ts,
@@ -237,11 +239,6 @@ impl ConnObserver {
                 to_server_bytes: end.to_server_bytes,
                 to_client_bytes: end.to_client_bytes,
             });
-        }
-        if let Some((c, p)) = self.capture() {
-            let why = format!("nbdfault closes: {}", end.reason);
-            c.close(p, Leg::Client, Way::ToClient, end.reset_client, Some(&why));
-            c.close(p, Leg::Server, Way::ToServer, end.reset_server, Some(&why));
         }
     }
 }

@@ -34,6 +34,7 @@ use crate::rules::live::{ChangeError, LiveRules};
 use crate::rules::{RuleError, Source};
 use crate::server::registry::Registry;
 
+pub use crate::cache::WriteBack;
 pub use crate::intercept::ConnId;
 pub use crate::proxy::ConnectionInfo;
 pub use crate::rules::RuleStats;
@@ -147,7 +148,7 @@ pub struct Builder<B> {
     trace: Option<PathBuf>,
     threads: usize,
     limits: Limits,
-    write_cache: Option<u64>,
+    write_cache: Option<crate::cache::CacheConfig>,
 }
 
 impl<B> Builder<B> {
@@ -225,9 +226,18 @@ impl<B> Builder<B> {
     }
 
     /// `--write-cache volatile` holding at most `bytes` of write data per
-    /// export (`None`: the default `--cache-size`, 256 MiB).
-    pub fn write_cache(mut self, bytes: Option<u64>) -> Self {
-        self.write_cache = Some(bytes.unwrap_or(DEFAULT_CACHE_SIZE));
+    /// export (`None`: the default `--cache-size`, 256 MiB), writing back
+    /// in the background once an eighth of that is held.
+    pub fn write_cache(self, bytes: Option<u64>) -> Self {
+        self.write_cache_with(bytes, WriteBack::Background)
+    }
+
+    /// `--write-cache volatile` with `--write-back`: with
+    /// [`WriteBack::WhenFull`], what a power loss takes does not depend on
+    /// timing.
+    pub fn write_cache_with(mut self, bytes: Option<u64>, write_back: WriteBack) -> Self {
+        let limit = bytes.unwrap_or(DEFAULT_CACHE_SIZE);
+        self.write_cache = Some(crate::cache::CacheConfig::new(limit, write_back));
         self
     }
 

@@ -330,22 +330,52 @@ struct ServeArgs {
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = ["off", "volatile"],
           help_heading = RULES)]
     write_cache: String,
-    /// Write data the volatile cache holds per export before it writes
-    /// the oldest back early [default: 256M].
+    /// Write data the volatile cache holds per export, at least 64K; when
+    /// full, the oldest is written back before a write is answered
+    /// [default: 256M].
     #[arg(long, value_name = "SIZE", help_heading = RULES)]
     cache_size: Option<String>,
+    /// background: once an eighth of --cache-size is held, the oldest
+    /// writes go to the server in the background (default; what a power
+    /// loss takes beyond that eighth depends on timing). when-full: only a
+    /// full cache writes back early, so a loss repeats exactly at any size,
+    /// slower.
+    #[arg(long, value_name = "MODE", value_parser = ["background", "when-full"],
+          help_heading = RULES)]
+    write_back: Option<String>,
 }
 
+/// The smallest `--cache-size`: a few writes of the usual sizes.
+const MIN_CACHE_SIZE: u64 = 64 << 10;
+
 impl ServeArgs {
-    /// `--write-cache` and `--cache-size`: the cache's size, `None` if off.
-    fn write_cache(&self) -> Result<Option<u64>> {
+    /// `--write-cache`, `--cache-size` and `--write-back`: the cache, `None`
+    /// if off.
+    fn write_cache(&self) -> Result<Option<nbdfault::cache::CacheConfig>> {
+        use nbdfault::cache::{CacheConfig, DEFAULT_CACHE_SIZE, WriteBack};
         let size = match &self.cache_size {
-            Some(s) => Some(parse_size(s).with_context(|| format!("--cache-size {s}"))?),
+            Some(s) => {
+                let n = parse_size(s).with_context(|| format!("--cache-size {s}"))?;
+                if n < MIN_CACHE_SIZE {
+                    anyhow::bail!(
+                        "--cache-size {s}: must be at least 64K ({MIN_CACHE_SIZE} bytes)"
+                    );
+                }
+                Some(n)
+            }
             None => None,
         };
-        match (self.write_cache.as_str(), size) {
-            ("volatile", size) => Ok(Some(size.unwrap_or(nbdfault::cache::DEFAULT_CACHE_SIZE))),
-            (_, Some(_)) => anyhow::bail!("--cache-size needs --write-cache volatile"),
+        let write_back = match self.write_back.as_deref() {
+            Some("when-full") => WriteBack::WhenFull,
+            _ => WriteBack::Background,
+        };
+        match (self.write_cache.as_str(), size, &self.write_back) {
+            ("volatile", size, _) => Ok(Some(CacheConfig::new(
+                size.unwrap_or(DEFAULT_CACHE_SIZE),
+                write_back,
+            ))),
+            (_, Some(_), _) => anyhow::bail!("--cache-size needs --write-cache volatile"),
+            (_, _, Some(_)) => anyhow::bail!("--write-back needs --write-cache volatile"),
             _ => Ok(None),
         }
     }

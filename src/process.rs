@@ -52,9 +52,9 @@ pub struct ServerOptions {
     /// Busy-poll this long after activity on each thread (see
     /// [`crate::io::busypoll`]); zero: never. Needs `threads` ≥ 1.
     pub busy_poll: Duration,
-    /// `--write-cache volatile`: the bytes of write data it may hold per
-    /// export (`--cache-size`); `None`: off.
-    pub write_cache: Option<u64>,
+    /// `--write-cache volatile` (`--cache-size`, `--write-back`); `None`:
+    /// off.
+    pub write_cache: Option<crate::cache::CacheConfig>,
 }
 
 /// Everything `proxy` and `null` need: a server, and what the process
@@ -279,7 +279,7 @@ impl Ready {
             )?;
         }
         let server = match opts.write_cache {
-            Some(limit) => server.with_write_cache(limit),
+            Some(config) => server.with_write_cache(config),
             None => server,
         };
         let shards = match opts.threads {

@@ -178,10 +178,14 @@ fn unflushed_writes_are_lost_and_read_back_until_then() {
 
 /// `--cache-size` bounds what is held: past it the oldest cached writes
 /// go to the server early, so they survive the power loss, and at most
-/// the size is lost; the newest write is always among the lost.
+/// the size is lost; the newest write is always among the lost (with
+/// `--write-back when-full`: no background write-back takes it first).
 #[test]
 fn a_full_cache_writes_back_its_oldest_writes_early() {
-    let s = Setup::with(&crash_at_flush(1, ""), &["--cache-size", "64K"]);
+    let s = Setup::with(
+        &crash_at_flush(1, ""),
+        &["--cache-size", "64K", "--write-back", "when-full"],
+    );
     let writes: Vec<String> = (0..16)
         .map(|i| format!("write -P 0x22 {} 16k", i * 16384))
         .collect();
@@ -210,6 +214,104 @@ fn a_full_cache_writes_back_its_oldest_writes_early() {
     assert_run(&disk, 0, kept, 0x22);
     assert_run(&disk, kept, lost as usize, OLD);
     assert_run(&disk, 262144, DISK - 262144, OLD);
+}
+
+/// A write larger than the cache is not held: what it overlaps is written
+/// back first, then it goes to the server on the client's own connection,
+/// so it lands over the older data and a loss cannot take it.
+#[test]
+fn a_write_larger_than_the_cache_goes_straight_through() {
+    let s = Setup::with(
+        &crash_at_flush(1, ""),
+        &["--cache-size", "64K", "--write-back", "when-full"],
+    );
+    let o = s.qemu_io(&[
+        "write -P 0x22 4096 16k",
+        "write -P 0x33 0 128k",
+        "write -P 0x44 131072 4k",
+        "read -P 0x33 0 128k",
+    ]);
+    assert!(
+        o.stdout.contains("read 131072/131072") && !o.stdout.contains("failed"),
+        "{}",
+        o.describe()
+    );
+    let stderr = s.wait_for_loss();
+    assert!(
+        stderr.contains("1 cached writes (4096 bytes) lost"),
+        "{stderr}"
+    );
+    let disk = s.disk();
+    assert_run(&disk, 0, 131072, 0x33);
+    assert_run(&disk, 131072, DISK - 131072, OLD);
+}
+
+/// 48 writes of 16 KiB, no flush, then `POST /power-loss` once the cache
+/// holds `settled` bytes: the loss line's numbers, as JSON.
+const FORTY_EIGHT_WRITES: &str = r#"
+import nbd, sys, socket, http.client, time
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(sys.argv[2])
+def call(method, path):
+    c = Unix("localhost")
+    c.request(method, path)
+    r = c.getresponse()
+    return r.read().decode()
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for i in range(48):
+    h.pwrite(b"\x22" * 16384, i * 16384)
+settled = int(sys.argv[3])
+held = None
+for _ in range(1000):
+    m = call("GET", "/metrics")
+    held = [l for l in m.splitlines() if l.startswith("nbdfault_cache_bytes ")][0].split()[1]
+    if int(held) == settled:
+        break
+    time.sleep(0.01)
+print(held, call("POST", "/power-loss").replace("\n", "").replace(" ", ""))
+"#;
+
+/// `--write-back background` (the default): past an eighth of
+/// `--cache-size` the oldest writes go to the server without waiting for
+/// a flush, down to an eighth, so a loss takes at most that much (here
+/// 1M / 8: seven writes of 16 KiB and their entries' 64 bytes each fit,
+/// not eight). With `--write-back when-full` the same writes all stay
+/// cached, and all are lost.
+#[test]
+fn the_background_keeps_an_eighth_of_the_cache_losable() {
+    let s = Setup::with("rules: []\n", &["--cache-size", "1M"]);
+    let out = python(
+        FORTY_EIGHT_WRITES,
+        &[s.nbdfault.uri(), &s.control(), "114688"],
+    );
+    assert_eq!(
+        out.trim(),
+        r#"114688 {"connections_reset":1,"kept":0,"lost_bytes":114688,"lost_writes":7}"#
+    );
+    let disk = s.disk();
+    assert_run(&disk, 0, 41 * 16384, 0x22);
+    assert_run(&disk, 41 * 16384, 7 * 16384, OLD);
+    let metrics = curl(&["--unix-socket", &s.control(), "http://localhost/metrics"]);
+    assert!(
+        metrics.contains("\nnbdfault_cache_writebacks_total 41\n"),
+        "{metrics}"
+    );
+
+    let s = Setup::with(
+        "rules: []\n",
+        &["--cache-size", "1M", "--write-back", "when-full"],
+    );
+    let out = python(
+        FORTY_EIGHT_WRITES,
+        &[s.nbdfault.uri(), &s.control(), "786432"],
+    );
+    assert_eq!(
+        out.trim(),
+        r#"786432 {"connections_reset":1,"kept":0,"lost_bytes":786432,"lost_writes":48}"#
+    );
+    assert_run(&s.disk(), 0, DISK, OLD);
 }
 
 #[test]
@@ -381,6 +483,23 @@ fn cache_flags_are_checked() {
     );
     assert!(!o.success());
     assert!(o.stderr.contains("--cache-size lots"), "{}", o.describe());
+    let o = run(
+        nbdfault_bin(),
+        &["null", "--write-cache", "volatile", "--cache-size", "4K"],
+    );
+    assert!(
+        o.stderr
+            .contains("--cache-size 4K: must be at least 64K (65536 bytes)"),
+        "{}",
+        o.describe()
+    );
+    let o = run(nbdfault_bin(), &["null", "--write-back", "when-full"]);
+    assert!(
+        o.stderr
+            .contains("--write-back needs --write-cache volatile"),
+        "{}",
+        o.describe()
+    );
     let o = run(nbdfault_bin(), &["null", "--write-cache", "sometimes"]);
     assert!(
         o.stderr

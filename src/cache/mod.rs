@@ -41,6 +41,65 @@ use model::{Entry, Model, Op};
 /// `--cache-size` unless given: a large disk's cache.
 pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
 
+/// The largest write the cache holds, and the largest read it answers from
+/// the server's data with its own laid over: a larger one (which a client
+/// may send when the proxy has no `--max-payload`) goes the proxy's own
+/// way, after the cached data it touches was written back, so no client
+/// can make the cache buffer more than this for one request. QEMU and the
+/// kernel send at most 32 MiB, the NBD spec's usual maximum block size.
+pub const MAX_CACHED_REQUEST: u64 = 32 << 20;
+
+/// What a write-back run takes at most before it lets go of the cache's
+/// connection, so a read or a flush waiting for it waits only that long.
+const WRITE_BACK_BATCH: u64 = 8 << 20;
+
+/// When the cache writes back, besides at FLUSH and FUA (`--write-back`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WriteBack {
+    /// Once more than an eighth of `--cache-size` is held, the oldest
+    /// writes go to the server in the background, down to an eighth, as a
+    /// disk's cache does; a writer waits only when the cache is full.
+    /// Up to an eighth, what a power loss takes is exactly what was
+    /// answered since the last flush; above it, also what the background
+    /// had not reached yet, which depends on timing.
+    #[default]
+    Background,
+    /// Only a full cache writes back early (in the writer's time): what a
+    /// power loss takes repeats exactly from run to run, at any size, at
+    /// the cost of speed (`nbdfault sweep` uses this).
+    WhenFull,
+}
+
+/// `--write-cache volatile`'s settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// `--cache-size`: what is held per export at most (write data, and a
+    /// little for each cached command: [`model::ENTRY_COST`]).
+    pub limit: u64,
+    pub write_back: WriteBack,
+}
+
+impl CacheConfig {
+    /// The default cache with `write_back`.
+    pub fn new(limit: u64, write_back: WriteBack) -> Self {
+        Self { limit, write_back }
+    }
+
+    /// Where background write-back starts, and down to where it goes.
+    fn background_mark(&self) -> Option<u64> {
+        (self.write_back == WriteBack::Background).then_some(self.limit / 8)
+    }
+
+    /// The largest request of `command` the cache takes: a write must fit
+    /// in it too.
+    fn max_request(&self, command: u16) -> u64 {
+        match command {
+            CMD_WRITE => self.limit.min(MAX_CACHED_REQUEST),
+            _ => MAX_CACHED_REQUEST,
+        }
+    }
+}
+
 /// Fault log target (as `proxy::FAULT_LOG`, which sits above this module).
 const FAULT_LOG: &str = "nbdfault::fault";
 
@@ -70,7 +129,7 @@ struct Stats {
 
 /// What every export's cache shares.
 struct Shared {
-    limit: u64,
+    config: CacheConfig,
     opener: Opener,
     stats: Stats,
     /// After a power loss the export stays without power: see
@@ -85,12 +144,12 @@ pub struct WriteCache {
 }
 
 impl WriteCache {
-    /// A cache holding at most `limit` bytes of write data per export,
-    /// writing back over connections from `opener`.
-    pub fn new(limit: u64, opener: Opener) -> Self {
+    /// A cache as `config` says, writing back over connections from
+    /// `opener`.
+    pub fn new(config: CacheConfig, opener: Opener) -> Self {
         Self {
             shared: Arc::new(Shared {
-                limit,
+                config,
                 opener,
                 stats: Stats::default(),
                 stays_off: AtomicBool::new(false),
@@ -122,6 +181,8 @@ impl WriteCache {
                     upstream: tokio::sync::Mutex::new(None),
                     members: Mutex::new(Vec::new()),
                     epoch: AtomicU64::new(0),
+                    writer: AtomicBool::new(false),
+                    wake: tokio::sync::Notify::new(),
                 })
             })
             .clone()
@@ -271,6 +332,10 @@ pub struct ExportCache {
     members: Mutex<Vec<(ConnId, Weak<dyn Member>)>>,
     /// Bumped by every power loss: a write-back in progress stops.
     epoch: AtomicU64,
+    /// Whether the background writer ([`ExportCache::background`]) was
+    /// started, and what wakes it.
+    writer: AtomicBool,
+    wake: tokio::sync::Notify,
 }
 
 /// A request taken by the cache: its header, then its payload as the flow
@@ -302,6 +367,33 @@ impl Intake {
         self.skip == 0 && self.need == 0
     }
 
+    /// Payload bytes still to come once the header is all in: what the
+    /// flow may read straight into it ([`Intake::read_from`]).
+    pub fn wants(&self) -> u64 {
+        if self.skip == 0 { self.need } else { 0 }
+    }
+
+    /// Reads up to [`Intake::wants`] bytes of payload from `src` straight
+    /// into the cache's buffer (a copy fewer than through the flow's): the
+    /// bytes read, none at end of stream.
+    pub async fn read_from<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        src: &mut R,
+    ) -> std::io::Result<&[u8]> {
+        use bytes::BufMut;
+        use tokio::io::AsyncReadExt;
+        let start = self.data.len();
+        let want = self.wants() as usize;
+        let n = src.read_buf(&mut (&mut self.data).limit(want)).await?;
+        self.need -= n as u64;
+        Ok(&self.data[start..])
+    }
+
+    /// Whether the whole request is in.
+    pub fn complete(&self) -> bool {
+        self.skip == 0 && self.need == 0
+    }
+
     /// Carries the request out and makes the client's answer.
     pub async fn answer(mut self) -> Vec<u8> {
         let data = std::mem::take(&mut self.data);
@@ -323,7 +415,7 @@ impl Intake {
                 if fua {
                     c.flush().await
                 } else {
-                    c.evict().await
+                    c.pushed().await
                 }
             }
             (CMD_FLUSH, None) => c.flush().await,
@@ -395,15 +487,18 @@ impl ExportCache {
         }
         let m = &ev.meta;
         let (command, offset, length) = (m.command?, m.offset?, m.length?);
+        let big = length > self.shared.config.max_request(command);
         let take = match command {
+            CMD_WRITE | CMD_READ if big => {
+                self.write_back_under(offset, length, "a request too large to cache")
+                    .await;
+                false
+            }
             CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM | CMD_FLUSH => true,
             CMD_READ => lock(&self.model).overlaps(offset, length),
             CMD_BLOCK_STATUS => {
-                if lock(&self.model).overlaps(offset, length)
-                    && let Err(e) = self.write_back_all(false).await
-                {
-                    warn!(export = %self.name, "write cache: {e} (before a block status)");
-                }
+                self.write_back_under(offset, length, "a block status")
+                    .await;
                 false
             }
             _ => false,
@@ -418,8 +513,24 @@ impl ExportCache {
             mode: ev.mode,
             skip: ev.size,
             need: if command == CMD_WRITE { length } else { 0 },
-            data: Vec::new(),
+            // At most `max_request`: a larger write is not taken.
+            data: Vec::with_capacity(if command == CMD_WRITE {
+                length as usize
+            } else {
+                0
+            }),
         })
+    }
+
+    /// Before a request that goes the proxy's own way: the cached data it
+    /// touches, written back (with everything older), so the server never
+    /// answers it from older data.
+    async fn write_back_under(&self, offset: u64, length: u64, what: &str) {
+        if lock(&self.model).overlaps(offset, length)
+            && let Err(e) = self.write_back_all(false).await
+        {
+            warn!(export = %self.name, "write cache: {e} (before {what})");
+        }
     }
 
     async fn connect(&self) -> Result<Client, ClientError> {
@@ -520,21 +631,56 @@ impl ExportCache {
         self.write_back_all(true).await
     }
 
-    /// Over `--cache-size`: the oldest writes go to the server early, as a
-    /// full disk cache's do (they are then no longer losable).
-    async fn evict(&self) -> Result<(), ClientError> {
-        if lock(&self.model).bytes() <= self.shared.limit {
-            return Ok(());
+    /// After a command was cached: over `--cache-size`, the oldest writes
+    /// go to the server early, as a full disk cache's do (they are then no
+    /// longer losable), before the command is answered; over the
+    /// background mark, the background writer is woken.
+    async fn pushed(self: &Arc<Self>) -> Result<(), ClientError> {
+        let config = self.shared.config;
+        let held = lock(&self.model).held();
+        if let Some(mark) = config.background_mark()
+            && held > mark
+        {
+            if !self.writer.swap(true, Ordering::SeqCst) {
+                tokio::spawn(self.clone().background(mark));
+            }
+            self.wake.notify_one();
         }
-        let mut up = self.upstream.lock().await;
-        // Down to 7/8 of the limit, not just under it: a batch big enough
-        // to keep the write-back window full, rather than one write per
-        // write that arrives.
-        let batch = lock(&self.model).over(self.shared.limit - self.shared.limit / 8);
-        self.write_back(&mut up, batch, false).await
+        while lock(&self.model).held() > config.limit {
+            let mut up = self.upstream.lock().await;
+            // Down to 7/8 of the limit, not just under it: a batch big
+            // enough to keep the write-back window full, rather than one
+            // write per write that arrives.
+            let batch = lock(&self.model).over(config.limit - config.limit / 8, WRITE_BACK_BATCH);
+            self.write_back(&mut up, batch, false).await?;
+        }
+        Ok(())
     }
 
-    /// The server's data with the cache laid over it.
+    /// The background writer of [`WriteBack::Background`]: whenever more
+    /// than `mark` is held, writes the oldest back, a batch at a time (a
+    /// read or a flush waits for one batch at most), down to `mark`. A
+    /// failed write-back leaves the data cached, for the next flush to
+    /// try again and answer with the error.
+    async fn background(self: Arc<Self>, mark: u64) {
+        loop {
+            while lock(&self.model).held() > mark {
+                let mut up = self.upstream.lock().await;
+                let batch = lock(&self.model).over(mark, WRITE_BACK_BATCH);
+                if let Err(e) = self.write_back(&mut up, batch, false).await {
+                    drop(up);
+                    warn!(export = %self.name, "write cache: {e} (writing back in the background; the data stays cached)");
+                    // Not a retry per write that arrives meanwhile.
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    break;
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    /// The server's data with the cache laid over it (`length` is at most
+    /// [`MAX_CACHED_REQUEST`]: [`ExportCache::claim`]).
     async fn read(&self, offset: u64, length: u64) -> Result<Vec<u8>, ClientError> {
         let mut up = self.upstream.lock().await;
         let mut c = match up.take() {
@@ -631,8 +777,10 @@ impl ExportCache {
 }
 
 /// Write-back requests in flight at once on the cache's connection: enough
-/// to keep a server busy without waiting a round trip for each.
-const WRITE_BACK_WINDOW: usize = 16;
+/// to keep a server busy without waiting a round trip for each (16 kept
+/// qemu-nbd waiting over unix sockets: nbdcopy --flush took a quarter
+/// longer).
+const WRITE_BACK_WINDOW: usize = 64;
 
 /// The write-backs sent and not yet all answered, oldest first, each with
 /// its cookie and whether its reply came.

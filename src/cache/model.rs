@@ -32,13 +32,23 @@ pub struct Entry {
     pub op: Op,
 }
 
+/// What one cached command costs against `--cache-size` beyond its data:
+/// its place in the log, so that a client trimming or zeroing without end
+/// cannot grow the log past the bound either.
+pub const ENTRY_COST: u64 = 64;
+
 impl Entry {
-    /// What it costs against `--cache-size`: the bytes held.
-    fn cost(&self) -> u64 {
+    /// Bytes of write data it holds.
+    fn data(&self) -> u64 {
         match self.op {
             Op::Write(_) => self.len,
             _ => 0,
         }
+    }
+
+    /// What it costs against `--cache-size`.
+    fn cost(&self) -> u64 {
+        self.data() + ENTRY_COST
     }
 
     pub fn overlaps(&self, offset: u64, len: u64) -> bool {
@@ -66,7 +76,10 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct Model {
     entries: VecDeque<Entry>,
+    /// Write data held.
     bytes: u64,
+    /// What the entries cost against `--cache-size` ([`Entry::cost`]).
+    held: u64,
     next_seq: u64,
     /// Smallest and largest byte any entry covers, so a read far from
     /// every cached write skips the scan.
@@ -91,7 +104,8 @@ impl Model {
             self.lo = self.lo.min(offset);
             self.hi = self.hi.max(offset.saturating_add(len));
         }
-        self.bytes += e.cost();
+        self.bytes += e.data();
+        self.held += e.cost();
         self.entries.push_back(e);
         seq
     }
@@ -99,6 +113,11 @@ impl Model {
     /// Bytes of write data held.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// What the log costs against `--cache-size`: its data and its entries.
+    pub fn held(&self) -> u64 {
+        self.held
     }
 
     pub fn len(&self) -> usize {
@@ -152,16 +171,19 @@ impl Model {
             .collect()
     }
 
-    /// The oldest entries whose write-back brings the data held to
-    /// `limit` or below.
-    pub fn over(&self, limit: u64) -> Vec<Entry> {
-        let mut left = self.bytes;
+    /// The oldest entries whose write-back brings what is held to `limit`
+    /// or below ([`Model::held`]), but no more of them than cost `batch`
+    /// together (always one, if any is over).
+    pub fn over(&self, limit: u64, batch: u64) -> Vec<Entry> {
+        let mut left = self.held;
+        let mut taken = 0u64;
         let mut out = Vec::new();
         for e in &self.entries {
-            if left <= limit {
+            if left <= limit || (taken >= batch && !out.is_empty()) {
                 break;
             }
             left -= e.cost();
+            taken = taken.saturating_add(e.cost());
             out.push(e.clone());
         }
         out
@@ -172,7 +194,8 @@ impl Model {
     pub fn written(&mut self, seq: u64) {
         while self.entries.front().is_some_and(|e| e.seq <= seq) {
             if let Some(e) = self.entries.pop_front() {
-                self.bytes -= e.cost();
+                self.bytes -= e.data();
+                self.held -= e.cost();
             }
         }
     }
@@ -180,6 +203,7 @@ impl Model {
     /// Empties the log: the power is gone.
     pub fn take_all(&mut self) -> Vec<Entry> {
         self.bytes = 0;
+        self.held = 0;
         self.entries.drain(..).collect()
     }
 }
@@ -245,7 +269,7 @@ mod tests {
         Zero(u64, u64),
         Trim(u64, u64),
         Flush,
-        Evict(u64),
+        Evict(u64, u64),
     }
 
     fn cmd() -> impl Strategy<Value = Cmd> {
@@ -256,7 +280,7 @@ mod tests {
             1 => extent.clone().prop_map(|(o, l)| Cmd::Zero(o, l)),
             1 => extent.prop_map(|(o, l)| Cmd::Trim(o, l)),
             1 => Just(Cmd::Flush),
-            1 => (0..4000u64).prop_map(Cmd::Evict),
+            1 => (0..4000u64, 1..6000u64).prop_map(|(l, b)| Cmd::Evict(l, b)),
         ]
     }
 
@@ -305,12 +329,21 @@ mod tests {
                         .unwrap_or_default();
                     write_back(model, server, batch);
                     assert!(model.is_empty());
+                    assert_eq!((model.bytes(), model.held()), (0, 0));
                     assert_eq!(server, reference);
                 }
-                Cmd::Evict(limit) => {
-                    let batch = model.over(*limit);
+                Cmd::Evict(limit, most) => {
+                    let before = model.held();
+                    let batch = model.over(*limit, *most);
+                    let cost: u64 = batch.iter().map(Entry::cost).sum();
+                    let last = batch.last().map(Entry::cost).unwrap_or(0);
+                    assert_eq!(batch.is_empty(), before <= *limit);
                     write_back(model, server, batch);
-                    assert!(model.bytes() <= *limit);
+                    assert_eq!(model.held(), before - cost);
+                    // Down to the limit or up to the batch's size, and not
+                    // one entry more than that took.
+                    assert!(model.held() <= *limit || cost >= *most);
+                    assert!(cost == 0 || (before - (cost - last) > *limit && cost - last < *most));
                 }
             }
         }

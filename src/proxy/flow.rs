@@ -177,6 +177,9 @@ where
             {
                 continue;
             }
+            if matches!(stop, Stop::Read) && self.read_into_intake().await? {
+                continue;
+            }
             self.make_room();
             if !self.fill(matches!(stop, Stop::Wait)).await? {
                 return self.finish().await;
@@ -703,6 +706,37 @@ where
             Err(RelayError::Eof) => Err(FlowError::Truncated { dir }),
             Err(RelayError::Read(e) | RelayError::Write(e)) => Err(self.io(e)),
         }
+    }
+
+    /// A write the write cache took, with its payload not buffered yet:
+    /// read it straight into the cache, not through the flow's buffer.
+    /// False when that is not the case (nothing was read).
+    async fn read_into_intake(&mut self) -> Result<bool, FlowError> {
+        let drained = self.start == self.end && self.cursor == self.end;
+        let Some(mut intake) = self.intake.take() else {
+            return Ok(false);
+        };
+        let want = intake.wants();
+        if !drained || self.src_eof || want == 0 || want != self.place.segment_left() {
+            self.intake = Some(intake);
+            return Ok(false);
+        }
+        let got = match intake.read_from(&mut self.src).await {
+            Ok([]) => return Err(FlowError::Truncated { dir: self.dir }),
+            Ok(got) => got,
+            Err(e) => return Err(self.io(e)),
+        };
+        let n = got.len() as u64;
+        self.obs.swallowed(got);
+        self.place.spliced(n);
+        self.conn.count(self.dir, n);
+        crate::io::busypoll::activity();
+        if intake.complete() {
+            self.send_answer(intake.answer().await).await?;
+        } else {
+            self.intake = Some(intake);
+        }
+        Ok(true)
     }
 
     fn make_room(&mut self) {

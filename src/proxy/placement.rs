@@ -432,12 +432,17 @@ impl Placement {
         }
     }
 
-    /// `n` bytes of the current payload went from source to sink unseen,
-    /// after an [`Action::Splice`].
+    /// `n` bytes of the current payload went past the buffer unseen: from
+    /// source to sink after an [`Action::Splice`], or into the write cache.
     pub fn spliced(&mut self, n: u64) {
         let n = n.min(self.seg_left);
         self.offset += n;
         self.seg_left -= n;
+    }
+
+    /// Bytes of the current segment not handed out yet.
+    pub fn segment_left(&self) -> u64 {
+        self.seg_left
     }
 
     /// Between messages, with no fault pending.

@@ -111,10 +111,10 @@ impl Server {
         self
     }
 
-    /// Puts every connection behind one volatile write cache holding at
-    /// most `limit` bytes of write data per export (`--write-cache
-    /// volatile`), writing back over connections of its own.
-    pub fn with_write_cache(self, limit: u64) -> Self {
+    /// Puts every connection behind one volatile write cache per export
+    /// (`--write-cache volatile`), writing back over connections of its
+    /// own.
+    pub fn with_write_cache(self, config: crate::cache::CacheConfig) -> Self {
         let backend = self.shared.backend.clone();
         let timeout = self.shared.limits.connect_timeout;
         let opener: crate::cache::Opener = Arc::new(move || {
@@ -123,7 +123,7 @@ impl Server {
         });
         self.shared
             .registry
-            .set_write_cache(Arc::new(WriteCache::new(limit, opener)));
+            .set_write_cache(Arc::new(WriteCache::new(config, opener)));
         self
     }
 

@@ -321,7 +321,12 @@ pub async fn run(setup: &Setup, rules: Option<RuleSet>, dir: &Path) -> Result<Fa
     .await
     .map_err(RunError::Proxy)?;
     let server = if setup.power_loss {
-        server.with_write_cache(crate::cache::DEFAULT_CACHE_SIZE)
+        // What a crash takes must not depend on timing: a sweep's runs
+        // repeat.
+        server.with_write_cache(crate::cache::CacheConfig::new(
+            crate::cache::DEFAULT_CACHE_SIZE,
+            crate::cache::WriteBack::WhenFull,
+        ))
     } else {
         server
     };

@@ -6,6 +6,7 @@
 #   RUNS=5 SIZE=1G scripts/bench-cache.sh
 #   NBDFAULT=/path/to/nbdfault scripts/bench-cache.sh
 #   NBDFAULT_BEFORE=/path/to/older/nbdfault scripts/bench-cache.sh
+#   SAMPLES=1 scripts/bench-cache.sh                # also every run's seconds
 #
 # Against qemu-nbd serving a tmpfs file, over TCP and unix sockets, medians
 # of RUNS alternating runs of:
@@ -138,4 +139,8 @@ echo
 for t in $TRANSPORTS; do
     echo "$(name "$t") reads, bytes spliced (last run): transparent $(( read_spliced[$t-plain] * 100 / bytes ))%, volatile $(( read_spliced[$t-cache] * 100 / bytes ))%"
 done
+if [ -n "${SAMPLES:-}" ]; then
+    echo "seconds of each run:"
+    for k in $(printf '%s\n' "${!samples[@]}" | sort); do echo "  $k: ${samples[$k]}"; done
+fi
 echo "targets: --write-cache volatile >= 0.8x transparent on sequential writes; uncached reads as fast, spliced; the transparent columns alike"

@@ -364,7 +364,7 @@ impl Intake {
         let take = (self.need as usize).min(b.len());
         self.data.extend_from_slice(&b[..take]);
         self.need -= take as u64;
-        self.skip == 0 && self.need == 0
+        self.complete()
     }
 
     /// Payload bytes still to come once the header is all in: what the

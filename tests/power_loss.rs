@@ -167,6 +167,39 @@ fn unflushed_writes_are_lost_and_read_back_until_then() {
         std::fs::read_to_string(&trace).is_ok_and(|t| t.contains(closed))
     });
     assert!(said, "{:?}", std::fs::read_to_string(&trace));
+    // The trace says what the cache took and answered, and the chart
+    // draws it so: the writes stop at nbdfault, their replies come from it.
+    let t = std::fs::read_to_string(&trace).expect("trace");
+    let takes = t
+        .matches(r#""record":"cache","direction":"to-server""#)
+        .count();
+    assert!(
+        t.contains(r#""cookie":1,"command":"write","result":"take"}"#)
+            && t.contains(
+                r#""record":"cache","direction":"to-server","cookie":1,"result":"answer","reply":"#
+            ),
+        "{t}"
+    );
+    // Two writes and three reads of cached data, each taken and answered
+    // (two reads do not touch it; the flush the rule crashes on is not
+    // the cache's).
+    assert_eq!(takes, 2 * 5, "{t}");
+    let chart = run(nbdfault_bin(), &["chart", trace.to_str().unwrap()]);
+    assert!(chart.success(), "{}", chart.describe());
+    assert_eq!(
+        chart.stdout.matches("taken by the write cache").count(),
+        5,
+        "{}",
+        chart.stdout
+    );
+    assert_eq!(
+        chart.stdout.matches("sent by the write cache").count(),
+        5,
+        "{}",
+        chart.stdout
+    );
+    // The crash is the one fault.
+    assert!(chart.stdout.contains(" 1 faults"), "{}", chart.stdout);
     // After the loss the proxy serves on: a new client sees the old data.
     let o = s.qemu_io(&["read -P 0x11 4096 8192"]);
     assert!(

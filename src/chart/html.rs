@@ -11,7 +11,8 @@ use super::view::View;
 pub const LEGEND: &str = "<p class=\"chart-legend\">Time (ms since the connection's first record) \
      and message number on the left; an arrow per message. <b style=\"color:#c0392b\">Red</b>: \
      a fault changed it (the rule and its action on the right); ✕ on the nbdfault lane: \
-     nbdfault swallowed it or cut the connection there; dashed: nbdfault sent it itself. \
+     nbdfault swallowed it or cut the connection there; dashed: nbdfault sent it itself; \
+     an arrow ending at nbdfault in black: the write cache took it (and answers it, dashed). \
      Hover over an arrow for its trace record.</p>\n";
 
 /// One chart with a caption, for a page that has its own styles.

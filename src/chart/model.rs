@@ -205,6 +205,9 @@ pub struct Message {
     pub faults: Vec<Mark>,
     /// nbdfault sent it itself (an answer in place of the server's).
     pub made: bool,
+    /// The write cache (`--write-cache volatile`) took it, or sent it: not
+    /// a fault.
+    pub by_cache: bool,
     /// Its event names and sizes as the trace has them, for tooltips.
     pub detail: String,
 }
@@ -216,9 +219,32 @@ impl Message {
             || (self.from == Lane::Server && self.to == Lane::Client)
     }
 
-    /// The arrow stops at nbdfault although it was on its way further.
+    /// The arrow stops at nbdfault although it was on its way further,
+    /// stopped by a fault (the write cache taking a request is no stop).
     pub fn stopped(&self) -> bool {
-        self.to == Lane::Proxy && self.kind != Kind::Connect
+        self.to == Lane::Proxy && self.kind != Kind::Connect && !self.by_cache
+    }
+
+    /// Drawn in the faults' colour.
+    pub fn faulty(&self) -> bool {
+        !self.faults.is_empty() || (self.made && !self.by_cache)
+    }
+
+    /// The words on its right: its faults', and who sent it if nbdfault
+    /// did.
+    pub fn notes(&self, fault_prefix: &str) -> Vec<String> {
+        let mut notes: Vec<String> = self
+            .faults
+            .iter()
+            .map(|f| format!("{fault_prefix}{}", f.text()))
+            .collect();
+        match (self.by_cache, self.made) {
+            (true, true) => notes.push("sent by the write cache".into()),
+            (true, false) => notes.push("taken by the write cache".into()),
+            (false, true) => notes.push("sent by nbdfault".into()),
+            (false, false) => {}
+        }
+        notes
     }
 }
 
@@ -373,6 +399,7 @@ impl Builder {
             kind,
             faults: Vec::new(),
             made: false,
+            by_cache: false,
             detail,
         });
         self.messages.len() - 1
@@ -420,6 +447,7 @@ impl Builder {
 
         match v.get("record").and_then(Value::as_str) {
             Some("fault") => return self.fault_record(v, at_us, detail),
+            Some("cache") => return self.cache_record(v, at_us, detail),
             Some("close") => return self.close(v, at_us),
             // Older traces have no `record`: every line is a message.
             Some("message") | None => {}
@@ -595,6 +623,44 @@ impl Builder {
                 Some(n) => format!("{n}, {note}"),
                 None => note,
             });
+        }
+    }
+
+    /// A `cache` record: the write cache took a request (its arrow ends at
+    /// nbdfault) or answered one (an arrow of its own, from nbdfault).
+    fn cache_record(&mut self, v: &Value, at_us: u64, detail: String) {
+        let cookie = number(v, "cookie");
+        match text(v, "result").as_deref() {
+            Some("take") => {
+                let taken = self.messages.iter().rposition(|m| {
+                    matches!(&m.kind, Kind::Request { cookie: c, .. } if *c == cookie)
+                        && m.from == Lane::Client
+                });
+                if let Some(i) = taken {
+                    let m = &mut self.messages[i];
+                    m.to = Lane::Proxy;
+                    m.by_cache = true;
+                    m.detail += &format!("; write cache take: {detail}");
+                }
+            }
+            Some("answer") => {
+                let kind = Kind::Reply {
+                    cookie,
+                    chunk: text(v, "chunk_type"),
+                    error: error_of(v),
+                    data: None,
+                };
+                let i = self.push(
+                    at_us,
+                    Lane::Proxy,
+                    Lane::Client,
+                    kind,
+                    format!("write cache answer: {detail}"),
+                );
+                self.messages[i].made = true;
+                self.messages[i].by_cache = true;
+            }
+            _ => {}
         }
     }
 
@@ -801,5 +867,29 @@ mod tests {
         assert_eq!(s.messages[1].kind.label(), "reply #4 EIO");
         assert_eq!(s.end.reason, "client-eof");
         assert!(!s.end.inferred);
+    }
+
+    /// The write cache's take ends the request at nbdfault, its answer
+    /// comes from there; neither is a fault.
+    #[test]
+    fn the_write_cache_takes_and_answers_without_a_fault() {
+        let t = parse(concat!(
+            r#"{"conn":1,"record":"message","event":"request","direction":"to-server","command":"write","cookie":7,"bytes":32}"#,
+            "\n",
+            r#"{"conn":1,"record":"cache","direction":"to-server","stream_offset":87,"cookie":7,"command":"write","result":"take"}"#,
+            "\n",
+            r#"{"conn":1,"record":"cache","direction":"to-server","cookie":7,"result":"answer","reply":"simple","error":0,"bytes":16}"#,
+            "\n",
+        ));
+        let s = &t.sessions[0];
+        assert_eq!(s.faults(), 0);
+        let (req, reply) = (&s.messages[0], &s.messages[1]);
+        assert_eq!((req.from, req.to), (Lane::Client, Lane::Proxy));
+        assert!(req.by_cache && !req.stopped() && !req.faulty());
+        assert_eq!(req.notes(""), ["taken by the write cache"]);
+        assert_eq!((reply.from, reply.to), (Lane::Proxy, Lane::Client));
+        assert!(reply.made && reply.by_cache && !reply.faulty());
+        assert_eq!(reply.kind.label(), "reply #7 OK");
+        assert_eq!(reply.notes(""), ["sent by the write cache"]);
     }
 }

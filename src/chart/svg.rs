@@ -45,7 +45,7 @@ pub fn esc(s: &str) -> String {
 }
 
 fn message(out: &mut String, m: &Message, y: u32, id: &str) {
-    let faulty = !m.faults.is_empty() || m.made;
+    let faulty = m.faulty();
     let colour = if faulty { RED } else { INK };
     let (a, b) = (x(m.from), x(m.to));
     // A swallowed message stops short of the ✕ drawn on the lane.
@@ -109,10 +109,7 @@ fn message(out: &mut String, m: &Message, y: u32, id: &str) {
             "<circle cx=\"{PROXY_X}\" cy=\"{line_y}\" r=\"4\" fill=\"{RED}\"/>"
         );
     }
-    let mut notes: Vec<String> = m.faults.iter().map(|f| f.text()).collect();
-    if m.made {
-        notes.push("sent by nbdfault".into());
-    }
+    let notes = m.notes("");
     if !notes.is_empty() {
         // An arrow that ends at nbdfault leaves the server's side free.
         let nx = if m.crosses_proxy() {
@@ -122,7 +119,7 @@ fn message(out: &mut String, m: &Message, y: u32, id: &str) {
         };
         let _ = write!(
             out,
-            "<text x=\"{nx}\" y=\"{line_y}\" fill=\"{RED}\" font-weight=\"bold\">{}</text>",
+            "<text x=\"{nx}\" y=\"{line_y}\" fill=\"{colour}\" font-weight=\"bold\">{}</text>",
             esc(&notes.join("; "))
         );
     }

@@ -96,10 +96,7 @@ fn arrow(m: &Message) -> String {
         a - 1 - label.chars().count()
     };
     l.put(start, &label);
-    let mut notes: Vec<String> = m.faults.iter().map(|f| format!("! {}", f.text())).collect();
-    if m.made {
-        notes.push("sent by nbdfault".into());
-    }
+    let notes = m.notes("! ");
     // An arrow that ends at nbdfault leaves the server's side free for its
     // notes; others' notes too long for their column go on under it.
     let at = if m.crosses_proxy() { NOTE } else { PROXY + 3 };

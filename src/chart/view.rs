@@ -95,6 +95,7 @@ fn alike(a: &Message, b: &Message) -> bool {
         && a.from == b.from
         && a.to == b.to
         && a.made == b.made
+        && a.by_cache == b.by_cache
         && a.kind.key() == b.kind.key()
 }
 

@@ -18,7 +18,7 @@ use super::logwrites::{ConnLog, FlowLog, LogWrites};
 use super::pcap::{Leg, MAX_SEGMENT, PcapConn, Way};
 use super::telemetry::Telemetry;
 use super::trace::{
-    CloseLine, Detail, Errno, Extra, FaultLine, NameOrNumber, chunk_type, reply_type,
+    CacheLine, CloseLine, Detail, Errno, Extra, FaultLine, NameOrNumber, chunk_type, reply_type,
 };
 use crate::intercept::{ConnId, Event, Fault, Plan};
 use crate::protocol::bytes::{be16, be32, be64};
@@ -698,6 +698,68 @@ impl FlowObserver {
         self.line(conn, &fired, "cut", |d| {
             d.at = Some(at);
             d.reset = Some(reset);
+        });
+    }
+
+    /// The write cache took the request `ev` (at `stream_offset`): it goes
+    /// no further on this connection, and the cache answers it.
+    pub fn cache_took(&mut self, conn: &ConnObserver, ev: &Event, stream_offset: u64) {
+        if !self.on {
+            return;
+        }
+        if self.capture {
+            self.comment =
+                Some("nbdfault: taken by the write cache (--write-cache volatile)".into());
+        }
+        let command = ev
+            .meta
+            .command
+            .map(|c| NameOrNumber::of(command_name(c), c.into()));
+        self.cache_line(
+            conn,
+            Some(stream_offset),
+            ev.meta.cookie,
+            command,
+            "take",
+            Detail::default(),
+        );
+    }
+
+    /// The write cache's answer to a request it took.
+    pub fn cache_answer(&mut self, conn: &ConnObserver, bytes: &[u8]) {
+        if !self.on {
+            return;
+        }
+        let (detail, cookie) = parse_answer(bytes);
+        if self.capture {
+            let note = format!("the write cache's answer: {}", describe_answer(bytes));
+            lock(&conn.notes).push((cookie, note));
+        }
+        self.cache_line(conn, None, cookie, None, "answer", detail);
+    }
+
+    fn cache_line(
+        &self,
+        conn: &ConnObserver,
+        stream_offset: Option<u64>,
+        cookie: Option<u64>,
+        command: Option<NameOrNumber>,
+        result: &'static str,
+        detail: Detail,
+    ) {
+        let Some(t) = conn.telemetry.trace() else {
+            return;
+        };
+        t.record(|ts| CacheLine {
+            ts,
+            conn: conn.id,
+            record: "cache",
+            direction: Some(self.dir.name()),
+            stream_offset,
+            cookie,
+            command,
+            result,
+            detail,
         });
     }
 

@@ -38,6 +38,8 @@ struct Conn {
     /// Message bytes each way, for a connection with no `close` line.
     bytes: [u64; 2],
     faults: Tally,
+    /// What the write cache took (`take:write`), and its answers.
+    cache: Tally,
     /// `(reason, message, to-server bytes, to-client bytes)`.
     close: Option<(String, Option<String>, u64, u64)>,
 }
@@ -99,6 +101,10 @@ pub fn summarize(trace: &str) -> String {
                 text(&line["action"]).unwrap_or_default(),
                 text(&line["result"]).unwrap_or_default()
             )),
+            "cache" => c.cache.add(match text(&line["command"]) {
+                Some(command) => format!("{}:{command}", text(&line["result"]).unwrap_or_default()),
+                None => text(&line["result"]).unwrap_or_default(),
+            }),
             "close" => {
                 c.close = Some((
                     text(&line["reason"]).unwrap_or_default(),
@@ -132,6 +138,7 @@ pub fn summarize(trace: &str) -> String {
             ("to-server", &c.to_server),
             ("to-client", &c.to_client),
             ("faults", &c.faults),
+            ("cache", &c.cache),
         ] {
             if t.total() > 0 {
                 let _ = writeln!(out, "  {label:<10} {}", t.list());
@@ -158,6 +165,8 @@ mod tests {
 {"ts":"t","conn":2,"record":"message","event":["option-reply","neg2"],"direction":"to-client","option":"go","bytes":32}
 {"ts":"t","conn":2,"record":"message","event":"request","direction":"to-server","command":"read","bytes":28}
 {"ts":"t","conn":2,"record":"fault","rule":"eio","action":"error","result":"answer"}
+{"ts":"t","conn":2,"record":"cache","direction":"to-server","cookie":3,"command":"write","result":"take"}
+{"ts":"t","conn":2,"record":"cache","direction":"to-server","cookie":3,"result":"answer","reply":"simple","error":0}
 {"ts":"t","conn":2,"record":"close","reason":"client-eof","to_server_bytes":56,"to_client_bytes":32}
 {"ts":"t","conn":3,"event":"neg1","direction":"to-client","bytes":18}
 not json
@@ -169,6 +178,7 @@ not json
              \x20 to-server  request:read 2\n\
              \x20 to-client  option-reply/neg2:go 1\n\
              \x20 faults     eio (error answer) 1\n\
+             \x20 cache      take:write 1, answer 1\n\
              connection 3: 1 messages, 0 bytes to the server, 18 bytes to the client, \
              0 fault results; no close line (still open, or the trace was cut)\n\
              \x20 to-client  neg1 1\n\

@@ -290,6 +290,26 @@ pub(super) struct Detail {
     pub gap_us: Option<u64>,
 }
 
+/// A `cache` line: what `--write-cache volatile` did with a request it
+/// took from this connection (README "Event trace"). Not a fault: no rule
+/// fired.
+#[derive(Serialize)]
+pub(super) struct CacheLine {
+    pub ts: Rfc3339,
+    pub conn: ConnId,
+    pub record: &'static str,
+    pub direction: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<NameOrNumber>,
+    pub result: &'static str,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
 /// A `close` line: how a connection ended.
 #[derive(Serialize)]
 pub(super) struct CloseLine<'a> {

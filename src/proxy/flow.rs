@@ -209,7 +209,7 @@ where
                     self.start = self.cursor;
                     self.conn.count(self.dir, n);
                     if complete && let Some(intake) = self.intake.take() {
-                        self.send_answer(intake.answer().await).await?;
+                        self.answer_intake(intake).await?;
                     }
                 }
                 Action::Frame => {
@@ -230,6 +230,9 @@ where
                         }
                     } else if self.dir == Direction::ToServer && self.conn.cache.is_on() {
                         verdict = self.cache_claim(&event).await;
+                        if matches!(verdict, Verdict::Fault(_)) {
+                            self.obs.cache_took(&self.conn.observer, &event, offset);
+                        }
                     }
                     // What the cache takes is not a fault: only rules' are.
                     if ruled && let Verdict::Fault(f) = &verdict {
@@ -708,6 +711,14 @@ where
         }
     }
 
+    /// Has the write cache carry out a request it took, and sends its
+    /// answer.
+    async fn answer_intake(&mut self, intake: crate::cache::Intake) -> Result<(), FlowError> {
+        let answer = intake.answer().await;
+        self.obs.cache_answer(&self.conn.observer, &answer);
+        self.send_answer(answer).await
+    }
+
     /// A write the write cache took, with its payload not buffered yet:
     /// read it straight into the cache, not through the flow's buffer.
     /// False when that is not the case (nothing was read).
@@ -732,7 +743,7 @@ where
         self.conn.count(self.dir, n);
         crate::io::busypoll::activity();
         if intake.complete() {
-            self.send_answer(intake.answer().await).await?;
+            self.answer_intake(intake).await?;
         } else {
             self.intake = Some(intake);
         }

@@ -4,7 +4,7 @@
 //! through. Kept apart from sockets so it can be property-tested against a
 //! plain byte array.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
@@ -37,6 +37,15 @@ pub struct Entry {
 /// cannot grow the log past the bound either.
 pub const ENTRY_COST: u64 = 64;
 
+/// Entries longer than this (write-zeroes and trims: the cache takes no
+/// longer write) stay out of the log's index, which finds what a read
+/// overlaps by where entries start; a read scans them instead.
+pub const INDEXED_MAX: u64 = 32 << 20;
+
+/// What an entry longer than [`INDEXED_MAX`] costs against `--cache-size`
+/// beyond its data: few enough fit that a read's scan of them stays short.
+pub const LONG_ENTRY_COST: u64 = 32 << 10;
+
 impl Entry {
     /// Bytes of write data it holds.
     fn data(&self) -> u64 {
@@ -46,9 +55,15 @@ impl Entry {
         }
     }
 
-    /// What it costs against `--cache-size`.
-    fn cost(&self) -> u64 {
-        self.data() + ENTRY_COST
+    /// What it costs against `--cache-size` in a log that indexes entries
+    /// of up to `indexed_max` bytes.
+    fn cost_in(&self, indexed_max: u64) -> u64 {
+        self.data()
+            + if self.len > indexed_max {
+                LONG_ENTRY_COST
+            } else {
+                ENTRY_COST
+            }
     }
 
     pub fn overlaps(&self, offset: u64, len: u64) -> bool {
@@ -73,18 +88,40 @@ impl Entry {
 }
 
 /// The log. See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Model {
     entries: VecDeque<Entry>,
     /// Write data held.
     bytes: u64,
-    /// What the entries cost against `--cache-size` ([`Entry::cost`]).
+    /// What the entries cost against `--cache-size` ([`Model::cost`]).
     held: u64,
     next_seq: u64,
-    /// Smallest and largest byte any entry covers, so a read far from
-    /// every cached write skips the scan.
-    lo: u64,
-    hi: u64,
+    /// The entries of up to [`INDEXED_MAX`] bytes by where they start,
+    /// `(offset, seq)` to where they end: a read finds what it overlaps
+    /// without a scan of the log.
+    index: BTreeMap<(u64, u64), u64>,
+    /// The longest indexed entry since the log was last empty: none that
+    /// overlaps an offset starts further before it.
+    longest: u64,
+    /// The longer entries' sequence numbers.
+    long: BTreeSet<u64>,
+    /// [`INDEXED_MAX`], but in tests.
+    indexed_max: u64,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self {
+            entries: VecDeque::new(),
+            bytes: 0,
+            held: 0,
+            next_seq: 0,
+            index: BTreeMap::new(),
+            longest: 0,
+            long: BTreeSet::new(),
+            indexed_max: INDEXED_MAX,
+        }
+    }
 }
 
 impl Model {
@@ -98,14 +135,14 @@ impl Model {
             len,
             op,
         };
-        if self.entries.is_empty() {
-            (self.lo, self.hi) = (offset, offset.saturating_add(len));
+        if len > self.indexed_max {
+            self.long.insert(seq);
         } else {
-            self.lo = self.lo.min(offset);
-            self.hi = self.hi.max(offset.saturating_add(len));
+            self.index.insert((offset, seq), offset.saturating_add(len));
+            self.longest = self.longest.max(len);
         }
         self.bytes += e.data();
-        self.held += e.cost();
+        self.held += self.cost(&e);
         self.entries.push_back(e);
         seq
     }
@@ -133,22 +170,48 @@ impl Model {
         self.entries.back().map(|e| e.seq)
     }
 
+    /// What `e` costs against `--cache-size` here.
+    pub fn cost(&self, e: &Entry) -> u64 {
+        e.cost_in(self.indexed_max)
+    }
+
+    /// The entry `seq`, if it is still in the log.
+    fn get(&self, seq: u64) -> Option<&Entry> {
+        let first = self.entries.front()?.seq;
+        self.entries
+            .get(usize::try_from(seq.checked_sub(first)?).ok()?)
+    }
+
+    /// The sequence numbers of the entries that touch `[offset, offset +
+    /// len)`, in no particular order.
+    fn overlapping(&self, offset: u64, len: u64) -> impl Iterator<Item = u64> + '_ {
+        let end = offset.saturating_add(len);
+        let from = offset.saturating_sub(self.longest);
+        let indexed = self
+            .index
+            .range((from, 0)..(end, 0))
+            .filter(move |&(&(start, _), &stop)| stop > offset && start < end)
+            .map(|(&(_, seq), _)| seq);
+        let long = self
+            .long
+            .iter()
+            .copied()
+            .filter(move |&seq| self.get(seq).is_some_and(|e| e.overlaps(offset, len)));
+        indexed.chain(long)
+    }
+
     /// Whether any cached command touches `[offset, offset + len)`.
     pub fn overlaps(&self, offset: u64, len: u64) -> bool {
-        if self.entries.is_empty() || offset >= self.hi || offset.saturating_add(len) <= self.lo {
-            return false;
-        }
-        self.entries.iter().any(|e| e.overlaps(offset, len))
+        self.overlapping(offset, len).next().is_some()
     }
 
     /// Lays the cached commands, oldest first, over `buf`, which holds the
     /// server's data from `offset`: what a client reads.
     pub fn overlay(&self, offset: u64, buf: &mut [u8]) {
         let len = buf.len() as u64;
-        if !self.overlaps(offset, len) {
-            return;
-        }
-        for e in self.entries.iter().filter(|e| e.overlaps(offset, len)) {
+        let mut seqs: Vec<u64> = self.overlapping(offset, len).collect();
+        seqs.sort_unstable();
+        for e in seqs.into_iter().filter_map(|seq| self.get(seq)) {
             let from = e.offset.max(offset);
             let to = (e.offset + e.len).min(offset + len);
             let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
@@ -182,8 +245,8 @@ impl Model {
             if left <= limit || (taken >= batch && !out.is_empty()) {
                 break;
             }
-            left -= e.cost();
-            taken = taken.saturating_add(e.cost());
+            left -= self.cost(e);
+            taken = taken.saturating_add(self.cost(e));
             out.push(e.clone());
         }
         out
@@ -195,8 +258,14 @@ impl Model {
         while self.entries.front().is_some_and(|e| e.seq <= seq) {
             if let Some(e) = self.entries.pop_front() {
                 self.bytes -= e.data();
-                self.held -= e.cost();
+                self.held -= self.cost(&e);
+                if self.index.remove(&(e.offset, e.seq)).is_none() {
+                    self.long.remove(&e.seq);
+                }
             }
+        }
+        if self.entries.is_empty() {
+            self.longest = 0;
         }
     }
 
@@ -204,6 +273,9 @@ impl Model {
     pub fn take_all(&mut self) -> Vec<Entry> {
         self.bytes = 0;
         self.held = 0;
+        self.index.clear();
+        self.long.clear();
+        self.longest = 0;
         self.entries.drain(..).collect()
     }
 }
@@ -286,6 +358,15 @@ mod tests {
 
     /// Runs `cmds` against the model over `server` (write-back applied to
     /// it) and against `reference` (every command applied at once).
+    /// A log that indexes only entries of up to 700 bytes, so that the
+    /// tests' extents (up to 2000) try the scan of longer ones too.
+    fn small_index() -> Model {
+        Model {
+            indexed_max: 700,
+            ..Model::default()
+        }
+    }
+
     fn run(cmds: &[Cmd], model: &mut Model, server: &mut [u8], reference: &mut [u8]) {
         for c in cmds {
             let write_back = |model: &mut Model, server: &mut [u8], batch: Vec<Entry>| {
@@ -335,8 +416,8 @@ mod tests {
                 Cmd::Evict(limit, most) => {
                     let before = model.held();
                     let batch = model.over(*limit, *most);
-                    let cost: u64 = batch.iter().map(Entry::cost).sum();
-                    let last = batch.last().map(Entry::cost).unwrap_or(0);
+                    let cost: u64 = batch.iter().map(|e| model.cost(e)).sum();
+                    let last = batch.last().map(|e| model.cost(e)).unwrap_or(0);
                     assert_eq!(batch.is_empty(), before <= *limit);
                     write_back(model, server, batch);
                     assert_eq!(model.held(), before - cost);
@@ -355,12 +436,17 @@ mod tests {
         /// extent (partial overlaps included).
         #[test]
         fn reads_see_every_cached_write(cmds in prop::collection::vec(cmd(), 0..40), o in 0..DISK as u64, l in 1..DISK as u64) {
-            let (mut model, mut server, mut reference) = (Model::default(), vec![7u8; DISK], vec![7u8; DISK]);
+            let (mut model, mut server, mut reference) = (small_index(), vec![7u8; DISK], vec![7u8; DISK]);
             run(&cmds, &mut model, &mut server, &mut reference);
             let l = l.min(DISK as u64 - o);
             let mut buf = server[o as usize..(o + l) as usize].to_vec();
             model.overlay(o, &mut buf);
             prop_assert_eq!(&buf[..], &reference[o as usize..(o + l) as usize]);
+            // The index finds exactly what a scan of the log does.
+            for (o, l) in [(o, l), (o, 0), (0, DISK as u64), (o + l, 1)] {
+                let scan = model.entries.iter().any(|e| e.overlaps(o, l));
+                prop_assert_eq!(model.overlaps(o, l), scan, "{}+{}", o, l);
+            }
         }
 
         /// After a power loss every byte holds what was last written back,
@@ -369,7 +455,7 @@ mod tests {
         /// seed chooses the same survivors.
         #[test]
         fn a_loss_leaves_only_legal_bytes(cmds in prop::collection::vec(cmd(), 0..40), some in any::<bool>(), torn in prop::option::of(prop_oneof![Just(512u32), Just(4096u32)]), seed in any::<u64>()) {
-            let (mut model, mut server, mut reference) = (Model::default(), vec![7u8; DISK], vec![7u8; DISK]);
+            let (mut model, mut server, mut reference) = (small_index(), vec![7u8; DISK], vec![7u8; DISK]);
             run(&cmds, &mut model, &mut server, &mut reference);
             let durable = server.clone();
             let lost = model.take_all();

@@ -17,6 +17,9 @@
 #   - sequential reads of what the cache does not hold: nbdcopy of the disk
 #     to null: once the writes above were flushed, the cache holds nothing;
 #     the proxy's splice counter says whether the fast path was kept;
+#   - random 4 KiB reads and writes, half each, fio at queue depth 16 over
+#     the whole disk, RANDOM_IO (default 128M) of them: with the cache, the
+#     reads look up the writes held (no flush);
 # through the transparent proxy (`--write-cache off`, the default) and
 # through `--write-cache volatile`, and with NBDFAULT_BEFORE through the
 # transparent proxy of another build (one without the cache: "off costs
@@ -29,6 +32,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 RUNS=${RUNS:-3}
 SIZE=${SIZE:-1G}
+RANDOM_IO=${RANDOM_IO:-128M}
 TRANSPORTS=${TRANSPORTS:-tcp unix}
 
 for t in qemu-nbd nbdcopy fio curl bc ss python3; do
@@ -106,11 +110,16 @@ for _ in $(seq "$RUNS"); do
             measure "$t-$s-read" nbdcopy "$u" null:
             after=$(metric "$t-$s" "$spliced")
             read_spliced[$t-$s]=$(( ${after:-0} - ${before:-0} ))
+            measure "$t-$s-random" fio --name=r --ioengine=nbd --uri="$u" --rw=randrw --bs=4k \
+                --iodepth=16 --size="$bytes" --io_size="$RANDOM_IO" --output-format=json \
+                --output="$work/fio.json"
         done
     done
 done
 
-mib() { echo "scale=0; $bytes / $(med "$1") / 1048576" | bc -l; }
+random_bytes=$(numfmt --from=iec "$RANDOM_IO")
+# MiB/s of the runs $1 (of $2 bytes each; default SIZE).
+mib() { echo "scale=0; ${2:-$bytes} / $(med "$1") / 1048576" | bc -l; }
 # Throughput of $2 against $1's (the inverse of their times).
 ratio() { echo "scale=2; $(med "$1") / $(med "$2")" | bc -l | sed 's/^\./0./'; }
 name() { if [ "$1" = tcp ]; then echo TCP; else echo unix; fi; }
@@ -123,15 +132,17 @@ rule="|---|"
 echo "$header transparent (--write-cache off) | --write-cache volatile |"
 echo "$rule---|---|"
 for t in $TRANSPORTS; do
-    for w in nbdcopy fio read; do
+    for w in nbdcopy fio read random; do
+        n=$bytes
         case $w in
             nbdcopy) what="sequential write, nbdcopy --flush" ;;
             fio) what="sequential write, fio 1M QD16, flush every 64" ;;
             read) what="sequential read of uncached data, nbdcopy" ;;
+            random) what="random 4K reads and writes, fio QD16, $RANDOM_IO"; n=$random_bytes ;;
         esac
         row="| $(name "$t"): $what |"
-        [ -n "${NBDFAULT_BEFORE:-}" ] && row+=" $(mib "$t-before-$w") ($(ratio "$t-plain-$w" "$t-before-$w")x) |"
-        row+=" $(mib "$t-plain-$w") | $(mib "$t-cache-$w") ($(ratio "$t-plain-$w" "$t-cache-$w")x) |"
+        [ -n "${NBDFAULT_BEFORE:-}" ] && row+=" $(mib "$t-before-$w" "$n") ($(ratio "$t-plain-$w" "$t-before-$w")x) |"
+        row+=" $(mib "$t-plain-$w" "$n") | $(mib "$t-cache-$w" "$n") ($(ratio "$t-plain-$w" "$t-cache-$w")x) |"
         echo "$row"
     done
 done
@@ -143,4 +154,4 @@ if [ -n "${SAMPLES:-}" ]; then
     echo "seconds of each run:"
     for k in $(printf '%s\n' "${!samples[@]}" | sort); do echo "  $k: ${samples[$k]}"; done
 fi
-echo "targets: --write-cache volatile >= 0.8x transparent on sequential writes; uncached reads as fast, spliced; the transparent columns alike"
+echo "targets: --write-cache volatile >= 0.8x transparent on sequential writes; uncached reads as fast, spliced; the transparent columns alike (random I/O has no target: it shows what looking up the cache costs)"

@@ -100,9 +100,9 @@ pub struct Model {
     /// `(offset, seq)` to where they end: a read finds what it overlaps
     /// without a scan of the log.
     index: BTreeMap<(u64, u64), u64>,
-    /// The longest indexed entry since the log was last empty: none that
-    /// overlaps an offset starts further before it.
-    longest: u64,
+    /// How many indexed entries have each length: no entry that overlaps
+    /// an offset starts further before it than the longest.
+    lengths: BTreeMap<u64, usize>,
     /// The longer entries' sequence numbers.
     long: BTreeSet<u64>,
     /// [`INDEXED_MAX`], but in tests.
@@ -117,7 +117,7 @@ impl Default for Model {
             held: 0,
             next_seq: 0,
             index: BTreeMap::new(),
-            longest: 0,
+            lengths: BTreeMap::new(),
             long: BTreeSet::new(),
             indexed_max: INDEXED_MAX,
         }
@@ -139,7 +139,7 @@ impl Model {
             self.long.insert(seq);
         } else {
             self.index.insert((offset, seq), offset.saturating_add(len));
-            self.longest = self.longest.max(len);
+            *self.lengths.entry(len).or_default() += 1;
         }
         self.bytes += e.data();
         self.held += self.cost(&e);
@@ -186,7 +186,8 @@ impl Model {
     /// len)`, in no particular order.
     fn overlapping(&self, offset: u64, len: u64) -> impl Iterator<Item = u64> + '_ {
         let end = offset.saturating_add(len);
-        let from = offset.saturating_sub(self.longest);
+        let longest = self.lengths.last_key_value().map_or(0, |(&l, _)| l);
+        let from = offset.saturating_sub(longest);
         let indexed = self
             .index
             .range((from, 0)..(end, 0))
@@ -259,13 +260,17 @@ impl Model {
             if let Some(e) = self.entries.pop_front() {
                 self.bytes -= e.data();
                 self.held -= self.cost(&e);
-                if self.index.remove(&(e.offset, e.seq)).is_none() {
+                if self.index.remove(&(e.offset, e.seq)).is_some() {
+                    if let Some(n) = self.lengths.get_mut(&e.len) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.lengths.remove(&e.len);
+                        }
+                    }
+                } else {
                     self.long.remove(&e.seq);
                 }
             }
-        }
-        if self.entries.is_empty() {
-            self.longest = 0;
         }
     }
 
@@ -274,8 +279,8 @@ impl Model {
         self.bytes = 0;
         self.held = 0;
         self.index.clear();
+        self.lengths.clear();
         self.long.clear();
-        self.longest = 0;
         self.entries.drain(..).collect()
     }
 }
@@ -442,6 +447,9 @@ mod tests {
             let mut buf = server[o as usize..(o + l) as usize].to_vec();
             model.overlay(o, &mut buf);
             prop_assert_eq!(&buf[..], &reference[o as usize..(o + l) as usize]);
+            // Every entry is indexed or long, and counted once by length.
+            prop_assert_eq!(model.index.len() + model.long.len(), model.entries.len());
+            prop_assert_eq!(model.lengths.values().sum::<usize>(), model.index.len());
             // The index finds exactly what a scan of the log does.
             for (o, l) in [(o, l), (o, 0), (0, DISK as u64), (o + l, 1)] {
                 let scan = model.entries.iter().any(|e| e.overlaps(o, l));

@@ -35,7 +35,7 @@ SIZE=${SIZE:-1G}
 RANDOM_IO=${RANDOM_IO:-128M}
 TRANSPORTS=${TRANSPORTS:-tcp unix}
 
-for t in qemu-nbd nbdcopy fio curl bc ss python3; do
+for t in qemu-nbd nbdcopy fio curl bc ss python3 numfmt /usr/bin/time; do
     command -v "$t" >/dev/null || { echo "error: $t missing (scripts/bench.sh installs it as root)" >&2; exit 1; }
 done
 if [ -z "${NBDFAULT:-}" ]; then
@@ -43,6 +43,7 @@ if [ -z "${NBDFAULT:-}" ]; then
     NBDFAULT=$PWD/target/release/nbdfault
 fi
 proxies="plain cache"
+declare -A proxy_pid
 [ -n "${NBDFAULT_BEFORE:-}" ] && proxies="before $proxies"
 
 source scripts/bench-common.sh
@@ -67,13 +68,16 @@ for t in $TRANSPORTS; do
     if [ -n "${NBDFAULT_BEFORE:-}" ]; then
         "$NBDFAULT_BEFORE" proxy --listen "$(addr "$t" before)" --upstream "$up" >/dev/null 2>&1 &
         pids+=($!)
+        proxy_pid[$t-before]=$!
     fi
     "$NBDFAULT" proxy --listen "$(addr "$t" plain)" --upstream "$up" \
         --control "$work/$t-plain.control" >/dev/null 2>&1 &
     pids+=($!)
+    proxy_pid[$t-plain]=$!
     "$NBDFAULT" proxy --listen "$(addr "$t" cache)" --upstream "$up" --write-cache volatile \
         --control "$work/$t-cache.control" >/dev/null 2>&1 &
     pids+=($!)
+    proxy_pid[$t-cache]=$!
     for s in $proxies; do wait_up "$t" "$s"; done
 done
 
@@ -86,17 +90,29 @@ metric() {
 spliced='nbdfault_spliced_bytes_total{direction="to-client"}'
 
 median() { sort -g | awk '{a[NR]=$1} END {m=(NR+1)/2; if (NR%2) print a[m]; else print (a[m-0.5]+a[m+0.5])/2}'; }
-declare -A samples read_spliced
-# Wall seconds of one client run (the rest of the arguments) into samples[$1].
+declare -A samples read_spliced client_cpu proxy_cpu
+# CPU seconds (user and system) process $1 has used so far.
+ticks() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+# One client run (the rest of the arguments) of KEY (TRANSPORT-PROXY-WORK):
+# its wall seconds into samples[KEY], the client's CPU seconds into
+# client_cpu[KEY], the proxy's into proxy_cpu[KEY].
 measure() {
-    local key=$1 t0 t1
+    local key=$1 t0 t1 p0 p1 pid
     shift
+    pid=${proxy_pid[${key%-*}]}
+    p0=$(ticks "$pid")
     t0=$(date +%s.%N)
-    "$@" >/dev/null 2>"$work/client.err" || { echo "error: $key: $*" >&2; cat "$work/client.err" >&2; exit 1; }
+    /usr/bin/time -f "%U %S" -o "$work/client.cpu" "$@" >/dev/null 2>"$work/client.err" ||
+        { echo "error: $key: $*" >&2; cat "$work/client.err" >&2; exit 1; }
     t1=$(date +%s.%N)
+    p1=$(ticks "$pid")
     samples[$key]+="$(echo "$t1 - $t0" | bc -l) "
+    client_cpu[$key]+="$(awk '{print $1 + $2}' "$work/client.cpu") "
+    proxy_cpu[$key]+="$(echo "$p1 - $p0" | bc -l) "
 }
 med() { echo "${samples[$1]}" | tr ' ' '\n' | grep . | median; }
+# The median of a list of samples.
+med_of() { echo "$1" | tr ' ' '\n' | grep . | median | awk '{printf "%.2f", $1}'; }
 
 echo "sequential writes and reads of $SIZE ($RUNS alternating runs per transport and proxy) ..."
 for _ in $(seq "$RUNS"); do
@@ -143,6 +159,21 @@ for t in $TRANSPORTS; do
         row="| $(name "$t"): $what |"
         [ -n "${NBDFAULT_BEFORE:-}" ] && row+=" $(mib "$t-before-$w" "$n") ($(ratio "$t-plain-$w" "$t-before-$w")x) |"
         row+=" $(mib "$t-plain-$w" "$n") | $(mib "$t-cache-$w" "$n") ($(ratio "$t-plain-$w" "$t-cache-$w")x) |"
+        echo "$row"
+    done
+done
+echo
+echo "CPU seconds of one run (medians), client / nbdfault:"
+echo
+echo "| CPU s |$( [ -n "${NBDFAULT_BEFORE:-}" ] && echo " transparent, NBDFAULT_BEFORE |") transparent | volatile |"
+echo "|---|$( [ -n "${NBDFAULT_BEFORE:-}" ] && echo "---|")---|---|"
+for t in $TRANSPORTS; do
+    for w in nbdcopy fio read random; do
+        row="| $(name "$t") $w |"
+        for s in $proxies; do
+            k=$t-$s-$w
+            row+=" $(med_of "${client_cpu[$k]}") / $(med_of "${proxy_cpu[$k]}") |"
+        done
         echo "$row"
     done
 done

@@ -82,6 +82,8 @@ class _Server:
         seed=None,
         listen=None,
         trace=True,
+        write_cache=None,
+        write_back=None,
         binary=None,
         extra_args=(),
         env=None,
@@ -95,6 +97,8 @@ class _Server:
         self._seed = seed
         self._listen = listen
         self._trace = trace
+        self._write_cache = write_cache
+        self._write_back = write_back
         self._binary = binary
         self._extra_args = [str(a) for a in extra_args]
         self._env = env
@@ -178,6 +182,13 @@ class _Server:
             args += ["--rules", f]
         if self._seed is not None:
             args += ["--seed", str(self._seed)]
+        # True: the default size; a size ("64M", bytes) sets it.
+        if self._write_cache not in (None, False):
+            args += ["--write-cache", "volatile"]
+            if self._write_cache is not True:
+                args += ["--cache-size", str(self._write_cache)]
+        if self._write_back is not None:
+            args += ["--write-back", str(self._write_back)]
         return args + self._extra_args
 
     def _wait_listening(self):
@@ -325,6 +336,19 @@ class _Server:
     def disconnect(self, conn_id):
         """Cuts the connection."""
         self._control().request("DELETE", f"/connections/{int(conn_id)}")
+
+    # -- power loss --------------------------------------------------------
+
+    def power_loss(self, lose=None, torn=None, seed=None):
+        """Pulls the plug of the volatile write cache (started with
+        ``write_cache``): the writes not yet flushed are lost (``lose="all"``,
+        the default) or a seeded subset of them lands (``lose="some"``,
+        ``torn=512`` or ``4096`` to tear them), then every connection is
+        reset (``POST /power-loss``). What it took: ``lost_writes``,
+        ``lost_bytes``, ``kept``, ``connections_reset``."""
+        mode = {k: v for k, v in (("lose", lose), ("torn", torn), ("seed", seed)) if v is not None}
+        body = json.dumps(mode).encode() if mode else None
+        return self._control().json("POST", "/power-loss", body, "application/json" if body else None)
 
     # -- what happened -----------------------------------------------------
 

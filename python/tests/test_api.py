@@ -119,6 +119,28 @@ def test_metrics_count_what_passed_and_what_fired(nbd_handle):
         assert (labels, count) == ({"command": "write"}, 1)
 
 
+def test_a_power_loss_takes_what_was_not_flushed(qemu_nbd, nbd_handle):
+    with nbdfault.Proxy(upstream=qemu_nbd, write_cache="1M", write_back="when-full") as p:
+        assert "--write-back" in p.args and "1M" in p.args
+        h = nbd_handle(p.uri)
+        h.pwrite(b"\x22" * 4096, 0)
+        h.flush()
+        h.pwrite(b"\x33" * 4096, 8192)
+        # The client reads its own unflushed write.
+        assert h.pread(4096, 8192) == b"\x33" * 4096
+        assert p.power_loss() == {
+            "connections_reset": 1,
+            "kept": 0,
+            "lost_bytes": 4096,
+            "lost_writes": 1,
+        }
+        # The proxy serves on: a new client sees the disk the loss left.
+        h = nbd_handle(p.uri)
+        assert h.pread(4096, 0) == b"\x22" * 4096
+        assert h.pread(4096, 8192) == image_bytes(8192, 4096)
+        assert p.metrics().value("nbdfault_power_losses_total") == 1
+
+
 def test_metrics_text_with_escapes_parses():
     m = nbdfault.parse_metrics(
         "# TYPE x counter\n"

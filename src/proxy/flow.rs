@@ -809,7 +809,11 @@ where
         }
         let idle = self.place.at_boundary();
         let answers = self.answers.as_mut().filter(|_| idle);
-        let to = if self.place.bulk() && self.can_splice && idle {
+        // Also leave a bulk payload in the socket for the write cache,
+        // which reads it straight into its own buffer.
+        let direct =
+            self.can_splice || (self.dir == Direction::ToServer && self.conn.cache.is_on());
+        let to = if self.place.bulk() && direct && idle {
             self.buf.len().min(self.end + HEADER_READ)
         } else {
             self.buf.len()

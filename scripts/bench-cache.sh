@@ -18,8 +18,10 @@
 #     to null: once the writes above were flushed, the cache holds nothing;
 #     the proxy's splice counter says whether the fast path was kept;
 #   - random 4 KiB reads and writes, half each, fio at queue depth 16 over
-#     the whole disk, RANDOM_IO (default 128M) of them: with the cache, the
-#     reads look up the writes held (no flush);
+#     the whole disk, RANDOM_IO (default 128M) of them, then one flush
+#     (so what the cache still holds is written back within the run, not
+#     in the next one's time): with the cache, the reads look up the
+#     writes held;
 # through the transparent proxy (`--write-cache off`, the default) and
 # through `--write-cache volatile`, and with NBDFAULT_BEFORE through the
 # transparent proxy of another build (one without the cache: "off costs
@@ -127,7 +129,7 @@ for _ in $(seq "$RUNS"); do
             after=$(metric "$t-$s" "$spliced")
             read_spliced[$t-$s]=$(( ${after:-0} - ${before:-0} ))
             measure "$t-$s-random" fio --name=r --ioengine=nbd --uri="$u" --rw=randrw --bs=4k \
-                --iodepth=16 --size="$bytes" --io_size="$RANDOM_IO" --output-format=json \
+                --iodepth=16 --size="$bytes" --io_size="$RANDOM_IO" --end_fsync=1 --output-format=json \
                 --output="$work/fio.json"
         done
     done

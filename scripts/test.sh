@@ -95,6 +95,10 @@ cargo test --release --all-targets "$@"
 step "cargo test --release --doc"
 cargo test --release --doc
 
+# The API's documentation builds without a broken link.
+step "cargo doc --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --quiet
+
 # The Python package (python/) against the release binary the tests built,
 # from the source tree; its tests also pip-install it into a venv.
 if [ "$#" -eq 0 ]; then

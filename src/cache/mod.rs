@@ -7,7 +7,7 @@
 //! One [`ExportCache`] per export, shared by every client connection to it
 //! (so a flush on one connection covers writes answered on another, as
 //! CAN_MULTI_CONN requires). It holds the ordered log ([`model`]) and its
-//! own NBD connection to the upstream ([`client`]), over which everything
+//! own NBD connection to the upstream (`client`), over which everything
 //! cached is written back in order. A client connection's to-server flow
 //! hands it the requests it takes ([`ExportCache::claim`]): writes, zeroes
 //! and trims are answered once held; FLUSH once everything was written back

@@ -3,7 +3,7 @@
 //!
 //! [`Connection`] is what both flows of a connection share (the framing
 //! session, rule state, counters) and what the control API steers. Each
-//! flow is an async driver ([`flow`]) that moves bytes and carries out the
+//! flow is an async driver (`flow`) that moves bytes and carries out the
 //! steps of a sans-IO state machine ([`placement`]), which decides where
 //! each byte goes: forwarded, held, cut, swallowed and answered, flipped.
 //! Payloads no fault acts inside are spliced ([`splice`]).

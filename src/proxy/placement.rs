@@ -5,7 +5,7 @@
 //! reply") on bytes that arrive in reads of any size. That arithmetic lives
 //! here, apart from sockets and timers, so it can be tested with plain
 //! slices, one byte at a time or all at once. The async flow
-//! ([`super::flow`]) owns the buffer and the sockets: it calls
+//! (`super::flow`) owns the buffer and the sockets: it calls
 //! [`Placement::poll`] with the buffered bytes not yet handed out and carries
 //! out each [`Action`] — framing with the shared `Session` when asked (the
 //! frame goes back in through [`Placement::framed`]), offering events to the

@@ -2,9 +2,9 @@
 //! direction, filters, `when`, counters and action, each refused with the
 //! position of the value that is wrong and what would be allowed instead.
 //!
-//! A format reads its syntax into [`Fields`] and calls [`rule`]; the
+//! A format reads its syntax into [`Fields`] and calls `rule`; the
 //! actions' own fields are checked by each action (`rules::actions`). Names
-//! across documents are settled by [`combine`].
+//! across documents are settled by `combine`.
 
 use std::collections::HashMap;
 

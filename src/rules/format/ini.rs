@@ -51,7 +51,7 @@ impl IniError {
 /// named after its section as it is written (`inject-error
 /// "disconnect-neg1"`), since the injector prints that name; the seed is
 /// 0. Everywhere else ([`crate::rules::load_files`]), a section's rule
-/// gets a URL- and log-safe name instead (see [`safe_names`]).
+/// gets a URL- and log-safe name instead (see `safe_names`).
 pub fn parse_ini(file: &str, text: &str) -> Result<RuleSet, IniError> {
     let config = read(text)?;
     let mut rules = Vec::with_capacity(config.sections.len());

@@ -147,6 +147,7 @@ pub struct Builder<B> {
     control: Option<(String, Option<String>)>,
     trace: Option<PathBuf>,
     threads: usize,
+    socket_mode: Option<u32>,
     limits: Limits,
     write_cache: Option<crate::cache::CacheConfig>,
 }
@@ -161,6 +162,7 @@ impl<B> Builder<B> {
             control: None,
             trace: None,
             threads: 1,
+            socket_mode: None,
             limits: Limits::default(),
             write_cache: None,
         }
@@ -215,6 +217,14 @@ impl<B> Builder<B> {
     /// own]; 0: tokio's work-stealing runtime.
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n;
+        self
+    }
+
+    /// `--socket-mode`: the permission bits of a unix socket it listens
+    /// on (default 0o600, owner only), e.g. `0o660` for a group's clients.
+    /// Nothing for a TCP `listen`.
+    pub fn socket_mode(mut self, mode: u32) -> Self {
+        self.socket_mode = Some(mode);
         self
     }
 
@@ -292,7 +302,7 @@ impl<B> Builder<B> {
             upstream_check,
             limits: self.limits,
             control,
-            socket_mode: None,
+            socket_mode: self.socket_mode,
             threads: self.threads,
             busy_poll: std::time::Duration::ZERO,
             write_cache: self.write_cache,

@@ -176,6 +176,27 @@ fn server_threads() -> Vec<String> {
 /// Shutdown (or drop) ends a live connection, removes the unix socket so
 /// that a second server can take the same path, and joins every thread
 /// it started, whatever the threading.
+/// A unix socket is the owner's alone unless `socket_mode` widens it, as
+/// `--socket-mode` does.
+#[test]
+fn socket_mode_sets_the_unix_socket_s_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    // Its server threads must not count in another test's.
+    let _serial = serial();
+    let dir = TempDir::new().unwrap();
+    for (mode, want) in [(None, 0o600), (Some(0o660), 0o660)] {
+        let sock = dir.path().join(format!("{want:o}.sock"));
+        let mut b = nbdfault::Null::builder().listen(sock.display().to_string());
+        if let Some(m) = mode {
+            b = b.socket_mode(m);
+        }
+        let null = b.spawn().unwrap();
+        let got = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, want, "{mode:?}");
+        null.shutdown().unwrap();
+    }
+}
+
 #[test]
 fn shutdown_frees_the_socket_and_leaves_no_thread() {
     let _serial = serial();

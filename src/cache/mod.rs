@@ -14,8 +14,10 @@
 //! and flushed upstream; a FUA command once it was, like a flush; a READ
 //! that touches cached data from the upstream's data with the cache laid
 //! over it. Everything else, and every read elsewhere, keeps the proxy's
-//! own path (and its splice fast path). With the mode off none of this
-//! exists: a connection's [`Slot`] stays empty.
+//! own path (and its splice fast path). Besides at FLUSH and FUA, the
+//! oldest writes go back early when the cache is full, and, with
+//! [`WriteBack::Background`], once an eighth of it is held. With the mode
+//! off none of this exists: a connection's [`Slot`] stays empty.
 
 mod client;
 pub mod model;

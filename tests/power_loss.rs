@@ -279,6 +279,66 @@ fn a_write_larger_than_the_cache_goes_straight_through() {
     assert_run(&disk, 131072, DISK - 131072, OLD);
 }
 
+/// A write a rule acts on (here a `delay`) goes to the server on the
+/// client's own connection, not through the cache: the connection's next
+/// FLUSH writes the cache back and then goes on to the server too, so it
+/// covers that write even on a server whose flush covers one connection
+/// only. The trace shows it: the cache takes the plain write, not the
+/// delayed one, and not the flush.
+#[test]
+fn a_flush_after_a_write_that_bypassed_the_cache_reaches_the_server() {
+    let traces = TempDir::new().expect("tempdir");
+    let trace = traces.path().join("trace.jsonl");
+    let rules = "rules:\n  - name: slow\n    event: request\n    command: write\n    offset: ..4K\n    action: delay\n    duration: 1ms\n";
+    let s = Setup::with(rules, &["--trace", trace.to_str().unwrap()]);
+    let o = s.qemu_io(&["write -P 0x22 0 4k", "write -P 0x33 8192 4k", "flush"]);
+    assert!(o.success(), "{}", o.describe());
+    let loss = curl(&[
+        "--unix-socket",
+        &s.control(),
+        "-X",
+        "POST",
+        "http://localhost/power-loss",
+    ]);
+    assert!(loss.contains("\"lost_writes\": 0"), "{loss}");
+    let disk = s.disk();
+    assert_run(&disk, 0, 4096, 0x22);
+    assert_run(&disk, 8192, 4096, 0x33);
+    // The trace reaches its file within 100 ms: wait for the close.
+    let closed = wait_until(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&trace).is_ok_and(|t| t.contains(r#""record":"close""#))
+    });
+    assert!(closed, "{:?}", std::fs::read_to_string(&trace));
+    let t = std::fs::read_to_string(&trace).expect("trace");
+    let took: Vec<&str> = t
+        .lines()
+        .filter(|l| l.contains(r#""record":"cache""#) && l.contains(r#""result":"take""#))
+        .collect();
+    // The second write, then qemu-io's closing flush (nothing bypassed
+    // since the first one).
+    assert_eq!(took.len(), 2, "{t}");
+    assert!(took[0].contains(r#""command":"write""#), "{t}");
+    assert!(took[1].contains(r#""command":"flush""#), "{t}");
+    let chart = run(nbdfault_bin(), &["chart", trace.to_str().unwrap()]);
+    assert!(chart.success(), "{}", chart.describe());
+    let flushes: Vec<&str> = chart
+        .stdout
+        .lines()
+        .filter(|l| l.contains("FLUSH"))
+        .collect();
+    assert_eq!(flushes.len(), 2, "{}", chart.stdout);
+    assert!(
+        flushes[0].ends_with("------>|"),
+        "the first flush reaches the server\n{}",
+        chart.stdout
+    );
+    assert!(
+        flushes[1].contains("taken by the write cache"),
+        "{}",
+        chart.stdout
+    );
+}
+
 /// 48 writes of 16 KiB, no flush, then `POST /power-loss` once the cache
 /// holds `settled` bytes: the loss line's numbers, as JSON.
 const FORTY_EIGHT_WRITES: &str = r#"

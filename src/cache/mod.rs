@@ -237,6 +237,9 @@ impl WriteCache {
 pub struct Slot {
     cache: OnceLock<Arc<WriteCache>>,
     export: OnceLock<Arc<ExportCache>>,
+    /// A write went to the server on this connection, not through the
+    /// cache, since this connection's last flush ([`Slot::bypassed`]).
+    bypass: AtomicBool,
 }
 
 impl Slot {
@@ -247,6 +250,15 @@ impl Slot {
     /// Whether the mode is on.
     pub fn is_on(&self) -> bool {
         self.cache.get().is_some()
+    }
+
+    /// A write, write-zeroes or trim of this connection goes to the server
+    /// its own way (a rule acted on it, or it is too large to cache): its
+    /// next FLUSH must reach the server on this connection too, since a
+    /// flush on the cache's connection covers it only where the server's
+    /// flushes cover every connection.
+    pub fn bypassed(&self) {
+        self.bypass.store(true, Ordering::Relaxed);
     }
 
     /// The export's cache, joined on first use (the first request): from
@@ -483,7 +495,7 @@ impl ExportCache {
     /// proxy's path. A BLOCK_STATUS over cached data goes on only after
     /// that data was written back, so the server never reports as a hole
     /// what the client wrote.
-    pub async fn claim(self: &Arc<Self>, ev: &Event) -> Option<Intake> {
+    pub async fn claim(self: &Arc<Self>, ev: &Event, slot: &Slot) -> Option<Intake> {
         if !ev.kinds.contains(EventKind::Request) {
             return None;
         }
@@ -492,9 +504,20 @@ impl ExportCache {
         let big = length > self.shared.config.max_request(command);
         let take = match command {
             CMD_WRITE | CMD_READ if big => {
+                if command == CMD_WRITE {
+                    slot.bypassed();
+                }
                 self.write_back_under(offset, length, "a request too large to cache")
                     .await;
                 false
+            }
+            // After a write that went its own way: everything cached is
+            // written back and flushed, then the FLUSH goes on to the
+            // server on this connection (unless the write-back failed:
+            // then the cache answers it, with the error).
+            CMD_FLUSH if slot.bypass.swap(false, Ordering::Relaxed) => {
+                let off = self.off.load(Ordering::SeqCst);
+                off || self.flush().await.is_err()
             }
             CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM | CMD_FLUSH => true,
             CMD_READ => lock(&self.model).overlaps(offset, length),

@@ -221,6 +221,16 @@ where
                     let head = &self.buf[self.cursor..self.end];
                     let mut verdict = self.conn.offer_at(&event, Some(offset), head);
                     let ruled = matches!(verdict, Verdict::Fault(_));
+                    if ruled
+                        && self.dir == Direction::ToServer
+                        && self.conn.cache.is_on()
+                        && matches!(
+                            event.meta.command,
+                            Some(consts::CMD_WRITE | consts::CMD_WRITE_ZEROES | consts::CMD_TRIM)
+                        )
+                    {
+                        self.conn.cache.bypassed();
+                    }
                     if let Verdict::Fault(f) = &verdict {
                         log_fault(&event, f, offset);
                         if let Plan::SetAside { tag } = &f.plan
@@ -439,7 +449,7 @@ where
         let Some(cache) = self.conn.export_cache() else {
             return Verdict::Pass;
         };
-        match cache.claim(ev).await {
+        match cache.claim(ev, &self.conn.cache).await {
             Some(intake) => {
                 self.intake = Some(intake);
                 Verdict::Fault(crate::cache::taken())

@@ -672,14 +672,22 @@ impl ExportCache {
             self.wake.notify_one();
         }
         while lock(&self.model).held() > config.limit {
-            let mut up = self.upstream.lock().await;
-            // Down to 7/8 of the limit, not just under it: a batch big
+            // Toward 7/8 of the limit, not just under it: a batch big
             // enough to keep the write-back window full, rather than one
             // write per write that arrives.
-            let batch = lock(&self.model).over(config.limit - config.limit / 8, WRITE_BACK_BATCH);
-            self.write_back(&mut up, batch, false).await?;
+            self.write_back_toward(config.limit - config.limit / 8)
+                .await?;
         }
         Ok(())
+    }
+
+    /// One batch (at most [`WRITE_BACK_BATCH`]) of the oldest cached
+    /// writes, written back toward `mark` held; the cache's connection is
+    /// let go after it.
+    async fn write_back_toward(&self, mark: u64) -> Result<(), ClientError> {
+        let mut up = self.upstream.lock().await;
+        let batch = lock(&self.model).over(mark, WRITE_BACK_BATCH);
+        self.write_back(&mut up, batch, false).await
     }
 
     /// The background writer of [`WriteBack::Background`]: whenever more
@@ -690,10 +698,7 @@ impl ExportCache {
     async fn background(self: Arc<Self>, mark: u64) {
         loop {
             while lock(&self.model).held() > mark {
-                let mut up = self.upstream.lock().await;
-                let batch = lock(&self.model).over(mark, WRITE_BACK_BATCH);
-                if let Err(e) = self.write_back(&mut up, batch, false).await {
-                    drop(up);
+                if let Err(e) = self.write_back_toward(mark).await {
                     warn!(export = %self.name, "write cache: {e} (writing back in the background; the data stays cached)");
                     // Not a retry per write that arrives meanwhile.
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;

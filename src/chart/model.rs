@@ -338,6 +338,24 @@ fn names(v: &Value) -> Vec<String> {
     }
 }
 
+/// What an answer nbdfault sent is, from its `fault` or `cache` record.
+fn answer_kind(v: &Value) -> Kind {
+    if text(v, "reply").as_deref() == Some("option") {
+        Kind::OptionReply {
+            option: text(v, "option").unwrap_or_else(|| "option".into()),
+            reply: text(v, "reply_type"),
+            export: false,
+        }
+    } else {
+        Kind::Reply {
+            cookie: number(v, "cookie"),
+            chunk: text(v, "chunk_type"),
+            error: error_of(v),
+            data: None,
+        }
+    }
+}
+
 /// An error as the trace gives it: a name, or a number named here.
 fn error_of(v: &Value) -> Option<String> {
     match v.get("error")? {
@@ -644,17 +662,11 @@ impl Builder {
                 }
             }
             Some("answer") => {
-                let kind = Kind::Reply {
-                    cookie,
-                    chunk: text(v, "chunk_type"),
-                    error: error_of(v),
-                    data: None,
-                };
                 let i = self.push(
                     at_us,
                     Lane::Proxy,
                     Lane::Client,
-                    kind,
+                    answer_kind(v),
                     format!("write cache answer: {detail}"),
                 );
                 self.messages[i].made = true;
@@ -667,20 +679,7 @@ impl Builder {
     /// nbdfault sent a reply of its own: drawn from the nbdfault lane, in
     /// place of the one guessed when the rule fired.
     fn answer(&mut self, v: &Value, at_us: u64, detail: String) {
-        let kind = if text(v, "reply").as_deref() == Some("option") {
-            Kind::OptionReply {
-                option: text(v, "option").unwrap_or_else(|| "option".into()),
-                reply: text(v, "reply_type"),
-                export: false,
-            }
-        } else {
-            Kind::Reply {
-                cookie: number(v, "cookie"),
-                chunk: text(v, "chunk_type"),
-                error: error_of(v),
-                data: None,
-            }
-        };
+        let kind = answer_kind(v);
         let guessed = self
             .messages
             .iter()

@@ -28,7 +28,9 @@ def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
+    # A process reaped between the open and the read fails the read with
+    # ESRCH (ProcessLookupError), not the open with ENOENT.
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
 
 

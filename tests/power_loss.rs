@@ -407,6 +407,54 @@ fn the_background_keeps_an_eighth_of_the_cache_losable() {
     assert_run(&s.disk(), 0, DISK, OLD);
 }
 
+/// Over a unix socket the cache writes large writes back without copying
+/// them (vmsplice): overlapping 1 MiB writes land byte for byte and in
+/// order, every byte of them went that way, and nothing was left pinned.
+#[test]
+fn large_writes_go_back_without_a_copy_and_land_byte_exact() {
+    let dir = TempDir::new().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    const SIZE: usize = 8 << 20;
+    write_sparse_file(&image, SIZE as u64, &[(0, &vec![OLD; SIZE])]);
+    let qemu = QemuNbd::start("raw", &image, &[]);
+    let n = start_with(dir.path(), &qemu, "rules: []\n", &[]);
+    let control = dir.path().join("control.sock").display().to_string();
+    let o = QemuIo::new(n.uri())
+        .cache("writeback")
+        .cmds(&[
+            "write -P 0x21 0 1M",
+            "write -P 0x32 512k 1M",
+            "write -P 0x43 3M 2M",
+            "write -P 0x54 4M 64k",
+            "read -P 0x32 512k 1M",
+            "flush",
+        ])
+        .run();
+    assert!(
+        o.stdout.contains("read 1048576/1048576") && !o.stdout.contains("failed"),
+        "{}",
+        o.describe()
+    );
+    let disk = std::fs::read(&image).expect("read the image");
+    assert_run(&disk, 0, 512 << 10, 0x21);
+    assert_run(&disk, 512 << 10, 1 << 20, 0x32);
+    assert_run(&disk, 3 << 20, 1 << 20, 0x43);
+    assert_run(&disk, 4 << 20, 64 << 10, 0x54);
+    assert_run(&disk, (4 << 20) + (64 << 10), (1 << 20) - (64 << 10), 0x43);
+    assert_run(&disk, 5 << 20, SIZE - (5 << 20), OLD);
+    let metrics = curl(&["--unix-socket", &control, "http://localhost/metrics"]);
+    for line in [
+        "nbdfault_cache_zero_copy_bytes_total 4259840",
+        "nbdfault_cache_zero_copy_quarantined_bytes 0",
+        "nbdfault_cache_bytes 0",
+    ] {
+        assert!(
+            metrics.contains(&format!("\n{line}\n")),
+            "{line}\n{metrics}"
+        );
+    }
+}
+
 #[test]
 fn flushed_and_fua_writes_survive() {
     let s = Setup::new(&crash_at_flush(2, ""));

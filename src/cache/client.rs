@@ -6,8 +6,10 @@
 //! for servers without it) or oldstyle, simple replies; requests one at a
 //! time, but for write-back, which keeps a few in flight
 //! ([`Client::start`], [`Client::reply`]). The wire format comes from
-//! [`crate::protocol`].
+//! [`crate::protocol`]. Over a unix socket a large write's payload is sent
+//! without a copy ([`crate::proxy::pages`]), each pinned until its reply.
 
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,6 +18,8 @@ use crate::protocol::bytes::{be16, be32, be64};
 use crate::protocol::consts::*;
 use crate::protocol::handshake::{ExportInfo, OptionHeader, OptionReplyHeader};
 use crate::protocol::transmission::Request;
+use crate::proxy::pages::{BUDGET, PageSender};
+use crate::proxy::splice::Socket;
 
 /// Why the cache's upstream connection failed.
 #[derive(Debug, Error)]
@@ -50,12 +54,21 @@ fn bad(what: impl Into<String>) -> ClientError {
 /// needs more.
 const OPTION_REPLY_MAX: u32 = 64 << 10;
 
+/// Payloads from this size on are sent zero-copy over a unix socket: below
+/// it the copy costs less than pinning pages.
+const ZERO_COPY_MIN: usize = 64 << 10;
+
 /// A connected, negotiated NBD client.
 pub struct Client {
     stream: Stream,
     /// Transmission flags of the export.
     pub flags: u16,
     cookie: u64,
+    /// Made on the first large write over a unix socket.
+    pages: Option<PageSender>,
+    /// Payload bytes sent without a copy, not yet counted
+    /// ([`Client::take_zero_copied`]).
+    zero_copied: u64,
 }
 
 impl Client {
@@ -82,7 +95,14 @@ impl Client {
             stream,
             flags: info.flags,
             cookie: 0,
+            pages: None,
+            zero_copied: 0,
         })
+    }
+
+    /// Payload bytes sent without a copy since the last call.
+    pub fn take_zero_copied(&mut self) -> u64 {
+        std::mem::take(&mut self.zero_copied)
     }
 
     fn has(&self, flag: u16) -> bool {
@@ -106,7 +126,7 @@ impl Client {
         flags: u16,
         offset: u64,
         length: u64,
-        payload: &[u8],
+        payload: &Bytes,
     ) -> Result<u64, ClientError> {
         self.cookie += 1;
         let req = Request {
@@ -120,6 +140,18 @@ impl Client {
         let mut h = [0u8; EXTENDED_REQUEST_LEN];
         let n = req.build(&mut h);
         self.stream.write_all(&h[..n]).await?;
+        if payload.len() >= ZERO_COPY_MIN
+            && let Stream::Unix(u) = &self.stream
+        {
+            let pages = match &mut self.pages {
+                Some(p) => p,
+                None => self.pages.insert(PageSender::new(&BUDGET)?),
+            };
+            if pages.send(Socket::Unix(u), self.cookie, payload).await? {
+                self.zero_copied += payload.len() as u64;
+                return Ok(self.cookie);
+            }
+        }
         if !payload.is_empty() {
             self.stream.write_all(payload).await?;
         }
@@ -134,6 +166,10 @@ impl Client {
         let cookie = be64(&r, 8);
         if be32(&r, 0) != SIMPLE_REPLY_MAGIC || cookie == 0 || cookie > self.cookie {
             return Err(bad("unexpected reply from the server"));
+        }
+        // Answered, so its payload was read: its pages are free.
+        if let Some(p) = &mut self.pages {
+            p.release(cookie);
         }
         match be32(&r, 4) {
             0 => Ok(cookie),
@@ -151,7 +187,7 @@ impl Client {
         flags: u16,
         offset: u64,
         len: u64,
-        data: &[u8],
+        data: &Bytes,
     ) -> Result<Option<u64>, ClientError> {
         let (ok, flags) = match command {
             CMD_WRITE => (true, 0),
@@ -168,7 +204,7 @@ impl Client {
         self.send(command, flags, offset, len, data).await.map(Some)
     }
 
-    pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
+    pub async fn write(&mut self, offset: u64, data: &Bytes, fua: bool) -> Result<(), ClientError> {
         let flags = if fua && self.has(FLAG_SEND_FUA) {
             CMD_FLAG_FUA
         } else {
@@ -185,15 +221,17 @@ impl Client {
     pub async fn zeroes(&mut self, offset: u64, len: u64, flags: u16) -> Result<(), ClientError> {
         if self.has(FLAG_SEND_WRITE_ZEROES) {
             let flags = flags & (CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO);
-            let c = self.send(CMD_WRITE_ZEROES, flags, offset, len, &[]).await?;
+            let c = self
+                .send(CMD_WRITE_ZEROES, flags, offset, len, &Bytes::new())
+                .await?;
             return self.done(c).await;
         }
         const PIECE: u64 = 1 << 20;
-        let zeroes = vec![0u8; PIECE.min(len) as usize];
+        let zeroes = Bytes::from(vec![0u8; PIECE.min(len) as usize]);
         let mut done = 0;
         while done < len {
             let n = PIECE.min(len - done);
-            self.write(offset + done, &zeroes[..n as usize], false)
+            self.write(offset + done, &zeroes.slice(..n as usize), false)
                 .await?;
             done += n;
         }
@@ -205,7 +243,7 @@ impl Client {
         if !self.has(FLAG_SEND_TRIM) {
             return Ok(());
         }
-        let c = self.send(CMD_TRIM, 0, offset, len, &[]).await?;
+        let c = self.send(CMD_TRIM, 0, offset, len, &Bytes::new()).await?;
         self.done(c).await
     }
 
@@ -215,13 +253,13 @@ impl Client {
         if !self.has(FLAG_SEND_FLUSH) {
             return Ok(());
         }
-        let c = self.send(CMD_FLUSH, 0, 0, 0, &[]).await?;
+        let c = self.send(CMD_FLUSH, 0, 0, 0, &Bytes::new()).await?;
         self.done(c).await
     }
 
     pub async fn read(&mut self, offset: u64, out: &mut [u8]) -> Result<(), ClientError> {
         let c = self
-            .send(CMD_READ, 0, offset, out.len() as u64, &[])
+            .send(CMD_READ, 0, offset, out.len() as u64, &Bytes::new())
             .await?;
         self.done(c).await?;
         self.stream.read_exact(out).await?;

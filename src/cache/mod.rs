@@ -37,6 +37,7 @@ use crate::protocol::bytes::{be16, put16};
 use crate::protocol::consts::*;
 use crate::protocol::transmission::{Reply, ReplyMode, build_error_reply};
 use crate::protocol::{EventKind, MessageMeta};
+use crate::proxy::pages::BUDGET;
 use client::{Client, ClientError};
 use model::{Entry, Model, Op};
 
@@ -124,6 +125,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Stats {
     writebacks: AtomicU64,
     writeback_bytes: AtomicU64,
+    zero_copy_bytes: AtomicU64,
     losses: AtomicU64,
     lost_writes: AtomicU64,
     lost_bytes: AtomicU64,
@@ -215,10 +217,12 @@ impl WriteCache {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         // Name, type, help, value: one line each.
         #[rustfmt::skip]
-        let metrics: [(&str, &str, &str, u64); 6] = [
+        let metrics: [(&str, &str, &str, u64); 8] = [
             ("nbdfault_cache_bytes", "gauge", "Write data held in the volatile write cache, not yet written back.", held),
             ("nbdfault_cache_writebacks_total", "counter", "Cached commands written back to the server.", get(&s.writebacks)),
             ("nbdfault_cache_writeback_bytes_total", "counter", "Bytes of write data written back to the server.", get(&s.writeback_bytes)),
+            ("nbdfault_cache_zero_copy_bytes_total", "counter", "Bytes of write data sent to the server without a copy (vmsplice, over a unix socket).", get(&s.zero_copy_bytes)),
+            ("nbdfault_cache_zero_copy_quarantined_bytes", "gauge", "Write data sent without a copy on a connection that failed before the server answered it, held for good since the server may still read it (this process).", BUDGET.quarantined()),
             ("nbdfault_power_losses_total", "counter", "Power losses carried out.", get(&s.losses)),
             ("nbdfault_power_loss_lost_writes_total", "counter", "Cached commands a power loss took (before any reached the server partly or whole).", get(&s.lost_writes)),
             ("nbdfault_power_loss_lost_bytes_total", "counter", "Bytes of write data a power loss took.", get(&s.lost_bytes)),
@@ -592,10 +596,11 @@ impl ExportCache {
             while flight.full() || flight.overlaps(&e) {
                 self.land(&mut c, &mut flight).await?;
             }
-            let (command, flags, data): (u16, u16, &[u8]) = match &e.op {
+            let none = Bytes::new();
+            let (command, flags, data) = match &e.op {
                 Op::Write(d) => (CMD_WRITE, 0, d),
-                Op::Zero(f) => (CMD_WRITE_ZEROES, *f, &[]),
-                Op::Trim => (CMD_TRIM, 0, &[]),
+                Op::Zero(f) => (CMD_WRITE_ZEROES, *f, &none),
+                Op::Trim => (CMD_TRIM, 0, &none),
             };
             match c.start(command, flags, e.offset, e.len, data).await? {
                 Some(cookie) => flight.push(cookie, e),
@@ -616,8 +621,19 @@ impl ExportCache {
         if then_flush && self.epoch.load(Ordering::SeqCst) == epoch {
             c.flush().await?;
         }
-        *up = Some(c);
+        self.put_back(up, c);
         Ok(())
+    }
+
+    /// The cache's connection, back for the next user, its zero-copy bytes
+    /// counted.
+    fn put_back(&self, up: &mut Option<Client>, mut c: Client) {
+        let n = c.take_zero_copied();
+        self.shared
+            .stats
+            .zero_copy_bytes
+            .fetch_add(n, Ordering::Relaxed);
+        *up = Some(c);
     }
 
     /// Reads one write-back reply; forgets the entries answered so far
@@ -719,7 +735,7 @@ impl ExportCache {
         };
         let mut buf = vec![0u8; length as usize];
         c.read(offset, &mut buf).await?;
-        *up = Some(c);
+        self.put_back(&mut up, c);
         // Under the connection's lock: no write-back can forget an entry
         // between the read and the overlay.
         lock(&self.model).overlay(offset, &mut buf);
@@ -772,6 +788,9 @@ impl ExportCache {
                         }
                     }
                 }
+            }
+            if let Some(c) = up.take() {
+                me.put_back(&mut up, c);
             }
             *up = None;
             drop(up);

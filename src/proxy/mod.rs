@@ -11,6 +11,7 @@
 pub mod breaks;
 mod flow;
 mod hangup;
+pub mod pages;
 pub mod placement;
 pub mod splice;
 

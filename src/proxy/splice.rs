@@ -9,7 +9,8 @@
 //! so a rule that starts matching while a payload is spliced acts on the
 //! next message exactly as it would without splicing.
 //!
-//! Safe code only: `nix` wraps splice, pipe2 and fcntl. Readiness comes from
+//! Safe code only (the one unsafe call, vmsplice, sits in `pages`): `nix`
+//! wraps splice, pipe2 and fcntl. Readiness comes from
 //! tokio (`readable`/`writable` + `try_io`), so a spliced flow waits in the
 //! same reactor as a copied one.
 
@@ -31,10 +32,10 @@ const PIPE_SIZE: i32 = 1 << 20;
 /// A non-blocking pipe and how many bytes sit in it.
 #[derive(Debug)]
 pub struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
-    held: usize,
-    cap: usize,
+    pub(super) r: OwnedFd,
+    pub(super) w: OwnedFd,
+    pub(super) held: usize,
+    pub(super) cap: usize,
 }
 
 impl Pipe {
@@ -134,7 +135,7 @@ pub enum RelayError {
     Write(io::Error),
 }
 
-fn nonblocking(r: nix::Result<usize>) -> io::Result<usize> {
+pub(super) fn nonblocking(r: nix::Result<usize>) -> io::Result<usize> {
     match r {
         Ok(n) => Ok(n),
         Err(Errno::EAGAIN) => Err(io::ErrorKind::WouldBlock.into()),

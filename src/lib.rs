@@ -69,7 +69,7 @@
 //! | [`observe`] | what the outside sees: log lines, metrics, the trace and the log of writes, written by the data path through queues that never block it (the log of writes, which must lose nothing, holds back only the connection it cannot take more from yet) |
 //! | [`intercept`] | the contract between the pipeline and whoever decides about faults: `Event` in, `Verdict` and `Plan` out |
 //! | [`protocol`] | the NBD wire format, without I/O: messages, constants, the two-way framing state machine |
-//! | [`io`] | sockets and threads: addresses, streams, the in-memory pipe, percent-decoding, runtime shards, busy-polling |
+//! | [`io`] | sockets and threads: addresses, streams, the in-memory pipe, splice's pipe, sends without a copy (the one `unsafe` call), percent-decoding, runtime shards, busy-polling |
 //!
 //! `tests/layout.rs` checks that order against every import, and that the
 //! files of each folder import each other in no circle. `protocol`,

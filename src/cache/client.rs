@@ -7,19 +7,19 @@
 //! time, but for write-back, which keeps a few in flight
 //! ([`Client::start`], [`Client::reply`]). The wire format comes from
 //! [`crate::protocol`]. Over a unix socket a large write's payload is sent
-//! without a copy ([`crate::proxy::pages`]), each pinned until its reply.
+//! without a copy ([`crate::io::pages`]), each pinned until its reply.
 
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::io::net::Stream;
+use crate::io::pages::{BUDGET, PageSender};
+use crate::io::splice::Socket;
 use crate::protocol::bytes::{be16, be32, be64};
 use crate::protocol::consts::*;
 use crate::protocol::handshake::{ExportInfo, OptionHeader, OptionReplyHeader};
 use crate::protocol::transmission::Request;
-use crate::proxy::pages::{BUDGET, PageSender};
-use crate::proxy::splice::Socket;
 
 /// Why the cache's upstream connection failed.
 #[derive(Debug, Error)]

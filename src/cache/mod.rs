@@ -33,11 +33,11 @@ use tracing::{info, warn};
 
 use crate::intercept::{ConnId, Event, PowerLoss};
 use crate::io::net::Stream;
+use crate::io::pages::BUDGET;
 use crate::protocol::bytes::{be16, put16};
 use crate::protocol::consts::*;
 use crate::protocol::transmission::{Reply, ReplyMode, build_error_reply};
 use crate::protocol::{EventKind, MessageMeta};
-use crate::proxy::pages::BUDGET;
 use client::{Client, ClientError};
 use model::{Entry, Model, Op};
 

@@ -11,7 +11,6 @@
 pub mod breaks;
 mod flow;
 mod hangup;
-pub mod pages;
 pub mod placement;
 pub mod splice;
 

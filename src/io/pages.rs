@@ -13,7 +13,9 @@
 //! a clone of every [`Bytes`] it sent, under a tag (the request's cookie),
 //! until [`PageSender::release`]. The caller releases a tag once the peer
 //! has answered that request: an NBD server reads a write's payload before
-//! it answers it. Pins never released (the connection failed, a power loss
+//! it answers it with success (one that answers an error first and reads
+//! the payload after may read other bytes, which it discards). Pins never
+//! released (the connection failed, a power loss
 //! dropped it mid-write-back) go to a quarantine that is never freed, since
 //! the peer may still read them. Pins and quarantine together are bounded
 //! by a [`Budget`]; a send past it copies, as before.

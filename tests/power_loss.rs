@@ -39,7 +39,7 @@ impl Setup {
         let image = dir.path().join("disk.img");
         write_sparse_file(&image, DISK as u64, &[(0, &vec![OLD; DISK])]);
         let qemu = QemuNbd::start("raw", &image, &["--discard=unmap"]);
-        let nbdfault = start_with(dir.path(), &qemu, rules, more);
+        let nbdfault = start_with(dir.path(), &qemu.uri(), rules, more);
         Setup {
             dir,
             image,
@@ -60,7 +60,7 @@ impl Setup {
     /// Puts the image back and restarts nbdfault (so its rules count
     /// from zero again).
     fn restart(&mut self, rules: &str) {
-        let fresh = start_with(self.dir.path(), &self.qemu, rules, &[]);
+        let fresh = start_with(self.dir.path(), &self.qemu.uri(), rules, &[]);
         self.nbdfault = fresh;
         std::fs::write(&self.image, vec![OLD; DISK]).expect("rewrite the image");
     }
@@ -83,22 +83,20 @@ impl Setup {
     }
 }
 
-fn start_with(dir: &Path, qemu: &QemuNbd, rules: &str, more: &[&str]) -> Nbdfault {
+/// `nbdfault proxy --write-cache volatile` in front of `upstream`, with
+/// `rules` and a control socket in `dir`.
+fn start_with(dir: &Path, upstream: &str, rules: &str, more: &[&str]) -> Nbdfault {
     let file = dir.join("rules.yaml");
     std::fs::write(&file, rules).expect("write rules");
     let control = dir.join("control.sock");
     let _ = std::fs::remove_file(&control);
-    let (upstream, file, control) = (
-        qemu.uri(),
-        file.display().to_string(),
-        control.display().to_string(),
-    );
+    let (file, control) = (file.display().to_string(), control.display().to_string());
     let mut args = vec![
         "proxy",
         "--listen",
         "127.0.0.1:0",
         "--upstream",
-        &upstream,
+        upstream,
         "--write-cache",
         "volatile",
         "--rules",
@@ -247,6 +245,81 @@ fn a_full_cache_writes_back_its_oldest_writes_early() {
     assert_run(&disk, 0, kept, 0x22);
     assert_run(&disk, kept, lost as usize, OLD);
     assert_run(&disk, 262144, DISK - 262144, OLD);
+}
+
+/// A full cache whose early write-back fails (nbdkit's error filter
+/// answers every write EIO while a trigger file exists) answers the write
+/// that wanted room with that error and does not take it: the cache never
+/// holds more than `--cache-size`, however long the server fails. A flush
+/// meanwhile fails too; once the server works again a flush lands what
+/// the cache took, byte-exact, and nothing it refused.
+#[test]
+fn a_failing_server_never_makes_the_cache_hold_more_than_its_size() {
+    require_python_nbd();
+    let dir = TempDir::new().expect("tempdir");
+    let trigger = dir.path().join("fail-writes");
+    let trigger_arg = format!("error-pwrite-file={}", trigger.display());
+    let server = Nbdkit::start(&[
+        "--filter=error",
+        "memory",
+        "1M",
+        "error-pwrite=EIO",
+        "error-pwrite-rate=100%",
+        &trigger_arg,
+    ]);
+    let upstream = server.uri();
+    let n = start_with(
+        dir.path(),
+        &upstream,
+        "rules: []\n",
+        &["--cache-size", "64K", "--write-back", "when-full"],
+    );
+    let control = dir.path().join("control.sock").display().to_string();
+    let script = r#"
+import nbd, sys, os, errno, subprocess
+uri, control, trigger, direct = sys.argv[1:5]
+def held():
+    m = subprocess.run(["curl", "-s", "--unix-socket", control, "http://localhost/metrics"],
+                       capture_output=True, text=True, check=True).stdout
+    return int(next(l.split()[1] for l in m.splitlines() if l.startswith("nbdfault_cache_bytes ")))
+h = nbd.NBD(); h.connect_uri(uri)
+open(trigger, "w").close()
+answers = []
+for i in range(32):
+    try:
+        h.pwrite(bytes([0x22]) * 16384, i * 16384)
+        answers.append("ok")
+    except nbd.Error as e:
+        answers.append(errno.errorcode.get(e.errno, e.errno))
+print(" ".join(answers))
+print("held", held())
+try:
+    h.flush(); print("flush ok")
+except nbd.Error as e:
+    print("flush", errno.errorcode.get(e.errno, e.errno))
+os.unlink(trigger)
+h.flush(); print("flush ok")
+print("held", held())
+d = nbd.NBD(); d.connect_uri(direct)
+data = d.pread(32 * 16384, 0)
+print("server", [bytes(data[i * 16384:(i + 1) * 16384]) == bytes([0x22]) * 16384 for i in range(32)].count(True))
+print("zero after", data[3 * 16384:] == bytes(29 * 16384))
+"#;
+    let out = python(
+        script,
+        &[n.uri(), &control, &trigger.display().to_string(), &upstream],
+    );
+    // 3 writes of 16 KiB fit in 64 KiB with their bookkeeping; the 4th
+    // wants room, the write-back fails, and so for every one after it.
+    let eio = vec!["EIO"; 29].join(" ");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "ok ok ok {eio}\nheld 49152\nflush EIO\nflush ok\nheld 0\nserver 3\nzero after True"
+        ),
+        "{}",
+        n.stderr()
+    );
 }
 
 /// A write larger than the cache is not held: what it overlaps is written
@@ -417,7 +490,7 @@ fn large_writes_go_back_without_a_copy_and_land_byte_exact() {
     const SIZE: usize = 8 << 20;
     write_sparse_file(&image, SIZE as u64, &[(0, &vec![OLD; SIZE])]);
     let qemu = QemuNbd::start("raw", &image, &[]);
-    let n = start_with(dir.path(), &qemu, "rules: []\n", &[]);
+    let n = start_with(dir.path(), &qemu.uri(), "rules: []\n", &[]);
     let control = dir.path().join("control.sock").display().to_string();
     let o = QemuIo::new(n.uri())
         .cache("writeback")

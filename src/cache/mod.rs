@@ -426,16 +426,16 @@ impl Intake {
         let off = c.off.load(Ordering::SeqCst);
         let done = match (self.command, op) {
             (CMD_FLUSH, _) | (_, Some(_)) if off => Err(ClientError::PowerOff),
-            (_, Some(op)) => {
-                lock(&c.model).push(self.offset, self.length, op);
+            (_, Some(op)) => match c.admit(self.offset, self.length, op).await {
                 // FUA: written back with everything before it, so no older
                 // cached write can land over it later.
-                if fua {
-                    c.flush().await
-                } else {
-                    c.pushed().await
+                Ok(()) if fua => c.flush().await,
+                Ok(()) => {
+                    c.pushed();
+                    Ok(())
                 }
-            }
+                Err(e) => Err(e),
+            },
             (CMD_FLUSH, None) => c.flush().await,
             (CMD_READ, None) => match c.read(self.offset, self.length).await {
                 Ok(data) => return read_reply(self.mode, self.cookie, self.offset, &data),
@@ -672,14 +672,35 @@ impl ExportCache {
         self.write_back_all(true).await
     }
 
-    /// After a command was cached: over `--cache-size`, the oldest writes
-    /// go to the server early, as a full disk cache's do (they are then no
-    /// longer losable), before the command is answered; over the
-    /// background mark, the background writer is woken.
-    async fn pushed(self: &Arc<Self>) -> Result<(), ClientError> {
-        let config = self.shared.config;
+    /// Caches a command once it fits in `--cache-size`: until then the
+    /// oldest cached writes go to the server early, as a full disk cache's
+    /// do (they are then no longer losable), in the writer's time. If that
+    /// write-back fails, the command is not cached and is answered with the
+    /// error, so a failing server never makes the cache hold more.
+    async fn admit(&self, offset: u64, length: u64, mut op: Op) -> Result<(), ClientError> {
+        let limit = self.shared.config.limit;
+        loop {
+            let cost = match lock(&self.model).push_within(limit, offset, length, op) {
+                Ok(_) => return Ok(()),
+                Err((back, cost)) => {
+                    op = back;
+                    cost
+                }
+            };
+            // Toward 7/8 of the limit, not just under it: a batch big
+            // enough to keep the write-back window full, rather than one
+            // write per write that arrives. Each round writes back at
+            // least one entry (held is over the mark) or fails.
+            self.write_back_toward(limit.saturating_sub(cost).min(limit - limit / 8))
+                .await?;
+        }
+    }
+
+    /// After a command was cached: over the background mark, the
+    /// background writer is woken.
+    fn pushed(self: &Arc<Self>) {
         let held = lock(&self.model).held();
-        if let Some(mark) = config.background_mark()
+        if let Some(mark) = self.shared.config.background_mark()
             && held > mark
         {
             if !self.writer.swap(true, Ordering::SeqCst) {
@@ -687,14 +708,6 @@ impl ExportCache {
             }
             self.wake.notify_one();
         }
-        while lock(&self.model).held() > config.limit {
-            // Toward 7/8 of the limit, not just under it: a batch big
-            // enough to keep the write-back window full, rather than one
-            // write per write that arrives.
-            self.write_back_toward(config.limit - config.limit / 8)
-                .await?;
-        }
-        Ok(())
     }
 
     /// One batch (at most [`WRITE_BACK_BATCH`]) of the oldest cached

@@ -147,6 +147,29 @@ impl Model {
         seq
     }
 
+    /// [`Model::push`], if what is held stays within `limit` with it (or
+    /// the log is empty: a command larger than `limit` alone is taken);
+    /// else the command back, with what it would cost.
+    pub fn push_within(
+        &mut self,
+        limit: u64,
+        offset: u64,
+        len: u64,
+        op: Op,
+    ) -> Result<u64, (Op, u64)> {
+        let probe = Entry {
+            seq: 0,
+            offset,
+            len,
+            op,
+        };
+        let cost = self.cost(&probe);
+        if !self.is_empty() && self.held.saturating_add(cost) > limit {
+            return Err((probe.op, cost));
+        }
+        Ok(self.push(offset, len, probe.op))
+    }
+
     /// Bytes of write data held.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -523,5 +546,28 @@ mod tests {
             torn.iter()
                 .all(|p| p.offset % 512 == 0 || (p.offset + p.len) % 512 == 0)
         );
+    }
+
+    /// A command goes in only while what is held stays within the limit,
+    /// but one larger than the limit goes into an empty log.
+    #[test]
+    fn push_within_keeps_the_log_within_its_limit() {
+        let mut m = Model::default();
+        let w = |n: usize| Op::Write(Bytes::from(vec![0u8; n]));
+        let limit = 2 * (4096 + ENTRY_COST);
+        assert!(m.push_within(limit, 0, 4096, w(4096)).is_ok());
+        assert!(m.push_within(limit, 4096, 4096, w(4096)).is_ok());
+        assert_eq!(m.held(), limit);
+        match m.push_within(limit, 8192, 1, w(1)) {
+            Err((Op::Write(d), cost)) => assert_eq!((d.len(), cost), (1, 1 + ENTRY_COST)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((m.len(), m.held()), (2, limit));
+        m.written(1);
+        assert!(
+            m.push_within(10, 0, 4096, w(4096)).is_ok(),
+            "an empty log takes any"
+        );
+        assert!(m.push_within(10, 0, 0, Op::Trim).is_err());
     }
 }

@@ -252,20 +252,31 @@ fn a_full_cache_writes_back_its_oldest_writes_early() {
 /// that wanted room with that error and does not take it: the cache never
 /// holds more than `--cache-size`, however long the server fails. A flush
 /// meanwhile fails too; once the server works again a flush lands what
-/// the cache took, byte-exact, and nothing it refused.
+/// the cache took, byte-exact, and nothing it refused. A read of cached
+/// data meanwhile fails with the server's read. The error answers never
+/// cost the cache its connection to the server.
 #[test]
 fn a_failing_server_never_makes_the_cache_hold_more_than_its_size() {
     require_python_nbd();
     let dir = TempDir::new().expect("tempdir");
     let trigger = dir.path().join("fail-writes");
     let trigger_arg = format!("error-pwrite-file={}", trigger.display());
+    let read_trigger = dir.path().join("fail-reads");
+    let read_trigger_arg = format!("error-pread-file={}", read_trigger.display());
+    let log = dir.path().join("nbdkit-requests.log");
+    let log_arg = format!("logfile={}", log.display());
     let server = Nbdkit::start(&[
+        "--filter=log",
         "--filter=error",
         "memory",
         "1M",
+        &log_arg,
         "error-pwrite=EIO",
         "error-pwrite-rate=100%",
         &trigger_arg,
+        "error-pread=EIO",
+        "error-pread-rate=100%",
+        &read_trigger_arg,
     ]);
     let upstream = server.uri();
     let n = start_with(
@@ -277,7 +288,7 @@ fn a_failing_server_never_makes_the_cache_hold_more_than_its_size() {
     let control = dir.path().join("control.sock").display().to_string();
     let script = r#"
 import nbd, sys, os, errno, subprocess
-uri, control, trigger, direct = sys.argv[1:5]
+uri, control, trigger, direct, read_trigger = sys.argv[1:6]
 def held():
     m = subprocess.run(["curl", "-s", "--unix-socket", control, "http://localhost/metrics"],
                        capture_output=True, text=True, check=True).stdout
@@ -293,6 +304,12 @@ for i in range(32):
         answers.append(errno.errorcode.get(e.errno, e.errno))
 print(" ".join(answers))
 print("held", held())
+open(read_trigger, "w").close()
+try:
+    h.pread(4096, 0); print("read ok")
+except nbd.Error as e:
+    print("read", errno.errorcode.get(e.errno, e.errno))
+os.unlink(read_trigger)
 try:
     h.flush(); print("flush ok")
 except nbd.Error as e:
@@ -307,7 +324,13 @@ print("zero after", data[3 * 16384:] == bytes(29 * 16384))
 "#;
     let out = python(
         script,
-        &[n.uri(), &control, &trigger.display().to_string(), &upstream],
+        &[
+            n.uri(),
+            &control,
+            &trigger.display().to_string(),
+            &upstream,
+            &read_trigger.display().to_string(),
+        ],
     );
     // 3 writes of 16 KiB fit in 64 KiB with their bookkeeping; the 4th
     // wants room, the write-back fails, and so for every one after it.
@@ -315,11 +338,21 @@ print("zero after", data[3 * 16384:] == bytes(29 * 16384))
     assert_eq!(
         out.trim(),
         format!(
-            "ok ok ok {eio}\nheld 49152\nflush EIO\nflush ok\nheld 0\nserver 3\nzero after True"
+            "ok ok ok {eio}\nheld 49152\nread EIO\nflush EIO\nflush ok\nheld 0\nserver 3\nzero after True"
         ),
         "{}",
         n.stderr()
     );
+    // The server's EIO answers (to write-backs and to the read of cached
+    // data, which the cache reads from the server too) left the cache's
+    // connection in use: the
+    // client's, the cache's and the script's own, not one per failure.
+    let requests = std::fs::read_to_string(&log).expect("nbdkit's log");
+    let connections = requests
+        .lines()
+        .filter(|l| l.contains(" Connect export="))
+        .count();
+    assert_eq!(connections, 3, "{requests}");
 }
 
 /// A write larger than the cache is not held: what it overlaps is written

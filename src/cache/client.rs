@@ -161,6 +161,15 @@ impl Client {
     /// Reads the next simple reply to a request without data: the cookie
     /// it answers (replies may come in any order), or the server's error.
     pub async fn reply(&mut self) -> Result<u64, ClientError> {
+        match self.answer().await? {
+            (cookie, 0) => Ok(cookie),
+            (_, e) => Err(ClientError::Server(e)),
+        }
+    }
+
+    /// Reads the next simple reply: the cookie it answers and the server's
+    /// error (0: none). An error answer leaves the connection usable.
+    pub async fn answer(&mut self) -> Result<(u64, u32), ClientError> {
         let mut r = [0u8; SIMPLE_REPLY_LEN];
         self.stream.read_exact(&mut r).await?;
         let cookie = be64(&r, 8);
@@ -171,10 +180,7 @@ impl Client {
         if let Some(p) = &mut self.pages {
             p.release(cookie);
         }
-        match be32(&r, 4) {
-            0 => Ok(cookie),
-            e => Err(ClientError::Server(e)),
-        }
+        Ok((cookie, be32(&r, 4)))
     }
 
     /// Sends a write-back of `command` (a write with `data`, write-zeroes

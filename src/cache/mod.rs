@@ -589,12 +589,40 @@ impl ExportCache {
             None => self.connect().await?,
         };
         let mut flight = InFlight::default();
+        let sent = self
+            .send_batch(&mut c, &mut flight, batch, then_flush, epoch)
+            .await;
+        // The server's error answer is not a broken connection: once the
+        // rest in flight is answered too, it serves the next write-back
+        // (reconnecting per failed write floods a failing server).
+        if matches!(sent, Ok(()) | Err(ClientError::Server(_))) {
+            while flight.pending() {
+                match self.land(&mut c, &mut flight).await {
+                    Ok(()) | Err(ClientError::Server(_)) => {}
+                    Err(_) => return sent,
+                }
+            }
+            self.put_back(up, c);
+        }
+        sent
+    }
+
+    /// [`ExportCache::write_back`]'s requests on `c`: returns at the first
+    /// error, with `flight` holding what is still unanswered.
+    async fn send_batch(
+        &self,
+        c: &mut Client,
+        flight: &mut InFlight,
+        batch: Vec<Entry>,
+        then_flush: bool,
+        epoch: u64,
+    ) -> Result<(), ClientError> {
         for e in batch {
             if self.epoch.load(Ordering::SeqCst) != epoch {
                 break;
             }
             while flight.full() || flight.overlaps(&e) {
-                self.land(&mut c, &mut flight).await?;
+                self.land(c, flight).await?;
             }
             let none = Bytes::new();
             let (command, flags, data) = match &e.op {
@@ -608,20 +636,19 @@ impl ExportCache {
                     // Not one request here (zeroes written as data, a
                     // trim the server cannot do): alone, in order.
                     while !flight.is_empty() {
-                        self.land(&mut c, &mut flight).await?;
+                        self.land(c, flight).await?;
                     }
-                    write_entry(&mut c, &e).await?;
+                    write_entry(c, &e).await?;
                     self.forget(&e);
                 }
             }
         }
         while !flight.is_empty() {
-            self.land(&mut c, &mut flight).await?;
+            self.land(c, flight).await?;
         }
         if then_flush && self.epoch.load(Ordering::SeqCst) == epoch {
             c.flush().await?;
         }
-        self.put_back(up, c);
         Ok(())
     }
 
@@ -639,11 +666,14 @@ impl ExportCache {
     /// Reads one write-back reply; forgets the entries answered so far
     /// with everything before them.
     async fn land(&self, c: &mut Client, flight: &mut InFlight) -> Result<(), ClientError> {
-        let cookie = c.reply().await?;
-        for e in flight.answered(cookie)? {
+        let (cookie, error) = c.answer().await?;
+        for e in flight.answered(cookie, error == 0)? {
             self.forget(&e);
         }
-        Ok(())
+        match error {
+            0 => Ok(()),
+            e => Err(ClientError::Server(e)),
+        }
     }
 
     /// `e` reached the server.
@@ -747,8 +777,12 @@ impl ExportCache {
             None => self.connect().await?,
         };
         let mut buf = vec![0u8; length as usize];
-        c.read(offset, &mut buf).await?;
-        self.put_back(&mut up, c);
+        let read = c.read(offset, &mut buf).await;
+        // An error answer carries no data: the connection stays sound.
+        if matches!(read, Ok(()) | Err(ClientError::Server(_))) {
+            self.put_back(&mut up, c);
+        }
+        read?;
         // Under the connection's lock: no write-back can forget an entry
         // between the read and the overlay.
         lock(&self.model).overlay(offset, &mut buf);
@@ -845,10 +879,19 @@ impl ExportCache {
 const WRITE_BACK_WINDOW: usize = 64;
 
 /// The write-backs sent and not yet all answered, oldest first, each with
-/// its cookie and whether its reply came.
+/// its cookie and what its reply said.
 #[derive(Default)]
 struct InFlight {
-    entries: VecDeque<(u64, bool, Entry)>,
+    entries: VecDeque<(u64, Answer, Entry)>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Answer {
+    Pending,
+    Landed,
+    /// Answered with an error: it stays cached, and so does everything
+    /// after it (the log is forgotten in order).
+    Failed,
 }
 
 impl InFlight {
@@ -860,6 +903,11 @@ impl InFlight {
         self.entries.len() >= WRITE_BACK_WINDOW
     }
 
+    /// Whether a reply is still due.
+    fn pending(&self) -> bool {
+        self.entries.iter().any(|(_, r, _)| *r == Answer::Pending)
+    }
+
     fn overlaps(&self, e: &Entry) -> bool {
         self.entries
             .iter()
@@ -867,18 +915,24 @@ impl InFlight {
     }
 
     fn push(&mut self, cookie: u64, e: Entry) {
-        self.entries.push_back((cookie, false, e));
+        self.entries.push_back((cookie, Answer::Pending, e));
     }
 
-    /// Marks `cookie` answered: the entries now answered with all before
-    /// them, oldest first.
-    fn answered(&mut self, cookie: u64) -> Result<Vec<Entry>, ClientError> {
+    /// Marks `cookie` answered (`landed` or not): the entries now landed
+    /// with all before them, oldest first.
+    fn answered(&mut self, cookie: u64, landed: bool) -> Result<Vec<Entry>, ClientError> {
         match self
             .entries
             .iter_mut()
-            .find(|(c, done, _)| *c == cookie && !*done)
+            .find(|(c, r, _)| *c == cookie && *r == Answer::Pending)
         {
-            Some(slot) => slot.1 = true,
+            Some(slot) => {
+                slot.1 = if landed {
+                    Answer::Landed
+                } else {
+                    Answer::Failed
+                }
+            }
             None => {
                 return Err(ClientError::Protocol(
                     "unexpected reply from the server".into(),
@@ -886,7 +940,11 @@ impl InFlight {
             }
         }
         let mut out = Vec::new();
-        while self.entries.front().is_some_and(|(_, done, _)| *done) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(_, r, _)| *r == Answer::Landed)
+        {
             if let Some((_, _, e)) = self.entries.pop_front() {
                 out.push(e);
             }
@@ -926,17 +984,41 @@ mod tests {
         }
         assert!(f.overlaps(&entry(3, 4096 + 512, 512)));
         assert!(!f.overlaps(&entry(3, 3 * 4096, 4096)));
-        assert!(f.answered(8).unwrap().is_empty());
+        assert!(f.answered(8, true).unwrap().is_empty());
         assert!(f.overlaps(&entry(3, 4096, 1)), "answered, not yet let go");
         let seqs = |v: Vec<Entry>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
-        assert_eq!(seqs(f.answered(7).unwrap()), [0, 1]);
-        assert!(f.answered(8).is_err(), "no second reply to one cookie");
-        assert!(f.answered(42).is_err());
-        assert_eq!(seqs(f.answered(9).unwrap()), [2]);
+        assert_eq!(seqs(f.answered(7, true).unwrap()), [0, 1]);
+        assert!(
+            f.answered(8, true).is_err(),
+            "no second reply to one cookie"
+        );
+        assert!(f.answered(42, true).is_err());
+        assert_eq!(seqs(f.answered(9, true).unwrap()), [2]);
         assert!(f.is_empty());
         for i in 0..WRITE_BACK_WINDOW as u64 {
             f.push(i + 1, entry(i, i * 4096, 4096));
         }
         assert!(f.full());
+    }
+
+    /// An entry answered with an error is never let go, nor is anything
+    /// after it, however its successors are answered; with every reply
+    /// read, none is pending.
+    #[test]
+    fn a_failed_write_back_keeps_itself_and_its_successors() {
+        let mut f = InFlight::default();
+        for (cookie, seq) in [(1, 0), (2, 1), (3, 2)] {
+            f.push(cookie, entry(seq, seq * 4096, 4096));
+        }
+        let seqs = |v: Vec<Entry>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert!(f.answered(2, false).unwrap().is_empty());
+        assert!(f.pending());
+        assert_eq!(seqs(f.answered(1, true).unwrap()), [0]);
+        assert!(f.answered(3, true).unwrap().is_empty());
+        assert!(!f.pending());
+        assert!(
+            f.answered(2, true).is_err(),
+            "no second reply to one cookie"
+        );
     }
 }

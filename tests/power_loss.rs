@@ -513,6 +513,59 @@ fn the_background_keeps_an_eighth_of_the_cache_losable() {
     assert_run(&s.disk(), 0, DISK, OLD);
 }
 
+/// A write-back in flight when the power goes still lands (as a disk's
+/// destaging does), and the loss says so: `kept` counts exactly the
+/// cached writes that reached the server. nbdkit's delay filter holds each
+/// write 2 s, so the background writer's first batch is in flight when
+/// the script, having seen it arrive in nbdkit's log, cuts the power.
+#[test]
+fn writes_in_flight_at_a_power_loss_land_and_are_counted_kept() {
+    require_python_nbd();
+    let dir = TempDir::new().expect("tempdir");
+    let log = dir.path().join("nbdkit-requests.log");
+    let log_arg = format!("logfile={}", log.display());
+    let server = Nbdkit::start(&[
+        "--filter=log",
+        "--filter=delay",
+        "memory",
+        "1M",
+        &log_arg,
+        "wdelay=2",
+    ]);
+    let upstream = server.uri();
+    let n = start_with(
+        dir.path(),
+        &upstream,
+        "rules: []\n",
+        &["--cache-size", "1M"],
+    );
+    let control = dir.path().join("control.sock").display().to_string();
+    let script = r#"
+import nbd, sys, subprocess, time, json
+uri, control, log, direct = sys.argv[1:5]
+h = nbd.NBD(); h.connect_uri(uri)
+for i in range(16):
+    h.pwrite(bytes([0x22]) * 16384, i * 16384)
+for _ in range(1000):
+    if " Write id=" in open(log).read():
+        break
+    time.sleep(0.01)
+loss = json.loads(subprocess.run(["curl", "-s", "-X", "POST", "--unix-socket", control,
+                                  "http://localhost/power-loss"],
+                                 capture_output=True, text=True, check=True).stdout)
+d = nbd.NBD(); d.connect_uri(direct)
+data = d.pread(16 * 16384, 0)
+landed = [bytes(data[i * 16384:(i + 1) * 16384]) == bytes([0x22]) * 16384 for i in range(16)]
+print(loss["lost_writes"], loss["kept"] == landed.count(True), loss["kept"] > 0)
+print("a prefix", landed == sorted(landed, reverse=True))
+"#;
+    let out = python(
+        script,
+        &[n.uri(), &control, &log.display().to_string(), &upstream],
+    );
+    assert_eq!(out.trim(), "16 True True\na prefix True", "{}", n.stderr());
+}
+
 /// Over a unix socket the cache writes large writes back without copying
 /// them (vmsplice): overlapping 1 MiB writes land byte for byte and in
 /// order, every byte of them went that way, and nothing was left pinned.

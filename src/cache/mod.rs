@@ -185,6 +185,7 @@ impl WriteCache {
                     upstream: tokio::sync::Mutex::new(None),
                     members: Mutex::new(Vec::new()),
                     epoch: AtomicU64::new(0),
+                    landed_after_loss: Mutex::new(Vec::new()),
                     writer: AtomicBool::new(false),
                     wake: tokio::sync::Notify::new(),
                 })
@@ -330,7 +331,8 @@ pub struct Loss {
     pub writes: u64,
     /// Bytes of write data among them.
     pub bytes: u64,
-    /// Pieces of them that reached the server after all (`lose: some`).
+    /// Pieces of them that reached the server after all: those in flight
+    /// to it at the loss, and what `lose: some` lets through.
     pub kept: u64,
     /// Client connections reset.
     pub connections: u64,
@@ -350,6 +352,10 @@ pub struct ExportCache {
     members: Mutex<Vec<(ConnId, Weak<dyn Member>)>>,
     /// Bumped by every power loss: a write-back in progress stops.
     epoch: AtomicU64,
+    /// Entries a power loss took that reached the server all the same
+    /// (in flight at the loss), by sequence number: at most a write-back
+    /// window's worth, until that loss counts them.
+    landed_after_loss: Mutex<Vec<u64>>,
     /// Whether the background writer ([`ExportCache::background`]) was
     /// started, and what wakes it.
     writer: AtomicBool,
@@ -678,7 +684,9 @@ impl ExportCache {
 
     /// `e` reached the server.
     fn forget(&self, e: &Entry) {
-        lock(&self.model).written(e.seq);
+        if !lock(&self.model).written(e.seq) {
+            lock(&self.landed_after_loss).push(e.seq);
+        }
         let s = &self.shared.stats;
         s.writebacks.fetch_add(1, Ordering::Relaxed);
         if matches!(e.op, Op::Write(_)) {
@@ -789,8 +797,8 @@ impl ExportCache {
         Ok(buf)
     }
 
-    /// The power goes: the log is taken now; what `mode` lets through
-    /// reaches the server, the cache's connection is dropped, and every
+    /// The power goes: the log is taken now; what was in flight to the
+    /// server still lands, what `mode` lets through reaches it, the cache's connection is dropped, and every
     /// connection that used this export is reset, only then (so a client
     /// that reconnects sees the disk as the loss left it).
     pub async fn power_loss(self: &Arc<Self>, mode: PowerLoss) -> Loss {
@@ -812,14 +820,19 @@ impl ExportCache {
                 .filter(|e| matches!(e.op, Op::Write(_)))
                 .map(|e| e.len)
                 .sum();
+            // Once the write-back in progress has stopped (it holds the
+            // connection): what of the log it had in flight landed anyway.
+            let mut up = me.upstream.lock().await;
+            let landed = std::mem::take(&mut *lock(&me.landed_after_loss));
+            let mut lost = lost;
+            lost.retain(|e| !landed.contains(&e.seq));
             let kept = model::survivors(lost, &mode, &mut mode.seed.clone());
             let mut loss = Loss {
                 writes,
                 bytes,
-                kept: kept.len() as u64,
+                kept: (landed.len() + kept.len()) as u64,
                 connections: 0,
             };
-            let mut up = me.upstream.lock().await;
             if !kept.is_empty() {
                 match up.take() {
                     Some(c) => Ok(c),

@@ -277,10 +277,13 @@ impl Model {
     }
 
     /// Forgets the entry `seq` once written back (and any older one: the
-    /// log is written back in order). Nothing if a power loss took it.
-    pub fn written(&mut self, seq: u64) {
+    /// log is written back in order). Nothing if a power loss took it:
+    /// then false.
+    pub fn written(&mut self, seq: u64) -> bool {
+        let mut found = false;
         while self.entries.front().is_some_and(|e| e.seq <= seq) {
             if let Some(e) = self.entries.pop_front() {
+                found |= e.seq == seq;
                 self.bytes -= e.data();
                 self.held -= self.cost(&e);
                 if self.index.remove(&(e.offset, e.seq)).is_some() {
@@ -295,6 +298,7 @@ impl Model {
                 }
             }
         }
+        found
     }
 
     /// Empties the log: the power is gone.

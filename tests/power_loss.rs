@@ -83,6 +83,17 @@ impl Setup {
     }
 }
 
+/// nbdkit with `args` (filters, plugin, its parameters) behind its log
+/// filter, which writes every connection and request to the file returned.
+fn nbdkit_logged(dir: &Path, args: &[&str]) -> (Nbdkit, PathBuf) {
+    let log = dir.join("nbdkit-requests.log");
+    let log_arg = format!("logfile={}", log.display());
+    let mut all = vec!["--filter=log"];
+    all.extend_from_slice(args);
+    all.push(&log_arg);
+    (Nbdkit::start(&all), log)
+}
+
 /// `nbdfault proxy --write-cache volatile` in front of `upstream`, with
 /// `rules` and a control socket in `dir`.
 fn start_with(dir: &Path, upstream: &str, rules: &str, more: &[&str]) -> Nbdfault {
@@ -263,21 +274,20 @@ fn a_failing_server_never_makes_the_cache_hold_more_than_its_size() {
     let trigger_arg = format!("error-pwrite-file={}", trigger.display());
     let read_trigger = dir.path().join("fail-reads");
     let read_trigger_arg = format!("error-pread-file={}", read_trigger.display());
-    let log = dir.path().join("nbdkit-requests.log");
-    let log_arg = format!("logfile={}", log.display());
-    let server = Nbdkit::start(&[
-        "--filter=log",
-        "--filter=error",
-        "memory",
-        "1M",
-        &log_arg,
-        "error-pwrite=EIO",
-        "error-pwrite-rate=100%",
-        &trigger_arg,
-        "error-pread=EIO",
-        "error-pread-rate=100%",
-        &read_trigger_arg,
-    ]);
+    let (server, log) = nbdkit_logged(
+        dir.path(),
+        &[
+            "--filter=error",
+            "memory",
+            "1M",
+            "error-pwrite=EIO",
+            "error-pwrite-rate=100%",
+            &trigger_arg,
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+            &read_trigger_arg,
+        ],
+    );
     let upstream = server.uri();
     let n = start_with(
         dir.path(),
@@ -522,16 +532,7 @@ fn the_background_keeps_an_eighth_of_the_cache_losable() {
 fn writes_in_flight_at_a_power_loss_land_and_are_counted_kept() {
     require_python_nbd();
     let dir = TempDir::new().expect("tempdir");
-    let log = dir.path().join("nbdkit-requests.log");
-    let log_arg = format!("logfile={}", log.display());
-    let server = Nbdkit::start(&[
-        "--filter=log",
-        "--filter=delay",
-        "memory",
-        "1M",
-        &log_arg,
-        "wdelay=2",
-    ]);
+    let (server, log) = nbdkit_logged(dir.path(), &["--filter=delay", "memory", "1M", "wdelay=2"]);
     let upstream = server.uri();
     let n = start_with(
         dir.path(),

@@ -798,9 +798,10 @@ impl ExportCache {
     }
 
     /// The power goes: the log is taken now; what was in flight to the
-    /// server still lands, what `mode` lets through reaches it, the cache's connection is dropped, and every
-    /// connection that used this export is reset, only then (so a client
-    /// that reconnects sees the disk as the loss left it).
+    /// server still lands, what `mode` lets through reaches it, the
+    /// cache's connection is dropped, and every connection that used this
+    /// export is reset, only then (so a client that reconnects sees the
+    /// disk as the loss left it).
     pub async fn power_loss(self: &Arc<Self>, mode: PowerLoss) -> Loss {
         let lost = {
             let mut m = lock(&self.model);
@@ -898,6 +899,7 @@ struct InFlight {
     entries: VecDeque<(u64, Answer, Entry)>,
 }
 
+/// What the reply to a write-back in flight said.
 #[derive(Clone, Copy, PartialEq)]
 enum Answer {
     Pending,

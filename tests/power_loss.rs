@@ -355,8 +355,8 @@ print("zero after", data[3 * 16384:] == bytes(29 * 16384))
     );
     // The server's EIO answers (to write-backs and to the read of cached
     // data, which the cache reads from the server too) left the cache's
-    // connection in use: the
-    // client's, the cache's and the script's own, not one per failure.
+    // connection in use: the client's, the cache's and the script's own,
+    // not one per failure.
     let requests = std::fs::read_to_string(&log).expect("nbdkit's log");
     let connections = requests
         .lines()

@@ -37,6 +37,12 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The server's answer to a request, not a failure of the connection:
+    /// the connection still serves (a simple error reply carries no data).
+    pub fn is_answer(&self) -> bool {
+        matches!(self, ClientError::Server(_))
+    }
+
     /// The error to answer a client's request with.
     pub fn errno(&self) -> u32 {
         match self {

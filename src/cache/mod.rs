@@ -601,11 +601,12 @@ impl ExportCache {
         // The server's error answer is not a broken connection: once the
         // rest in flight is answered too, it serves the next write-back
         // (reconnecting per failed write floods a failing server).
-        if matches!(sent, Ok(()) | Err(ClientError::Server(_))) {
+        if sent.as_ref().err().is_none_or(ClientError::is_answer) {
             while flight.pending() {
-                match self.land(&mut c, &mut flight).await {
-                    Ok(()) | Err(ClientError::Server(_)) => {}
-                    Err(_) => return sent,
+                if let Err(e) = self.land(&mut c, &mut flight).await
+                    && !e.is_answer()
+                {
+                    return sent;
                 }
             }
             self.put_back(up, c);
@@ -786,8 +787,7 @@ impl ExportCache {
         };
         let mut buf = vec![0u8; length as usize];
         let read = c.read(offset, &mut buf).await;
-        // An error answer carries no data: the connection stays sound.
-        if matches!(read, Ok(()) | Err(ClientError::Server(_))) {
+        if read.as_ref().err().is_none_or(ClientError::is_answer) {
             self.put_back(&mut up, c);
         }
         read?;
